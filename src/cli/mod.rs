@@ -1,0 +1,121 @@
+//! The `sonora` command line: one subcommand per job, errors as one line.
+
+mod bench;
+mod decode;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, LoadOptions};
+
+/// Sonora, a real-time voice gateway.
+#[derive(Debug, Parser)]
+#[command(name = "sonora", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration file (default: ./sonora.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set audio.uplink_queue_ms=3000`.
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Decode a recorded browser stream (WebM/Ogg Opus, PCM, WAV) to a 16 kHz mono WAV,
+    /// feeding it through the streaming decoder piece by piece.
+    Decode(decode::DecodeArgs),
+    /// Measure Sonora against baselines in one run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (secrets redacted).
+    Show,
+    /// List every setting with its environment variable and default.
+    Keys,
+}
+
+/// A failure that decides the exit code.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Bad configuration or usage: exit 64.
+    Config(config::ConfigError),
+    /// Anything else: exit 1.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Other(e)
+    }
+}
+
+impl From<config::ConfigError> for Failure {
+    fn from(e: config::ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("sonora: configuration: {e}");
+            ExitCode::from(config::EXIT_CODE as u8)
+        }
+        Err(Failure::Other(e)) => {
+            // One line: the error and its causes, never a backtrace.
+            let chain: Vec<String> = e.chain().map(ToString::to_string).collect();
+            eprintln!("sonora: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let overrides = cli
+        .set
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+                .ok_or_else(|| anyhow::anyhow!("--set {kv:?}: expected KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let load = |extra: Vec<(String, String)>| -> Result<Config, Failure> {
+        let mut all = overrides.clone();
+        all.extend(extra);
+        Ok(config::load(&LoadOptions {
+            file: cli.config.clone(),
+            default_file: PathBuf::from("sonora.toml"),
+            env: std::env::vars().collect(),
+            overrides: all,
+        })?)
+    };
+    match cli.command {
+        Command::Decode(args) => decode::run(&load(Vec::new())?, &args),
+        Command::Bench(command) => bench::run(&load(Vec::new())?, command),
+        Command::Config(ConfigCommand::Show) => {
+            println!("{}", load(Vec::new())?.to_redacted_toml().trim_end());
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Keys) => {
+            for (key, default) in config::keys() {
+                println!("{key}\t{}\t{default}", config::env_name(&key));
+            }
+            Ok(())
+        }
+    }
+}

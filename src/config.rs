@@ -1,0 +1,776 @@
+//! Typed configuration for the Sonora gateway: defaults, a TOML file, `SONORA_*`
+//! environment variables and command-line overrides, merged in rising precedence and
+//! validated once at startup, so a bad setting stops the process with one line naming
+//! the key and its source instead of surfacing in the middle of a call.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
+pub const EXIT_CODE: i32 = 64;
+/// Environment variable naming the config file when no `--config` path is given.
+pub const CONFIG_ENV: &str = "SONORA_CONFIG";
+/// Environment variable read by the logging setup and ignored here.
+pub const LOG_ENV: &str = "SONORA_LOG";
+
+const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const SECRET_SUFFIXES: [&str; 5] = ["token", "tokens", "key", "secret", "password"];
+const REDACTED: &str = "<redacted>";
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the server binds, as `ip:port` (no unit).
+    pub listen: String,
+    /// Audio buffering limits (section, no unit).
+    pub audio: AudioConfig,
+    /// Speech engine selection (section, no unit).
+    pub engine: EngineConfig,
+    /// Connection and session limits (section, no unit).
+    pub server: ServerConfig,
+}
+
+/// Audio buffering limits, per session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioConfig {
+    /// Most encoded input held ahead of the decoder, in bytes.
+    pub decoder_input_cap_bytes: usize,
+    /// Largest single audio block accepted from a client, in bytes.
+    pub max_block_bytes: usize,
+    /// Client-to-engine audio that may be queued, in milliseconds of audio.
+    pub uplink_queue_ms: u32,
+    /// Engine-to-client audio that may be queued, in milliseconds of audio.
+    pub downlink_queue_ms: u32,
+    /// Time without client audio before the session is closed, in milliseconds.
+    pub no_audio_timeout_ms: u32,
+}
+
+/// Which speech engine serves sessions, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Engine implementation, `local` or `nova-sonic` (no unit).
+    pub kind: EngineKind,
+    /// Language tag such as `es` or `en-US`, 2 to 16 characters (no unit).
+    pub language: String,
+    /// Voice name; empty selects the engine's default voice (no unit).
+    pub voice: String,
+}
+
+/// Speech engine implementations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// The in-process engine.
+    #[default]
+    Local,
+    /// Amazon Nova Sonic.
+    NovaSonic,
+}
+
+/// Connection and session limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Most concurrent sessions, in sessions.
+    pub max_sessions: u32,
+    /// Largest message accepted from a client, in bytes.
+    pub max_message_bytes: usize,
+    /// Time a new connection has to send its hello, in milliseconds.
+    pub hello_timeout_ms: u32,
+    /// Time without any client message before the connection is closed, in milliseconds.
+    pub idle_timeout_ms: u32,
+    /// Accepted client tokens, a list of strings; empty disables auth. Secret.
+    pub auth_tokens: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.to_string(),
+            audio: AudioConfig::default(),
+            engine: EngineConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Default for AudioConfig {
+    fn default() -> Self {
+        Self {
+            decoder_input_cap_bytes: 4 * 1024 * 1024,
+            max_block_bytes: 256 * 1024,
+            uplink_queue_ms: 5_000,
+            downlink_queue_ms: 10_000,
+            no_audio_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let language = "es".to_owned();
+        Self {
+            kind: EngineKind::Local,
+            language,
+            voice: String::new(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_sessions: 200,
+            max_message_bytes: 1024 * 1024,
+            hello_timeout_ms: 5_000,
+            idle_timeout_ms: 120_000,
+            auth_tokens: Vec::new(),
+        }
+    }
+}
+
+/// Why the configuration was rejected: one line naming the key, its source and what
+/// was expected. Sources read as a file path, an environment variable or `--flag`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file is unreadable or not TOML: report it and exit with [`EXIT_CODE`].
+    #[error("{} (from {origin}): {reason}", .path.display())]
+    File {
+        path: PathBuf,
+        origin: String,
+        reason: String,
+    },
+    /// A file key names no setting: report it and exit with [`EXIT_CODE`].
+    #[error("{}: unknown key {key}", .path.display())]
+    UnknownKey { path: PathBuf, key: String },
+    /// A `SONORA_*` variable or a flag names no setting: report it and exit with [`EXIT_CODE`].
+    #[error("unknown setting {name} (from {origin})")]
+    UnknownSetting { name: String, origin: String },
+    /// A value has the wrong type: report it and exit with [`EXIT_CODE`].
+    #[error("{key} = {value} (from {origin}): expected {expected}")]
+    WrongType {
+        key: String,
+        value: String,
+        origin: String,
+        expected: String,
+    },
+    /// A value is out of range or malformed: report it and exit with [`EXIT_CODE`].
+    #[error("{key} = {value}{}: {reason}", from_suffix(.origin.as_deref()))]
+    Invalid {
+        key: String,
+        value: String,
+        origin: Option<String>,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key, environment variable or flag key the error names, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::File { .. } => None,
+            Self::UnknownSetting { name: key, .. }
+            | Self::UnknownKey { key, .. }
+            | Self::WrongType { key, .. }
+            | Self::Invalid { key, .. } => Some(key),
+        }
+    }
+}
+
+fn from_suffix(origin: Option<&str>) -> String {
+    origin.map(|o| format!(" (from {o})")).unwrap_or_default()
+}
+
+impl Config {
+    /// Checks every range and format rule; the one place where limits live.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_from(&|_| None)
+    }
+
+    /// [`Config::validate`], naming the source of a bad value by its key.
+    fn validate_from(&self, origin: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: String, reason: &str| invalid(key, value, origin(key), reason);
+        if self.listen.parse::<SocketAddr>().is_err() {
+            let reason = "not an address like 127.0.0.1:8080";
+            return Err(bad("listen", quoted(&self.listen), reason));
+        }
+        let (a, s) = (&self.audio, &self.server);
+        let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
+        let block_unit = "bytes (audio.decoder_input_cap_bytes)";
+        #[rustfmt::skip]
+        let ranges: [(&str, u64, u64, u64, &str); 9] = [
+            ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
+            ("audio.max_block_bytes", block, KIB, cap, block_unit),
+            ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
+            ("audio.downlink_queue_ms", a.downlink_queue_ms.into(), 100, 120_000, "ms"),
+            ("audio.no_audio_timeout_ms", a.no_audio_timeout_ms.into(), 500, 600_000, "ms"),
+            ("server.max_sessions", s.max_sessions.into(), 1, 100_000, "sessions"),
+            ("server.max_message_bytes", s.max_message_bytes as u64, KIB, 16 * MIB, "bytes"),
+            ("server.hello_timeout_ms", s.hello_timeout_ms.into(), 100, 60_000, "ms"),
+            ("server.idle_timeout_ms", s.idle_timeout_ms.into(), 1_000, 3_600_000, "ms"),
+        ];
+        for (key, value, min, max, unit) in ranges {
+            if !(min..=max).contains(&value) {
+                let reason = format!("must be between {min} and {max} {unit}");
+                return Err(bad(key, value.to_string(), &reason));
+            }
+        }
+        let lang = &self.engine.language;
+        let lang_ok = lang.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !lang_ok || !(2..=16).contains(&lang.len()) {
+            let reason = "must be 2 to 16 ASCII letters, digits or '-', like es or en-US";
+            return Err(bad("engine.language", quoted(lang), reason));
+        }
+        if s.auth_tokens.iter().any(|t| t.trim().is_empty()) {
+            let shown = Value::from(vec![REDACTED; s.auth_tokens.len()]).to_string();
+            return Err(bad("server.auth_tokens", shown, "tokens must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The listen address. Meant for a validated config; an unparsable address (only
+    /// possible when `validate` was skipped) yields the default 127.0.0.1:8080.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.parse().unwrap_or(DEFAULT_LISTEN)
+    }
+
+    /// The effective config as TOML, with every non-empty secret shown as `"<redacted>"`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut table = to_table(self);
+        for (key, value) in leaves(&table) {
+            if is_secret(&key) {
+                set_leaf(&mut table, &key, redact(&value));
+            }
+        }
+        toml::to_string(&table).unwrap_or_default()
+    }
+}
+
+/// Where [`load`] looks: the file, the environment and the flag overrides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Explicit `--config` path; a missing file is an error.
+    pub file: Option<PathBuf>,
+    /// Read only if it exists and neither `file` nor `SONORA_CONFIG` is set.
+    pub default_file: PathBuf,
+    /// The process environment as name/value pairs.
+    pub env: Vec<(String, String)>,
+    /// Dotted key and value text from command-line flags, applied last.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        let default_file = PathBuf::from("sonora.toml");
+        Self {
+            file: None,
+            default_file,
+            env: Vec::new(),
+            overrides: Vec::new(),
+        }
+    }
+}
+
+/// Dotted key -> (final value, where it came from), for every setting not left at its default.
+type Assigned = BTreeMap<String, (Value, String)>;
+
+/// Merges defaults < file < `SONORA_*` environment < overrides, then validates the result.
+pub fn load(options: &LoadOptions) -> Result<Config, ConfigError> {
+    let defaults = to_table(&Config::default());
+    let known: BTreeMap<String, Value> = leaves(&defaults).into_iter().collect();
+    let mut set = Assigned::new();
+    if let Some((path, origin)) = config_file(options) {
+        let fail = |reason| ConfigError::File {
+            path: path.clone(),
+            origin: origin.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&path);
+        let text = text.map_err(|e| fail(format!("cannot read config file: {e}")))?;
+        let table: Result<Table, _> = text.parse();
+        let table = table.map_err(|e| fail(syntax_reason(&text, &e)))?;
+        assign_file(&defaults, &table, "", &path, &mut set)?;
+    }
+    for (name, text) in &options.env {
+        if !name.starts_with("SONORA_") || name == CONFIG_ENV || name == LOG_ENV {
+            continue;
+        }
+        let found = known.iter().find(|(k, _)| env_name(k) == *name);
+        let (key, default) = found.ok_or_else(|| unknown(name, "env"))?;
+        let value = parse_text(key, default, text, name)?;
+        set.insert(key.clone(), (value, name.clone()));
+    }
+    for (key, text) in &options.overrides {
+        let origin = format!("--{key}");
+        let default = known.get(key).ok_or_else(|| unknown(key, &origin))?;
+        let value = parse_text(key, default, text, &origin)?;
+        set.insert(key.clone(), (value, origin));
+    }
+    // One setting at a time, so a value serde rejects is blamed on its own key.
+    let (mut table, mut config) = (defaults, Config::default());
+    for (key, (value, origin)) in &set {
+        set_leaf(&mut table, key, value.clone());
+        let shown = render(key, value);
+        config = Config::deserialize(Value::Table(table.clone()))
+            .map_err(|e| invalid(key, shown, Some(origin.clone()), e.message()))?;
+    }
+    let origin_of = |key: &str| set.get(key).map(|(_, origin)| origin.clone());
+    config.validate_from(&|key| origin_of(key).or_else(|| Some("defaults".to_owned())))?;
+    Ok(config)
+}
+
+/// The environment variable for a dotted key: `audio.uplink_queue_ms` -> `SONORA_AUDIO_UPLINK_QUEUE_MS`.
+pub fn env_name(dotted_key: &str) -> String {
+    let upper = dotted_key.to_ascii_uppercase();
+    format!("SONORA_{}", upper.replace('.', "_"))
+}
+
+/// Every dotted leaf key, sorted, with its default value rendered as TOML text.
+pub fn keys() -> Vec<(String, String)> {
+    let all = leaves(&to_table(&Config::default()));
+    all.into_iter().map(|(k, v)| (k, v.to_string())).collect()
+}
+
+/// The file to read and how it was named, if any.
+fn config_file(options: &LoadOptions) -> Option<(PathBuf, String)> {
+    if let Some(path) = &options.file {
+        return Some((path.clone(), "--config".to_owned()));
+    }
+    let env = &options.env;
+    if let Some((_, path)) = env.iter().rfind(|(n, v)| n == CONFIG_ENV && !v.is_empty()) {
+        return Some((PathBuf::from(path), CONFIG_ENV.to_owned()));
+    }
+    let default = (options.default_file.clone(), "default path".to_owned());
+    options.default_file.exists().then_some(default)
+}
+
+fn syntax_reason(text: &str, error: &toml::de::Error) -> String {
+    let at = error.span().map_or(0, |span| span.start);
+    let before = text.get(..at).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let message = one_line(error.message());
+    format!("invalid TOML at line {line}, column {column}: {message}")
+}
+
+/// Records every leaf of a file table, checking names and types against the defaults.
+fn assign_file(
+    defaults: &Table,
+    given: &Table,
+    prefix: &str,
+    path: &Path,
+    set: &mut Assigned,
+) -> Result<(), ConfigError> {
+    for (name, value) in given {
+        let key = format!("{prefix}{name}");
+        match (defaults.get(name), value) {
+            (None, _) => {
+                return Err(ConfigError::UnknownKey {
+                    path: path.into(),
+                    key,
+                });
+            }
+            (Some(Value::Table(inner)), Value::Table(value)) => {
+                assign_file(inner, value, &format!("{key}."), path, set)?;
+            }
+            (Some(default), _) => {
+                let origin = path.display().to_string();
+                let coerced = coerce(default, value);
+                let value = coerced.ok_or_else(|| wrong_type(&key, value, &origin, default))?;
+                set.insert(key, (value, origin));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses flag or environment text by the TOML type of the key's default value;
+/// arrays also accept a plain comma-separated list of strings.
+fn parse_text(key: &str, default: &Value, text: &str, origin: &str) -> Result<Value, ConfigError> {
+    let trimmed = text.trim();
+    let parsed = match default {
+        Value::String(_) => Some(Value::from(text)),
+        Value::Array(_) if !trimmed.starts_with('[') => {
+            let items = trimmed.split(',').map(str::trim).filter(|s| !s.is_empty());
+            Some(Value::Array(items.map(Value::from).collect()))
+        }
+        _ => trimmed.parse().ok().and_then(|v| coerce(default, &v)),
+    };
+    parsed.ok_or_else(|| wrong_type(key, &Value::from(text), origin, default))
+}
+
+/// `given` if it has the default's TOML type (integers widen to floats), else `None`.
+fn coerce(default: &Value, given: &Value) -> Option<Value> {
+    match (default, given) {
+        (Value::Float(_), Value::Integer(i)) => Some(Value::Float(*i as f64)),
+        _ if default.type_str() == given.type_str() => Some(given.clone()),
+        _ => None,
+    }
+}
+
+fn wrong_type(key: &str, given: &Value, origin: &str, default: &Value) -> ConfigError {
+    ConfigError::WrongType {
+        key: key.to_owned(),
+        value: render(key, given),
+        origin: origin.to_owned(),
+        expected: format!("a TOML {}", default.type_str()),
+    }
+}
+
+fn unknown(name: &str, origin: &str) -> ConfigError {
+    let (name, origin) = (name.to_owned(), origin.to_owned());
+    ConfigError::UnknownSetting { name, origin }
+}
+
+fn invalid(key: &str, value: String, origin: Option<String>, reason: &str) -> ConfigError {
+    let (key, reason) = (key.to_owned(), one_line(reason));
+    ConfigError::Invalid {
+        key,
+        value,
+        origin,
+        reason,
+    }
+}
+
+/// A config as a TOML table; cannot fail for these plain structs (tests cover it).
+fn to_table(config: &Config) -> Table {
+    Table::try_from(config).unwrap_or_default()
+}
+
+/// Every non-table value with its dotted key, sorted by key.
+fn leaves(table: &Table) -> Vec<(String, Value)> {
+    fn walk(table: &Table, prefix: &str, out: &mut Vec<(String, Value)>) {
+        for (name, value) in table {
+            match value {
+                Value::Table(inner) => walk(inner, &format!("{prefix}{name}."), out),
+                _ => out.push((format!("{prefix}{name}"), value.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(table, "", &mut out);
+    out
+}
+
+fn set_leaf(table: &mut Table, key: &str, value: Value) {
+    match key.split_once('.') {
+        None => drop(table.insert(key.to_owned(), value)),
+        Some((head, rest)) => {
+            if let Some(Value::Table(inner)) = table.get_mut(head) {
+                set_leaf(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn is_secret(key: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    SECRET_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
+}
+
+/// Non-empty strings become `"<redacted>"`; non-empty arrays keep only their length.
+fn redact(value: &Value) -> Value {
+    match value {
+        Value::String(s) if !s.is_empty() => Value::from(REDACTED),
+        Value::Array(items) if !items.is_empty() => Value::from(vec![REDACTED; items.len()]),
+        _ => value.clone(),
+    }
+}
+
+/// A value as TOML text for messages, with secrets redacted.
+fn render(key: &str, value: &Value) -> String {
+    let shown = if is_secret(key) {
+        redact(value)
+    } else {
+        value.clone()
+    };
+    shown.to_string()
+}
+
+fn quoted(text: &str) -> String {
+    Value::from(text).to_string()
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A config file under the temp dir, removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(contents: &str) -> Self {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let path = temp_path(NEXT.fetch_add(1, Ordering::Relaxed));
+            std::fs::write(&path, contents).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A unique path per process and tag; `usize::MAX` is never written.
+    fn temp_path(tag: usize) -> PathBuf {
+        let name = format!("sonora-config-test-{}-{tag}.toml", std::process::id());
+        std::env::temp_dir().join(name)
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter().map(|&(k, v)| (k.into(), v.into())).collect()
+    }
+
+    fn opts(file: Option<&TempFile>, env: &[(&str, &str)], flags: &[(&str, &str)]) -> LoadOptions {
+        let (file, default_file) = (file.map(|f| f.0.clone()), temp_path(usize::MAX));
+        let (env, overrides) = (pairs(env), pairs(flags));
+        LoadOptions {
+            file,
+            default_file,
+            env,
+            overrides,
+        }
+    }
+
+    /// Loads expecting an error whose message is one line, with no Debug dump.
+    fn fail(options: &LoadOptions) -> (ConfigError, String) {
+        let err = load(options).unwrap_err();
+        let text = err.to_string();
+        assert!(!text.contains('\n') && !text.contains('{'), "{text}");
+        (err, text)
+    }
+
+    fn env_fail(name: &str, value: &str) -> (ConfigError, String) {
+        fail(&opts(None, &[(name, value)], &[]))
+    }
+
+    fn flag_fail(key: &str, value: &str) -> (ConfigError, String) {
+        fail(&opts(None, &[], &[(key, value)]))
+    }
+
+    fn file_fail(contents: &str) -> (ConfigError, String, String) {
+        let file = TempFile::new(contents);
+        let (err, text) = fail(&opts(Some(&file), &[], &[]));
+        (err, text, file.0.display().to_string())
+    }
+
+    #[test]
+    fn defaults_validate_and_load_unchanged() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
+        assert_eq!(config.audio.decoder_input_cap_bytes, 4 * 1024 * 1024);
+        assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
+        assert_eq!(keys().len(), 14, "every leaf appears once: {:?}", keys());
+    }
+
+    #[test]
+    fn precedence_is_file_then_env_then_flag() {
+        let file = TempFile::new("[audio]\nuplink_queue_ms = 3000\n");
+        let env = [("SONORA_AUDIO_UPLINK_QUEUE_MS", "4000")];
+        let flag = [("audio.uplink_queue_ms", "6000")];
+        let ms = |o: LoadOptions| load(&o).unwrap().audio.uplink_queue_ms;
+        assert_eq!(ms(opts(Some(&file), &[], &[])), 3000);
+        assert_eq!(ms(opts(Some(&file), &env, &[])), 4000);
+        assert_eq!(ms(opts(Some(&file), &env, &flag)), 6000);
+        assert_eq!(ms(opts(None, &[], &flag)), 6000);
+    }
+
+    #[test]
+    fn unknown_file_keys_name_the_full_dotted_key() {
+        let (err, text, path) = file_fail("[audio]\nuplink_queu_ms = 3000\n");
+        assert_eq!(err.key(), Some("audio.uplink_queu_ms"));
+        assert_eq!(text, format!("{path}: unknown key audio.uplink_queu_ms"));
+        assert_eq!(file_fail("[audoi]\nx = 1\n").0.key(), Some("audoi"));
+    }
+
+    #[test]
+    fn wrong_types_name_key_source_and_expected_type() {
+        let (err, text, path) = file_fail("[server]\nmax_sessions = \"many\"\n");
+        assert_eq!(err.key(), Some("server.max_sessions"));
+        let want = "server.max_sessions = \"many\" (from PATH): expected a TOML integer";
+        assert_eq!(text, want.replace("PATH", &path));
+        let (_, text, _) = file_fail("audio = 5\n");
+        assert!(text.ends_with("expected a TOML table"), "{text}");
+        let (err, text) = env_fail("SONORA_SERVER_MAX_SESSIONS", "lots");
+        assert!(matches!(err, ConfigError::WrongType { .. }));
+        let want = "server.max_sessions = \"lots\" (from SONORA_SERVER_MAX_SESSIONS): expected";
+        assert!(text.starts_with(want), "{text}");
+    }
+
+    #[test]
+    fn unknown_settings_fail_but_config_log_and_other_variables_do_not() {
+        let (err, text) = env_fail("SONORA_AUDIO_UPLNK_QUEUE_MS", "1");
+        assert_eq!(err.key(), Some("SONORA_AUDIO_UPLNK_QUEUE_MS"));
+        let want = "unknown setting SONORA_AUDIO_UPLNK_QUEUE_MS (from env)";
+        assert_eq!(text, want);
+        let env = [("SONORA_LOG", "debug"), ("HOME", "/"), ("sonora_x", "1")];
+        assert_eq!(load(&opts(None, &env, &[])).unwrap(), Config::default());
+        let (err, text) = flag_fail("audio.nope", "1");
+        assert_eq!(err.key(), Some("audio.nope"));
+        assert_eq!(text, "unknown setting audio.nope (from --audio.nope)");
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_source() {
+        let (_, text) = env_fail("SONORA_AUDIO_UPLINK_QUEUE_MS", "20");
+        let want = "audio.uplink_queue_ms = 20 (from SONORA_AUDIO_UPLINK_QUEUE_MS): \
+                    must be between 100 and 60000 ms";
+        assert_eq!(text, want);
+        let (err, text, path) = file_fail("[server]\nmax_message_bytes = 10\n");
+        assert_eq!(err.key(), Some("server.max_message_bytes"));
+        let want = format!("= 10 (from {path}): must be");
+        assert!(text.contains(&want), "{text}");
+        let (_, text) = flag_fail("server.idle_timeout_ms", "999");
+        let want = "server.idle_timeout_ms = 999 (from --server.idle_timeout_ms): must be";
+        assert!(text.starts_with(want), "{text}");
+        let cap = ("audio.decoder_input_cap_bytes", "65536");
+        let (err, _) = fail(&opts(
+            None,
+            &[],
+            &[cap, ("audio.max_block_bytes", "131072")],
+        ));
+        assert_eq!(err.key(), Some("audio.max_block_bytes"));
+        // Values the TOML integer holds but the field type does not.
+        let (err, text) = env_fail("SONORA_AUDIO_MAX_BLOCK_BYTES", "-5");
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{text}");
+        let want = "-5 (from SONORA_AUDIO_MAX_BLOCK_BYTES): ";
+        assert!(text.contains(want), "{text}");
+        let (_, text) = flag_fail("audio.uplink_queue_ms", "5000000000");
+        let want = "audio.uplink_queue_ms = 5000000000 (from --";
+        assert!(text.starts_with(want), "{text}");
+    }
+
+    #[test]
+    fn listen_language_and_engine_kind_are_checked() {
+        let (_, text) = flag_fail("listen", "nope");
+        let want = "listen = \"nope\" (from --listen): not an address like 127.0.0.1:8080";
+        assert_eq!(text, want);
+        for bad in ["e", "es_ES", "a-very-long-language-tag"] {
+            let (err, _) = env_fail("SONORA_ENGINE_LANGUAGE", bad);
+            assert_eq!(err.key(), Some("engine.language"), "{bad}");
+        }
+        let (err, text) = env_fail("SONORA_ENGINE_KIND", "nova");
+        assert_eq!(err.key(), Some("engine.kind"));
+        assert!(text.contains("nova-sonic"), "{text}");
+        let env = [("SONORA_ENGINE_KIND", "nova-sonic")];
+        let kind = load(&opts(None, &env, &[])).unwrap().engine.kind;
+        assert_eq!(kind, EngineKind::NovaSonic);
+    }
+
+    #[test]
+    fn config_file_sources_and_missing_files() {
+        let nine = TempFile::new("[server]\nmax_sessions = 9\n");
+        let eleven = TempFile::new("[server]\nmax_sessions = 11\n");
+        let path = nine.0.display().to_string();
+        let via_env = [("SONORA_CONFIG", path.as_str())];
+        let sessions = |o: LoadOptions| load(&o).unwrap().server.max_sessions;
+        assert_eq!(sessions(opts(None, &via_env, &[])), 9);
+        assert_eq!(sessions(opts(Some(&eleven), &via_env, &[])), 11);
+        let with_default = |env| {
+            let base = opts(None, env, &[]);
+            LoadOptions {
+                default_file: eleven.0.clone(),
+                ..base
+            }
+        };
+        assert_eq!(sessions(with_default(&[])), 11);
+        assert_eq!(sessions(with_default(&via_env)), 9);
+        let missing = temp_path(usize::MAX).display().to_string();
+        let (err, text) = env_fail("SONORA_CONFIG", &missing);
+        assert!(matches!(err, ConfigError::File { .. }));
+        let want = format!("{missing} (from SONORA_CONFIG): ");
+        assert!(text.starts_with(&want), "{text}");
+        let mut options = opts(None, &[], &[]);
+        options.file = Some(missing.clone().into());
+        assert!(fail(&options).1.contains("(from --config): cannot read"));
+        let default_file = missing.into();
+        let options = LoadOptions {
+            default_file,
+            ..LoadOptions::default()
+        };
+        assert_eq!(load(&options).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn syntax_errors_are_one_line_with_position() {
+        let (err, text, path) = file_fail("[audio]\nuplink_queue_ms = = 3\n");
+        assert!(err.key().is_none());
+        let want = format!("{path} (from --config): invalid TOML at line 2, column ");
+        assert!(text.starts_with(&want), "{text}");
+    }
+
+    #[test]
+    fn arrays_from_env_in_both_syntaxes() {
+        let env = |text: &str| opts(None, &[("SONORA_SERVER_AUTH_TOKENS", text)], &[]);
+        let tokens = |text: &str| load(&env(text)).unwrap().server.auth_tokens;
+        assert_eq!(tokens(r#"["a","b"]"#), ["a", "b"]);
+        assert_eq!(tokens("a, b ,c"), ["a", "b", "c"]);
+        assert!(tokens("").is_empty());
+        let (err, text) = fail(&env(r#"["hunter2", 3]"#));
+        assert_eq!(err.key(), Some("server.auth_tokens"));
+        assert!(!text.contains("hunter2"), "{text}");
+        let (unclosed, blank) = (fail(&env(r#"["a", "#)).0, fail(&env(r#"["a", " "]"#)).0);
+        assert!(matches!(unclosed, ConfigError::WrongType { .. }));
+        assert!(matches!(blank, ConfigError::Invalid { .. }));
+    }
+
+    #[test]
+    fn redaction_hides_tokens_but_keeps_other_values() {
+        let mut config = Config::default();
+        config.server.auth_tokens = vec!["tok-one".to_owned(), "tok-two".to_owned()];
+        config.engine.voice = "lupe".to_owned();
+        let text = config.to_redacted_toml();
+        assert!(!text.contains("tok-"), "{text}");
+        let shown: Config = toml::from_str(&text).unwrap();
+        assert_eq!(shown.server.auth_tokens, [REDACTED, REDACTED]);
+        assert_eq!((shown.engine, shown.audio), (config.engine, config.audio));
+        let plain = Config::default().to_redacted_toml();
+        assert!(plain.contains("auth_tokens = []"), "{plain}");
+        assert!(is_secret("engine.api_key") && is_secret("db.password"));
+        assert!(!is_secret("engine.voice"));
+    }
+
+    #[test]
+    fn env_names_follow_keys_and_are_unique() {
+        assert_eq!(env_name("listen"), "SONORA_LISTEN");
+        assert_eq!(
+            env_name("audio.uplink_queue_ms"),
+            "SONORA_AUDIO_UPLINK_QUEUE_MS"
+        );
+        let all = keys();
+        let names: std::collections::BTreeSet<_> = all.iter().map(|(k, _)| env_name(k)).collect();
+        assert_eq!(names.len(), all.len());
+        let has = |key: &str, default: &str| all.contains(&(key.into(), default.into()));
+        assert!(has("audio.uplink_queue_ms", "5000") && has("engine.kind", "\"local\""));
+        assert!(has("listen", "\"127.0.0.1:8080\"") && has("server.auth_tokens", "[]"));
+    }
+
+    #[test]
+    fn redacted_toml_without_secrets_round_trips() {
+        let mut config = Config::default();
+        config.engine.kind = EngineKind::NovaSonic;
+        config.audio.uplink_queue_ms = 1234;
+        config.listen = "[::1]:7000".to_owned();
+        let text = config.to_redacted_toml();
+        assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
+        let file = TempFile::new(&text);
+        assert_eq!(load(&opts(Some(&file), &[], &[])).unwrap(), config);
+    }
+}
