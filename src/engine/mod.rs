@@ -1,0 +1,176 @@
+//! Engines and the engine-neutral event model.
+//!
+//! An engine turns a conversation's [`EngineInput`] (16 kHz mono user audio,
+//! typed text, tool results) into [`EngineEvent`]s (transcripts, reply audio,
+//! barge-in, usage). Everything outside `engine::*` speaks only these types.
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::usage::UsageDelta;
+
+/// Channel capacity between a conversation and its engine, in messages.
+/// Audio frames are 20–40 ms, so 64 is one to three seconds.
+pub const CHANNEL_CAPACITY: usize = 64;
+
+/// Something sent to an engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineInput {
+    /// 16 kHz mono s16 user audio, ~20–40 ms per frame.
+    Audio(Vec<i16>),
+    /// Typed user text.
+    Text(String),
+    /// The result of a [`EngineEvent::ToolCall`].
+    ToolResult { id: String, json: serde_json::Value },
+    /// The client is done: finish the current turn and close.
+    Close,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Text that may still change (planned reply text, partial recognition).
+    Speculative,
+    /// Text as it stands: recognised, or actually spoken.
+    Final,
+}
+
+/// Reply audio: mono s16 at `rate_hz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pcm {
+    pub rate_hz: u32,
+    #[serde(skip)]
+    pub samples: Vec<i16>,
+}
+
+impl Pcm {
+    pub fn duration_ms(&self) -> u64 {
+        self.samples.len() as u64 * 1000 / u64::from(self.rate_hz.max(1))
+    }
+}
+
+/// Why a turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnEndReason {
+    /// The assistant finished speaking.
+    Completed,
+    /// The user spoke over the assistant.
+    Interrupted,
+    /// Nothing to answer (e.g. speech that was not recognised).
+    Empty,
+    /// The engine failed during the turn.
+    Error,
+}
+
+/// How bad an engine error is, and so what the conversation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// Passing fault; the engine already retried or will.
+    Transient,
+    /// The conversation cannot go on.
+    Fatal,
+    /// The input was wrong (format, size, protocol): fix the client.
+    BadInput,
+}
+
+/// Something an engine reports.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EngineEvent {
+    Ready {
+        engine: String,
+        model: String,
+        voice: String,
+    },
+    Transcript {
+        role: Role,
+        text: String,
+        stage: Stage,
+        turn_id: u64,
+    },
+    /// Reply audio, usually 24 kHz.
+    Audio(Pcm),
+    /// Barge-in: the client must drop queued reply audio now.
+    Interrupted {
+        turn_id: u64,
+    },
+    ToolCall {
+        id: String,
+        name: String,
+        json: serde_json::Value,
+    },
+    Usage(UsageDelta),
+    TurnEnd {
+        turn_id: u64,
+        reason: TurnEndReason,
+    },
+    /// Voice activity: the user started speaking (a USER turn begins).
+    SpeechStarted {
+        turn_id: u64,
+    },
+    /// Voice activity: the user stopped speaking (the USER turn boundary);
+    /// latency is measured from here to the first reply audio.
+    SpeechEnded {
+        turn_id: u64,
+    },
+    /// The engine replaced its upstream stream without a gap.
+    Rotated {
+        generation: u32,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+    Closed,
+}
+
+/// Per-conversation choices an engine honours where it can.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationOptions {
+    /// BCP-47 language, e.g. `es` or `en-US`.
+    pub language: String,
+    /// Engine voice name; empty for the engine's default.
+    pub voice: String,
+}
+
+/// The two ends of one engine conversation.
+#[derive(Debug)]
+pub struct EngineSession {
+    pub input: mpsc::Sender<EngineInput>,
+    pub events: mpsc::Receiver<EngineEvent>,
+}
+
+impl EngineSession {
+    /// A pair of bounded channels: the session for the conversation and the
+    /// other ends for the engine's task.
+    pub fn channel() -> (Self, mpsc::Receiver<EngineInput>, mpsc::Sender<EngineEvent>) {
+        let (input_tx, input_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (events_tx, events_rx) = mpsc::channel(CHANNEL_CAPACITY);
+        (
+            Self {
+                input: input_tx,
+                events: events_rx,
+            },
+            input_rx,
+            events_tx,
+        )
+    }
+}
+
+/// A speech-to-speech engine. `start` is called inside a Tokio runtime and
+/// spawns whatever tasks the conversation needs; it fails only when the
+/// engine cannot serve any conversation (e.g. its model is missing).
+pub trait Engine: Send + Sync {
+    /// Short name: `local`, `nova-sonic`.
+    fn name(&self) -> &'static str;
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String>;
+}
