@@ -35,6 +35,57 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Connection and session limits (section, no unit).
     pub server: ServerConfig,
+    /// The local offline engine (section, no unit).
+    pub local: LocalConfig,
+}
+
+/// The local offline engine: speech detection, recognition, answers, synthesis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    /// Directory of the faster-whisper (CTranslate2) speech model (path).
+    pub model_dir: String,
+    /// Directory of the Markdown FAQ files the answers come from (path).
+    pub knowledge_dir: String,
+    /// Beam width of speech recognition, in hypotheses.
+    pub asr_beam_size: u32,
+    /// CPU threads for one recognition, in threads; 0 lets the library choose.
+    pub asr_threads: u32,
+    /// Voice activity score at or above which a frame is speech, from 0.05 to 0.95.
+    pub vad_threshold: f64,
+    /// Silence that ends the user's turn, in milliseconds.
+    pub vad_hangover_ms: u32,
+    /// Audio kept from before speech starts, in milliseconds.
+    pub vad_preroll_ms: u32,
+    /// Silence after which recognition starts early, in milliseconds.
+    pub vad_pause_ms: u32,
+    /// Speech synthesiser program, eSpeak NG (path or command name).
+    pub tts_program: String,
+    /// eSpeak NG voice; empty picks one from the conversation language (no unit).
+    pub tts_voice: String,
+    /// Speaking rate, in words per minute.
+    pub tts_rate_wpm: u32,
+    /// Sample rate of reply audio sent to clients, in hertz.
+    pub output_rate_hz: u32,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            model_dir: "models/whisper-base".to_owned(),
+            knowledge_dir: "knowledge".to_owned(),
+            asr_beam_size: 5,
+            asr_threads: 0,
+            vad_threshold: 0.5,
+            vad_hangover_ms: 600,
+            vad_preroll_ms: 150,
+            vad_pause_ms: 200,
+            tts_program: "espeak-ng".to_owned(),
+            tts_voice: String::new(),
+            tts_rate_wpm: 160,
+            output_rate_hz: 24_000,
+        }
+    }
 }
 
 /// Audio buffering limits, per session.
@@ -99,6 +150,7 @@ impl Default for Config {
             audio: AudioConfig::default(),
             engine: EngineConfig::default(),
             server: ServerConfig::default(),
+            local: LocalConfig::default(),
         }
     }
 }
@@ -203,11 +255,11 @@ impl Config {
             let reason = "not an address like 127.0.0.1:8080";
             return Err(bad("listen", quoted(&self.listen), reason));
         }
-        let (a, s) = (&self.audio, &self.server);
+        let (a, s, l) = (&self.audio, &self.server, &self.local);
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 9] = [
+        let ranges: [(&str, u64, u64, u64, &str); 17] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -217,6 +269,14 @@ impl Config {
             ("server.max_message_bytes", s.max_message_bytes as u64, KIB, 16 * MIB, "bytes"),
             ("server.hello_timeout_ms", s.hello_timeout_ms.into(), 100, 60_000, "ms"),
             ("server.idle_timeout_ms", s.idle_timeout_ms.into(), 1_000, 3_600_000, "ms"),
+            ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
+            ("local.asr_threads", l.asr_threads.into(), 0, 256, "threads"),
+            ("local.vad_hangover_ms", l.vad_hangover_ms.into(), 100, 5_000, "ms"),
+            ("local.vad_preroll_ms", l.vad_preroll_ms.into(), 0, 1_000, "ms"),
+            ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, 5_000, "ms"),
+            ("local.tts_rate_wpm", l.tts_rate_wpm.into(), 80, 450, "words per minute"),
+            ("local.output_rate_hz", l.output_rate_hz.into(), 8_000, 48_000, "Hz"),
+            ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, l.vad_hangover_ms.into(), "ms (local.vad_hangover_ms)"),
         ];
         for (key, value, min, max, unit) in ranges {
             if !(min..=max).contains(&value) {
@@ -229,6 +289,14 @@ impl Config {
         if !lang_ok || !(2..=16).contains(&lang.len()) {
             let reason = "must be 2 to 16 ASCII letters, digits or '-', like es or en-US";
             return Err(bad("engine.language", quoted(lang), reason));
+        }
+        if !(0.05..=0.95).contains(&l.vad_threshold) {
+            let reason = "must be between 0.05 and 0.95";
+            return Err(bad(
+                "local.vad_threshold",
+                l.vad_threshold.to_string(),
+                reason,
+            ));
         }
         if s.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             let shown = Value::from(vec![REDACTED; s.auth_tokens.len()]).to_string();
@@ -577,7 +645,7 @@ mod tests {
         assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
         assert_eq!(config.audio.decoder_input_cap_bytes, 4 * 1024 * 1024);
         assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-        assert_eq!(keys().len(), 14, "every leaf appears once: {:?}", keys());
+        assert_eq!(keys().len(), 26, "every leaf appears once: {:?}", keys());
     }
 
     #[test]

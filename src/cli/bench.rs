@@ -19,6 +19,8 @@ use crate::config::Config;
 pub(crate) enum BenchCommand {
     /// Streaming decode: Sonora's decoder vs an ffmpeg process per stream vs bare libopus.
     Decode(DecodeBenchArgs),
+    /// Spanish questions through the local engine: latency, recognition and synthesis times.
+    Local(super::bench_local::LocalBenchArgs),
     /// Resident memory of many concurrent decoders (run by `bench decode` in a fresh process).
     #[command(hide = true)]
     DecodeMemory(MemoryArgs),
@@ -63,6 +65,7 @@ const DEFAULT_INPUT: &str = "tests/fixtures/chrome_60s.webm";
 pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure> {
     match command {
         BenchCommand::Decode(args) => bench_decode(config, &args),
+        BenchCommand::Local(args) => super::bench_local::run(config, &args),
         BenchCommand::DecodeMemory(args) => {
             let recording =
                 Recording::load(&args.input, args.mime.as_deref(), args.chunks.as_deref())?;

@@ -1,7 +1,9 @@
 //! The `sonora` command line: one subcommand per job, errors as one line.
 
 mod bench;
+mod bench_local;
 mod decode;
+mod doctor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +31,8 @@ enum Command {
     /// Decode a recorded browser stream (WebM/Ogg Opus, PCM, WAV) to a 16 kHz mono WAV,
     /// feeding it through the streaming decoder piece by piece.
     Decode(decode::DecodeArgs),
+    /// Report what is installed and what each missing piece disables.
+    Doctor,
     /// Measure Sonora against baselines in one run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -106,6 +110,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Decode(args) => decode::run(&load(Vec::new())?, &args),
+        Command::Doctor => doctor::run(&load(Vec::new())?),
         Command::Bench(command) => bench::run(&load(Vec::new())?, command),
         Command::Config(ConfigCommand::Show) => {
             println!("{}", load(Vec::new())?.to_redacted_toml().trim_end());

@@ -1,0 +1,573 @@
+//! The local offline engine, Sonora's default: voice activity detection
+//! (earshot) → speech recognition (Whisper via CTranslate2) → an answer from
+//! the knowledge base → speech synthesis (eSpeak NG). No network, no account.
+//!
+//! It speaks the same events as a cloud engine: the user's turn boundaries,
+//! transcripts, speculative then final reply text, reply audio, barge-in when
+//! the user talks over the reply, and usage in seconds and characters.
+
+pub mod asr;
+pub mod knowledge;
+pub mod tts;
+pub mod vad;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use self::asr::{Asr, AsrConfig};
+use self::knowledge::{KnowledgeBase, Reply};
+use self::tts::TtsConfig;
+use self::vad::{Segmenter, VadConfig, VadEvent};
+use super::{
+    ConversationOptions, Engine, EngineEvent, EngineInput, EngineSession, ErrorKind, Pcm, Role,
+    Stage, TurnEndReason,
+};
+use crate::config::LocalConfig;
+use crate::usage::UsageDelta;
+
+const SAMPLES_PER_MS: u64 = 16;
+
+/// Everything one local engine shares between its conversations.
+#[derive(Debug)]
+struct Shared {
+    asr: Asr,
+    /// One recognition at a time: each uses every core, so two at once
+    /// only make both late.
+    asr_gate: std::sync::Mutex<()>,
+    knowledge: KnowledgeBase,
+    tts: TtsConfig,
+    vad: VadConfig,
+    model: String,
+}
+
+/// The local engine: load once, start many conversations.
+#[derive(Debug, Clone)]
+pub struct LocalEngine {
+    shared: Arc<Shared>,
+}
+
+/// Where the local engine's parts come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSettings {
+    pub model_dir: PathBuf,
+    pub knowledge_dir: PathBuf,
+    pub asr: AsrConfig,
+    pub vad: VadConfig,
+    pub tts: TtsConfig,
+}
+
+impl LocalSettings {
+    pub fn from_config(config: &LocalConfig) -> Self {
+        Self {
+            model_dir: PathBuf::from(&config.model_dir),
+            knowledge_dir: PathBuf::from(&config.knowledge_dir),
+            asr: AsrConfig {
+                beam_size: config.asr_beam_size as usize,
+                threads: config.asr_threads as usize,
+            },
+            vad: VadConfig {
+                threshold: config.vad_threshold as f32,
+                hangover_ms: config.vad_hangover_ms.into(),
+                preroll_ms: config.vad_preroll_ms.into(),
+                pause_ms: config.vad_pause_ms.into(),
+                ..VadConfig::default()
+            },
+            tts: TtsConfig {
+                program: PathBuf::from(&config.tts_program),
+                voice: config.tts_voice.clone(),
+                rate_wpm: config.tts_rate_wpm,
+                output_rate_hz: config.output_rate_hz,
+            },
+        }
+    }
+}
+
+impl LocalEngine {
+    /// Loads the speech model and the knowledge base (blocking: call it at
+    /// start-up, or on the blocking pool).
+    pub fn load(settings: &LocalSettings) -> Result<Self, String> {
+        let knowledge = KnowledgeBase::load(&settings.knowledge_dir).map_err(|e| e.to_string())?;
+        let asr = Asr::load(&settings.model_dir, settings.asr)?;
+        let model = settings.model_dir.file_name().map_or_else(
+            || "whisper".to_owned(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Ok(Self {
+            shared: Arc::new(Shared {
+                asr,
+                asr_gate: std::sync::Mutex::new(()),
+                knowledge,
+                tts: settings.tts.clone(),
+                vad: settings.vad,
+                model,
+            }),
+        })
+    }
+
+    /// Transcribes 16 kHz mono speech on the blocking pool (for measurements).
+    pub async fn transcribe(&self, audio: &[i16], language: &str) -> Result<String, String> {
+        recognise(
+            Arc::clone(&self.shared),
+            audio.to_vec(),
+            language.to_owned(),
+            None,
+        )
+        .await
+        .map(Option::unwrap_or_default)
+    }
+
+    /// Entries in the knowledge base.
+    pub fn knowledge_entries(&self) -> usize {
+        self.shared.knowledge.entries().len()
+    }
+}
+
+impl Engine for LocalEngine {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+        let (session, input, events) = EngineSession::channel();
+        let conversation = Conversation::new(Arc::clone(&self.shared), options, events);
+        tokio::spawn(conversation.run(input));
+        Ok(session)
+    }
+}
+
+/// Recognition started before the end of the turn; `None` when it was
+/// skipped as stale.
+type EarlyRecognition = JoinHandle<Result<Option<String>, String>>;
+
+/// A user turn waiting for its reply.
+#[derive(Debug)]
+struct Turn {
+    id: u64,
+    input: TurnInput,
+}
+
+#[derive(Debug)]
+enum TurnInput {
+    /// Speech, with recognition possibly already started on it.
+    Speech {
+        audio: Vec<i16>,
+        early: Option<EarlyRecognition>,
+    },
+    Text(String),
+}
+
+/// How far the reply being spoken has got, on the input audio clock: the
+/// client streams its microphone continuously, so input time is the
+/// client's time, and the reply is "playing" until its length has passed.
+#[derive(Debug)]
+struct ReplyProgress {
+    /// Input clock when the first reply frame went out (`u64::MAX`: not yet).
+    started_at_ms: AtomicU64,
+    audio_ms: AtomicU64,
+}
+
+impl ReplyProgress {
+    fn playing_until_ms(&self) -> Option<u64> {
+        let start = self.started_at_ms.load(Ordering::Acquire);
+        (start != u64::MAX).then(|| start + self.audio_ms.load(Ordering::Acquire))
+    }
+}
+
+#[derive(Debug)]
+struct ActiveReply {
+    turn_id: u64,
+    task: JoinHandle<()>,
+    progress: Arc<ReplyProgress>,
+}
+
+struct Conversation {
+    shared: Arc<Shared>,
+    options: ConversationOptions,
+    voice: String,
+    events: mpsc::Sender<EngineEvent>,
+    segmenter: Segmenter,
+    /// Input audio received so far, in ms: the conversation's clock.
+    clock_ms: Arc<AtomicU64>,
+    unreported_in_ms: u64,
+    next_turn: u64,
+    /// The user turn being spoken now.
+    speaking: Option<u64>,
+    /// Speculative recognition of the current turn: (samples, task).
+    early: Option<(usize, EarlyRecognition)>,
+    /// Bumped whenever speculative recognition becomes stale.
+    early_generation: Arc<AtomicU64>,
+    queue: VecDeque<Turn>,
+    reply: Option<ActiveReply>,
+    /// When the last finished reply stops playing on the client.
+    played_until_ms: u64,
+}
+
+impl Conversation {
+    fn new(
+        shared: Arc<Shared>,
+        options: ConversationOptions,
+        events: mpsc::Sender<EngineEvent>,
+    ) -> Self {
+        let voice = tts::voice_for(&shared.tts.voice, &options.voice, &options.language);
+        Self {
+            segmenter: Segmenter::new(shared.vad),
+            shared,
+            options,
+            voice,
+            events,
+            clock_ms: Arc::new(AtomicU64::new(0)),
+            unreported_in_ms: 0,
+            next_turn: 1,
+            speaking: None,
+            early: None,
+            early_generation: Arc::new(AtomicU64::new(0)),
+            queue: VecDeque::new(),
+            reply: None,
+            played_until_ms: 0,
+        }
+    }
+
+    async fn run(mut self, mut input: mpsc::Receiver<EngineInput>) {
+        let ready = EngineEvent::Ready {
+            engine: "local".into(),
+            model: self.shared.model.clone(),
+            voice: self.voice.clone(),
+        };
+        if self.events.send(ready).await.is_err() {
+            return;
+        }
+        let mut closing = false;
+        loop {
+            if self.reply.is_none() {
+                if let Some(turn) = self.queue.pop_front() {
+                    self.start_reply(turn);
+                } else if closing {
+                    break;
+                }
+            }
+            tokio::select! {
+                message = input.recv(), if !closing => match message {
+                    Some(EngineInput::Audio(frame)) => self.on_audio(&frame).await,
+                    Some(EngineInput::Text(text)) => {
+                        let id = self.take_turn_id();
+                        self.queue.push_back(Turn { id, input: TurnInput::Text(text) });
+                    }
+                    Some(EngineInput::ToolResult { id, .. }) => {
+                        let message = format!("tool result {id:?}: the local engine calls no tools");
+                        self.emit(EngineEvent::Error { kind: ErrorKind::BadInput, message }).await;
+                    }
+                    Some(EngineInput::Close) | None => {
+                        closing = true;
+                        let mut vad_events = Vec::new();
+                        self.segmenter.flush(&mut vad_events);
+                        for event in vad_events {
+                            self.on_vad(event).await;
+                        }
+                        self.report_input_usage().await;
+                    }
+                },
+                () = wait_reply(&mut self.reply) => {
+                    if let Some(done) = self.reply.take() {
+                        self.played_until_ms = done.progress.playing_until_ms().unwrap_or(0);
+                    }
+                }
+            }
+            if self.events.is_closed() {
+                break;
+            }
+        }
+        if let Some(reply) = self.reply.take() {
+            reply.task.abort();
+        }
+        self.report_input_usage().await;
+        self.emit(EngineEvent::Closed).await;
+    }
+
+    fn take_turn_id(&mut self) -> u64 {
+        let id = self.next_turn;
+        self.next_turn += 1;
+        id
+    }
+
+    async fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn on_audio(&mut self, frame: &[i16]) {
+        let ms = frame.len() as u64 / SAMPLES_PER_MS;
+        self.clock_ms.fetch_add(ms, Ordering::AcqRel);
+        self.unreported_in_ms += ms;
+        let mut vad_events = Vec::new();
+        self.segmenter.push(frame, &mut vad_events);
+        for event in vad_events {
+            self.on_vad(event).await;
+        }
+    }
+
+    async fn on_vad(&mut self, event: VadEvent) {
+        match event {
+            VadEvent::Started => {
+                self.barge_in().await;
+                let id = self.take_turn_id();
+                self.speaking = Some(id);
+                self.emit(EngineEvent::SpeechStarted { turn_id: id }).await;
+            }
+            VadEvent::Paused { audio } => {
+                let generation = self.early_generation.fetch_add(1, Ordering::AcqRel) + 1;
+                let wanted = Some((Arc::clone(&self.early_generation), generation));
+                let len = audio.len();
+                let task = tokio::spawn(recognise(
+                    Arc::clone(&self.shared),
+                    audio,
+                    self.options.language.clone(),
+                    wanted,
+                ));
+                self.early = Some((len, task));
+            }
+            VadEvent::Resumed => {
+                self.early_generation.fetch_add(1, Ordering::AcqRel);
+                self.early = None;
+            }
+            VadEvent::Ended { audio, extended } => {
+                let Some(id) = self.speaking.take() else {
+                    return;
+                };
+                self.emit(EngineEvent::SpeechEnded { turn_id: id }).await;
+                self.report_input_usage().await;
+                let early = match self.early.take() {
+                    Some((len, task)) if !extended && len == audio.len() => Some(task),
+                    _ => {
+                        self.early_generation.fetch_add(1, Ordering::AcqRel);
+                        None
+                    }
+                };
+                self.queue.push_back(Turn {
+                    id,
+                    input: TurnInput::Speech { audio, early },
+                });
+            }
+        }
+    }
+
+    /// The user started speaking: if a reply is being spoken or still
+    /// playing on the client, it is cut off.
+    async fn barge_in(&mut self) {
+        let now = self.clock_ms.load(Ordering::Acquire);
+        let active = self.reply.as_ref().and_then(|r| {
+            r.progress
+                .playing_until_ms()
+                .map(|until| (r.turn_id, until))
+        });
+        if let Some((turn_id, _)) = active {
+            if let Some(reply) = self.reply.take() {
+                reply.task.abort();
+            }
+            self.emit(EngineEvent::Interrupted { turn_id }).await;
+            self.emit(EngineEvent::TurnEnd {
+                turn_id,
+                reason: TurnEndReason::Interrupted,
+            })
+            .await;
+        } else if now < self.played_until_ms {
+            self.played_until_ms = 0;
+            let turn_id = self.next_turn.saturating_sub(1);
+            self.emit(EngineEvent::Interrupted { turn_id }).await;
+        }
+    }
+
+    async fn report_input_usage(&mut self) {
+        if self.unreported_in_ms > 0 {
+            let usage = UsageDelta {
+                audio_in_ms: std::mem::take(&mut self.unreported_in_ms),
+                ..UsageDelta::default()
+            };
+            self.emit(EngineEvent::Usage(usage)).await;
+        }
+    }
+
+    fn start_reply(&mut self, turn: Turn) {
+        let progress = Arc::new(ReplyProgress {
+            started_at_ms: AtomicU64::new(u64::MAX),
+            audio_ms: AtomicU64::new(0),
+        });
+        let job = ReplyJob {
+            shared: Arc::clone(&self.shared),
+            language: self.options.language.clone(),
+            voice: self.voice.clone(),
+            events: self.events.clone(),
+            clock_ms: Arc::clone(&self.clock_ms),
+            progress: Arc::clone(&progress),
+        };
+        let turn_id = turn.id;
+        let task = tokio::spawn(job.run(turn));
+        self.reply = Some(ActiveReply {
+            turn_id,
+            task,
+            progress,
+        });
+    }
+}
+
+/// Runs recognition on the blocking pool, one at a time per engine. With a
+/// `wanted` generation, the job is skipped (`Ok(None)`) if the generation
+/// moved on while it waited for its turn.
+async fn recognise(
+    shared: Arc<Shared>,
+    audio: Vec<i16>,
+    language: String,
+    wanted: Option<(Arc<AtomicU64>, u64)>,
+) -> Result<Option<String>, String> {
+    tokio::task::spawn_blocking(move || {
+        let _turn = shared
+            .asr_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((current, generation)) = wanted {
+            if current.load(Ordering::Acquire) != generation {
+                return Ok(None);
+            }
+        }
+        shared.asr.transcribe(&audio, &language).map(Some)
+    })
+    .await
+    .map_err(|e| format!("speech recognition stopped: {e}"))?
+}
+
+/// Resolves when the active reply task ends; pends forever when there is none.
+async fn wait_reply(reply: &mut Option<ActiveReply>) {
+    match reply.as_mut() {
+        Some(active) => {
+            let _ = (&mut active.task).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// One reply: recognise (unless typed), answer, speak.
+struct ReplyJob {
+    shared: Arc<Shared>,
+    language: String,
+    voice: String,
+    events: mpsc::Sender<EngineEvent>,
+    clock_ms: Arc<AtomicU64>,
+    progress: Arc<ReplyProgress>,
+}
+
+impl ReplyJob {
+    async fn run(self, turn: Turn) {
+        let id = turn.id;
+        let reason = match self.reply(turn).await {
+            Ok(reason) => reason,
+            Err(message) => {
+                let _ = self
+                    .events
+                    .send(EngineEvent::Error {
+                        kind: ErrorKind::Transient,
+                        message,
+                    })
+                    .await;
+                TurnEndReason::Error
+            }
+        };
+        let _ = self
+            .events
+            .send(EngineEvent::TurnEnd {
+                turn_id: id,
+                reason,
+            })
+            .await;
+    }
+
+    async fn send(&self, event: EngineEvent) -> Result<(), String> {
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| "the conversation ended".to_owned())
+    }
+
+    async fn reply(&self, turn: Turn) -> Result<TurnEndReason, String> {
+        let id = turn.id;
+        let heard = match turn.input {
+            TurnInput::Text(text) => text,
+            TurnInput::Speech { audio, early } => {
+                let early = match early {
+                    Some(task) => task
+                        .await
+                        .map_err(|e| format!("speech recognition stopped: {e}"))??,
+                    None => None,
+                };
+                match early {
+                    Some(text) => text,
+                    None => recognise(Arc::clone(&self.shared), audio, self.language.clone(), None)
+                        .await?
+                        .unwrap_or_default(),
+                }
+            }
+        };
+        let heard = heard.trim().to_owned();
+        if !heard.chars().any(char::is_alphanumeric) {
+            return Ok(TurnEndReason::Empty);
+        }
+        self.send(EngineEvent::Transcript {
+            role: Role::User,
+            text: heard.clone(),
+            stage: Stage::Final,
+            turn_id: id,
+        })
+        .await?;
+        let answer = match self.shared.knowledge.answer(&heard, &self.language) {
+            Reply::Found(answer) => answer.text,
+            Reply::NotFound { text } => text,
+        };
+        self.send(EngineEvent::Transcript {
+            role: Role::Assistant,
+            text: answer.clone(),
+            stage: Stage::Speculative,
+            turn_id: id,
+        })
+        .await?;
+
+        let rate_hz = self.shared.tts.output_rate_hz;
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<i16>>(8);
+        let tts = self.shared.tts.clone();
+        let voice = self.voice.clone();
+        let text = answer.clone();
+        let speaking =
+            tokio::spawn(async move { tts::speak(&tts, &voice, &text, &frames_tx).await });
+        let mut audio_ms = 0u64;
+        while let Some(samples) = frames_rx.recv().await {
+            if audio_ms == 0 {
+                self.progress
+                    .started_at_ms
+                    .store(self.clock_ms.load(Ordering::Acquire), Ordering::Release);
+            }
+            audio_ms += samples.len() as u64 * 1000 / u64::from(rate_hz);
+            self.progress.audio_ms.store(audio_ms, Ordering::Release);
+            self.send(EngineEvent::Audio(Pcm { rate_hz, samples }))
+                .await?;
+        }
+        speaking
+            .await
+            .map_err(|e| format!("speech synthesis stopped: {e}"))??;
+        self.send(EngineEvent::Transcript {
+            role: Role::Assistant,
+            text: answer.clone(),
+            stage: Stage::Final,
+            turn_id: id,
+        })
+        .await?;
+        self.send(EngineEvent::Usage(UsageDelta {
+            audio_out_ms: audio_ms,
+            text_in_chars: heard.chars().count() as u64,
+            text_out_chars: answer.chars().count() as u64,
+            ..UsageDelta::default()
+        }))
+        .await?;
+        Ok(TurnEndReason::Completed)
+    }
+}
