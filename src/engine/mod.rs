@@ -4,6 +4,8 @@
 //! typed text, tool results) into [`EngineEvent`]s (transcripts, reply audio,
 //! barge-in, usage). Everything outside `engine::*` speaks only these types.
 
+pub mod scripted;
+
 use serde::Serialize;
 use tokio::sync::mpsc;
 
