@@ -4,14 +4,15 @@
 //! - [`config`]: typed configuration from defaults, a TOML file, `SONORA_*` variables and flags.
 //! - [`audio`]: `StreamDecoder` (sniff, WebM/Ogg demux, Opus decode, PCM resampling), WAV files.
 //! - [`engine`]: the `Engine` trait, `EngineInput` / `EngineEvent`, and the engines.
+//! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas per modality and direction, cost in micro-dollars.
-//! - [`cli`]: the `sonora` subcommands (`decode`, `bench`, `config`).
+//! - [`cli`]: the `sonora` subcommands (`talk`, `decode`, `bench`, `doctor`, `config`).
 //!
-//! Planned beside them: `session` (one conversation), `store` (the ledger)
-//! and `server` (the web gateway).
+//! Planned beside them: `store` (the ledger) and `server` (the web gateway).
 
 pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod session;
 pub mod usage;

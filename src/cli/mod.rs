@@ -4,6 +4,7 @@ mod bench;
 mod bench_local;
 mod decode;
 mod doctor;
+mod talk;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     /// Decode a recorded browser stream (WebM/Ogg Opus, PCM, WAV) to a 16 kHz mono WAV,
     /// feeding it through the streaming decoder piece by piece.
     Decode(decode::DecodeArgs),
+    /// Hold a spoken conversation from the terminal (a WAV file in, replies to a WAV file).
+    Talk(talk::TalkArgs),
     /// Report what is installed and what each missing piece disables.
     Doctor,
     /// Measure Sonora against baselines in one run.
@@ -110,6 +113,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Decode(args) => decode::run(&load(Vec::new())?, &args),
+        Command::Talk(args) => talk::run(&load(args.overrides())?, &args),
         Command::Doctor => doctor::run(&load(Vec::new())?),
         Command::Bench(command) => bench::run(&load(Vec::new())?, command),
         Command::Config(ConfigCommand::Show) => {

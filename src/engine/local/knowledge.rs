@@ -303,8 +303,25 @@ impl KnowledgeBase {
     /// The best entry if it clears the threshold, else a "not found" text in
     /// `language` (`es*` is Spanish, anything else English).
     pub fn answer(&self, query: &str, language: &str) -> Reply {
-        match self.rank(query).first() {
-            Some(&(index, score, matched)) if score >= MIN_SCORE && matched > 0 => {
+        let ranked = self.rank(query);
+        let wanted = self
+            .query_terms(query)
+            .iter()
+            .filter(|(_, weight)| *weight >= 1.0)
+            .count()
+            .max(1);
+        let runner_up = ranked.get(1).map_or(0.0, |r| r.1);
+        match ranked.first() {
+            Some(&(index, score, matched)) if matched > 0 && score >= MIN_SCORE => {
+                Reply::Found(self.make_answer(index, score))
+            }
+            // In a small base every word is common, so scores stay low: a
+            // clear winner that covers most of the question is still a match.
+            Some(&(index, score, matched))
+                if matched * 2 >= wanted
+                    && score >= MIN_SCORE / 2.0
+                    && score >= 2.0 * runner_up =>
+            {
                 Reply::Found(self.make_answer(index, score))
             }
             _ => Reply::NotFound {

@@ -1,0 +1,288 @@
+//! One conversation: client ⇄ decoder ⇄ engine, in one task.
+//!
+//! [`Conversation::spawn`] starts a task that decodes client audio, queues it
+//! for the engine (bounded in time, oldest dropped first), forwards engine
+//! events to the client (bounded in time, cleared on barge-in, slow clients
+//! closed), watches for silence, idleness and stalled engines, measures
+//! per-turn latency, and always ends with one [`ClientOutput::Closed`].
+
+mod counters;
+mod queues;
+mod task;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+pub use counters::{Counters, CountersSnapshot};
+
+use crate::audio::{DecoderLimits, DecoderStats, StreamDecoder};
+use crate::config::Config;
+use crate::engine::{EngineEvent, EngineSession};
+use crate::usage::UsageDelta;
+
+/// Capacity of [`ConversationHandle::input`], in messages.
+pub const INPUT_CAPACITY: usize = 64;
+/// Capacity of [`ConversationHandle::output`], in messages. The last slot is
+/// kept for [`ClientOutput::Closed`], and reply audio is handed over only
+/// when the channel is empty, so barge-in can still clear it.
+pub const OUTPUT_CAPACITY: usize = 32;
+
+/// Bounds and timeouts of one conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// User audio waiting to go to the engine; the oldest is dropped past it.
+    pub uplink_queue_ms: u64,
+    /// Reply audio waiting to go to the client; past it the client is too
+    /// slow and the conversation closes.
+    pub downlink_queue_ms: u64,
+    /// The client sent audio bytes but no PCM came out for this long: close.
+    pub no_audio_timeout_ms: u64,
+    /// No client input at all for this long: close.
+    pub idle_timeout_ms: u64,
+    /// An engine that does not accept a frame in this time counts one stall.
+    pub engine_send_timeout_ms: u64,
+    /// After Stop, how long to wait for the engine's `Closed`; it also bounds
+    /// the final hand-over of queued events to the client.
+    pub close_grace_ms: u64,
+    pub decoder: DecoderLimits,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            uplink_queue_ms: 5_000,
+            downlink_queue_ms: 10_000,
+            no_audio_timeout_ms: 5_000,
+            idle_timeout_ms: 120_000,
+            engine_send_timeout_ms: 200,
+            close_grace_ms: 10_000,
+            decoder: DecoderLimits::default(),
+        }
+    }
+}
+
+impl SessionLimits {
+    /// The limits the configuration sets; the rest keep their defaults.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            uplink_queue_ms: u64::from(config.audio.uplink_queue_ms),
+            downlink_queue_ms: u64::from(config.audio.downlink_queue_ms),
+            no_audio_timeout_ms: u64::from(config.audio.no_audio_timeout_ms),
+            idle_timeout_ms: u64::from(config.server.idle_timeout_ms),
+            decoder: DecoderLimits {
+                input_cap_bytes: config.audio.decoder_input_cap_bytes,
+                max_block_bytes: config.audio.max_block_bytes,
+            },
+            ..Self::default()
+        }
+    }
+}
+
+/// Something the client sends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientInput {
+    /// Bytes in the format the conversation's decoder was built for.
+    Audio(Vec<u8>),
+    /// 16 kHz mono samples (terminal clients).
+    Pcm(Vec<i16>),
+    Text(String),
+    ToolResult {
+        id: String,
+        json: serde_json::Value,
+    },
+    /// The client is done: finish and close.
+    Stop,
+}
+
+/// Something the conversation tells the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientOutput {
+    /// Every engine event except `Closed`, in order.
+    Event(EngineEvent),
+    /// A non-fatal problem: `chunk_refused`, `engine_stall` or
+    /// `uplink_dropped`.
+    Warning { code: &'static str, message: String },
+    /// Always the last message. The summary is boxed so that the many
+    /// queued events stay small.
+    Closed {
+        reason: CloseReason,
+        message: String,
+        summary: Box<ConversationSummary>,
+    },
+}
+
+/// Why a conversation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// The client sent Stop or closed its input.
+    ClientStopped,
+    /// The engine closed the conversation on its own.
+    EngineClosed,
+    /// The engine failed.
+    EngineError,
+    /// The client's audio could not be decoded.
+    BadAudio,
+    /// The client sent audio bytes that decoded to no audio for too long.
+    NoAudio,
+    /// The client sent nothing for too long.
+    Idle,
+    /// The client did not read reply audio fast enough.
+    SlowClient,
+    /// The engine accepted no input for too long.
+    EngineStalled,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Stable snake_case code, used on the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::ClientStopped => "client_stopped",
+            Self::EngineClosed => "engine_closed",
+            Self::EngineError => "engine_error",
+            Self::BadAudio => "bad_audio",
+            Self::NoAudio => "no_audio",
+            Self::Idle => "idle",
+            Self::SlowClient => "slow_client",
+            Self::EngineStalled => "engine_stalled",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a conversation did, reported when it ends.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConversationSummary {
+    /// `TurnEnd` events seen.
+    pub turns: u32,
+    /// Per answered turn: from `SpeechEnded` to the first reply audio after
+    /// it, both as seen by the conversation.
+    pub latency_ms: Vec<u64>,
+    /// Sum of the engine's `Usage` deltas.
+    pub usage: UsageDelta,
+    pub counters: CountersSnapshot,
+    /// The decoder's counters, when the conversation had a decoder.
+    pub decoder: Option<DecoderStats>,
+}
+
+/// Asks one conversation to close as for a server shutdown: it flushes its
+/// input to the engine, waits for the engine to close (within the grace
+/// period), hands queued events to the client and ends with
+/// `Closed { reason: Shutdown }`. Cheap to clone; triggering twice is the
+/// same as once.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownTrigger(Arc<Notify>);
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        // `notify_one` keeps a permit when the task is not waiting yet.
+        self.0.notify_one();
+    }
+}
+
+/// The client's side of a running conversation.
+#[derive(Debug)]
+pub struct ConversationHandle {
+    /// Client input. Dropping every sender counts as Stop.
+    pub input: mpsc::Sender<ClientInput>,
+    /// Everything for the client, ending with `Closed`. The client must keep
+    /// reading: reply audio that waits too long closes the conversation.
+    pub output: mpsc::Receiver<ClientOutput>,
+    /// Live counters, for metrics and for clients pacing their sends.
+    pub counters: Arc<Counters>,
+    /// Server shutdown for this conversation (see [`ShutdownTrigger`]).
+    pub shutdown: ShutdownTrigger,
+    /// The task; it returns the same summary as the `Closed` message.
+    pub task: JoinHandle<ConversationSummary>,
+}
+
+impl ConversationHandle {
+    /// Same as `self.shutdown.trigger()`.
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// Starts conversations. See the module docs.
+#[derive(Debug)]
+pub struct Conversation;
+
+impl Conversation {
+    /// Spawns the conversation task on the current Tokio runtime. `decoder`
+    /// decodes [`ClientInput::Audio`]; without one, audio bytes are refused
+    /// with a `chunk_refused` warning.
+    pub fn spawn(
+        engine: EngineSession,
+        decoder: Option<StreamDecoder>,
+        limits: SessionLimits,
+    ) -> ConversationHandle {
+        let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
+        let (output_tx, output_rx) = mpsc::channel(OUTPUT_CAPACITY);
+        let counters = Arc::new(Counters::default());
+        let shutdown = ShutdownTrigger::default();
+        let task = task::Task::new(
+            task::Io {
+                input: input_rx,
+                output: output_tx,
+                engine,
+                shutdown: Arc::clone(&shutdown.0),
+            },
+            decoder,
+            limits,
+            Arc::clone(&counters),
+        );
+        ConversationHandle {
+            input: input_tx,
+            output: output_rx,
+            counters,
+            shutdown,
+            task: tokio::spawn(task.run()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_codes_match_their_serialized_names() {
+        let all = [
+            CloseReason::ClientStopped,
+            CloseReason::EngineClosed,
+            CloseReason::EngineError,
+            CloseReason::BadAudio,
+            CloseReason::NoAudio,
+            CloseReason::Idle,
+            CloseReason::SlowClient,
+            CloseReason::EngineStalled,
+            CloseReason::Shutdown,
+        ];
+        for reason in all {
+            let json = serde_json::to_value(reason).expect("serializes");
+            assert_eq!(json, reason.code());
+        }
+    }
+
+    #[test]
+    fn limits_follow_the_config() {
+        let mut config = Config::default();
+        assert_eq!(
+            SessionLimits::from_config(&config),
+            SessionLimits::default()
+        );
+        config.audio.uplink_queue_ms = 3_000;
+        config.server.idle_timeout_ms = 30_000;
+        config.audio.decoder_input_cap_bytes = 65_536;
+        let limits = SessionLimits::from_config(&config);
+        assert_eq!(limits.uplink_queue_ms, 3_000);
+        assert_eq!(limits.idle_timeout_ms, 30_000);
+        assert_eq!(limits.decoder.input_cap_bytes, 65_536);
+        assert_eq!(limits.engine_send_timeout_ms, 200);
+    }
+}

@@ -1,0 +1,664 @@
+//! The conversation task: one `select!` loop over the client, the engine,
+//! the two queues and one timer, then a bounded hand-over of what is left
+//! and the `Closed` message.
+//!
+//! The loop polls in a fixed order (`biased`) so that runs under paused time
+//! are repeatable: timers first (each one fires once), then sends to the
+//! client and the engine (they drain the queues), then engine events, and
+//! client input last, so a burst from the client is queued, and trimmed, as
+//! a whole before it goes out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::sync::mpsc::error::SendError;
+use tokio::sync::mpsc::{self, Permit};
+use tokio::time::Instant;
+
+use super::queues::{Downlink, SAMPLES_PER_MS, Uplink};
+use super::{ClientInput, ClientOutput, CloseReason, ConversationSummary, Counters, SessionLimits};
+use crate::audio::{DecodeError, StreamDecoder};
+use crate::engine::{EngineEvent, EngineInput, EngineSession, ErrorKind};
+use crate::usage::UsageDelta;
+
+/// Audio chunks at least this big are decoded on a blocking thread: the
+/// conversation waits for it, but the runtime's worker stays free.
+const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
+/// Most texts and tool results waiting for the engine; more means the
+/// engine is not taking input.
+const MAX_UPLINK_MESSAGES: usize = 256;
+/// Most items waiting for the client, whatever their kind.
+const MAX_DOWNLINK_ITEMS: usize = 1024;
+
+pub(super) struct Io {
+    pub(super) input: mpsc::Receiver<ClientInput>,
+    pub(super) output: mpsc::Sender<ClientOutput>,
+    pub(super) engine: EngineSession,
+    pub(super) shutdown: Arc<Notify>,
+}
+
+pub(super) struct Task {
+    io: Io,
+    state: State,
+}
+
+/// How the conversation ends.
+struct Ending {
+    reason: CloseReason,
+    message: String,
+}
+
+impl Ending {
+    fn new(reason: CloseReason, message: impl Into<String>) -> Option<Self> {
+        Some(Self {
+            reason,
+            message: message.into(),
+        })
+    }
+}
+
+/// A close in progress: the uplink is flushed, then the engine's `Closed`
+/// is awaited until `deadline`.
+struct Closing {
+    reason: CloseReason,
+    /// A decoder complaint about the end of the stream, kept for the message.
+    note: Option<String>,
+    deadline: Instant,
+}
+
+impl Closing {
+    fn end(&self, extra: Option<String>) -> Option<Ending> {
+        let mut message = match self.reason {
+            CloseReason::Shutdown => "the server is shutting down".to_owned(),
+            _ => "the client stopped".to_owned(),
+        };
+        for part in self.note.iter().chain(extra.as_ref()) {
+            message.push_str("; ");
+            message.push_str(part);
+        }
+        Ending::new(self.reason, message)
+    }
+}
+
+/// Client audio bytes that have not produced any PCM yet.
+struct Starving {
+    since: Instant,
+    bytes: u64,
+}
+
+struct State {
+    limits: SessionLimits,
+    counters: Arc<Counters>,
+    decoder: Option<StreamDecoder>,
+    /// Scratch buffer for decoded PCM.
+    pcm: Vec<i16>,
+    uplink: Uplink,
+    downlink: Downlink,
+    audio_in_samples: u64,
+    last_input: Instant,
+    starving: Option<Starving>,
+    /// Since when the head of the uplink has waited for the engine.
+    send_waiting_since: Option<Instant>,
+    /// Whether the current send wait was already counted as a stall.
+    stall_counted: bool,
+    closing: Option<Closing>,
+    /// The engine still takes input.
+    engine_accepts: bool,
+    close_sent: bool,
+    /// The engine's event stream is still open.
+    engine_open: bool,
+    /// The client still reads its output.
+    client_open: bool,
+    speech_ended_at: Option<Instant>,
+    turns: u32,
+    latency_ms: Vec<u64>,
+    usage: UsageDelta,
+}
+
+/// What woke the loop.
+enum Wake<'a> {
+    Timer,
+    Shutdown,
+    Output(Result<Permit<'a, ClientOutput>, SendError<()>>),
+    EngineSend(Result<Permit<'a, EngineInput>, SendError<()>>),
+    Event(Option<EngineEvent>),
+    Input(Option<ClientInput>),
+}
+
+/// A slot in the client's channel. One slot is always left for `Closed`,
+/// and reply audio goes only into an empty channel: queued audio stays in
+/// the downlink, where barge-in can still clear it.
+async fn output_slot(
+    output: &mpsc::Sender<ClientOutput>,
+    audio: bool,
+) -> Result<Permit<'_, ClientOutput>, SendError<()>> {
+    let wanted = if audio { output.max_capacity() } else { 2 };
+    let mut permits = output.reserve_many(wanted).await?;
+    permits.next().ok_or(SendError(()))
+}
+
+fn after(start: Instant, ms: u64) -> Instant {
+    // Limits are plain integers; an absurd one means "never".
+    start
+        .checked_add(Duration::from_millis(ms))
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 86_400))
+}
+
+fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
+    Some(a.map_or(b, |a| a.min(b)))
+}
+
+impl Task {
+    pub(super) fn new(
+        io: Io,
+        decoder: Option<StreamDecoder>,
+        limits: SessionLimits,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let state = State {
+            limits,
+            counters,
+            decoder,
+            pcm: Vec::new(),
+            uplink: Uplink::new(limits.uplink_queue_ms),
+            downlink: Downlink::default(),
+            audio_in_samples: 0,
+            last_input: Instant::now(),
+            starving: None,
+            send_waiting_since: None,
+            stall_counted: false,
+            closing: None,
+            engine_accepts: true,
+            close_sent: false,
+            engine_open: true,
+            client_open: true,
+            speech_ended_at: None,
+            turns: 0,
+            latency_ms: Vec::new(),
+            usage: UsageDelta::default(),
+        };
+        Self { io, state }
+    }
+
+    pub(super) async fn run(mut self) -> ConversationSummary {
+        let ending = self.converse().await;
+        self.finish(ending).await
+    }
+
+    async fn converse(&mut self) -> Ending {
+        let Self { io, state } = self;
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        loop {
+            let deadline = state.next_deadline();
+            if let Some(deadline) = deadline {
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+            }
+            let wake = tokio::select! {
+                biased;
+                () = &mut timer, if deadline.is_some() => Wake::Timer,
+                () = io.shutdown.notified(), if state.closing.is_none() => Wake::Shutdown,
+                permit = output_slot(&io.output, state.downlink.front_is_audio()),
+                    if state.client_open && !state.downlink.is_empty() => Wake::Output(permit),
+                permit = io.engine.input.reserve(),
+                    if state.engine_accepts && !state.uplink.is_empty() => Wake::EngineSend(permit),
+                event = io.engine.events.recv(), if state.engine_open => Wake::Event(event),
+                input = io.input.recv(), if state.closing.is_none() => Wake::Input(input),
+            };
+            let now = Instant::now();
+            let ending = match wake {
+                Wake::Timer => state.on_timer(now),
+                Wake::Shutdown => state.begin_close(CloseReason::Shutdown, now),
+                Wake::Output(Ok(permit)) => {
+                    if let Some(item) = state.downlink.pop() {
+                        permit.send(item);
+                    }
+                    state.publish_downlink();
+                    None
+                }
+                Wake::Output(Err(_)) => state.client_gone(now),
+                Wake::EngineSend(Ok(permit)) => {
+                    state.sent_to_engine(permit, now);
+                    None
+                }
+                Wake::EngineSend(Err(_)) => {
+                    state.engine_refuses();
+                    None
+                }
+                Wake::Event(event) => state.on_event(event, now),
+                Wake::Input(None) => state.begin_close(CloseReason::ClientStopped, now),
+                Wake::Input(Some(input)) => state.on_input(input, now).await,
+            };
+            if let Some(ending) = ending {
+                return ending;
+            }
+        }
+    }
+
+    /// Lets the engine go, hands what is queued to the client within the
+    /// grace period (nothing after a slow-client close), then sends `Closed`.
+    async fn finish(self, ending: Ending) -> ConversationSummary {
+        let Self { io, mut state } = self;
+        let Io {
+            input,
+            output,
+            engine,
+            ..
+        } = io;
+        if !state.close_sent && state.engine_open {
+            // Best effort: an engine that is gone or stalled is dropped anyway.
+            let _ = engine.input.try_send(EngineInput::Close);
+        }
+        drop(engine);
+        drop(input);
+        if ending.reason == CloseReason::SlowClient || !state.client_open {
+            state.downlink.clear();
+            state.publish_downlink();
+        }
+        let deadline = after(Instant::now(), state.limits.close_grace_ms);
+        while !state.downlink.is_empty() {
+            let audio = state.downlink.front_is_audio();
+            match tokio::time::timeout_at(deadline, output_slot(&output, audio)).await {
+                Ok(Ok(permit)) => {
+                    if let Some(item) = state.downlink.pop() {
+                        permit.send(item);
+                    }
+                }
+                Ok(Err(_)) | Err(_) => state.downlink.clear(),
+            }
+            state.publish_downlink();
+        }
+        let summary = state.summary();
+        // The slot kept free by `output_slot` takes it without waiting; it
+        // fails only when the client has dropped its receiver.
+        let _ = output.try_send(ClientOutput::Closed {
+            reason: ending.reason,
+            message: ending.message,
+            summary: Box::new(summary.clone()),
+        });
+        summary
+    }
+}
+
+impl State {
+    fn next_deadline(&self) -> Option<Instant> {
+        let limits = &self.limits;
+        let mut deadline = None;
+        if let Some(since) = self.send_waiting_since {
+            if !self.stall_counted {
+                deadline = earliest(deadline, after(since, limits.engine_send_timeout_ms));
+            }
+            deadline = earliest(deadline, after(since, limits.uplink_queue_ms));
+        }
+        if let Some(closing) = &self.closing {
+            return earliest(deadline, closing.deadline);
+        }
+        if let Some(starving) = &self.starving {
+            deadline = earliest(deadline, after(starving.since, limits.no_audio_timeout_ms));
+        }
+        earliest(deadline, after(self.last_input, limits.idle_timeout_ms))
+    }
+
+    fn on_timer(&mut self, now: Instant) -> Option<Ending> {
+        let limits = self.limits;
+        if let Some(since) = self.send_waiting_since {
+            if now >= after(since, limits.uplink_queue_ms) {
+                let message = format!(
+                    "the engine accepted no input for {} ms ({} ms of audio waiting)",
+                    now.duration_since(since).as_millis(),
+                    self.uplink.queued_ms()
+                );
+                return Ending::new(CloseReason::EngineStalled, message);
+            }
+            if !self.stall_counted && now >= after(since, limits.engine_send_timeout_ms) {
+                self.stall_counted = true;
+                self.counters.add_engine_send_stall();
+                let message = format!(
+                    "the engine has not accepted input for {} ms",
+                    limits.engine_send_timeout_ms
+                );
+                if let Some(ending) = self.warn("engine_stall", message) {
+                    return Some(ending);
+                }
+            }
+        }
+        if let Some(closing) = &self.closing {
+            if now >= closing.deadline {
+                let extra = format!(
+                    "the engine did not close within {} ms",
+                    limits.close_grace_ms
+                );
+                return closing.end(Some(extra));
+            }
+            return None;
+        }
+        if let Some(starving) = &self.starving {
+            if now >= after(starving.since, limits.no_audio_timeout_ms) {
+                let message = format!(
+                    "no audio decoded from the last {} bytes received over {} ms",
+                    starving.bytes,
+                    now.duration_since(starving.since).as_millis()
+                );
+                return Ending::new(CloseReason::NoAudio, message);
+            }
+        }
+        if now >= after(self.last_input, limits.idle_timeout_ms) {
+            let message = format!("no input from the client for {} ms", limits.idle_timeout_ms);
+            return Ending::new(CloseReason::Idle, message);
+        }
+        None
+    }
+
+    async fn on_input(&mut self, input: ClientInput, now: Instant) -> Option<Ending> {
+        self.last_input = now;
+        match input {
+            ClientInput::Audio(bytes) => self.on_audio(bytes, now).await,
+            ClientInput::Pcm(samples) => self.accept_pcm(&samples, now),
+            ClientInput::Text(text) => self.queue_message(EngineInput::Text(text), now),
+            ClientInput::ToolResult { id, json } => {
+                self.queue_message(EngineInput::ToolResult { id, json }, now)
+            }
+            ClientInput::Stop => self.begin_close(CloseReason::ClientStopped, now),
+        }
+    }
+
+    async fn on_audio(&mut self, bytes: Vec<u8>, now: Instant) -> Option<Ending> {
+        if self.decoder.is_none() {
+            self.counters.add_chunk_refused();
+            let message = format!(
+                "audio chunk of {} bytes refused: this conversation takes only PCM",
+                bytes.len()
+            );
+            return self.warn("chunk_refused", message);
+        }
+        if bytes.is_empty() {
+            return None;
+        }
+        let chunk_bytes = bytes.len() as u64;
+        let mut pcm = std::mem::take(&mut self.pcm);
+        let result = match self.decode(bytes, &mut pcm).await {
+            Ok(result) => result,
+            Err(ending) => return ending,
+        };
+        let produced = !pcm.is_empty();
+        // PCM decoded before a fatal error still counts, as the stream's end.
+        let ending = self.accept_pcm(&pcm, now);
+        pcm.clear();
+        self.pcm = pcm;
+        if ending.is_some() {
+            return ending;
+        }
+        match result {
+            Ok(()) => {
+                if !produced {
+                    let starving = self.starving.get_or_insert(Starving {
+                        since: now,
+                        bytes: 0,
+                    });
+                    starving.bytes += chunk_bytes;
+                }
+                None
+            }
+            Err(e @ DecodeError::ChunkRefused { .. }) => {
+                self.counters.add_chunk_refused();
+                self.warn("chunk_refused", e.to_string())
+            }
+            Err(e) => Ending::new(CloseReason::BadAudio, e.to_string()),
+        }
+    }
+
+    /// Pushes one chunk into the decoder, on a blocking thread when it is
+    /// big. The outer error ends the conversation (the decoder panicked).
+    async fn decode(
+        &mut self,
+        bytes: Vec<u8>,
+        pcm: &mut Vec<i16>,
+    ) -> Result<Result<(), DecodeError>, Option<Ending>> {
+        let Some(mut decoder) = self.decoder.take() else {
+            return Ok(Ok(()));
+        };
+        if bytes.len() < BLOCKING_DECODE_BYTES {
+            let result = decoder.push(&bytes, pcm);
+            self.decoder = Some(decoder);
+            return Ok(result);
+        }
+        let mut out = std::mem::take(pcm);
+        let job = tokio::task::spawn_blocking(move || {
+            let result = decoder.push(&bytes, &mut out);
+            (decoder, out, result)
+        });
+        match job.await {
+            Ok((decoder, out, result)) => {
+                self.decoder = Some(decoder);
+                *pcm = out;
+                Ok(result)
+            }
+            Err(e) => Err(Ending::new(
+                CloseReason::BadAudio,
+                format!("the audio decoder failed: {e}"),
+            )),
+        }
+    }
+}
+
+impl State {
+    /// Queues 16 kHz PCM for the engine.
+    fn accept_pcm(&mut self, pcm: &[i16], now: Instant) -> Option<Ending> {
+        if pcm.is_empty() {
+            return None;
+        }
+        self.starving = None;
+        self.audio_in_samples += pcm.len() as u64;
+        self.counters
+            .set_audio_in(self.audio_in_samples / SAMPLES_PER_MS);
+        if !self.engine_accepts {
+            return None;
+        }
+        let overflow = self.uplink.push_pcm(pcm);
+        self.uplink_changed(now);
+        if !overflow {
+            return None;
+        }
+        let message = format!(
+            "the engine is behind: dropping the oldest audio beyond {} ms",
+            self.limits.uplink_queue_ms
+        );
+        self.warn("uplink_dropped", message)
+    }
+
+    fn queue_message(&mut self, input: EngineInput, now: Instant) -> Option<Ending> {
+        if !self.engine_accepts {
+            return None;
+        }
+        if self.uplink.messages() >= MAX_UPLINK_MESSAGES {
+            let message = format!(
+                "the engine is not taking input: {} messages waiting",
+                self.uplink.messages()
+            );
+            return Ending::new(CloseReason::EngineStalled, message);
+        }
+        self.uplink.push_message(input);
+        self.uplink_changed(now);
+        None
+    }
+
+    /// Starts the send-wait clock when the uplink stops being empty.
+    fn uplink_changed(&mut self, now: Instant) {
+        if self.uplink.is_empty() {
+            self.send_waiting_since = None;
+        } else if self.send_waiting_since.is_none() {
+            self.send_waiting_since = Some(now);
+        }
+        self.publish_uplink();
+    }
+
+    fn sent_to_engine(&mut self, permit: Permit<'_, EngineInput>, now: Instant) {
+        let Some(item) = self.uplink.pop() else {
+            return;
+        };
+        self.close_sent |= item == EngineInput::Close;
+        permit.send(item);
+        // The engine took something: a new wait (and stall episode) begins.
+        self.send_waiting_since = None;
+        self.stall_counted = false;
+        self.uplink_changed(now);
+    }
+
+    /// The engine dropped its input: nothing more can reach it.
+    fn engine_refuses(&mut self) {
+        self.engine_accepts = false;
+        while self.uplink.pop().is_some() {}
+        self.send_waiting_since = None;
+        self.publish_uplink();
+    }
+
+    /// Stop, end of input or shutdown: finishes the decoder, queues its last
+    /// PCM and a Close for the engine, and waits for the engine to close.
+    fn begin_close(&mut self, reason: CloseReason, now: Instant) -> Option<Ending> {
+        if self.closing.is_some() {
+            return None;
+        }
+        let mut note = None;
+        if let Some(decoder) = self.decoder.as_mut() {
+            if decoder.stats().bytes_in > 0 {
+                let mut pcm = std::mem::take(&mut self.pcm);
+                let result = decoder.finish(&mut pcm);
+                let decoded_any = decoder.stats().pcm_samples_out > 0;
+                let ending = self.accept_pcm(&pcm, now);
+                pcm.clear();
+                self.pcm = pcm;
+                if ending.is_some() {
+                    return ending;
+                }
+                match result {
+                    Ok(()) => {}
+                    Err(e) if decoded_any => note = Some(e.to_string()),
+                    Err(e) => return Ending::new(CloseReason::BadAudio, e.to_string()),
+                }
+            }
+        }
+        if self.engine_accepts {
+            self.uplink.push_message(EngineInput::Close);
+            self.uplink_changed(now);
+        }
+        self.closing = Some(Closing {
+            reason,
+            note,
+            deadline: after(now, self.limits.close_grace_ms),
+        });
+        None
+    }
+
+    /// The client dropped its output: nothing more can reach it.
+    fn client_gone(&mut self, now: Instant) -> Option<Ending> {
+        self.client_open = false;
+        self.downlink.clear();
+        self.publish_downlink();
+        self.begin_close(CloseReason::ClientStopped, now)
+    }
+
+    fn on_event(&mut self, event: Option<EngineEvent>, now: Instant) -> Option<Ending> {
+        let Some(event) = event else {
+            self.engine_open = false;
+            return match &self.closing {
+                Some(closing) => closing.end(None),
+                None => Ending::new(
+                    CloseReason::EngineError,
+                    "the engine stopped without closing the conversation",
+                ),
+            };
+        };
+        match &event {
+            EngineEvent::Closed => {
+                self.engine_open = false;
+                return match &self.closing {
+                    Some(closing) => closing.end(None),
+                    None => Ending::new(
+                        CloseReason::EngineClosed,
+                        "the engine closed the conversation",
+                    ),
+                };
+            }
+            EngineEvent::SpeechEnded { .. } => self.speech_ended_at = Some(now),
+            EngineEvent::Audio(_) => {
+                if let Some(ended) = self.speech_ended_at.take() {
+                    let ms = now.duration_since(ended).as_millis();
+                    self.latency_ms.push(u64::try_from(ms).unwrap_or(u64::MAX));
+                }
+            }
+            EngineEvent::TurnEnd { .. } => self.turns = self.turns.saturating_add(1),
+            EngineEvent::Usage(delta) => self.usage.add(delta),
+            EngineEvent::Interrupted { .. } => {
+                self.downlink.clear_audio();
+                self.counters.add_interruption();
+                self.publish_downlink();
+            }
+            EngineEvent::Error {
+                kind: ErrorKind::Fatal,
+                message,
+            } => {
+                let message = message.clone();
+                return self
+                    .forward(ClientOutput::Event(event))
+                    .or_else(|| Ending::new(CloseReason::EngineError, message));
+            }
+            _ => {}
+        }
+        self.forward(ClientOutput::Event(event))
+    }
+
+    /// Queues an item for the client; closes a client that lets too much
+    /// pile up.
+    fn forward(&mut self, output: ClientOutput) -> Option<Ending> {
+        if !self.client_open {
+            return None;
+        }
+        self.downlink.push(output);
+        self.publish_downlink();
+        let limit_ms = self.limits.downlink_queue_ms;
+        if self.downlink.queued_ms() > limit_ms {
+            let message = format!(
+                "the client is not reading: {} ms of reply audio waiting (limit {limit_ms} ms)",
+                self.downlink.queued_ms()
+            );
+            return Ending::new(CloseReason::SlowClient, message);
+        }
+        if self.downlink.len() > MAX_DOWNLINK_ITEMS {
+            let message = format!(
+                "the client is not reading: {} messages waiting",
+                self.downlink.len()
+            );
+            return Ending::new(CloseReason::SlowClient, message);
+        }
+        None
+    }
+
+    fn warn(&mut self, code: &'static str, message: String) -> Option<Ending> {
+        self.forward(ClientOutput::Warning { code, message })
+    }
+
+    fn publish_uplink(&self) {
+        self.counters.set_uplink_queued(self.uplink.queued_ms());
+        self.counters.set_uplink_dropped(self.uplink.dropped_ms());
+    }
+
+    fn publish_downlink(&self) {
+        self.counters.set_downlink_queued(self.downlink.queued_ms());
+        self.counters
+            .set_downlink_cleared(self.downlink.cleared_ms());
+        self.counters.set_audio_out(self.downlink.sent_ms());
+    }
+
+    fn summary(&self) -> ConversationSummary {
+        ConversationSummary {
+            turns: self.turns,
+            latency_ms: self.latency_ms.clone(),
+            usage: self.usage,
+            counters: self.counters.snapshot(),
+            decoder: self.decoder.as_ref().map(|d| d.stats().clone()),
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The real local engine end to end: an eSpeak Spanish question with light
+//! noise goes in, a transcript with the question's keywords and a spoken
+//! answer from the knowledge base come out. Needs the speech model
+//! (scripts/install-model) and espeak-ng; without them the tests say so
+//! loudly and skip.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test helper that fails must fail the test"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_present() -> bool {
+    let dir = root().join("models/whisper-base");
+    let ok = [
+        "model.bin",
+        "config.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ]
+    .iter()
+    .all(|f| dir.join(f).is_file());
+    let espeak = Command::new("espeak-ng")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok || !espeak {
+        eprintln!(
+            "\n\n*** SKIPPED: the local engine test needs models/whisper-base (scripts/install-model) \
+             and espeak-ng (apt-get install espeak-ng) ***\n"
+        );
+    }
+    ok && espeak
+}
+
+/// Speaks `text` in Spanish into a 16 kHz WAV with 0.4 s of silence around
+/// it and light white noise.
+fn spoken(text: &str, path: &Path) {
+    let raw = path.with_extension("raw.wav");
+    let status = Command::new("espeak-ng")
+        .args(["-v", "es", "-s", "150", "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let speech = sonora::audio::wav::read(&raw).unwrap();
+    let mut resampler = sonora::audio::StreamResampler::new(speech.rate_hz, 16_000).unwrap();
+    let mut pcm = vec![0i16; 6_400];
+    resampler.push(&speech.samples, &mut pcm);
+    resampler.finish(&mut pcm);
+    pcm.extend(vec![0i16; 6_400]);
+    let mut state = 12_345u64;
+    for s in &mut pcm {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        *s = (i32::from(*s) + ((state >> 33) % 801) as i32 - 400).clamp(-32768, 32767) as i16;
+    }
+    sonora::audio::wav::write_mono(path, 16_000, &pcm).unwrap();
+}
+
+fn talk(args: &[&str]) -> (String, String, bool) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .current_dir(root())
+        .arg("talk")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+fn lowercase_folded(text: &str) -> String {
+    text.to_lowercase()
+        .replace(['á', 'à'], "a")
+        .replace('é', "e")
+        .replace('í', "i")
+        .replace('ó', "o")
+        .replace('ú', "u")
+}
+
+#[test]
+fn talk_answers_a_spoken_spanish_question_from_the_knowledge_base() {
+    if !model_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sonora-talk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let question = dir.join("q.wav");
+    spoken("¿Cuál es el horario de la biblioteca?", &question);
+    let (reply, events) = (dir.join("r.wav"), dir.join("e.jsonl"));
+    let (stdout, stderr, ok) = talk(&[
+        "--input",
+        question.to_str().unwrap(),
+        "--output",
+        reply.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert!(ok, "talk failed: {stderr}\n{stdout}");
+
+    // The last stdout line is the JSON summary.
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["turns"], 1, "{summary}");
+    assert_eq!(summary["cost_micro_usd"], 0);
+    assert_eq!(summary["latency_ms"].as_array().unwrap().len(), 1);
+    assert!(summary["tokens"]["speech_in"].is_u64());
+
+    // Events in order: user transcript, assistant speculative text, audio, final text.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let position = |pred: &dyn Fn(&serde_json::Value) -> bool| lines.iter().position(pred);
+    let user =
+        position(&|e| e["type"] == "transcript" && e["role"] == "user").expect("user transcript");
+    let speculative = position(&|e| {
+        e["type"] == "transcript" && e["role"] == "assistant" && e["stage"] == "speculative"
+    })
+    .expect("assistant speculative text");
+    let audio = position(&|e| e["type"] == "audio").expect("reply audio");
+    let final_text = position(&|e| {
+        e["type"] == "transcript" && e["role"] == "assistant" && e["stage"] == "final"
+    })
+    .expect("assistant final text");
+    assert!(
+        user < speculative && speculative < audio && audio < final_text,
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .windows(2)
+            .all(|w| w[0]["t_ms"].as_u64() <= w[1]["t_ms"].as_u64())
+    );
+
+    let heard = lowercase_folded(lines[user]["text"].as_str().unwrap());
+    assert!(heard.contains("biblioteca"), "heard {heard:?}");
+    let answer = lowercase_folded(lines[final_text]["text"].as_str().unwrap());
+    assert!(answer.contains("biblioteca"), "answered {answer:?}");
+
+    let wav = sonora::audio::wav::read(&reply).unwrap();
+    assert_eq!(wav.rate_hz, 24_000);
+    assert!(
+        wav.duration_ms() > 1_000,
+        "reply of {} ms",
+        wav.duration_ms()
+    );
+    let peak = wav.samples.iter().map(|s| s.unsigned_abs()).max().unwrap();
+    assert!(peak > 1_000, "reply audio is silent");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn talk_uses_another_knowledge_base_and_answers_several_turns() {
+    if !model_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sonora-talk-kb-{}", std::process::id()));
+    let kb = dir.join("kb");
+    std::fs::create_dir_all(&kb).unwrap();
+    std::fs::write(
+        kb.join("faq.md"),
+        "# Ejemplo\n\n## ¿Dónde está el comedor?\nEl comedor universitario está junto al gimnasio.\n\n\
+         ## ¿Qué autobús llega al campus?\nLas líneas de autobús se anuncian en la parada principal.\n\n\
+         ## ¿Cómo me apunto a un equipo deportivo?\nLas inscripciones deportivas se hacen en secretaría.\n",
+    )
+    .unwrap();
+    let question = dir.join("q.wav");
+    spoken("¿Dónde está el comedor universitario?", &question);
+    let one = sonora::audio::wav::read(&question).unwrap();
+    let mut two = one.samples.clone();
+    two.extend(vec![0i16; 16_000]);
+    two.extend(&one.samples);
+    let twice = dir.join("twice.wav");
+    sonora::audio::wav::write_mono(&twice, 16_000, &two).unwrap();
+    let events = dir.join("e.jsonl");
+    let (stdout, stderr, ok) = talk(&[
+        "--knowledge",
+        kb.to_str().unwrap(),
+        "--input",
+        twice.to_str().unwrap(),
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert!(ok, "talk failed: {stderr}\n{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["turns"], 2, "{summary}\n{stdout}");
+    let answers: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["type"] == "transcript" && e["role"] == "assistant" && e["stage"] == "final")
+        .map(|e| lowercase_folded(e["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        answers.iter().all(|a| a.contains("gimnasio")),
+        "{answers:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn talk_without_input_says_what_to_do() {
+    let (_, stderr, ok) = talk(&[]);
+    assert!(!ok);
+    assert!(stderr.contains("--input"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
