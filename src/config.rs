@@ -67,6 +67,14 @@ pub struct LocalConfig {
     pub tts_rate_wpm: u32,
     /// Sample rate of reply audio sent to clients, in hertz.
     pub output_rate_hz: u32,
+    /// OpenAI-compatible chat endpoint answering instead of the knowledge base alone (URL; empty: off).
+    pub chat_url: String,
+    /// Model name sent to the chat endpoint (no unit).
+    pub chat_model: String,
+    /// Bearer key for the chat endpoint; empty sends none. Secret.
+    pub chat_api_key: String,
+    /// Time the chat endpoint has to answer before the knowledge base answers instead, in milliseconds.
+    pub chat_timeout_ms: u32,
 }
 
 impl Default for LocalConfig {
@@ -84,6 +92,10 @@ impl Default for LocalConfig {
             tts_voice: String::new(),
             tts_rate_wpm: 160,
             output_rate_hz: 24_000,
+            chat_url: String::new(),
+            chat_model: String::new(),
+            chat_api_key: String::new(),
+            chat_timeout_ms: 8_000,
         }
     }
 }
@@ -259,7 +271,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 17] = [
+        let ranges: [(&str, u64, u64, u64, &str); 18] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -276,6 +288,7 @@ impl Config {
             ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, 5_000, "ms"),
             ("local.tts_rate_wpm", l.tts_rate_wpm.into(), 80, 450, "words per minute"),
             ("local.output_rate_hz", l.output_rate_hz.into(), 8_000, 48_000, "Hz"),
+            ("local.chat_timeout_ms", l.chat_timeout_ms.into(), 500, 120_000, "ms"),
             ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, l.vad_hangover_ms.into(), "ms (local.vad_hangover_ms)"),
         ];
         for (key, value, min, max, unit) in ranges {
@@ -289,6 +302,10 @@ impl Config {
         if !lang_ok || !(2..=16).contains(&lang.len()) {
             let reason = "must be 2 to 16 ASCII letters, digits or '-', like es or en-US";
             return Err(bad("engine.language", quoted(lang), reason));
+        }
+        if !l.chat_url.is_empty() && l.chat_model.is_empty() {
+            let reason = "must name the model when local.chat_url is set";
+            return Err(bad("local.chat_model", quoted(&l.chat_model), reason));
         }
         if !(0.05..=0.95).contains(&l.vad_threshold) {
             let reason = "must be between 0.05 and 0.95";
@@ -645,7 +662,7 @@ mod tests {
         assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
         assert_eq!(config.audio.decoder_input_cap_bytes, 4 * 1024 * 1024);
         assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-        assert_eq!(keys().len(), 26, "every leaf appears once: {:?}", keys());
+        assert_eq!(keys().len(), 30, "every leaf appears once: {:?}", keys());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! the user talks over the reply, and usage in seconds and characters.
 
 pub mod asr;
+pub mod chat;
 pub mod knowledge;
 pub mod tts;
 pub mod vad;
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::asr::{Asr, AsrConfig};
+use self::chat::{ChatClient, ChatConfig};
 use self::knowledge::{KnowledgeBase, Reply};
 use self::tts::TtsConfig;
 use self::vad::{Segmenter, VadConfig, VadEvent};
@@ -42,6 +44,7 @@ struct Shared {
     knowledge: KnowledgeBase,
     tts: TtsConfig,
     vad: VadConfig,
+    chat: Option<ChatClient>,
     model: String,
 }
 
@@ -59,6 +62,8 @@ pub struct LocalSettings {
     pub asr: AsrConfig,
     pub vad: VadConfig,
     pub tts: TtsConfig,
+    /// An OpenAI-compatible chat endpoint to answer with, if configured.
+    pub chat: Option<ChatConfig>,
 }
 
 impl LocalSettings {
@@ -83,6 +88,13 @@ impl LocalSettings {
                 rate_wpm: config.tts_rate_wpm,
                 output_rate_hz: config.output_rate_hz,
             },
+            chat: (!config.chat_url.is_empty()).then(|| ChatConfig {
+                url: config.chat_url.clone(),
+                model: config.chat_model.clone(),
+                api_key: config.chat_api_key.clone(),
+                timeout: std::time::Duration::from_millis(config.chat_timeout_ms.into()),
+                max_tokens: 200,
+            }),
         }
     }
 }
@@ -92,6 +104,7 @@ impl LocalEngine {
     /// start-up, or on the blocking pool).
     pub fn load(settings: &LocalSettings) -> Result<Self, String> {
         let knowledge = KnowledgeBase::load(&settings.knowledge_dir).map_err(|e| e.to_string())?;
+        let chat = settings.chat.clone().map(ChatClient::new).transpose()?;
         let asr = Asr::load(&settings.model_dir, settings.asr)?;
         let model = settings.model_dir.file_name().map_or_else(
             || "whisper".to_owned(),
@@ -104,6 +117,7 @@ impl LocalEngine {
                 knowledge,
                 tts: settings.tts.clone(),
                 vad: settings.vad,
+                chat,
                 model,
             }),
         })
@@ -205,7 +219,14 @@ struct Conversation {
     reply: Option<ActiveReply>,
     /// When the last finished reply stops playing on the client.
     played_until_ms: u64,
+    history: History,
 }
+
+/// Final user and assistant texts, oldest first, for the chat endpoint.
+type History = Arc<std::sync::Mutex<VecDeque<(Role, String)>>>;
+
+/// Messages of history sent to the chat endpoint.
+const HISTORY_MESSAGES: usize = 12;
 
 impl Conversation {
     fn new(
@@ -229,6 +250,7 @@ impl Conversation {
             queue: VecDeque::new(),
             reply: None,
             played_until_ms: 0,
+            history: History::default(),
         }
     }
 
@@ -402,6 +424,7 @@ impl Conversation {
             events: self.events.clone(),
             clock_ms: Arc::clone(&self.clock_ms),
             progress: Arc::clone(&progress),
+            history: Arc::clone(&self.history),
         };
         let turn_id = turn.id;
         let task = tokio::spawn(job.run(turn));
@@ -456,6 +479,7 @@ struct ReplyJob {
     events: mpsc::Sender<EngineEvent>,
     clock_ms: Arc<AtomicU64>,
     progress: Arc<ReplyProgress>,
+    history: History,
 }
 
 impl ReplyJob {
@@ -490,6 +514,37 @@ impl ReplyJob {
             .map_err(|_| "the conversation ended".to_owned())
     }
 
+    /// The chat endpoint's answer when one is configured and answers in
+    /// time; else (and then with a transient error event) the knowledge base's.
+    async fn answer(&self, heard: &str) -> Result<String, String> {
+        let from_knowledge = || match self.shared.knowledge.answer(heard, &self.language) {
+            Reply::Found(answer) => answer.text,
+            Reply::NotFound { text } => text,
+        };
+        let Some(chat) = &self.shared.chat else {
+            return Ok(from_knowledge());
+        };
+        let history: Vec<(Role, String)> = self
+            .history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
+        match chat
+            .reply(&self.shared.knowledge, &self.language, &history, heard)
+            .await
+        {
+            Ok(text) => Ok(text),
+            Err(message) => {
+                self.send(EngineEvent::Error {
+                    kind: ErrorKind::Transient,
+                    message: format!("{message}; answering from the knowledge base"),
+                })
+                .await?;
+                Ok(from_knowledge())
+            }
+        }
+    }
+
     async fn reply(&self, turn: Turn) -> Result<TurnEndReason, String> {
         let id = turn.id;
         let heard = match turn.input {
@@ -520,10 +575,7 @@ impl ReplyJob {
             turn_id: id,
         })
         .await?;
-        let answer = match self.shared.knowledge.answer(&heard, &self.language) {
-            Reply::Found(answer) => answer.text,
-            Reply::NotFound { text } => text,
-        };
+        let answer = self.answer(&heard).await?;
         self.send(EngineEvent::Transcript {
             role: Role::Assistant,
             text: answer.clone(),
@@ -561,6 +613,13 @@ impl ReplyJob {
             turn_id: id,
         })
         .await?;
+        if let Ok(mut history) = self.history.lock() {
+            history.push_back((Role::User, heard.clone()));
+            history.push_back((Role::Assistant, answer.clone()));
+            while history.len() > HISTORY_MESSAGES {
+                history.pop_front();
+            }
+        }
         self.send(EngineEvent::Usage(UsageDelta {
             audio_out_ms: audio_ms,
             text_in_chars: heard.chars().count() as u64,
