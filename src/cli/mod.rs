@@ -4,6 +4,7 @@ mod bench;
 mod bench_local;
 mod decode;
 mod doctor;
+mod live;
 mod talk;
 
 use std::path::PathBuf;

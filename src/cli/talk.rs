@@ -24,7 +24,7 @@ pub(crate) struct TalkArgs {
     #[arg(long)]
     pub(crate) engine: Option<String>,
     /// WAV file spoken into the conversation (several questions separated by silence are
-    /// several turns).
+    /// several turns). Without it, the default microphone and speakers are used. Without it, the default microphone and speakers are used.
     #[arg(long, value_name = "QUESTION.wav")]
     input: Option<PathBuf>,
     /// Where to write all reply audio.
@@ -73,13 +73,6 @@ const FRAME_SAMPLES: usize = 320;
 const FAST_LOOKAHEAD_MS: u64 = 1_000;
 
 pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
-    let Some(input) = &args.input else {
-        return Err(anyhow!(
-            "no --input given: this build talks through WAV files (--input QUESTION.wav --output REPLY.wav); \
-             live microphone capture is not available here"
-        )
-        .into());
-    };
     if config.engine.kind != EngineKind::Local {
         return Err(anyhow!(
             "engine {:?} is not available in this build; use --engine local",
@@ -87,6 +80,9 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         )
         .into());
     }
+    let Some(input) = &args.input else {
+        return super::live::run(config);
+    };
     let wav = audio::wav::read(input).map_err(|e| anyhow!(e))?;
     let speech = to_16k_mono(&wav)?;
     let settings = LocalSettings::from_config(&config.local);
