@@ -303,6 +303,18 @@ impl Config {
             let reason = "must be 2 to 16 ASCII letters, digits or '-', like es or en-US";
             return Err(bad("engine.language", quoted(lang), reason));
         }
+        // A block or a whole message must fit beside what is already waiting.
+        let needed = block.max(256 * KIB) + s.max_message_bytes as u64;
+        if cap < needed {
+            let reason = format!(
+                "must hold a block (audio.max_block_bytes, or 256 KiB of Tracks) plus one message (server.max_message_bytes): at least {needed} bytes"
+            );
+            return Err(bad(
+                "audio.decoder_input_cap_bytes",
+                cap.to_string(),
+                &reason,
+            ));
+        }
         if !l.chat_url.is_empty() && l.chat_model.is_empty() {
             let reason = "must name the model when local.chat_url is set";
             return Err(bad("local.chat_model", quoted(&l.chat_model), reason));
@@ -732,6 +744,10 @@ mod tests {
             &[cap, ("audio.max_block_bytes", "131072")],
         ));
         assert_eq!(err.key(), Some("audio.max_block_bytes"));
+        // The cap must hold a block plus one whole message.
+        let (err, text) = flag_fail("audio.decoder_input_cap_bytes", "1048576");
+        assert_eq!(err.key(), Some("audio.decoder_input_cap_bytes"), "{text}");
+        assert!(text.contains("at least 1310720 bytes"), "{text}");
         // Values the TOML integer holds but the field type does not.
         let (err, text) = env_fail("SONORA_AUDIO_MAX_BLOCK_BYTES", "-5");
         assert!(matches!(err, ConfigError::Invalid { .. }), "{text}");

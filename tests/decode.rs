@@ -407,6 +407,40 @@ fn absurd_element_sizes_never_allocate() {
     );
 }
 
+/// Lace sizes whose sum overflows a 64-bit integer (each EBML delta adds
+/// 2^55) are corruption, not a panic.
+#[test]
+fn overflowing_ebml_lace_sizes_are_corruption() {
+    let mut stream = webm_with_codec("A_OPUS");
+    let mut block = vec![0x81, 0x00, 0x00, 0x86, 31];
+    for _ in 0..31 {
+        block.extend_from_slice(&[0x01, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+    block.extend_from_slice(&[0xF8, 0xFF, 0xFE]);
+    stream.extend(element(&[0xA3], &block));
+    let (_, result, _) = decode("audio/webm", &[&stream], DecoderLimits::default());
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err, DecodeError::Corrupt { ref reason, .. } if reason.contains("laced")),
+        "{err}"
+    );
+}
+
+/// A block of another track over the block cap (a video keyframe) is
+/// skipped by counting, not buffered and not an error.
+#[test]
+fn big_blocks_of_other_tracks_are_skipped() {
+    let mut stream = webm_with_codec("A_OPUS");
+    let mut video = vec![0x82, 0x00, 0x00, 0x80];
+    video.extend(vec![7u8; 300 * 1024]);
+    stream.extend(element(&[0xA3], &video));
+    let chunks: Vec<&[u8]> = stream.chunks(4096).collect();
+    let (pcm, result, decoder) = decode("video/webm", &chunks, DecoderLimits::default());
+    result.unwrap();
+    assert!(pcm.is_empty());
+    assert!(decoder.stats().pending_bytes_high_water < 8192);
+}
+
 #[test]
 fn input_cap_refuses_a_chunk_and_stays_usable() {
     let limits = DecoderLimits {

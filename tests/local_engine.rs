@@ -218,3 +218,106 @@ fn talk_without_input_says_what_to_do() {
     assert!(stderr.contains("--input"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+/// Speech that starts while the reply is being spoken interrupts it: the
+/// engine says `Interrupted`, ends the turn as interrupted, still reports
+/// the usage of what was said, and answers the new question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaking_over_the_reply_interrupts_it() {
+    use sonora::engine::local::{LocalEngine, LocalSettings};
+    use sonora::engine::{ConversationOptions, Engine, EngineEvent, EngineInput, TurnEndReason};
+
+    if !model_present() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sonora-barge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let question = dir.join("q.wav");
+    spoken("¿Cuál es el horario de la biblioteca?", &question);
+    let speech = sonora::audio::wav::read(&question).unwrap().samples;
+    let config = sonora::config::LocalConfig {
+        model_dir: root().join("models/whisper-base").display().to_string(),
+        knowledge_dir: root().join("knowledge").display().to_string(),
+        ..Default::default()
+    };
+    let engine = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
+    let options = ConversationOptions {
+        language: "es".into(),
+        voice: String::new(),
+    };
+    let mut session = engine.start(options).unwrap();
+
+    let send = |samples: Vec<i16>| {
+        let input = session.input.clone();
+        async move {
+            for frame in samples.chunks(320) {
+                input
+                    .send(EngineInput::Audio(frame.to_vec()))
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let mut first = speech.clone();
+    first.extend(vec![0i16; 16 * 900]);
+    send(first).await;
+    // Wait for the reply to start, then talk over it at once.
+    let mut events = Vec::new();
+    loop {
+        let event = session.events.recv().await.unwrap();
+        let audio = matches!(event, EngineEvent::Audio(_));
+        events.push(event);
+        if audio {
+            break;
+        }
+    }
+    let mut second = speech.clone();
+    second.extend(vec![0i16; 16 * 900]);
+    send(second).await;
+    session.input.send(EngineInput::Close).await.unwrap();
+    while let Some(event) = session.events.recv().await {
+        if event == EngineEvent::Closed {
+            break;
+        }
+        events.push(event);
+    }
+    let interrupted = events
+        .iter()
+        .position(|e| matches!(e, EngineEvent::Interrupted { turn_id: 1 }))
+        .expect("interrupted");
+    let ended = events
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                EngineEvent::TurnEnd {
+                    turn_id: 1,
+                    reason: TurnEndReason::Interrupted
+                }
+            )
+        })
+        .expect("turn 1 ended as interrupted");
+    assert!(interrupted < ended);
+    let usage_out: u64 = events[interrupted..ended]
+        .iter()
+        .filter_map(|e| match e {
+            EngineEvent::Usage(u) => Some(u.audio_out_ms),
+            _ => None,
+        })
+        .sum();
+    assert!(
+        usage_out > 0,
+        "the interrupted reply's audio is still counted"
+    );
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            EngineEvent::TurnEnd {
+                turn_id: 2,
+                reason: TurnEndReason::Completed
+            }
+        )),
+        "the second question is answered: {events:?}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

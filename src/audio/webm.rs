@@ -181,6 +181,19 @@ impl WebmDemuxer {
             let Size::Known(size) = size else {
                 return Err(corrupt(format!("{} of unknown size", element_name(id))));
             };
+            if size > cap && id == SIMPLE_BLOCK && size <= MAX_SKIP_BYTES {
+                // A big block of another track (video) is skipped, not buffered.
+                let Some((track, _)) =
+                    ebml::read_vint(&avail[header_len..]).map_err(|e| corrupt(vint_reason(e)))?
+                else {
+                    return Ok(());
+                };
+                if self.state.track.is_some_and(|ours| ours != track) {
+                    self.pos += header_len;
+                    self.skip = size;
+                    continue;
+                }
+            }
             if size > cap {
                 return Err(corrupt(format!(
                     "{} declares {size} bytes, over the {cap}-byte cap",
@@ -461,12 +474,17 @@ fn read_block(
                     sizes.resize(count - 1, rest.len() / count);
                 }
             }
-            let laced: usize = sizes.iter().sum();
-            if laced > rest.len() {
-                return Err(format!(
-                    "laced frame sizes add up to {laced} bytes, the block holds {}",
-                    rest.len()
-                ));
+            let laced = sizes
+                .iter()
+                .try_fold(0usize, |total, &s| total.checked_add(s));
+            match laced {
+                Some(laced) if laced <= rest.len() => {}
+                _ => {
+                    return Err(format!(
+                        "laced frame sizes add up to more than the {} bytes the block holds",
+                        rest.len()
+                    ));
+                }
             }
             for size in sizes {
                 let (frame, tail) = rest.split_at(size);

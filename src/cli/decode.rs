@@ -64,11 +64,12 @@ impl Recording {
                 let lengths: Vec<usize> = serde_json::from_str(&text).with_context(|| {
                     format!("{}: expected a JSON array of byte lengths", path.display())
                 })?;
-                let total: usize = lengths.iter().sum();
-                if total != bytes.len() {
+                let total = lengths.iter().try_fold(0usize, |t, &n| t.checked_add(n));
+                if total != Some(bytes.len()) {
                     bail!(
-                        "{}: chunk lengths add up to {total} bytes, the input has {}",
+                        "{}: chunk lengths add up to {} bytes, the input has {}",
                         path.display(),
+                        total.map_or_else(|| "more than 2^64".to_owned(), |t| t.to_string()),
                         bytes.len()
                     );
                 }

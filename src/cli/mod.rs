@@ -99,7 +99,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
-                .ok_or_else(|| anyhow::anyhow!("--set {kv:?}: expected KEY=VALUE"))
+                .ok_or_else(|| config::ConfigError::Invalid {
+                    key: kv.clone(),
+                    value: String::new(),
+                    origin: Some("--set".into()),
+                    reason: "expected KEY=VALUE".into(),
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let load = |extra: Vec<(String, String)>| -> Result<Config, Failure> {

@@ -93,7 +93,14 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         .context("cannot start the async runtime")?;
     let summary = runtime.block_on(converse(config, args, &engine, speech))?;
     println!("{summary}");
-    Ok(())
+    match summary["close"].as_str() {
+        Some("client_stopped") => Ok(()),
+        other => Err(anyhow!(
+            "the conversation ended abnormally: {}",
+            other.unwrap_or("unknown")
+        )
+        .into()),
+    }
 }
 
 fn to_16k_mono(wav: &audio::wav::WavAudio) -> anyhow::Result<Vec<i16>> {

@@ -183,6 +183,9 @@ struct ReplyProgress {
     /// Input clock when the first reply frame went out (`u64::MAX`: not yet).
     started_at_ms: AtomicU64,
     audio_ms: AtomicU64,
+    /// What the user said and what is being answered, once known, so an
+    /// interrupted reply still reaches the usage ledger and the history.
+    texts: std::sync::Mutex<Option<(String, String)>>,
 }
 
 impl ReplyProgress {
@@ -219,6 +222,8 @@ struct Conversation {
     reply: Option<ActiveReply>,
     /// When the last finished reply stops playing on the client.
     played_until_ms: u64,
+    /// The turn of that reply.
+    played_turn: u64,
     history: History,
 }
 
@@ -227,6 +232,20 @@ type History = Arc<std::sync::Mutex<VecDeque<(Role, String)>>>;
 
 /// Messages of history sent to the chat endpoint.
 const HISTORY_MESSAGES: usize = 12;
+
+/// Adds one exchange to the history, keeping the last messages.
+fn remember(history: &History, heard: &str, answer: &str) {
+    if heard.is_empty() && answer.is_empty() {
+        return;
+    }
+    if let Ok(mut history) = history.lock() {
+        history.push_back((Role::User, heard.to_owned()));
+        history.push_back((Role::Assistant, answer.to_owned()));
+        while history.len() > HISTORY_MESSAGES {
+            history.pop_front();
+        }
+    }
+}
 
 impl Conversation {
     fn new(
@@ -250,6 +269,7 @@ impl Conversation {
             queue: VecDeque::new(),
             reply: None,
             played_until_ms: 0,
+            played_turn: 0,
             history: History::default(),
         }
     }
@@ -295,7 +315,7 @@ impl Conversation {
                 },
                 () = wait_reply(&mut self.reply) => {
                     if let Some(done) = self.reply.take() {
-                        self.played_until_ms = done.progress.playing_until_ms().unwrap_or(0);
+                        self.finished(&done);
                     }
                 }
             }
@@ -308,6 +328,12 @@ impl Conversation {
         }
         self.report_input_usage().await;
         self.emit(EngineEvent::Closed).await;
+    }
+
+    /// A reply task ended on its own: its audio may still be playing.
+    fn finished(&mut self, done: &ActiveReply) {
+        self.played_until_ms = done.progress.playing_until_ms().unwrap_or(0);
+        self.played_turn = done.turn_id;
     }
 
     fn take_turn_id(&mut self) -> u64 {
@@ -380,16 +406,35 @@ impl Conversation {
     /// playing on the client, it is cut off.
     async fn barge_in(&mut self) {
         let now = self.clock_ms.load(Ordering::Acquire);
-        let active = self.reply.as_ref().and_then(|r| {
-            r.progress
-                .playing_until_ms()
-                .map(|until| (r.turn_id, until))
-        });
-        if let Some((turn_id, _)) = active {
-            if let Some(reply) = self.reply.take() {
-                reply.task.abort();
+        // A reply task that already finished (its TurnEnd is out) is only
+        // still playing; collect it as such.
+        if self.reply.as_ref().is_some_and(|r| r.task.is_finished()) {
+            if let Some(done) = self.reply.take() {
+                self.finished(&done);
             }
+        }
+        let speaking = self
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.progress.playing_until_ms().is_some());
+        if speaking {
+            let Some(reply) = self.reply.take() else {
+                return;
+            };
+            reply.task.abort();
+            let turn_id = reply.turn_id;
             self.emit(EngineEvent::Interrupted { turn_id }).await;
+            // What was already said still counts, and stays in the history.
+            let texts = reply.progress.texts.lock().ok().and_then(|mut t| t.take());
+            let (heard, answer) = texts.unwrap_or_default();
+            remember(&self.history, &heard, &answer);
+            let usage = UsageDelta {
+                audio_out_ms: reply.progress.audio_ms.load(Ordering::Acquire),
+                text_in_chars: heard.chars().count() as u64,
+                text_out_chars: answer.chars().count() as u64,
+                ..UsageDelta::default()
+            };
+            self.emit(EngineEvent::Usage(usage)).await;
             self.emit(EngineEvent::TurnEnd {
                 turn_id,
                 reason: TurnEndReason::Interrupted,
@@ -397,7 +442,7 @@ impl Conversation {
             .await;
         } else if now < self.played_until_ms {
             self.played_until_ms = 0;
-            let turn_id = self.next_turn.saturating_sub(1);
+            let turn_id = self.played_turn;
             self.emit(EngineEvent::Interrupted { turn_id }).await;
         }
     }
@@ -416,6 +461,7 @@ impl Conversation {
         let progress = Arc::new(ReplyProgress {
             started_at_ms: AtomicU64::new(u64::MAX),
             audio_ms: AtomicU64::new(0),
+            texts: std::sync::Mutex::new(None),
         });
         let job = ReplyJob {
             shared: Arc::clone(&self.shared),
@@ -584,6 +630,9 @@ impl ReplyJob {
         })
         .await?;
 
+        if let Ok(mut texts) = self.progress.texts.lock() {
+            *texts = Some((heard.clone(), answer.clone()));
+        }
         let rate_hz = self.shared.tts.output_rate_hz;
         let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<i16>>(8);
         let tts = self.shared.tts.clone();
@@ -613,12 +662,15 @@ impl ReplyJob {
             turn_id: id,
         })
         .await?;
-        if let Ok(mut history) = self.history.lock() {
-            history.push_back((Role::User, heard.clone()));
-            history.push_back((Role::Assistant, answer.clone()));
-            while history.len() > HISTORY_MESSAGES {
-                history.pop_front();
-            }
+        if self
+            .progress
+            .texts
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .is_some()
+        {
+            remember(&self.history, &heard, &answer);
         }
         self.send(EngineEvent::Usage(UsageDelta {
             audio_out_ms: audio_ms,

@@ -69,7 +69,8 @@ pub async fn speak(
         .args(["-v", voice, "-s", &config.rate_wpm.to_string(), "--stdout"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Warnings on stderr could fill a pipe nobody reads and stall it.
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
@@ -143,11 +144,7 @@ pub async fn speak(
     let _ = writer.await;
     let status = child.wait().await.map_err(|e| format!("espeak-ng: {e}"))?;
     if !status.success() {
-        let mut err = String::new();
-        if let Some(mut stderr) = child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err).await;
-        }
-        return Err(format!("espeak-ng failed ({status}): {}", err.trim()));
+        return Err(format!("espeak-ng failed ({status}) for voice {voice:?}"));
     }
     Ok(produced)
 }
