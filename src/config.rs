@@ -87,7 +87,7 @@ impl Default for LocalConfig {
             vad_threshold: 0.5,
             vad_hangover_ms: 600,
             vad_preroll_ms: 150,
-            vad_pause_ms: 200,
+            vad_pause_ms: 150,
             tts_program: "espeak-ng".to_owned(),
             tts_voice: String::new(),
             tts_rate_wpm: 160,

@@ -205,8 +205,9 @@ async fn time_tts(config: &tts::TtsConfig, text: &str) -> anyhow::Result<(f64, f
     ))
 }
 
-/// One question through a fresh conversation, fed as fast as the engine takes
-/// it, then trailing silence; returns end-of-speech → first reply audio.
+/// One question through a fresh conversation, streamed in real time as a
+/// microphone would (so the end-of-speech hangover takes its real time),
+/// then trailing silence; returns end-of-speech → first reply audio.
 async fn one_turn(
     engine: &LocalEngine,
     config: &Config,
@@ -222,12 +223,20 @@ async fn one_turn(
         0,
         16 * (config.local.vad_hangover_ms as usize + 600),
     ));
-    for frame in feed.chunks(320) {
-        session
-            .input
-            .send(EngineInput::Audio(frame.to_vec()))
-            .await?;
-    }
+    let input = session.input.clone();
+    let feeder = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
+        for frame in feed.chunks(320) {
+            pace.tick().await;
+            if input
+                .send(EngineInput::Audio(frame.to_vec()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
     let mut ended_at = None;
     let mut timing = TurnTiming::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
@@ -256,6 +265,7 @@ async fn one_turn(
             _ => {}
         }
     }
+    feeder.abort();
     let _ = session.input.send(EngineInput::Close).await;
     while let Some(event) = session.events.recv().await {
         if event == EngineEvent::Closed {

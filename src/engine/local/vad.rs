@@ -39,7 +39,7 @@ impl Default for VadConfig {
             hangover_ms: 600,
             preroll_ms: 150,
             onset_ms: 64,
-            pause_ms: 200,
+            pause_ms: 150,
             max_segment_ms: 25_000,
         }
     }
