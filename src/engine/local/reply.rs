@@ -1,0 +1,267 @@
+//! One reply of the local engine: recognise the user's turn (unless it was
+//! typed), answer it from the chat endpoint or the knowledge base, speak it,
+//! and report what was heard, said and used.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::knowledge::Reply;
+use super::{Shared, tts};
+use crate::engine::{EngineEvent, ErrorKind, Pcm, Role, Stage, TurnEndReason};
+use crate::usage::UsageDelta;
+
+/// Recognition started before the end of the turn; `None` when it was
+/// skipped as stale.
+pub(super) type EarlyRecognition = JoinHandle<Result<Option<String>, String>>;
+
+/// A user turn waiting for its reply.
+#[derive(Debug)]
+pub(super) struct Turn {
+    pub(super) id: u64,
+    pub(super) input: TurnInput,
+}
+
+#[derive(Debug)]
+pub(super) enum TurnInput {
+    /// Speech, with recognition possibly already started on it.
+    Speech {
+        audio: Vec<i16>,
+        early: Option<EarlyRecognition>,
+    },
+    Text(String),
+}
+
+/// How far the reply being spoken has got, on the input audio clock: the
+/// client streams its microphone continuously, so input time is the
+/// client's time, and the reply is "playing" until its length has passed.
+#[derive(Debug)]
+pub(super) struct ReplyProgress {
+    /// Input clock when the first reply frame went out (`u64::MAX`: not yet).
+    pub(super) started_at_ms: AtomicU64,
+    pub(super) audio_ms: AtomicU64,
+    /// What the user said and what is being answered, once known, so an
+    /// interrupted reply still reaches the usage ledger and the history.
+    pub(super) texts: std::sync::Mutex<Option<(String, String)>>,
+}
+
+impl ReplyProgress {
+    pub(super) fn playing_until_ms(&self) -> Option<u64> {
+        let start = self.started_at_ms.load(Ordering::Acquire);
+        (start != u64::MAX).then(|| start + self.audio_ms.load(Ordering::Acquire))
+    }
+}
+
+/// Final user and assistant texts, oldest first, for the chat endpoint.
+pub(super) type History = Arc<std::sync::Mutex<VecDeque<(Role, String)>>>;
+
+/// Messages of history sent to the chat endpoint.
+const HISTORY_MESSAGES: usize = 12;
+
+/// Adds one exchange to the history, keeping the last messages.
+pub(super) fn remember(history: &History, heard: &str, answer: &str) {
+    if heard.is_empty() && answer.is_empty() {
+        return;
+    }
+    if let Ok(mut history) = history.lock() {
+        history.push_back((Role::User, heard.to_owned()));
+        history.push_back((Role::Assistant, answer.to_owned()));
+        while history.len() > HISTORY_MESSAGES {
+            history.pop_front();
+        }
+    }
+}
+
+/// Runs recognition on the blocking pool, one at a time per engine. With a
+/// `wanted` generation, the job is skipped (`Ok(None)`) if the generation
+/// moved on while it waited for its turn.
+pub(super) async fn recognise(
+    shared: Arc<Shared>,
+    audio: Vec<i16>,
+    language: String,
+    wanted: Option<(Arc<AtomicU64>, u64)>,
+) -> Result<Option<String>, String> {
+    tokio::task::spawn_blocking(move || {
+        let _turn = shared
+            .asr_gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((current, generation)) = wanted {
+            if current.load(Ordering::Acquire) != generation {
+                return Ok(None);
+            }
+        }
+        shared.asr.transcribe(&audio, &language).map(Some)
+    })
+    .await
+    .map_err(|e| format!("speech recognition stopped: {e}"))?
+}
+
+/// One reply: recognise (unless typed), answer, speak.
+pub(super) struct ReplyJob {
+    pub(super) shared: Arc<Shared>,
+    pub(super) language: String,
+    pub(super) voice: String,
+    pub(super) events: mpsc::Sender<EngineEvent>,
+    pub(super) clock_ms: Arc<AtomicU64>,
+    pub(super) progress: Arc<ReplyProgress>,
+    pub(super) history: History,
+}
+
+impl ReplyJob {
+    pub(super) async fn run(self, turn: Turn) {
+        let id = turn.id;
+        let reason = match self.reply(turn).await {
+            Ok(reason) => reason,
+            Err(message) => {
+                let _ = self
+                    .events
+                    .send(EngineEvent::Error {
+                        kind: ErrorKind::Transient,
+                        message,
+                    })
+                    .await;
+                TurnEndReason::Error
+            }
+        };
+        let _ = self
+            .events
+            .send(EngineEvent::TurnEnd {
+                turn_id: id,
+                reason,
+            })
+            .await;
+    }
+
+    async fn send(&self, event: EngineEvent) -> Result<(), String> {
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| "the conversation ended".to_owned())
+    }
+
+    /// The chat endpoint's answer when one is configured and answers in
+    /// time; else (and then with a transient error event) the knowledge base's.
+    async fn answer(&self, heard: &str) -> Result<String, String> {
+        let from_knowledge = || match self.shared.knowledge.answer(heard, &self.language) {
+            Reply::Found(answer) => answer.text,
+            Reply::NotFound { text } => text,
+        };
+        let Some(chat) = &self.shared.chat else {
+            return Ok(from_knowledge());
+        };
+        let history: Vec<(Role, String)> = self
+            .history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
+        match chat
+            .reply(&self.shared.knowledge, &self.language, &history, heard)
+            .await
+        {
+            Ok(text) => Ok(text),
+            Err(message) => {
+                self.send(EngineEvent::Error {
+                    kind: ErrorKind::Transient,
+                    message: format!("{message}; answering from the knowledge base"),
+                })
+                .await?;
+                Ok(from_knowledge())
+            }
+        }
+    }
+
+    async fn reply(&self, turn: Turn) -> Result<TurnEndReason, String> {
+        let id = turn.id;
+        let heard = match turn.input {
+            TurnInput::Text(text) => text,
+            TurnInput::Speech { audio, early } => {
+                let early = match early {
+                    Some(task) => task
+                        .await
+                        .map_err(|e| format!("speech recognition stopped: {e}"))??,
+                    None => None,
+                };
+                match early {
+                    Some(text) => text,
+                    None => recognise(Arc::clone(&self.shared), audio, self.language.clone(), None)
+                        .await?
+                        .unwrap_or_default(),
+                }
+            }
+        };
+        let heard = heard.trim().to_owned();
+        if !heard.chars().any(char::is_alphanumeric) {
+            return Ok(TurnEndReason::Empty);
+        }
+        self.send(EngineEvent::Transcript {
+            role: Role::User,
+            text: heard.clone(),
+            stage: Stage::Final,
+            turn_id: id,
+        })
+        .await?;
+        let answer = self.answer(&heard).await?;
+        self.send(EngineEvent::Transcript {
+            role: Role::Assistant,
+            text: answer.clone(),
+            stage: Stage::Speculative,
+            turn_id: id,
+        })
+        .await?;
+
+        if let Ok(mut texts) = self.progress.texts.lock() {
+            *texts = Some((heard.clone(), answer.clone()));
+        }
+        let rate_hz = self.shared.tts.output_rate_hz;
+        let (frames_tx, mut frames_rx) = mpsc::channel::<Vec<i16>>(8);
+        let tts = self.shared.tts.clone();
+        let voice = self.voice.clone();
+        let text = answer.clone();
+        let speaking =
+            tokio::spawn(async move { tts::speak(&tts, &voice, &text, &frames_tx).await });
+        let mut audio_ms = 0u64;
+        while let Some(samples) = frames_rx.recv().await {
+            if audio_ms == 0 {
+                self.progress
+                    .started_at_ms
+                    .store(self.clock_ms.load(Ordering::Acquire), Ordering::Release);
+            }
+            audio_ms += samples.len() as u64 * 1000 / u64::from(rate_hz);
+            self.progress.audio_ms.store(audio_ms, Ordering::Release);
+            self.send(EngineEvent::Audio(Pcm { rate_hz, samples }))
+                .await?;
+        }
+        speaking
+            .await
+            .map_err(|e| format!("speech synthesis stopped: {e}"))??;
+        self.send(EngineEvent::Transcript {
+            role: Role::Assistant,
+            text: answer.clone(),
+            stage: Stage::Final,
+            turn_id: id,
+        })
+        .await?;
+        if self
+            .progress
+            .texts
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .is_some()
+        {
+            remember(&self.history, &heard, &answer);
+        }
+        self.send(EngineEvent::Usage(UsageDelta {
+            audio_out_ms: audio_ms,
+            text_in_chars: heard.chars().count() as u64,
+            text_out_chars: answer.chars().count() as u64,
+            ..UsageDelta::default()
+        }))
+        .await?;
+        Ok(TurnEndReason::Completed)
+    }
+}
