@@ -28,6 +28,9 @@ const FUZZY_MIN_CHARS: usize = 5;
 /// Lowest BM25 score that [`KnowledgeBase::answer`] accepts as an answer.
 pub const MIN_SCORE: f32 = 1.5;
 
+/// Share of the question's content words the best entry must match.
+pub const MIN_COVERAGE: f32 = 0.4;
+
 /// Spanish function words and conversational fillers, without accents
 /// (tokens are folded before the look-up).
 const STOP_ES: &str = "a al algo alguien algun alguna alguno algunos alli ante aqui asi aunque \
@@ -310,8 +313,18 @@ impl KnowledgeBase {
             .filter(|(_, weight)| *weight >= 1.0)
             .count()
             .max(1);
+        // Content words of the question, known to the base or not: an entry
+        // that explains only one of several (`¿qué tiempo hará mañana?`
+        // matching only `tiempo`) is not an answer to it.
+        let mut content = tokenize(query);
+        content.sort_unstable();
+        content.dedup();
+        let covers = |matched: usize| matched as f32 >= MIN_COVERAGE * content.len() as f32;
         let runner_up = ranked.get(1).map_or(0.0, |r| r.1);
         match ranked.first() {
+            Some(&(_, _, matched)) if !covers(matched) => Reply::NotFound {
+                text: self.not_found_text(language),
+            },
             Some(&(index, score, matched)) if matched > 0 && score >= MIN_SCORE => {
                 Reply::Found(self.make_answer(index, score))
             }
@@ -768,6 +781,48 @@ mod tests {
         );
         assert_eq!(kb.near_term("futbol"), None);
         assert_eq!(kb.near_term("pase"), None);
+    }
+
+    /// One distinctive word is not enough when the question is about
+    /// something else.
+    #[test]
+    fn a_single_shared_word_does_not_make_an_answer() {
+        let kb = example();
+        for query in [
+            "que tiempo hara manana",
+            "a que hora juega el real madrid",
+            "quiero comprar un libro de cocina",
+        ] {
+            assert!(
+                matches!(kb.answer(query, "es"), Reply::NotFound { .. }),
+                "{query}"
+            );
+        }
+    }
+
+    /// What Whisper base actually heard from eSpeak questions (rough, but
+    /// still about the right topic) is answered.
+    #[test]
+    fn rough_recognised_questions_are_answered() {
+        let kb = example();
+        for (heard, topic) in [
+            ("Como podemos renovar un libro prestado.", "renov"),
+            ("¿Cuál es el olyón de la biblioteca?", "biblioteca"),
+            (
+                "Olíne la contraseña del portal del estudiante, que hago.",
+                "contraseña",
+            ),
+            ("Donde pimo a constancia me estúlios.", "constancia"),
+            ("¿Cómo tengo el carne de estudiante?", "carn"),
+            ("que macumentos necesito para la matrícula.", "matr"),
+        ] {
+            let Reply::Found(answer) = kb.answer(heard, "es") else {
+                panic!("not found: {heard}");
+            };
+            let entry = &kb.entries()[answer.entry_index];
+            let text = format!("{} {}", entry.question, entry.answer).to_lowercase();
+            assert!(text.contains(topic), "{heard} -> {}", entry.question);
+        }
     }
 
     #[test]
