@@ -5,7 +5,7 @@
 //! - [`audio`]: `StreamDecoder` (sniff, WebM/Ogg demux, Opus decode, PCM resampling), WAV files.
 //! - [`engine`]: the `Engine` trait, `EngineInput` / `EngineEvent`, and the engines.
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
-//! - [`usage`]: usage deltas per modality and direction, cost in micro-dollars.
+//! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
 //! - [`cli`]: the `sonora` subcommands (`talk`, `decode`, `bench`, `doctor`, `config`).
 //!
 //! Planned beside them: `store` (the ledger) and `server` (the web gateway).
