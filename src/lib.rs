@@ -6,13 +6,15 @@
 //! - [`engine`]: the `Engine` trait, `EngineInput` / `EngineEvent`, and the engines.
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
-//! - [`cli`]: the `sonora` subcommands (`talk`, `decode`, `bench`, `doctor`, `config`).
+//! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
+//! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
-//! Planned beside them: `store` (the ledger) and `server` (the web gateway).
+//! Planned beside them: `store` (the ledger).
 
 pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod server;
 pub mod session;
 pub mod usage;

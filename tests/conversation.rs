@@ -208,12 +208,22 @@ async fn a_full_turn_reaches_the_client_with_its_latency() {
         sleep(Duration::from_millis(40)).await;
     }
     let mut seen = Vec::new();
+    let mut latency_seen = false;
     while seen.last() != Some(&turn[6]) {
         match handle.output.recv().await.unwrap() {
             ClientOutput::Event(event) => seen.push(event),
+            // The latency comes right before the first reply audio.
+            ClientOutput::Latency {
+                turn_id: 1,
+                ms: 300,
+            } => {
+                assert_eq!(seen.len(), 2, "{seen:?}");
+                latency_seen = true;
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
+    assert!(latency_seen);
     assert_eq!(seen, turn);
     send(&handle, ClientInput::Stop).await;
     let (rest, reason, message, summary) = read_to_end(&mut handle).await;
@@ -431,7 +441,10 @@ async fn a_client_that_does_not_read_is_closed_with_bounded_memory() {
     );
     assert_eq!(
         outputs,
-        [ClientOutput::Event(EngineEvent::SpeechEnded { turn_id: 1 })]
+        [
+            ClientOutput::Event(EngineEvent::SpeechEnded { turn_id: 1 }),
+            ClientOutput::Latency { turn_id: 1, ms: 0 }
+        ]
     );
     let counters = &summary.counters;
     assert!(

@@ -9,62 +9,11 @@
     reason = "a test helper that fails must fail the test"
 )]
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn model_present() -> bool {
-    let dir = root().join("models/whisper-base");
-    let ok = [
-        "model.bin",
-        "config.json",
-        "tokenizer.json",
-        "preprocessor_config.json",
-    ]
-    .iter()
-    .all(|f| dir.join(f).is_file());
-    let espeak = Command::new("espeak-ng")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok || !espeak {
-        eprintln!(
-            "\n\n*** SKIPPED: the local engine test needs models/whisper-base (scripts/install-model) \
-             and espeak-ng (apt-get install espeak-ng) ***\n"
-        );
-    }
-    ok && espeak
-}
-
-/// Speaks `text` in Spanish into a 16 kHz WAV with 0.4 s of silence around
-/// it and light white noise.
-fn spoken(text: &str, path: &Path) {
-    let raw = path.with_extension("raw.wav");
-    let status = Command::new("espeak-ng")
-        .args(["-v", "es", "-s", "150", "-w"])
-        .arg(&raw)
-        .arg(text)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let speech = sonora::audio::wav::read(&raw).unwrap();
-    let mut resampler = sonora::audio::StreamResampler::new(speech.rate_hz, 16_000).unwrap();
-    let mut pcm = vec![0i16; 6_400];
-    resampler.push(&speech.samples, &mut pcm);
-    resampler.finish(&mut pcm);
-    pcm.extend(vec![0i16; 6_400]);
-    let mut state = 12_345u64;
-    for s in &mut pcm {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1);
-        *s = (i32::from(*s) + ((state >> 33) % 801) as i32 - 400).clamp(-32768, 32767) as i16;
-    }
-    sonora::audio::wav::write_mono(path, 16_000, &pcm).unwrap();
-}
+use common::{model_present, root, spoken};
 
 fn talk(args: &[&str]) -> (String, String, bool) {
     let out = Command::new(env!("CARGO_BIN_EXE_sonora"))
@@ -245,10 +194,21 @@ async fn speaking_over_the_reply_interrupts_it() {
         language: "es".into(),
         voice: String::new(),
     };
-    let mut session = engine.start(options).unwrap();
-
+    let session = engine.start(options).unwrap();
+    // A client reads events while it speaks: the engine's event channel is
+    // bounded, and a reader that stops would stall the engine by design.
+    let input = session.input;
+    let mut engine_events = session.events;
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = engine_events.recv().await {
+            if seen_tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
     let send = |samples: Vec<i16>| {
-        let input = session.input.clone();
+        let input = input.clone();
         async move {
             for frame in samples.chunks(320) {
                 input
@@ -258,47 +218,60 @@ async fn speaking_over_the_reply_interrupts_it() {
             }
         }
     };
-    let mut first = speech.clone();
-    first.extend(vec![0i16; 16 * 900]);
-    send(first).await;
-    // Wait for the reply to start, then talk over it at once.
-    let mut events = Vec::new();
-    loop {
-        let event = session.events.recv().await.unwrap();
-        let audio = matches!(event, EngineEvent::Audio(_));
-        events.push(event);
-        if audio {
-            break;
+    let guard = std::time::Duration::from_secs(300);
+    let conversation = async {
+        let mut first = speech.clone();
+        first.extend(vec![0i16; 16 * 900]);
+        send(first).await;
+        // Wait for the reply to start, then talk over it at once.
+        let mut events = Vec::new();
+        loop {
+            let event = seen
+                .recv()
+                .await
+                .expect("the engine closed before replying");
+            let audio = matches!(event, EngineEvent::Audio(_));
+            events.push(event);
+            if audio {
+                break;
+            }
         }
-    }
-    let mut second = speech.clone();
-    second.extend(vec![0i16; 16 * 900]);
-    send(second).await;
-    session.input.send(EngineInput::Close).await.unwrap();
-    while let Some(event) = session.events.recv().await {
-        if event == EngineEvent::Closed {
-            break;
+        let mut second = speech.clone();
+        second.extend(vec![0i16; 16 * 900]);
+        send(second).await;
+        input.send(EngineInput::Close).await.unwrap();
+        while let Some(event) = seen.recv().await {
+            if event == EngineEvent::Closed {
+                break;
+            }
+            events.push(event);
         }
-        events.push(event);
-    }
+        events
+    };
+    let events = tokio::time::timeout(guard, conversation)
+        .await
+        .expect("the conversation finished within the hang guard");
     let interrupted = events
         .iter()
         .position(|e| matches!(e, EngineEvent::Interrupted { turn_id: 1 }))
         .expect("interrupted");
-    let ended = events
+    // Either the reply was still being made (its turn ends as interrupted,
+    // after `Interrupted`), or it was made and only still playing (its turn
+    // ended as completed, before `Interrupted`).
+    let (ended, reason) = events
         .iter()
-        .position(|e| {
-            matches!(
-                e,
-                EngineEvent::TurnEnd {
-                    turn_id: 1,
-                    reason: TurnEndReason::Interrupted
-                }
-            )
+        .enumerate()
+        .find_map(|(i, e)| match e {
+            EngineEvent::TurnEnd { turn_id: 1, reason } => Some((i, *reason)),
+            _ => None,
         })
-        .expect("turn 1 ended as interrupted");
-    assert!(interrupted < ended);
-    let usage_out: u64 = events[interrupted..ended]
+        .expect("turn 1 ended");
+    match reason {
+        TurnEndReason::Interrupted => assert!(interrupted < ended),
+        TurnEndReason::Completed => assert!(ended < interrupted),
+        other => panic!("turn 1 ended as {other:?}"),
+    }
+    let usage_out: u64 = events[..interrupted.max(ended)]
         .iter()
         .filter_map(|e| match e {
             EngineEvent::Usage(u) => Some(u.audio_out_ms),

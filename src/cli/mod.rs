@@ -5,6 +5,7 @@ mod bench_local;
 mod decode;
 mod doctor;
 mod live;
+mod serve;
 mod talk;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the web UI and the conversation socket (open http://127.0.0.1:8080).
+    Serve(serve::ServeArgs),
     /// Decode a recorded browser stream (WebM/Ogg Opus, PCM, WAV) to a 16 kHz mono WAV,
     /// feeding it through the streaming decoder piece by piece.
     Decode(decode::DecodeArgs),
@@ -118,6 +121,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         })?)
     };
     match cli.command {
+        Command::Serve(args) => serve::run(&load(args.overrides())?, &args),
         Command::Decode(args) => decode::run(&load(Vec::new())?, &args),
         Command::Talk(args) => talk::run(&load(args.overrides())?, &args),
         Command::Doctor => doctor::run(&load(Vec::new())?),

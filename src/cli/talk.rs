@@ -24,7 +24,7 @@ pub(crate) struct TalkArgs {
     #[arg(long)]
     pub(crate) engine: Option<String>,
     /// WAV file spoken into the conversation (several questions separated by silence are
-    /// several turns). Without it, the default microphone and speakers are used. Without it, the default microphone and speakers are used.
+    /// several turns). Without it, the default microphone and speakers are used.
     #[arg(long, value_name = "QUESTION.wav")]
     input: Option<PathBuf>,
     /// Where to write all reply audio.
@@ -171,6 +171,12 @@ async fn converse(
                         }
                         if let Some(file) = events_file.as_mut() {
                             writeln!(file, "{}", event_line(t_ms, &event))?;
+                        }
+                    }
+                    ClientOutput::Latency { turn_id, ms } => {
+                        if let Some(file) = events_file.as_mut() {
+                            let line = serde_json::json!({"t_ms": t_ms, "type": "latency", "turn_id": turn_id, "ms": ms});
+                            writeln!(file, "{line}")?;
                         }
                     }
                     ClientOutput::Warning { code, message } => {

@@ -153,6 +153,13 @@ pub struct ServerConfig {
     pub idle_timeout_ms: u32,
     /// Accepted client tokens, a list of strings; empty disables auth. Secret.
     pub auth_tokens: Vec<String>,
+    /// Browser origins allowed on `/ws` besides the server's own, e.g.
+    /// `["https://ayuda.example.edu"]`; `["*"]` allows any.
+    pub allowed_origins: Vec<String>,
+    /// Longest wait for one write to a client before it is dropped, in milliseconds.
+    pub write_timeout_ms: u32,
+    /// On SIGINT/SIGTERM, how long conversations get to close, in milliseconds.
+    pub shutdown_grace_ms: u32,
 }
 
 impl Default for Config {
@@ -198,6 +205,9 @@ impl Default for ServerConfig {
             hello_timeout_ms: 5_000,
             idle_timeout_ms: 120_000,
             auth_tokens: Vec::new(),
+            allowed_origins: Vec::new(),
+            write_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -271,7 +281,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 18] = [
+        let ranges: [(&str, u64, u64, u64, &str); 20] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -281,6 +291,8 @@ impl Config {
             ("server.max_message_bytes", s.max_message_bytes as u64, KIB, 16 * MIB, "bytes"),
             ("server.hello_timeout_ms", s.hello_timeout_ms.into(), 100, 60_000, "ms"),
             ("server.idle_timeout_ms", s.idle_timeout_ms.into(), 1_000, 3_600_000, "ms"),
+            ("server.write_timeout_ms", s.write_timeout_ms.into(), 100, 600_000, "ms"),
+            ("server.shutdown_grace_ms", s.shutdown_grace_ms.into(), 0, 600_000, "ms"),
             ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
             ("local.asr_threads", l.asr_threads.into(), 0, 256, "threads"),
             ("local.vad_hangover_ms", l.vad_hangover_ms.into(), 100, 5_000, "ms"),
@@ -326,6 +338,15 @@ impl Config {
                 l.vad_threshold.to_string(),
                 reason,
             ));
+        }
+        if let Some(origin) = s
+            .allowed_origins
+            .iter()
+            .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+        {
+            let reason =
+                "origins are \"*\" or scheme://host[:port], e.g. https://ayuda.example.edu";
+            return Err(bad("server.allowed_origins", quoted(origin), reason));
         }
         if s.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             let shown = Value::from(vec![REDACTED; s.auth_tokens.len()]).to_string();

@@ -137,6 +137,27 @@ pub enum EngineEvent {
 }
 
 /// Per-conversation choices an engine honours where it can.
+/// A voice an engine offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Voice {
+    /// What `ConversationOptions::voice` takes.
+    pub id: String,
+    /// A human name for menus.
+    pub label: String,
+    /// The language it speaks best, as a BCP 47 tag.
+    pub language: String,
+}
+
+impl Voice {
+    pub fn new(id: &str, label: &str, language: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            label: label.to_owned(),
+            language: language.to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationOptions {
     /// BCP-47 language, e.g. `es` or `en-US`.
@@ -175,5 +196,9 @@ impl EngineSession {
 pub trait Engine: Send + Sync {
     /// Short name: `local`, `nova-sonic`.
     fn name(&self) -> &'static str;
+    /// The voices a conversation may ask for; empty when any name goes.
+    fn voices(&self) -> Vec<Voice> {
+        Vec::new()
+    }
     fn start(&self, options: ConversationOptions) -> Result<EngineSession, String>;
 }

@@ -322,13 +322,17 @@ impl Runner {
         let mut turn_id = 0;
         while self.inbox.take_audio(turn_ms * INPUT_SAMPLES_PER_MS).await {
             turn_id += 1;
-            let mut events = vec![EngineEvent::SpeechEnded { turn_id }];
-            events.extend(reply.iter().cloned().map(EngineEvent::Audio));
-            events.push(EngineEvent::TurnEnd {
-                turn_id,
-                reason: TurnEndReason::Completed,
-            });
-            events.push(EngineEvent::Usage(usage));
+            // One event at a time: a long reply is not copied up front.
+            let audio = reply.iter().cloned().map(EngineEvent::Audio);
+            let events = std::iter::once(EngineEvent::SpeechEnded { turn_id })
+                .chain(audio)
+                .chain([
+                    EngineEvent::TurnEnd {
+                        turn_id,
+                        reason: TurnEndReason::Completed,
+                    },
+                    EngineEvent::Usage(usage),
+                ]);
             for event in events {
                 if !self.emit(event).await {
                     return;

@@ -19,6 +19,10 @@ pub struct Counters {
     audio_out_ms: AtomicU64,
     chunks_refused: AtomicU64,
     interruptions: AtomicU64,
+    decoder_bytes_in: AtomicU64,
+    decoder_bytes_refused: AtomicU64,
+    packets_decoded: AtomicU64,
+    packets_concealed: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -46,6 +50,14 @@ pub struct CountersSnapshot {
     pub chunks_refused: u64,
     /// Barge-ins (`Interrupted` events).
     pub interruptions: u64,
+    /// Compressed bytes the decoder took.
+    pub decoder_bytes_in: u64,
+    /// Compressed bytes the decoder refused (input cap).
+    pub decoder_bytes_refused: u64,
+    /// Opus packets decoded.
+    pub packets_decoded: u64,
+    /// Opus packets replaced by packet-loss concealment.
+    pub packets_concealed: u64,
 }
 
 // Every counter is independent and only ever written by the conversation
@@ -71,6 +83,10 @@ impl Counters {
             audio_out_ms: self.audio_out_ms.load(ORDER),
             chunks_refused: self.chunks_refused.load(ORDER),
             interruptions: self.interruptions.load(ORDER),
+            decoder_bytes_in: self.decoder_bytes_in.load(ORDER),
+            decoder_bytes_refused: self.decoder_bytes_refused.load(ORDER),
+            packets_decoded: self.packets_decoded.load(ORDER),
+            packets_concealed: self.packets_concealed.load(ORDER),
         }
     }
 
@@ -110,5 +126,12 @@ impl Counters {
 
     pub(super) fn add_interruption(&self) {
         self.interruptions.fetch_add(1, ORDER);
+    }
+
+    pub(super) fn set_decoder(&self, stats: &crate::audio::DecoderStats) {
+        self.decoder_bytes_in.store(stats.bytes_in, ORDER);
+        self.decoder_bytes_refused.store(stats.bytes_refused, ORDER);
+        self.packets_decoded.store(stats.packets_decoded, ORDER);
+        self.packets_concealed.store(stats.packets_concealed, ORDER);
     }
 }

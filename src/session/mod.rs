@@ -105,6 +105,10 @@ pub enum ClientOutput {
     /// A non-fatal problem: `chunk_refused`, `engine_stall` or
     /// `uplink_dropped`.
     Warning { code: &'static str, message: String },
+    /// A user turn's latency as the conversation saw it: from the engine's
+    /// `SpeechEnded` to the first reply audio after it. Comes just before
+    /// that audio.
+    Latency { turn_id: u64, ms: u64 },
     /// Always the last message. The summary is boxed so that the many
     /// queued events stay small.
     Closed {

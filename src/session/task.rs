@@ -110,7 +110,8 @@ struct State {
     engine_open: bool,
     /// The client still reads its output.
     client_open: bool,
-    speech_ended_at: Option<Instant>,
+    /// The turn whose speech ended last, and when.
+    speech_ended_at: Option<(u64, Instant)>,
     turns: u32,
     latency_ms: Vec<u64>,
     usage: UsageDelta,
@@ -383,6 +384,9 @@ impl State {
             Ok(result) => result,
             Err(ending) => return ending,
         };
+        if let Some(decoder) = &self.decoder {
+            self.counters.set_decoder(decoder.stats());
+        }
         let produced = !pcm.is_empty();
         // PCM decoded before a fatal error still counts, as the stream's end.
         let ending = self.accept_pcm(&pcm, now);
@@ -527,6 +531,7 @@ impl State {
                 let mut pcm = std::mem::take(&mut self.pcm);
                 let result = decoder.finish(&mut pcm);
                 let decoded_any = decoder.stats().pcm_samples_out > 0;
+                self.counters.set_decoder(decoder.stats());
                 let ending = self.accept_pcm(&pcm, now);
                 pcm.clear();
                 self.pcm = pcm;
@@ -582,11 +587,17 @@ impl State {
                     ),
                 };
             }
-            EngineEvent::SpeechEnded { .. } => self.speech_ended_at = Some(now),
+            EngineEvent::SpeechEnded { turn_id } => {
+                self.speech_ended_at = Some((*turn_id, now));
+            }
             EngineEvent::Audio(_) => {
-                if let Some(ended) = self.speech_ended_at.take() {
+                if let Some((turn_id, ended)) = self.speech_ended_at.take() {
                     let ms = now.duration_since(ended).as_millis();
-                    self.latency_ms.push(u64::try_from(ms).unwrap_or(u64::MAX));
+                    let ms = u64::try_from(ms).unwrap_or(u64::MAX);
+                    self.latency_ms.push(ms);
+                    if let Some(ending) = self.forward(ClientOutput::Latency { turn_id, ms }) {
+                        return Some(ending);
+                    }
                 }
             }
             EngineEvent::TurnEnd { .. } => self.turns = self.turns.saturating_add(1),

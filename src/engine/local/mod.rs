@@ -31,6 +31,7 @@ use self::tts::TtsConfig;
 use self::vad::{Segmenter, VadConfig, VadEvent};
 use super::{
     ConversationOptions, Engine, EngineEvent, EngineInput, EngineSession, ErrorKind, TurnEndReason,
+    Voice,
 };
 use crate::config::LocalConfig;
 use crate::usage::UsageDelta;
@@ -147,6 +148,27 @@ impl LocalEngine {
 impl Engine for LocalEngine {
     fn name(&self) -> &'static str {
         "local"
+    }
+
+    fn voices(&self) -> Vec<Voice> {
+        let mut voices = vec![
+            Voice::new("es", "Español (España)", "es-ES"),
+            Voice::new("es+f3", "Español (España), voz femenina", "es-ES"),
+            Voice::new("es-419", "Español (Latinoamérica)", "es-419"),
+            Voice::new(
+                "es-419+f3",
+                "Español (Latinoamérica), voz femenina",
+                "es-419",
+            ),
+            Voice::new("en-us", "English (US)", "en-US"),
+            Voice::new("en-us+f3", "English (US), female voice", "en-US"),
+            Voice::new("en-gb", "English (UK)", "en-GB"),
+        ];
+        let configured = &self.shared.tts.voice;
+        if !configured.is_empty() && !voices.iter().any(|v| &v.id == configured) {
+            voices.insert(0, Voice::new(configured, configured, ""));
+        }
+        voices
     }
 
     fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {

@@ -1,0 +1,149 @@
+//! `sonora serve`: the web gateway on the configured engine.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+use tokio::net::TcpListener;
+
+use super::Failure;
+use crate::config::{Config, EngineKind};
+use crate::engine::Engine;
+use crate::engine::local::{LocalEngine, LocalSettings};
+use crate::engine::scripted::ScriptedEngine;
+use crate::server::Server;
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (setting `listen`, SONORA_LISTEN); port 0 picks a free one.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
+    /// Engine: `local` (offline, the default) or `nova-sonic`.
+    #[arg(long)]
+    engine: Option<String>,
+    /// Knowledge base directory (Markdown FAQ files) for the local engine.
+    #[arg(long, value_name = "DIR")]
+    knowledge: Option<std::path::PathBuf>,
+    /// Load tests only: answer every TURN_MS of audio with REPLY_MS of tone.
+    #[arg(long, hide = true, value_name = "TURN_MS:REPLY_MS")]
+    scripted_echo: Option<String>,
+}
+
+impl ServeArgs {
+    pub(crate) fn overrides(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(listen) = &self.listen {
+            out.push(("listen".into(), listen.clone()));
+        }
+        if let Some(engine) = &self.engine {
+            out.push(("engine.kind".into(), engine.clone()));
+        }
+        if let Some(dir) = &self.knowledge {
+            out.push(("local.knowledge_dir".into(), dir.display().to_string()));
+        }
+        out
+    }
+}
+
+pub(crate) fn run(config: &Config, args: &ServeArgs) -> Result<(), Failure> {
+    let echo = match &args.scripted_echo {
+        Some(spec) => Some(parse_echo(spec)?),
+        None => None,
+    };
+    if echo.is_none() && config.engine.kind != EngineKind::Local {
+        return Err(anyhow!(
+            "engine {:?} is not available in this build; use --engine local",
+            config.engine.kind
+        )
+        .into());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config, echo))?;
+    Ok(())
+}
+
+fn parse_echo(spec: &str) -> anyhow::Result<(u64, u64)> {
+    let (turn, reply) = spec
+        .split_once(':')
+        .ok_or_else(|| anyhow!("--scripted-echo takes TURN_MS:REPLY_MS, not {spec:?}"))?;
+    Ok((
+        turn.parse().context("TURN_MS")?,
+        reply.parse().context("REPLY_MS")?,
+    ))
+}
+
+async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> {
+    let address = config.listen_addr();
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address}"))?;
+    let bound = listener.local_addr().context("no local address")?;
+    let server = Server::new(config);
+    // The first stdout line says where to connect (scripts read it).
+    println!("listening on http://{bound}");
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
+    match echo {
+        Some((turn_ms, reply_ms)) => {
+            let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms));
+            server.set_engine(engine).map_err(|e| anyhow!(e))?;
+        }
+        None => {
+            let settings = LocalSettings::from_config(&config.local);
+            let loading = server.clone();
+            eprintln!("sonora: loading the local engine…");
+            tokio::task::spawn_blocking(move || match LocalEngine::load(&settings) {
+                Ok(engine) => {
+                    eprintln!(
+                        "sonora: ready — open http://{bound} ({} knowledge entries)",
+                        engine.knowledge_entries()
+                    );
+                    let _ = loading.set_engine(Arc::new(engine));
+                }
+                Err(e) => {
+                    let _ = failed_tx.try_send(e.to_string());
+                }
+            });
+        }
+    }
+    let failure = Arc::new(std::sync::OnceLock::<String>::new());
+    let failed = Arc::clone(&failure);
+    let stop = async move {
+        tokio::select! {
+            () = terminate() => eprintln!("sonora: shutting down; letting conversations finish"),
+            Some(message) = failed_rx.recv() => {
+                let _ = failed.set(message);
+            }
+        }
+    };
+    server.serve(listener, stop).await.context("serving")?;
+    match failure.get() {
+        Some(message) => Err(anyhow!("the local engine could not load: {message}")),
+        None => {
+            eprintln!("sonora: stopped");
+            Ok(())
+        }
+    }
+}
+
+/// SIGINT or SIGTERM.
+async fn terminate() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

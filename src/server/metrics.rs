@@ -1,0 +1,467 @@
+//! Server-wide counters, rendered in the Prometheus text format at
+//! `/metrics`. Traffic totals are exact and live: finished conversations
+//! are folded into a running total, and the counters of the ones still
+//! running are added at each scrape.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::session::{CloseReason, Counters, CountersSnapshot};
+use crate::usage::UsageDelta;
+
+use super::protocol::ErrorCode;
+
+/// Upper bounds of the turn latency histogram, in seconds.
+const LATENCY_BUCKETS_S: [f64; 12] = [
+    0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
+];
+
+/// Why a connection was refused before its conversation started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// At `server.max_sessions`.
+    Busy,
+    /// The server is shutting down.
+    ShuttingDown,
+    /// A browser origin not allowed.
+    Origin,
+    /// A missing or wrong token.
+    Unauthorized,
+    /// The engine is still loading.
+    NotReady,
+}
+
+impl Refusal {
+    const ALL: [Self; 5] = [
+        Self::Busy,
+        Self::ShuttingDown,
+        Self::Origin,
+        Self::Unauthorized,
+        Self::NotReady,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::ShuttingDown => "shutting_down",
+            Self::Origin => "origin",
+            Self::Unauthorized => "unauthorized",
+            Self::NotReady => "not_ready",
+        }
+    }
+}
+
+const CLOSE_REASONS: [CloseReason; 9] = [
+    CloseReason::ClientStopped,
+    CloseReason::EngineClosed,
+    CloseReason::EngineError,
+    CloseReason::BadAudio,
+    CloseReason::NoAudio,
+    CloseReason::Idle,
+    CloseReason::SlowClient,
+    CloseReason::EngineStalled,
+    CloseReason::Shutdown,
+];
+
+const ORDER: Ordering = Ordering::Relaxed;
+
+#[derive(Debug, Default)]
+struct Traffic {
+    /// Sum of the final counters of finished conversations.
+    finished: CountersSnapshot,
+    /// Counters of running conversations, by connection id.
+    live: HashMap<u64, Arc<Counters>>,
+}
+
+/// Every server metric.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ready: AtomicBool,
+    active: AtomicU64,
+    total: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
+    closed: [AtomicU64; CLOSE_REASONS.len()],
+    /// Connections dropped because one write to them took too long.
+    write_timeouts: AtomicU64,
+    errors: [AtomicU64; ErrorCode::ALL.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_S.len()],
+    latency_count: AtomicU64,
+    latency_sum_ms: AtomicU64,
+    usage: Mutex<UsageDelta>,
+    traffic: Mutex<Traffic>,
+}
+
+impl Metrics {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, ORDER);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(ORDER)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(ORDER)
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        let at = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.refused[at].fetch_add(1, ORDER);
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        let at = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
+        self.errors[at].fetch_add(1, ORDER);
+    }
+
+    pub fn write_timeout(&self) {
+        self.write_timeouts.fetch_add(1, ORDER);
+    }
+
+    /// A conversation started: its counters are read live from now on.
+    pub fn opened(&self, id: u64, counters: Arc<Counters>) {
+        self.active.fetch_add(1, ORDER);
+        self.total.fetch_add(1, ORDER);
+        self.lock_traffic().live.insert(id, counters);
+    }
+
+    /// A conversation ended; `reason` is `None` when the connection was
+    /// lost before the conversation could say why.
+    pub fn closed(&self, id: u64, reason: Option<CloseReason>) {
+        self.active.fetch_sub(1, ORDER);
+        if let Some(reason) = reason {
+            let at = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+            self.closed[at].fetch_add(1, ORDER);
+        }
+        let mut traffic = self.lock_traffic();
+        if let Some(counters) = traffic.live.remove(&id) {
+            add_cumulative(&mut traffic.finished, &counters.snapshot());
+        }
+    }
+
+    fn closed_count(&self, reason: CloseReason) -> u64 {
+        CLOSE_REASONS
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |at| self.closed[at].load(ORDER))
+    }
+
+    pub fn latency(&self, ms: u64) {
+        let seconds = ms as f64 / 1000.0;
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_S) {
+            if seconds <= bound {
+                bucket.fetch_add(1, ORDER);
+            }
+        }
+        self.latency_count.fetch_add(1, ORDER);
+        self.latency_sum_ms.fetch_add(ms, ORDER);
+    }
+
+    pub fn usage(&self, delta: &UsageDelta) {
+        self.usage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(delta);
+    }
+
+    fn lock_traffic(&self) -> std::sync::MutexGuard<'_, Traffic> {
+        self.traffic.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let (totals, queued_up, queued_down) = {
+            let traffic = self.lock_traffic();
+            let mut totals = traffic.finished.clone();
+            let (mut up, mut down) = (0, 0);
+            for counters in traffic.live.values() {
+                let now = counters.snapshot();
+                up += now.uplink_queued_ms;
+                down += now.downlink_queued_ms;
+                add_cumulative(&mut totals, &now);
+            }
+            (totals, up, down)
+        };
+        let usage = *self.usage.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut out = String::with_capacity(4096);
+        let mut one = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        let seconds = |ms: u64| format!("{}", ms as f64 / 1000.0);
+        one(
+            "sonora_engine_ready",
+            "gauge",
+            "1 when the engine is loaded and conversations are accepted.",
+            u8::from(self.is_ready()).to_string(),
+        );
+        one(
+            "sonora_sessions_active",
+            "gauge",
+            "Conversations running now.",
+            self.active().to_string(),
+        );
+        one(
+            "sonora_sessions_total",
+            "counter",
+            "Conversations started.",
+            self.total.load(ORDER).to_string(),
+        );
+        one(
+            "sonora_audio_in_seconds_total",
+            "counter",
+            "User audio received, after decoding.",
+            seconds(totals.audio_in_ms),
+        );
+        one(
+            "sonora_audio_out_seconds_total",
+            "counter",
+            "Reply audio handed to clients.",
+            seconds(totals.audio_out_ms),
+        );
+        one(
+            "sonora_decoder_bytes_total",
+            "counter",
+            "Compressed audio bytes the decoders took.",
+            totals.decoder_bytes_in.to_string(),
+        );
+        one(
+            "sonora_decoder_bytes_refused_total",
+            "counter",
+            "Compressed audio bytes refused at the decoder input cap.",
+            totals.decoder_bytes_refused.to_string(),
+        );
+        one(
+            "sonora_decoder_packets_concealed_total",
+            "counter",
+            "Opus packets replaced by packet-loss concealment.",
+            totals.packets_concealed.to_string(),
+        );
+        one(
+            "sonora_uplink_dropped_seconds_total",
+            "counter",
+            "User audio dropped, oldest first, because the engine fell behind.",
+            seconds(totals.uplink_dropped_ms),
+        );
+        one(
+            "sonora_uplink_queued_seconds",
+            "gauge",
+            "User audio waiting for the engines now.",
+            seconds(queued_up),
+        );
+        one(
+            "sonora_downlink_queued_seconds",
+            "gauge",
+            "Reply audio waiting for clients now.",
+            seconds(queued_down),
+        );
+        one(
+            "sonora_downlink_cleared_seconds_total",
+            "counter",
+            "Reply audio dropped by barge-in.",
+            seconds(totals.downlink_cleared_ms),
+        );
+        one(
+            "sonora_engine_send_stalls_total",
+            "counter",
+            "Times an engine was slow to accept audio.",
+            totals.engine_send_stalls.to_string(),
+        );
+        one(
+            "sonora_interruptions_total",
+            "counter",
+            "Barge-ins: the user spoke over a reply.",
+            totals.interruptions.to_string(),
+        );
+        let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
+        one(
+            "sonora_downlink_slow_client_closes_total",
+            "counter",
+            "Connections closed because the client did not read its reply audio in time.",
+            slow.to_string(),
+        );
+        one(
+            "sonora_cost_usd_total",
+            "counter",
+            "Engine cost of every conversation, in US dollars.",
+            format!("{}", usage.cost_micro_usd as f64 / 1e6),
+        );
+        self.render_labelled(&mut out, &usage);
+        out
+    }
+
+    fn render_labelled(&self, out: &mut String, usage: &UsageDelta) {
+        let _ = writeln!(
+            out,
+            "# HELP sonora_sessions_refused_total Connections refused before a conversation started.\n# TYPE sonora_sessions_refused_total counter"
+        );
+        for (why, count) in Refusal::ALL.iter().zip(&self.refused) {
+            let _ = writeln!(
+                out,
+                "sonora_sessions_refused_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                count.load(ORDER)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sonora_sessions_closed_total Conversations ended, by reason.\n# TYPE sonora_sessions_closed_total counter"
+        );
+        for (reason, count) in CLOSE_REASONS.iter().zip(&self.closed) {
+            let _ = writeln!(
+                out,
+                "sonora_sessions_closed_total{{reason=\"{}\"}} {}",
+                reason.code(),
+                count.load(ORDER)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sonora_protocol_errors_total Error messages sent to clients, by code.\n# TYPE sonora_protocol_errors_total counter"
+        );
+        for (code, count) in ErrorCode::ALL.iter().zip(&self.errors) {
+            let _ = writeln!(
+                out,
+                "sonora_protocol_errors_total{{code=\"{}\"}} {}",
+                code.as_str(),
+                count.load(ORDER)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sonora_tokens_total Engine tokens, by modality and direction.\n# TYPE sonora_tokens_total counter"
+        );
+        let tokens = [
+            ("speech", "input", usage.speech_in_tokens),
+            ("speech", "output", usage.speech_out_tokens),
+            ("text", "input", usage.text_in_tokens),
+            ("text", "output", usage.text_out_tokens),
+        ];
+        for (modality, direction, count) in tokens {
+            let _ = writeln!(
+                out,
+                "sonora_tokens_total{{modality=\"{modality}\",direction=\"{direction}\"}} {count}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP sonora_turn_latency_seconds From the end of the user's speech to the first reply audio.\n# TYPE sonora_turn_latency_seconds histogram"
+        );
+        for (bound, count) in LATENCY_BUCKETS_S.iter().zip(&self.latency_buckets) {
+            let _ = writeln!(
+                out,
+                "sonora_turn_latency_seconds_bucket{{le=\"{bound}\"}} {}",
+                count.load(ORDER)
+            );
+        }
+        let count = self.latency_count.load(ORDER);
+        let _ = writeln!(
+            out,
+            "sonora_turn_latency_seconds_bucket{{le=\"+Inf\"}} {count}\nsonora_turn_latency_seconds_sum {}\nsonora_turn_latency_seconds_count {count}",
+            self.latency_sum_ms.load(ORDER) as f64 / 1000.0
+        );
+    }
+}
+
+/// Adds the ever-growing counters of `more` to `total`; gauges are left.
+fn add_cumulative(total: &mut CountersSnapshot, more: &CountersSnapshot) {
+    total.uplink_dropped_ms += more.uplink_dropped_ms;
+    total.engine_send_stalls += more.engine_send_stalls;
+    total.downlink_cleared_ms += more.downlink_cleared_ms;
+    total.audio_in_ms += more.audio_in_ms;
+    total.audio_out_ms += more.audio_out_ms;
+    total.chunks_refused += more.chunks_refused;
+    total.interruptions += more.interruptions;
+    total.decoder_bytes_in += more.decoder_bytes_in;
+    total.decoder_bytes_refused += more.decoder_bytes_refused;
+    total.packets_decoded += more.packets_decoded;
+    total.packets_concealed += more.packets_concealed;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, line_start: &str) -> String {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("{line_start} in\n{text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[test]
+    fn latency_histogram_is_cumulative() {
+        let metrics = Metrics::default();
+        metrics.latency(250);
+        metrics.latency(900);
+        metrics.latency(60_000);
+        let text = metrics.render();
+        assert_eq!(
+            value(&text, "sonora_turn_latency_seconds_bucket{le=\"0.1\"}"),
+            "0"
+        );
+        assert_eq!(
+            value(&text, "sonora_turn_latency_seconds_bucket{le=\"0.3\"}"),
+            "1"
+        );
+        assert_eq!(
+            value(&text, "sonora_turn_latency_seconds_bucket{le=\"1\"}"),
+            "2"
+        );
+        assert_eq!(
+            value(&text, "sonora_turn_latency_seconds_bucket{le=\"30\"}"),
+            "2"
+        );
+        assert_eq!(
+            value(&text, "sonora_turn_latency_seconds_bucket{le=\"+Inf\"}"),
+            "3"
+        );
+        assert_eq!(value(&text, "sonora_turn_latency_seconds_sum"), "61.15");
+    }
+
+    #[test]
+    fn sessions_usage_and_refusals_are_counted() {
+        let metrics = Metrics::default();
+        metrics.opened(1, Arc::new(Counters::default()));
+        metrics.opened(2, Arc::new(Counters::default()));
+        metrics.closed(1, Some(CloseReason::SlowClient));
+        metrics.refused(Refusal::Busy);
+        metrics.usage(&UsageDelta {
+            speech_in_tokens: 40,
+            cost_micro_usd: 1_500,
+            ..UsageDelta::default()
+        });
+        let text = metrics.render();
+        assert_eq!(value(&text, "sonora_sessions_active "), "1");
+        assert_eq!(value(&text, "sonora_sessions_total "), "2");
+        assert_eq!(
+            value(&text, "sonora_sessions_refused_total{reason=\"busy\"}"),
+            "1"
+        );
+        assert_eq!(
+            value(&text, "sonora_downlink_slow_client_closes_total "),
+            "1"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "sonora_tokens_total{modality=\"speech\",direction=\"input\"}"
+            ),
+            "40"
+        );
+        assert_eq!(value(&text, "sonora_cost_usd_total "), "0.0015");
+        // Every sample line is `name{labels} number`.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let number = line.rsplit(' ').next().unwrap_or_default();
+            assert!(number.parse::<f64>().is_ok(), "{line}");
+            assert!(line.starts_with("sonora_"), "{line}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The web gateway with the real local engine, over real sockets: a spoken
+//! PCM16 question, a Chrome WebM recording in its recorded blobs, and
+//! barge-in. Needs the speech model and espeak-ng (scripts/setup); without
+//! them the tests say so loudly and skip.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test helper that fails must fail the test"
+)]
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use common::gateway::{Client, Frame, metric, start};
+use common::{model_present, root, spoken};
+use serde_json::json;
+use sonora::config::Config;
+use sonora::engine::Engine;
+use sonora::engine::local::{LocalEngine, LocalSettings};
+
+/// One engine for the whole binary: loading the model is the slow part.
+fn engine() -> Arc<dyn Engine> {
+    static ENGINE: OnceLock<Arc<LocalEngine>> = OnceLock::new();
+    let engine = ENGINE.get_or_init(|| {
+        let config = sonora::config::LocalConfig {
+            model_dir: root().join("models/whisper-base").display().to_string(),
+            knowledge_dir: root().join("knowledge").display().to_string(),
+            ..Default::default()
+        };
+        Arc::new(LocalEngine::load(&LocalSettings::from_config(&config)).unwrap())
+    });
+    Arc::clone(engine) as Arc<dyn Engine>
+}
+
+fn question(name: &str, text: &str) -> Vec<i16> {
+    let dir = std::env::temp_dir().join(format!("sonora-serve-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("q.wav");
+    spoken(text, &path);
+    let samples = sonora::audio::wav::read(&path).unwrap().samples;
+    std::fs::remove_dir_all(&dir).ok();
+    samples
+}
+
+/// Sends 16 kHz speech in 20 ms frames, twice as fast as real time.
+async fn speak(client: &mut Client, samples: &[i16]) {
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for frame in samples.chunks(320) {
+        pace.tick().await;
+        client.send_pcm(frame).await;
+    }
+}
+
+fn final_text<'a>(frames: &'a [Frame], role: &str) -> Vec<&'a str> {
+    frames
+        .iter()
+        .filter(|f| f.is("transcript"))
+        .map(Frame::json)
+        .filter(|j| j["role"] == role && j["stage"] == "final")
+        .map(|j| j["text"].as_str().unwrap())
+        .collect()
+}
+
+fn audio_samples(frames: &[Frame]) -> usize {
+    frames
+        .iter()
+        .map(|f| match f {
+            Frame::Audio(s) => s.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn folded(text: &str) -> String {
+    text.to_lowercase()
+        .replace('á', "a")
+        .replace('é', "e")
+        .replace('í', "i")
+        .replace('ó', "o")
+        .replace('ú', "u")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_pcm16_question_is_answered_over_the_socket() {
+    if !model_present() {
+        return;
+    }
+    let gateway = start(&Config::default(), Some(engine())).await;
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    let ready = client.until(|f| f.is("ready")).await;
+    assert_eq!(ready.last().unwrap().json()["engine"], "local");
+    let mut speech = question("pcm", "¿Cuál es el horario de la biblioteca?");
+    speech.extend(vec![0i16; 16 * 1_200]);
+    speak(&mut client, &speech).await;
+    let frames = client.until(|f| f.is("turn_end")).await;
+    let heard = final_text(&frames, "user").join(" ");
+    assert!(folded(&heard).contains("biblioteca"), "heard {heard:?}");
+    let answer = final_text(&frames, "assistant").join(" ");
+    assert!(
+        folded(&answer).contains("biblioteca"),
+        "answered {answer:?}"
+    );
+    assert!(audio_samples(&frames) > 24_000, "less than 1 s of reply");
+    assert!(frames.iter().any(|f| f.is("latency")));
+    client.send_json(json!({"type": "stop"})).await;
+    let rest = client.until(|f| f.is("end")).await;
+    let end = rest.last().unwrap().json();
+    assert_eq!(end["reason"], "client_stopped");
+    assert_eq!(end["summary"]["turns"], 1);
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "sonora_turn_latency_seconds_count"), 1.0);
+    assert!(metric(&text, "sonora_audio_out_seconds_total") > 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chrome_webm_recording_in_its_blobs_is_heard() {
+    if !model_present() {
+        return;
+    }
+    let gateway = start(&Config::default(), Some(engine())).await;
+    let mut client = gateway.client().await;
+    client
+        .send_json(
+            json!({"type": "hello", "version": 1, "audio": {"format": "webm"}, "language": "es"}),
+        )
+        .await;
+    client.until(|f| f.is("ready")).await;
+    let webm = std::fs::read(root().join("tests/fixtures/chrome_5s.webm")).unwrap();
+    let sizes: Vec<usize> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/chrome_5s.webm.chunks.json")).unwrap(),
+    )
+    .unwrap();
+    let mut at = 0;
+    let mut pace = tokio::time::interval(Duration::from_millis(40));
+    for size in sizes {
+        pace.tick().await;
+        client.send_binary(webm[at..at + size].to_vec()).await;
+        at += size;
+    }
+    assert_eq!(at, webm.len());
+    // The recording ends 0.5 s after the speech: stop, and the turn is
+    // still recognised and answered before the end.
+    client.send_json(json!({"type": "stop"})).await;
+    let frames = client.until(|f| f.is("end")).await;
+    let heard = folded(&final_text(&frames, "user").join(" "));
+    assert!(
+        heard.contains("prueba") && heard.contains("voz"),
+        "heard {heard:?}"
+    );
+    assert!(!final_text(&frames, "assistant").is_empty(), "{frames:?}");
+    assert!(audio_samples(&frames) > 0);
+    let end = frames.last().unwrap().json();
+    assert_eq!(end["reason"], "client_stopped", "{end}");
+    assert_eq!(end["summary"]["decoder"]["format"], "webm");
+    assert_eq!(end["summary"]["decoder"]["packets_concealed"], 0);
+    assert!(end["summary"]["counters"]["audio_in_ms"].as_u64().unwrap() > 5_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talking_over_the_reply_interrupts_it_over_the_socket() {
+    if !model_present() {
+        return;
+    }
+    let gateway = start(&Config::default(), Some(engine())).await;
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    client.until(|f| f.is("ready")).await;
+    let mut speech = question("barge", "¿Cuál es el horario de la biblioteca?");
+    speech.extend(vec![0i16; 16 * 900]);
+    speak(&mut client, &speech).await;
+    let before = client.until(|f| matches!(f, Frame::Audio(_))).await;
+    // Talk over the reply, reading as we go, as a browser does.
+    let (mut sink, mut frames) = (client, before);
+    let talking = speech.clone();
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for frame in talking.chunks(320) {
+        pace.tick().await;
+        sink.send_pcm(frame).await;
+        while let Ok(next) = tokio::time::timeout(Duration::from_millis(1), sink.next()).await {
+            frames.push(next);
+        }
+    }
+    frames.extend(
+        sink.until(|f| f.is("turn_end") && f.json()["turn"] == 2)
+            .await,
+    );
+    let interrupted = frames
+        .iter()
+        .position(|f| f.is("interrupted"))
+        .expect("interrupted");
+    assert_eq!(frames[interrupted].json()["turn"], 1);
+    let ended = frames
+        .iter()
+        .position(|f| f.is("turn_end") && f.json()["turn"] == 1)
+        .unwrap();
+    // Cut while being made, or made and cut while playing.
+    match frames[ended].json()["reason"].as_str() {
+        Some("interrupted") => assert!(interrupted < ended),
+        Some("completed") => assert!(ended < interrupted),
+        other => panic!("turn 1 ended as {other:?}"),
+    }
+    assert_eq!(frames.last().unwrap().json()["reason"], "completed");
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "sonora_interruptions_total"), 1.0);
+}
