@@ -8,7 +8,7 @@ const TEXT = {
     send: 'Enviar', metrics: 'Uso y rendimiento', controls: 'Conversación',
     'm-latency': 'Latencia (fin de voz → audio)', 'm-server-latency': 'Latencia en el servidor', 'm-cost': 'Coste',
     'm-speech': 'Tokens de voz (entrada / salida)', 'm-text': 'Tokens de texto (entrada / salida)',
-    'm-audio': 'Audio (enviado / recibido)', 'm-decoder': 'Decodificador', 'm-queues': 'Colas',
+    'm-audio': 'Audio (enviado / reproducido)', 'm-decoder': 'Decodificador', 'm-queues': 'Colas',
     'm-capture': 'Captura', 'm-engine': 'Motor',
     you: 'Tú', assistant: 'Sonora', connecting: 'Conectando…', listening: 'Te escucho. Habla cuando quieras.',
     ended: 'Conversación terminada.', 'mic-denied': 'No hay permiso para usar el micrófono. Actívalo en el navegador o escribe tu pregunta.',
@@ -24,7 +24,7 @@ const TEXT = {
     send: 'Send', metrics: 'Usage and performance', controls: 'Conversation',
     'm-latency': 'Latency (end of speech → audio)', 'm-server-latency': 'Server latency', 'm-cost': 'Cost',
     'm-speech': 'Speech tokens (in / out)', 'm-text': 'Text tokens (in / out)',
-    'm-audio': 'Audio (sent / received)', 'm-decoder': 'Decoder', 'm-queues': 'Queues',
+    'm-audio': 'Audio (sent / played)', 'm-decoder': 'Decoder', 'm-queues': 'Queues',
     'm-capture': 'Capture', 'm-engine': 'Engine',
     you: 'You', assistant: 'Sonora', connecting: 'Connecting…', listening: 'Listening. Speak whenever you like.',
     ended: 'Conversation ended.', 'mic-denied': 'Microphone permission was denied. Allow it in the browser, or type your question.',
@@ -40,6 +40,11 @@ const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 const VOICE_LEVEL = 0.02; // RMS above which a capture frame counts as speech
 const RENDER_EVERY_MS = 100;
+const MAX_PENDING_FRAMES = 1250; // 20 ms frames queued before `ready`
+// Opus bit rate of the MediaRecorder path (`?kbps=` overrides). At 32 and 64
+// kbit/s the recogniser misheard test questions it heard right from PCM; at
+// 96 kbit/s it did not (still well under the 256 kbit/s of 16 kHz PCM).
+const RECORDER_KBPS = 96;
 
 let ui = params.get('ui') || ((navigator.language || 'es').toLowerCase().startsWith('es') ? 'es' : 'en');
 if (!TEXT[ui]) ui = 'es';
@@ -256,7 +261,8 @@ async function startRecorderCapture(stream, type, send) {
     for (const s of frame) sum += s * s;
     noteLevel(Math.sqrt(sum / frame.length));
   }, 20);
-  const recorder = new MediaRecorder(stream, { mimeType: type.mime, audioBitsPerSecond: 32000 });
+  const kbps = Number(params.get('kbps')) || RECORDER_KBPS;
+  const recorder = new MediaRecorder(stream, { mimeType: type.mime, audioBitsPerSecond: kbps * 1000 });
   let chain = Promise.resolve();
   recorder.ondataavailable = (event) => {
     if (!event.data || event.data.size === 0) return;
@@ -315,28 +321,54 @@ async function start({ withMicrophone = true } = {}) {
   }
   state.mode = mode;
   const format = mode === 'recorder' ? recorderType.format : 'pcm16';
-  const socket = new WebSocket(socketUrl());
+  // Capture starts now, not when the server is ready: what the user says
+  // right after pressing the button is queued, then sent on `ready`.
+  let socket = null;
+  let live = false;
+  const pending = [];
+  const send = (bytes) => {
+    if (live) {
+      if (socket.readyState === WebSocket.OPEN) socket.send(bytes);
+      return;
+    }
+    pending.push(bytes);
+    // PCM frames may be dropped from the front (25 s at most); a recorder's
+    // blobs may not, since the first one holds the stream header.
+    if (mode === 'worklet' && pending.length > MAX_PENDING_FRAMES) pending.shift();
+  };
+  if (stream) {
+    try {
+      state.capture = mode === 'recorder'
+        ? await startRecorderCapture(stream, recorderType, send)
+        : await startWorkletCapture(stream, send);
+    } catch (error) {
+      setStatus(`${t('no-capture')} (${error.message})`, true);
+      stream.getTracks().forEach((tr) => tr.stop());
+      stream = null;
+      state.mode = mode = 'text-only';
+    }
+  }
+  socket = new WebSocket(socketUrl());
   socket.binaryType = 'arraybuffer';
   state.socket = socket;
   let outputRate = 24000;
-  const send = (bytes) => { if (socket.readyState === WebSocket.OPEN) socket.send(bytes); };
   socket.onopen = () => {
-    const hello = { type: 'hello', version: 1, audio: format === 'pcm16' ? { format, rate: 16000 } : { format }, language: $('language').value, voice: $('voice').value };
+    const audio = format === 'pcm16' ? { format, rate: 16000 } : { format };
+    const hello = { type: 'hello', version: 1, audio, language: $('language').value, voice: $('voice').value };
     const token = params.get('token');
     if (token) hello.token = token;
     socket.send(JSON.stringify(hello));
   };
-  socket.onmessage = async (event) => {
+  socket.onmessage = (event) => {
     if (typeof event.data !== 'string') { playPcm(event.data, outputRate); return; }
     const message = JSON.parse(event.data);
     switch (message.type) {
       case 'ready':
         outputRate = message.output.rate;
         state.engine = message;
+        for (const bytes of pending.splice(0)) socket.send(bytes);
+        live = true;
         if (stream) {
-          state.capture = mode === 'recorder'
-            ? await startRecorderCapture(stream, recorderType, send)
-            : await startWorkletCapture(stream, send);
           setStatus(t('listening'));
         } else if (mode === 'text-only' && !$('status').classList.contains('error')) {
           setStatus('');

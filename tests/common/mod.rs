@@ -41,9 +41,14 @@ pub fn model_present() -> bool {
 /// Speaks `text` in Spanish into a 16 kHz WAV with 0.4 s of silence around
 /// it and light white noise.
 pub fn spoken(text: &str, path: &Path) {
+    spoken_at(text, 150, path);
+}
+
+/// [`spoken`] at `wpm` words a minute.
+pub fn spoken_at(text: &str, wpm: u32, path: &Path) {
     let raw = path.with_extension("raw.wav");
     let status = Command::new("espeak-ng")
-        .args(["-v", "es", "-s", "150", "-w"])
+        .args(["-v", "es", "-s", &wpm.to_string(), "-w"])
         .arg(&raw)
         .arg(text)
         .status()

@@ -1,0 +1,185 @@
+//! A real browser talks to Sonora: Debian's Chromium, driven by
+//! playwright-core (tests/browser/talk.mjs), with a fake microphone playing
+//! a spoken Spanish question, against a gateway running the real local
+//! engine. Once through the AudioWorklet capture path and once forced to
+//! MediaRecorder (WebM Opus). Screenshots land in target/browser/.
+//!
+//! Needs chromium, node with tests/browser/node_modules, the speech model
+//! and espeak-ng (scripts/setup --browser installs them). Without them the
+//! test says so loudly and skips, unless SONORA_REQUIRE_BROWSER=1 (set by
+//! scripts/test), which makes a missing piece a failure.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test helper that fails must fail the test"
+)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+
+use common::gateway::start;
+use common::{model_present, root, spoken_at};
+use sonora::config::Config;
+use sonora::engine::local::{LocalEngine, LocalSettings};
+
+fn browser_present() -> Result<(), String> {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if !Path::new(&chromium).exists() {
+        return Err(format!("{chromium} is missing (apt-get install chromium)"));
+    }
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        return Err("node is missing".into());
+    }
+    if !root()
+        .join("tests/browser/node_modules/playwright-core")
+        .is_dir()
+    {
+        return Err("tests/browser/node_modules is missing (npm ci --prefix tests/browser)".into());
+    }
+    Ok(())
+}
+
+fn folded(text: &str) -> String {
+    text.to_lowercase()
+        .replace('á', "a")
+        .replace('é', "e")
+        .replace('í', "i")
+        .replace('ó', "o")
+        .replace('ú', "u")
+}
+
+/// The question, then ten seconds of room noise, so that the answer plays
+/// out before the fake microphone loops back to the question.
+fn question_wav(dir: &Path) -> std::path::PathBuf {
+    let spoken_path = dir.join("spoken.wav");
+    // A question the base Whisper model hears right through the browser's
+    // audio processing and Opus at 96 kbit/s, run after run.
+    spoken_at(
+        "Quiero saber el horario de la biblioteca.",
+        140,
+        &spoken_path,
+    );
+    let mut samples = sonora::audio::wav::read(&spoken_path).unwrap().samples;
+    let mut state = 99u64;
+    samples.extend((0..160_000).map(|_| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        ((state >> 33) % 201) as i16 - 100
+    }));
+    let path = dir.join("question.wav");
+    sonora::audio::wav::write_mono(&path, 16_000, &samples).unwrap();
+    path
+}
+
+fn run_browser(url: &str, wav: &Path, mode: &str) -> serde_json::Value {
+    let shots = root().join("target/browser");
+    std::fs::create_dir_all(&shots).unwrap();
+    let screenshot = shots.join(format!("{mode}.png"));
+    let out = Command::new("node")
+        .arg(root().join("tests/browser/talk.mjs"))
+        .args([
+            url,
+            wav.to_str().unwrap(),
+            mode,
+            screenshot.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stdout.lines().last().unwrap_or_default();
+    let result: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|_| panic!("{mode}: no result\nstdout: {stdout}\nstderr: {stderr}"));
+    assert!(
+        out.status.success(),
+        "{mode}: the browser run failed: {result:#}\nstderr: {stderr}"
+    );
+    assert!(screenshot.is_file());
+    result
+}
+
+fn check(result: &serde_json::Value, mode: &str) {
+    assert_eq!(result["mode"], mode, "{result:#}");
+    let lines = result["transcript"].as_array().unwrap();
+    let text = |role: &str| -> String {
+        lines
+            .iter()
+            .filter(|l| l["role"] == role && l["stage"] == "final")
+            .map(|l| folded(l["text"].as_str().unwrap()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(
+        text("user").contains("biblioteca"),
+        "{mode}: heard {result:#}"
+    );
+    assert!(
+        text("assistant").contains("biblioteca"),
+        "{mode}: answered {result:#}"
+    );
+    let rate = result["playbackRate"].as_f64().unwrap();
+    let played = result["playedSamples"].as_f64().unwrap();
+    assert!(played > rate * 0.5, "{mode}: played {played} samples");
+    let latency = result["latenciesMs"][0].as_f64().unwrap();
+    assert!(
+        (0.0..15_000.0).contains(&latency),
+        "{mode}: latency {latency} ms"
+    );
+    assert_ne!(result["latencyShown"], "—");
+    assert!(
+        result["metrics"].as_str().unwrap().contains(" ms"),
+        "{result:#}"
+    );
+    assert_eq!(result["end"]["reason"], "client_stopped", "{result:#}");
+    // The worklet sends 16 kHz PCM; the recorder sends Opus in WebM.
+    let format = if mode == "worklet" { "pcm16" } else { "webm" };
+    assert_eq!(result["end"]["summary"]["decoder"]["format"], format);
+    let fatal: Vec<_> = result["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["fatal"] == true)
+        .collect();
+    assert!(fatal.is_empty(), "{mode}: {fatal:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
+    let required = std::env::var("SONORA_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+    let missing = browser_present().err().or_else(|| {
+        (!model_present()).then(|| "the speech model or espeak-ng is missing".to_owned())
+    });
+    if let Some(missing) = missing {
+        assert!(!required, "the browser test cannot run: {missing}");
+        eprintln!("\n\n*** SKIPPED: the browser test needs {missing} ***\n");
+        return;
+    }
+    let config = sonora::config::LocalConfig {
+        model_dir: root().join("models/whisper-base").display().to_string(),
+        knowledge_dir: root().join("knowledge").display().to_string(),
+        ..Default::default()
+    };
+    let engine = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
+    let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
+    let dir = std::env::temp_dir().join(format!("sonora-browser-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let wav = question_wav(&dir);
+    let url = gateway.url("");
+    for mode in ["worklet", "recorder"] {
+        let (url, wav) = (url.clone(), wav.clone());
+        let result = tokio::task::spawn_blocking(move || run_browser(&url, &wav, mode))
+            .await
+            .unwrap();
+        check(&result, mode);
+        eprintln!("{mode}: {result}");
+    }
+    let metrics = gateway.metrics_when_active(0.0).await;
+    let sessions = common::gateway::metric(&metrics, "sonora_sessions_total");
+    assert_eq!(sessions, 2.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
