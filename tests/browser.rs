@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::gateway::start;
-use common::{model_present, root, spoken_at};
+use common::{folded, model_present, root, spoken_at};
 use sonora::config::Config;
 use sonora::engine::local::{LocalEngine, LocalSettings};
 
@@ -41,15 +41,6 @@ fn browser_present() -> Result<(), String> {
         return Err("tests/browser/node_modules is missing (npm ci --prefix tests/browser)".into());
     }
     Ok(())
-}
-
-fn folded(text: &str) -> String {
-    text.to_lowercase()
-        .replace('á', "a")
-        .replace('é', "e")
-        .replace('í', "i")
-        .replace('ó', "o")
-        .replace('ú', "u")
 }
 
 /// The question, then ten seconds of room noise, so that the answer plays

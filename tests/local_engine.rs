@@ -13,7 +13,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{model_present, root, spoken};
+use common::{folded, model_present, root, spoken};
 
 fn talk(args: &[&str]) -> (String, String, bool) {
     let out = Command::new(env!("CARGO_BIN_EXE_sonora"))
@@ -27,15 +27,6 @@ fn talk(args: &[&str]) -> (String, String, bool) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
         out.status.success(),
     )
-}
-
-fn lowercase_folded(text: &str) -> String {
-    text.to_lowercase()
-        .replace(['á', 'à'], "a")
-        .replace('é', "e")
-        .replace('í', "i")
-        .replace('ó', "o")
-        .replace('ú', "u")
 }
 
 #[test]
@@ -93,9 +84,9 @@ fn talk_answers_a_spoken_spanish_question_from_the_knowledge_base() {
             .all(|w| w[0]["t_ms"].as_u64() <= w[1]["t_ms"].as_u64())
     );
 
-    let heard = lowercase_folded(lines[user]["text"].as_str().unwrap());
+    let heard = folded(lines[user]["text"].as_str().unwrap());
     assert!(heard.contains("biblioteca"), "heard {heard:?}");
-    let answer = lowercase_folded(lines[final_text]["text"].as_str().unwrap());
+    let answer = folded(lines[final_text]["text"].as_str().unwrap());
     assert!(answer.contains("biblioteca"), "answered {answer:?}");
 
     let wav = sonora::audio::wav::read(&reply).unwrap();
@@ -150,7 +141,7 @@ fn talk_uses_another_knowledge_base_and_answers_several_turns() {
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|e| e["type"] == "transcript" && e["role"] == "assistant" && e["stage"] == "final")
-        .map(|e| lowercase_folded(e["text"].as_str().unwrap()))
+        .map(|e| folded(e["text"].as_str().unwrap()))
         .collect();
     assert_eq!(answers.len(), 2, "{answers:?}");
     assert!(

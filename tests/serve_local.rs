@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use common::gateway::{Client, Frame, metric, start};
-use common::{model_present, root, spoken};
+use common::{folded, model_present, root, spoken};
 use serde_json::json;
 use sonora::config::Config;
 use sonora::engine::Engine;
@@ -71,15 +71,6 @@ fn audio_samples(frames: &[Frame]) -> usize {
             _ => 0,
         })
         .sum()
-}
-
-fn folded(text: &str) -> String {
-    text.to_lowercase()
-        .replace('á', "a")
-        .replace('é', "e")
-        .replace('í', "i")
-        .replace('ó', "o")
-        .replace('ú', "u")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

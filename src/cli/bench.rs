@@ -21,6 +21,9 @@ pub(crate) enum BenchCommand {
     Decode(DecodeBenchArgs),
     /// Spanish questions through the local engine: latency, recognition and synthesis times.
     Local(super::bench_local::LocalBenchArgs),
+    /// Many WebSocket clients streaming at a gateway with a scripted echo engine: sessions
+    /// held, server CPU and memory per session, round-trip latency against one client alone.
+    Serve(super::bench_serve::ServeBenchArgs),
     /// Resident memory of many concurrent decoders (run by `bench decode` in a fresh process).
     #[command(hide = true)]
     DecodeMemory(MemoryArgs),
@@ -66,6 +69,7 @@ pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure>
     match command {
         BenchCommand::Decode(args) => bench_decode(config, &args),
         BenchCommand::Local(args) => super::bench_local::run(config, &args),
+        BenchCommand::Serve(args) => super::bench_serve::run(&args),
         BenchCommand::DecodeMemory(args) => {
             let recording =
                 Recording::load(&args.input, args.mime.as_deref(), args.chunks.as_deref())?;
@@ -80,7 +84,7 @@ pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure>
 }
 
 /// CPU time of the calling thread (or of reaped children).
-fn cpu_time(who: UsageWho) -> anyhow::Result<Duration> {
+pub(super) fn cpu_time(who: UsageWho) -> anyhow::Result<Duration> {
     let usage: Usage = getrusage(who).context("getrusage")?;
     let to = |tv: nix::sys::time::TimeVal| {
         Duration::from_secs(tv.tv_sec() as u64) + Duration::from_micros(tv.tv_usec() as u64)

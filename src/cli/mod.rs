@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_local;
+mod bench_serve;
 mod decode;
 mod doctor;
 mod live;

@@ -53,18 +53,6 @@ impl Refusal {
     }
 }
 
-const CLOSE_REASONS: [CloseReason; 9] = [
-    CloseReason::ClientStopped,
-    CloseReason::EngineClosed,
-    CloseReason::EngineError,
-    CloseReason::BadAudio,
-    CloseReason::NoAudio,
-    CloseReason::Idle,
-    CloseReason::SlowClient,
-    CloseReason::EngineStalled,
-    CloseReason::Shutdown,
-];
-
 const ORDER: Ordering = Ordering::Relaxed;
 
 #[derive(Debug, Default)]
@@ -82,7 +70,7 @@ pub struct Metrics {
     active: AtomicU64,
     total: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
-    closed: [AtomicU64; CLOSE_REASONS.len()],
+    closed: [AtomicU64; CloseReason::ALL.len()],
     /// Connections dropped because one write to them took too long.
     write_timeouts: AtomicU64,
     errors: [AtomicU64; ErrorCode::ALL.len()],
@@ -132,7 +120,10 @@ impl Metrics {
     pub fn closed(&self, id: u64, reason: Option<CloseReason>) {
         self.active.fetch_sub(1, ORDER);
         if let Some(reason) = reason {
-            let at = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap_or(0);
+            let at = CloseReason::ALL
+                .iter()
+                .position(|r| *r == reason)
+                .unwrap_or(0);
             self.closed[at].fetch_add(1, ORDER);
         }
         let mut traffic = self.lock_traffic();
@@ -142,7 +133,7 @@ impl Metrics {
     }
 
     fn closed_count(&self, reason: CloseReason) -> u64 {
-        CLOSE_REASONS
+        CloseReason::ALL
             .iter()
             .position(|r| *r == reason)
             .map_or(0, |at| self.closed[at].load(ORDER))
@@ -185,184 +176,191 @@ impl Metrics {
             (totals, up, down)
         };
         let usage = *self.usage.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = String::with_capacity(4096);
-        let mut one = |name: &str, kind: &str, help: &str, value: String| {
+        let seconds = |ms: u64| ms as f64 / 1000.0;
+        let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
+        // (name, type, help, value)
+        let plain: [(&str, &str, &str, f64); 16] = [
+            (
+                "sonora_engine_ready",
+                "gauge",
+                "1 when the engine is loaded and conversations are accepted.",
+                f64::from(u8::from(self.is_ready())),
+            ),
+            (
+                "sonora_sessions_active",
+                "gauge",
+                "Conversations running now.",
+                self.active() as f64,
+            ),
+            (
+                "sonora_sessions_total",
+                "counter",
+                "Conversations started.",
+                self.total.load(ORDER) as f64,
+            ),
+            (
+                "sonora_audio_in_seconds_total",
+                "counter",
+                "User audio received, after decoding.",
+                seconds(totals.audio_in_ms),
+            ),
+            (
+                "sonora_audio_out_seconds_total",
+                "counter",
+                "Reply audio handed to clients.",
+                seconds(totals.audio_out_ms),
+            ),
+            (
+                "sonora_decoder_bytes_total",
+                "counter",
+                "Compressed audio bytes the decoders took.",
+                totals.decoder_bytes_in as f64,
+            ),
+            (
+                "sonora_decoder_bytes_refused_total",
+                "counter",
+                "Compressed audio bytes refused at the decoder input cap.",
+                totals.decoder_bytes_refused as f64,
+            ),
+            (
+                "sonora_decoder_packets_concealed_total",
+                "counter",
+                "Opus packets replaced by packet-loss concealment.",
+                totals.packets_concealed as f64,
+            ),
+            (
+                "sonora_uplink_dropped_seconds_total",
+                "counter",
+                "User audio dropped, oldest first, because the engine fell behind.",
+                seconds(totals.uplink_dropped_ms),
+            ),
+            (
+                "sonora_uplink_queued_seconds",
+                "gauge",
+                "User audio waiting for the engines now.",
+                seconds(queued_up),
+            ),
+            (
+                "sonora_downlink_queued_seconds",
+                "gauge",
+                "Reply audio waiting for clients now.",
+                seconds(queued_down),
+            ),
+            (
+                "sonora_downlink_cleared_seconds_total",
+                "counter",
+                "Reply audio dropped by barge-in.",
+                seconds(totals.downlink_cleared_ms),
+            ),
+            (
+                "sonora_engine_send_stalls_total",
+                "counter",
+                "Times an engine was slow to accept audio.",
+                totals.engine_send_stalls as f64,
+            ),
+            (
+                "sonora_interruptions_total",
+                "counter",
+                "Barge-ins: the user spoke over a reply.",
+                totals.interruptions as f64,
+            ),
+            (
+                "sonora_downlink_slow_client_closes_total",
+                "counter",
+                "Connections closed because the client did not read its reply audio in time.",
+                slow as f64,
+            ),
+            (
+                "sonora_cost_usd_total",
+                "counter",
+                "Engine cost of every conversation, in US dollars.",
+                usage.cost_micro_usd as f64 / 1e6,
+            ),
+        ];
+        let mut out = String::with_capacity(8192);
+        for (name, kind, help, value) in plain {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        let seconds = |ms: u64| format!("{}", ms as f64 / 1000.0);
-        one(
-            "sonora_engine_ready",
-            "gauge",
-            "1 when the engine is loaded and conversations are accepted.",
-            u8::from(self.is_ready()).to_string(),
-        );
-        one(
-            "sonora_sessions_active",
-            "gauge",
-            "Conversations running now.",
-            self.active().to_string(),
-        );
-        one(
-            "sonora_sessions_total",
-            "counter",
-            "Conversations started.",
-            self.total.load(ORDER).to_string(),
-        );
-        one(
-            "sonora_audio_in_seconds_total",
-            "counter",
-            "User audio received, after decoding.",
-            seconds(totals.audio_in_ms),
-        );
-        one(
-            "sonora_audio_out_seconds_total",
-            "counter",
-            "Reply audio handed to clients.",
-            seconds(totals.audio_out_ms),
-        );
-        one(
-            "sonora_decoder_bytes_total",
-            "counter",
-            "Compressed audio bytes the decoders took.",
-            totals.decoder_bytes_in.to_string(),
-        );
-        one(
-            "sonora_decoder_bytes_refused_total",
-            "counter",
-            "Compressed audio bytes refused at the decoder input cap.",
-            totals.decoder_bytes_refused.to_string(),
-        );
-        one(
-            "sonora_decoder_packets_concealed_total",
-            "counter",
-            "Opus packets replaced by packet-loss concealment.",
-            totals.packets_concealed.to_string(),
-        );
-        one(
-            "sonora_uplink_dropped_seconds_total",
-            "counter",
-            "User audio dropped, oldest first, because the engine fell behind.",
-            seconds(totals.uplink_dropped_ms),
-        );
-        one(
-            "sonora_uplink_queued_seconds",
-            "gauge",
-            "User audio waiting for the engines now.",
-            seconds(queued_up),
-        );
-        one(
-            "sonora_downlink_queued_seconds",
-            "gauge",
-            "Reply audio waiting for clients now.",
-            seconds(queued_down),
-        );
-        one(
-            "sonora_downlink_cleared_seconds_total",
-            "counter",
-            "Reply audio dropped by barge-in.",
-            seconds(totals.downlink_cleared_ms),
-        );
-        one(
-            "sonora_engine_send_stalls_total",
-            "counter",
-            "Times an engine was slow to accept audio.",
-            totals.engine_send_stalls.to_string(),
-        );
-        one(
-            "sonora_interruptions_total",
-            "counter",
-            "Barge-ins: the user spoke over a reply.",
-            totals.interruptions.to_string(),
-        );
-        let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
-        one(
-            "sonora_downlink_slow_client_closes_total",
-            "counter",
-            "Connections closed because the client did not read its reply audio in time.",
-            slow.to_string(),
-        );
-        one(
-            "sonora_cost_usd_total",
-            "counter",
-            "Engine cost of every conversation, in US dollars.",
-            format!("{}", usage.cost_micro_usd as f64 / 1e6),
-        );
-        self.render_labelled(&mut out, &usage);
-        out
-    }
-
-    fn render_labelled(&self, out: &mut String, usage: &UsageDelta) {
-        let _ = writeln!(
-            out,
-            "# HELP sonora_sessions_refused_total Connections refused before a conversation started.\n# TYPE sonora_sessions_refused_total counter"
-        );
-        for (why, count) in Refusal::ALL.iter().zip(&self.refused) {
-            let _ = writeln!(
-                out,
-                "sonora_sessions_refused_total{{reason=\"{}\"}} {}",
-                why.as_str(),
-                count.load(ORDER)
-            );
         }
-        let _ = writeln!(
-            out,
-            "# HELP sonora_sessions_closed_total Conversations ended, by reason.\n# TYPE sonora_sessions_closed_total counter"
-        );
-        for (reason, count) in CLOSE_REASONS.iter().zip(&self.closed) {
-            let _ = writeln!(
-                out,
-                "sonora_sessions_closed_total{{reason=\"{}\"}} {}",
-                reason.code(),
-                count.load(ORDER)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sonora_protocol_errors_total Error messages sent to clients, by code.\n# TYPE sonora_protocol_errors_total counter"
-        );
-        for (code, count) in ErrorCode::ALL.iter().zip(&self.errors) {
-            let _ = writeln!(
-                out,
-                "sonora_protocol_errors_total{{code=\"{}\"}} {}",
-                code.as_str(),
-                count.load(ORDER)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP sonora_tokens_total Engine tokens, by modality and direction.\n# TYPE sonora_tokens_total counter"
-        );
-        let tokens = [
+        let load =
+            |counts: &[AtomicU64]| -> Vec<u64> { counts.iter().map(|c| c.load(ORDER)).collect() };
+        let refused: Vec<(String, u64)> = Refusal::ALL
+            .iter()
+            .zip(load(&self.refused))
+            .map(|(why, n)| (format!("reason=\"{}\"", why.as_str()), n))
+            .collect();
+        let closed: Vec<(String, u64)> = CloseReason::ALL
+            .iter()
+            .zip(load(&self.closed))
+            .map(|(reason, n)| (format!("reason=\"{}\"", reason.code()), n))
+            .collect();
+        let errors: Vec<(String, u64)> = ErrorCode::ALL
+            .iter()
+            .zip(load(&self.errors))
+            .map(|(code, n)| (format!("code=\"{}\"", code.as_str()), n))
+            .collect();
+        let tokens: Vec<(String, u64)> = [
             ("speech", "input", usage.speech_in_tokens),
             ("speech", "output", usage.speech_out_tokens),
             ("text", "input", usage.text_in_tokens),
             ("text", "output", usage.text_out_tokens),
+        ]
+        .into_iter()
+        .map(|(modality, direction, n)| {
+            (
+                format!("modality=\"{modality}\",direction=\"{direction}\""),
+                n,
+            )
+        })
+        .collect();
+        let labelled = [
+            (
+                "sonora_sessions_refused_total",
+                "Connections refused before a conversation started.",
+                refused,
+            ),
+            (
+                "sonora_sessions_closed_total",
+                "Conversations ended, by reason.",
+                closed,
+            ),
+            (
+                "sonora_protocol_errors_total",
+                "Error messages sent to clients, by code.",
+                errors,
+            ),
+            (
+                "sonora_tokens_total",
+                "Engine tokens, by modality and direction.",
+                tokens,
+            ),
         ];
-        for (modality, direction, count) in tokens {
-            let _ = writeln!(
-                out,
-                "sonora_tokens_total{{modality=\"{modality}\",direction=\"{direction}\"}} {count}"
-            );
+        for (name, help, samples) in labelled {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
         }
+        self.render_latency(&mut out);
+        out
+    }
+
+    fn render_latency(&self, out: &mut String) {
+        let name = "sonora_turn_latency_seconds";
         let _ = writeln!(
             out,
-            "# HELP sonora_turn_latency_seconds From the end of the user's speech to the first reply audio.\n# TYPE sonora_turn_latency_seconds histogram"
+            "# HELP {name} From the end of the user's speech to the first reply audio.\n# TYPE {name} histogram"
         );
         for (bound, count) in LATENCY_BUCKETS_S.iter().zip(&self.latency_buckets) {
-            let _ = writeln!(
-                out,
-                "sonora_turn_latency_seconds_bucket{{le=\"{bound}\"}} {}",
-                count.load(ORDER)
-            );
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(ORDER));
         }
         let count = self.latency_count.load(ORDER);
+        let sum = self.latency_sum_ms.load(ORDER) as f64 / 1000.0;
         let _ = writeln!(
             out,
-            "sonora_turn_latency_seconds_bucket{{le=\"+Inf\"}} {count}\nsonora_turn_latency_seconds_sum {}\nsonora_turn_latency_seconds_count {count}",
-            self.latency_sum_ms.load(ORDER) as f64 / 1000.0
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
         );
     }
 }

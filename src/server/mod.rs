@@ -23,6 +23,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -138,6 +139,10 @@ impl Server {
             me.shut_down();
         };
         let mut shutting = self.shutdown.subscribe();
+        // Small frames both ways: never wait to coalesce them (Nagle).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let serving = axum::serve(listener, app).with_graceful_shutdown(signal);
         // Upgraded sockets outlive the HTTP connections axum waits for.
         let server = tokio::spawn(serving.into_future());

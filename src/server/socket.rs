@@ -146,20 +146,23 @@ impl Connection {
         .await;
     }
 
-    /// A frame over `server.max_message_bytes`: said, then closed with 1009.
-    fn too_large(&self, bytes: usize) -> Option<ProtocolError> {
+    /// `false` for a frame over `server.max_message_bytes`, after telling
+    /// the client and closing with 1009.
+    async fn size_ok(&mut self, frame: &Option<Result<Message, axum::Error>>) -> bool {
+        let bytes = match frame {
+            Some(Ok(Message::Text(text))) => text.len(),
+            Some(Ok(Message::Binary(bytes))) => bytes.len(),
+            _ => 0,
+        };
         let limit = self.shared.config.server.max_message_bytes;
-        (bytes > limit).then(|| {
-            ProtocolError::new(
-                ErrorCode::MessageTooLarge,
-                format!("a message of {bytes} bytes is over the {limit}-byte limit"),
-            )
-        })
-    }
-
-    async fn refuse_too_large(&mut self, error: &ProtocolError) {
-        self.send_error(error, true).await;
+        if bytes <= limit {
+            return true;
+        }
+        let message = format!("a message of {bytes} bytes is over the {limit}-byte limit");
+        let error = ProtocolError::new(ErrorCode::MessageTooLarge, message);
+        self.send_error(&error, true).await;
         self.close(CLOSE_TOO_BIG, "message too large").await;
+        false
     }
 
     /// Reads until a valid `hello`; errors in between are reported and the
@@ -183,13 +186,7 @@ impl Connection {
                     return None;
                 }
             };
-            let size = match &frame {
-                Some(Ok(Message::Text(text))) => text.len(),
-                Some(Ok(Message::Binary(bytes))) => bytes.len(),
-                _ => 0,
-            };
-            if let Some(error) = self.too_large(size) {
-                self.refuse_too_large(&error).await;
+            if !self.size_ok(&frame).await {
                 return None;
             }
             let text = match frame {
@@ -366,13 +363,7 @@ impl Connection {
         running: &mut Running,
         frame: Option<Result<Message, axum::Error>>,
     ) -> bool {
-        let size = match &frame {
-            Some(Ok(Message::Text(text))) => text.len(),
-            Some(Ok(Message::Binary(bytes))) => bytes.len(),
-            _ => 0,
-        };
-        if let Some(error) = self.too_large(size) {
-            self.refuse_too_large(&error).await;
+        if !self.size_ok(&frame).await {
             return false;
         }
         let input = match frame {

@@ -143,6 +143,19 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Self; 9] = [
+        Self::ClientStopped,
+        Self::EngineClosed,
+        Self::EngineError,
+        Self::BadAudio,
+        Self::NoAudio,
+        Self::Idle,
+        Self::SlowClient,
+        Self::EngineStalled,
+        Self::Shutdown,
+    ];
+
     /// Stable snake_case code, used on the wire.
     pub fn code(&self) -> &'static str {
         match self {
@@ -256,18 +269,7 @@ mod tests {
 
     #[test]
     fn close_codes_match_their_serialized_names() {
-        let all = [
-            CloseReason::ClientStopped,
-            CloseReason::EngineClosed,
-            CloseReason::EngineError,
-            CloseReason::BadAudio,
-            CloseReason::NoAudio,
-            CloseReason::Idle,
-            CloseReason::SlowClient,
-            CloseReason::EngineStalled,
-            CloseReason::Shutdown,
-        ];
-        for reason in all {
+        for reason in CloseReason::ALL {
             let json = serde_json::to_value(reason).expect("serializes");
             assert_eq!(json, reason.code());
         }

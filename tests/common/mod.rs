@@ -70,6 +70,16 @@ pub fn spoken_at(text: &str, wpm: u32, path: &Path) {
     sonora::audio::wav::write_mono(path, 16_000, &pcm).unwrap();
 }
 
+/// Lower case without Spanish accents, for keyword checks on transcripts.
+pub fn folded(text: &str) -> String {
+    text.to_lowercase()
+        .replace(['á', 'à'], "a")
+        .replace('é', "e")
+        .replace('í', "i")
+        .replace('ó', "o")
+        .replace('ú', "u")
+}
+
 /// A gateway on 127.0.0.1:0, and a test's WebSocket client for it.
 pub mod gateway {
     use std::net::SocketAddr;
@@ -201,7 +211,8 @@ pub mod gateway {
 
     impl Client {
         pub async fn connect(addr: SocketAddr) -> Self {
-            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            let url = format!("ws://{addr}/ws");
+            let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
                 .await
                 .unwrap();
             Self { ws }
