@@ -5,6 +5,7 @@
 //! barge-in, usage). Everything outside `engine::*` speaks only these types.
 
 pub mod local;
+pub mod nova_sonic;
 pub mod scripted;
 
 use serde::Serialize;

@@ -475,6 +475,26 @@ mod tests {
     }
 
     #[test]
+    fn the_protocol_document_lists_every_code() {
+        let doc = include_str!("../../docs/protocol.md");
+        for code in ErrorCode::ALL {
+            let row = format!("| `{}` |", code.as_str());
+            assert!(
+                doc.contains(&row),
+                "docs/protocol.md has no row for {}",
+                code.as_str()
+            );
+        }
+        for reason in crate::session::CloseReason::ALL {
+            assert!(
+                doc.contains(&format!("`{}`", reason.code())),
+                "{}",
+                reason.code()
+            );
+        }
+    }
+
+    #[test]
     fn codes_serialize_as_their_names() {
         for code in ErrorCode::ALL {
             assert_eq!(
