@@ -1,14 +1,13 @@
 use serde_json::{Value, json};
 
-use super::events::{
-    BlockRole, Builder, Endpointing, Inference, Output, Tool, base64_decode, base64_encode,
-    is_interruption_marker, parse_output,
-};
+use super::base64::{decode as base64_decode, encode as base64_encode};
+use super::input::{BlockRole, Builder, Endpointing, Inference, Tool};
+use super::output::{Output, is_interruption_marker, parse_output};
 use super::translate::Translator;
 use crate::engine::{EngineEvent, Role, Stage, TurnEndReason};
 use crate::usage::{NOVA_2_SONIC, PriceTable, UsageMeter};
 
-fn json_of(input: &super::events::Input) -> Value {
+fn json_of(input: &super::input::Input) -> Value {
     serde_json::from_slice(&input.to_bytes()).expect("valid JSON")
 }
 

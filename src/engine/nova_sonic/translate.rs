@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 
-use super::events::{BlockKind, BlockRole, GenerationStage, Output, is_interruption_marker};
+use super::input::BlockRole;
+use super::output::{BlockKind, GenerationStage, Output, is_interruption_marker};
 use crate::engine::{EngineEvent, Pcm, Role, Stage, TurnEndReason};
 use crate::usage::{Ingested, UsageMeter};
 
