@@ -7,8 +7,12 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use toml::{Table, Value};
+
+mod settings;
+
+pub use settings::{AudioConfig, Config, EngineConfig, EngineKind, LocalConfig, ServerConfig};
 
 /// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
 pub const EXIT_CODE: i32 = 64;
@@ -17,200 +21,12 @@ pub const CONFIG_ENV: &str = "SONORA_CONFIG";
 /// Environment variable read by the logging setup and ignored here.
 pub const LOG_ENV: &str = "SONORA_LOG";
 
-const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
+pub(crate) const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const SECRET_SUFFIXES: [&str; 5] = ["token", "tokens", "key", "secret", "password"];
 const REDACTED: &str = "<redacted>";
-
-/// The whole gateway configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Config {
-    /// Address the server binds, as `ip:port` (no unit).
-    pub listen: String,
-    /// Audio buffering limits (section, no unit).
-    pub audio: AudioConfig,
-    /// Speech engine selection (section, no unit).
-    pub engine: EngineConfig,
-    /// Connection and session limits (section, no unit).
-    pub server: ServerConfig,
-    /// The local offline engine (section, no unit).
-    pub local: LocalConfig,
-}
-
-/// The local offline engine: speech detection, recognition, answers, synthesis.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalConfig {
-    /// Directory of the faster-whisper (CTranslate2) speech model (path).
-    pub model_dir: String,
-    /// Directory of the Markdown FAQ files the answers come from (path).
-    pub knowledge_dir: String,
-    /// Beam width of speech recognition, in hypotheses.
-    pub asr_beam_size: u32,
-    /// CPU threads for one recognition, in threads; 0 lets the library choose.
-    pub asr_threads: u32,
-    /// Voice activity score at or above which a frame is speech, from 0.05 to 0.95.
-    pub vad_threshold: f64,
-    /// Silence that ends the user's turn, in milliseconds.
-    pub vad_hangover_ms: u32,
-    /// Audio kept from before speech starts, in milliseconds.
-    pub vad_preroll_ms: u32,
-    /// Silence after which recognition starts early, in milliseconds.
-    pub vad_pause_ms: u32,
-    /// Speech synthesiser program, eSpeak NG (path or command name).
-    pub tts_program: String,
-    /// eSpeak NG voice; empty picks one from the conversation language (no unit).
-    pub tts_voice: String,
-    /// Speaking rate, in words per minute.
-    pub tts_rate_wpm: u32,
-    /// Sample rate of reply audio sent to clients, in hertz.
-    pub output_rate_hz: u32,
-    /// OpenAI-compatible chat endpoint answering instead of the knowledge base alone (URL; empty: off).
-    pub chat_url: String,
-    /// Model name sent to the chat endpoint (no unit).
-    pub chat_model: String,
-    /// Bearer key for the chat endpoint; empty sends none. Secret.
-    pub chat_api_key: String,
-    /// Time the chat endpoint has to answer before the knowledge base answers instead, in milliseconds.
-    pub chat_timeout_ms: u32,
-}
-
-impl Default for LocalConfig {
-    fn default() -> Self {
-        Self {
-            model_dir: "models/whisper-base".to_owned(),
-            knowledge_dir: "knowledge".to_owned(),
-            asr_beam_size: 5,
-            asr_threads: 0,
-            vad_threshold: 0.5,
-            vad_hangover_ms: 600,
-            vad_preroll_ms: 150,
-            vad_pause_ms: 150,
-            tts_program: "espeak-ng".to_owned(),
-            tts_voice: String::new(),
-            tts_rate_wpm: 160,
-            output_rate_hz: 24_000,
-            chat_url: String::new(),
-            chat_model: String::new(),
-            chat_api_key: String::new(),
-            chat_timeout_ms: 8_000,
-        }
-    }
-}
-
-/// Audio buffering limits, per session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AudioConfig {
-    /// Most encoded input held ahead of the decoder, in bytes.
-    pub decoder_input_cap_bytes: usize,
-    /// Largest single audio block accepted from a client, in bytes.
-    pub max_block_bytes: usize,
-    /// Client-to-engine audio that may be queued, in milliseconds of audio.
-    pub uplink_queue_ms: u32,
-    /// Engine-to-client audio that may be queued, in milliseconds of audio.
-    pub downlink_queue_ms: u32,
-    /// Time without client audio before the session is closed, in milliseconds.
-    pub no_audio_timeout_ms: u32,
-}
-
-/// Which speech engine serves sessions, and how.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineConfig {
-    /// Engine implementation, `local` or `nova-sonic` (no unit).
-    pub kind: EngineKind,
-    /// Language tag such as `es` or `en-US`, 2 to 16 characters (no unit).
-    pub language: String,
-    /// Voice name; empty selects the engine's default voice (no unit).
-    pub voice: String,
-}
-
-/// Speech engine implementations.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EngineKind {
-    /// The in-process engine.
-    #[default]
-    Local,
-    /// Amazon Nova Sonic.
-    NovaSonic,
-}
-
-/// Connection and session limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Most concurrent sessions, in sessions.
-    pub max_sessions: u32,
-    /// Largest message accepted from a client, in bytes.
-    pub max_message_bytes: usize,
-    /// Time a new connection has to send its hello, in milliseconds.
-    pub hello_timeout_ms: u32,
-    /// Time without any client message before the connection is closed, in milliseconds.
-    pub idle_timeout_ms: u32,
-    /// Accepted client tokens, a list of strings; empty disables auth. Secret.
-    pub auth_tokens: Vec<String>,
-    /// Browser origins allowed on `/ws` besides the server's own, e.g.
-    /// `["https://ayuda.example.edu"]`; `["*"]` allows any.
-    pub allowed_origins: Vec<String>,
-    /// Longest wait for one write to a client before it is dropped, in milliseconds.
-    pub write_timeout_ms: u32,
-    /// On SIGINT/SIGTERM, how long conversations get to close, in milliseconds.
-    pub shutdown_grace_ms: u32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: DEFAULT_LISTEN.to_string(),
-            audio: AudioConfig::default(),
-            engine: EngineConfig::default(),
-            server: ServerConfig::default(),
-            local: LocalConfig::default(),
-        }
-    }
-}
-
-impl Default for AudioConfig {
-    fn default() -> Self {
-        Self {
-            decoder_input_cap_bytes: 4 * 1024 * 1024,
-            max_block_bytes: 256 * 1024,
-            uplink_queue_ms: 5_000,
-            downlink_queue_ms: 10_000,
-            no_audio_timeout_ms: 5_000,
-        }
-    }
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        let language = "es".to_owned();
-        Self {
-            kind: EngineKind::Local,
-            language,
-            voice: String::new(),
-        }
-    }
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            max_sessions: 200,
-            max_message_bytes: 1024 * 1024,
-            hello_timeout_ms: 5_000,
-            idle_timeout_ms: 120_000,
-            auth_tokens: Vec::new(),
-            allowed_origins: Vec::new(),
-            write_timeout_ms: 10_000,
-            shutdown_grace_ms: 10_000,
-        }
-    }
-}
 
 /// Why the configuration was rejected: one line naming the key, its source and what
 /// was expected. Sources read as a file path, an environment variable or `--flag`.
