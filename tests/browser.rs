@@ -94,17 +94,21 @@ fn run_browser(url: &str, wav: &Path, mode: &str) -> serde_json::Value {
     result
 }
 
+/// The final text of one role on the page, folded.
+fn said(result: &serde_json::Value, role: &str) -> String {
+    result["transcript"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["role"] == role && l["stage"] == "final")
+        .map(|l| folded(l["text"].as_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn check(result: &serde_json::Value, mode: &str) {
     assert_eq!(result["mode"], mode, "{result:#}");
-    let lines = result["transcript"].as_array().unwrap();
-    let text = |role: &str| -> String {
-        lines
-            .iter()
-            .filter(|l| l["role"] == role && l["stage"] == "final")
-            .map(|l| folded(l["text"].as_str().unwrap()))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let text = |role: &str| said(result, role);
     assert!(
         text("user").contains("biblioteca"),
         "{mode}: heard {result:#}"
@@ -153,6 +157,9 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     let config = sonora::config::LocalConfig {
         model_dir: root().join("models/whisper-base").display().to_string(),
         knowledge_dir: root().join("knowledge").display().to_string(),
+        // Leave a core to Chromium: a starved capture thread garbles the
+        // fake microphone's audio.
+        asr_threads: 1,
         ..Default::default()
     };
     let engine = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
@@ -161,16 +168,30 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     std::fs::create_dir_all(&dir).unwrap();
     let wav = question_wav(&dir);
     let url = gateway.url("");
+    let mut conversations = 0.0;
     for mode in ["worklet", "recorder"] {
-        let (url, wav) = (url.clone(), wav.clone());
-        let result = tokio::task::spawn_blocking(move || run_browser(&url, &wav, mode))
-            .await
-            .unwrap();
+        // The recogniser (Whisper base on a synthetic voice) sometimes
+        // mishears a whole question; one more try is allowed for that alone.
+        let mut result = serde_json::Value::Null;
+        for attempt in 1..=2 {
+            let (url, wav) = (url.clone(), wav.clone());
+            result = tokio::task::spawn_blocking(move || run_browser(&url, &wav, mode))
+                .await
+                .unwrap();
+            conversations += 1.0;
+            if said(&result, "user").contains("biblioteca") {
+                break;
+            }
+            eprintln!(
+                "{mode}: attempt {attempt} misheard: {:?}",
+                said(&result, "user")
+            );
+        }
         check(&result, mode);
         eprintln!("{mode}: {result}");
     }
     let metrics = gateway.metrics_when_active(0.0).await;
     let sessions = common::gateway::metric(&metrics, "sonora_sessions_total");
-    assert_eq!(sessions, 2.0);
+    assert_eq!(sessions, conversations);
     std::fs::remove_dir_all(&dir).ok();
 }

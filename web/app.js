@@ -55,7 +55,7 @@ const state = {
   socket: null, capture: null, player: null, mode: null, running: false,
   sentMs: 0, receivedSamples: 0, playedSamples: 0,
   lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
-  usage: null, stats: null, engine: null, ended: null, errors: [],
+  usage: null, stats: null, engine: null, ended: null, errors: [], conversation: 0,
 };
 window.sonora = state;
 
@@ -112,7 +112,7 @@ function render() {
 // ---- transcript ----
 const lines = new Map(); // `${turn}:${role}` → <li>
 function showTranscript(role, turn, text, stage) {
-  const key = `${turn}:${role}`;
+  const key = `${state.conversation}:${turn}:${role}`;
   let li = lines.get(key);
   if (!li) {
     li = document.createElement('li');
@@ -288,7 +288,11 @@ function socketUrl() {
 async function start({ withMicrophone = true } = {}) {
   if (state.running) return;
   state.running = true;
+  state.conversation += 1;
   state.ended = null;
+  state.engine = null;
+  state.stats = null;
+  state.speechEndAt = null;
   updateButton();
   setStatus(t('connecting'));
   let stream = null;
@@ -381,7 +385,7 @@ async function start({ withMicrophone = true } = {}) {
         break;
       case 'interrupted': {
         flushPlayback();
-        const li = lines.get(`${message.turn}:assistant`);
+        const li = lines.get(`${state.conversation}:${message.turn}:assistant`);
         if (li) li.classList.add('cut');
         break;
       }
