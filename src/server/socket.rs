@@ -70,6 +70,8 @@ struct Running {
     resampler: Option<(u32, StreamResampler)>,
     /// The client closed its side: outputs are drained, not written.
     client_gone: bool,
+    /// `ready` went out.
+    ready: bool,
 }
 
 impl Connection {
@@ -318,13 +320,14 @@ impl Connection {
             latency_ms: Vec::new(),
             resampler: None,
             client_gone: false,
+            ready: false,
         })
     }
 
     async fn converse(&mut self, mut running: Running) -> Exit {
         let mut shutdown = self.shared.shutdown.clone();
         let mut shutdown_sent = false;
-        let mut stats = tokio::time::interval(STATS_EVERY);
+        let mut stats = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -342,7 +345,8 @@ impl Connection {
                         let _ = running.handle.input.try_send(ClientInput::Stop);
                     }
                 }
-                _ = stats.tick(), if !running.client_gone => {
+                // `stats` only once the client has its `ready`.
+                _ = stats.tick(), if !running.client_gone && running.ready => {
                     let snapshot = running.handle.counters.snapshot();
                     let message = out::stats(&snapshot, running.turns, &running.latency_ms);
                     if !self.send_json(&message).await {
@@ -430,6 +434,7 @@ impl Connection {
                     running.hello.language.clone()
                 };
                 let input = format_name(&running.hello.audio);
+                running.ready = true;
                 let ready = out::ready(
                     &session,
                     &engine,
