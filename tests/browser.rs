@@ -6,7 +6,7 @@
 //!
 //! Needs chromium, node with tests/browser/node_modules, the speech model
 //! and espeak-ng (scripts/setup --browser installs them). Without them the
-//! test says so loudly and skips, unless SONORA_REQUIRE_BROWSER=1 (set by
+//! test says so loudly and skips, unless REQUIRE_BROWSER_TEST=1 (set by
 //! scripts/test), which makes a missing piece a failure.
 
 #![allow(
@@ -145,7 +145,7 @@ fn check(result: &serde_json::Value, mode: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
-    let required = std::env::var("SONORA_REQUIRE_BROWSER").is_ok_and(|v| v == "1");
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
     let missing = browser_present().err().or_else(|| {
         (!model_present()).then(|| "the speech model or espeak-ng is missing".to_owned())
     });
