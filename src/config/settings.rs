@@ -162,7 +162,7 @@ impl Default for AudioConfig {
             decoder_input_cap_bytes: 4 * 1024 * 1024,
             max_block_bytes: 256 * 1024,
             uplink_queue_ms: 5_000,
-            downlink_queue_ms: 10_000,
+            downlink_queue_ms: 30_000,
             no_audio_timeout_ms: 5_000,
         }
     }
