@@ -4,6 +4,7 @@
 //! - [`config`]: typed configuration from defaults, a TOML file, `SONORA_*` variables and flags.
 //! - [`audio`]: `StreamDecoder` (sniff, WebM/Ogg demux, Opus decode, PCM resampling), WAV files.
 //! - [`engine`]: the `Engine` trait, `EngineInput` / `EngineEvent`, and the engines.
+//! - [`tools`]: the tools an engine offers its model: knowledge search, date and time, HTTP calls.
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
@@ -17,4 +18,5 @@ pub mod config;
 pub mod engine;
 pub mod server;
 pub mod session;
+pub mod tools;
 pub mod usage;
