@@ -310,10 +310,10 @@ impl StreamDecoder {
 
     fn feed(&mut self, chunk: &[u8], out: &mut Vec<i16>, end: bool) -> Result<(), DecodeError> {
         let result = self.feed_inner(chunk, out, end);
-        if let Err(e) = &result {
-            if e.is_fatal() {
-                self.failed = Some(e.clone());
-            }
+        if let Err(e) = &result
+            && e.is_fatal()
+        {
+            self.failed = Some(e.clone());
         }
         result
     }

@@ -268,10 +268,8 @@ impl Streams {
             let tail = &body[start..start + run_len];
             self.append(tail)?;
         }
-        if eos {
-            if let Some(stream) = self.stream.as_mut() {
-                stream.ended = true;
-            }
+        if eos && let Some(stream) = self.stream.as_mut() {
+            stream.ended = true;
         }
         Ok(())
     }

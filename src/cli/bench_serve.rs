@@ -52,7 +52,7 @@ struct ClientReport {
 }
 
 pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
-    if args.sessions == 0 || args.frame_ms == 0 || args.turn_ms % args.frame_ms != 0 {
+    if args.sessions == 0 || args.frame_ms == 0 || !args.turn_ms.is_multiple_of(args.frame_ms) {
         return Err(anyhow!(
             "--sessions and --frame-ms must be positive and --turn-ms a multiple of --frame-ms"
         )
@@ -327,7 +327,7 @@ async fn converse(
             _ = tick.tick(), if !stopping => {
                 sink.send(Message::Binary(frame.clone())).await?;
                 sent += 1;
-                if sent % frames_per_turn == 0 {
+                if sent.is_multiple_of(frames_per_turn) {
                     turn_sent_at = Some(Instant::now());
                 }
                 if sent == total_frames {

@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 use super::Failure;
 use crate::audio::{OUTPUT_RATE_HZ, StreamResampler};
 use crate::config::Config;
-use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, Role, Stage};
 use crate::session::{ClientInput, ClientOutput, Conversation, SessionLimits};
 
@@ -91,19 +90,18 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
     mic_stream.play().context("cannot start the microphone")?;
     out_stream.play().context("cannot start the speaker")?;
 
-    let engine =
-        LocalEngine::load(&LocalSettings::from_config(&config.local)).map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let engine = super::talk::load_engine(config, &runtime)?;
     let devices = Devices {
         mic_rate_hz: mic_config.sample_rate(),
         out_rate_hz: out_config.sample_rate(),
         out_channels,
     };
     eprintln!("listening (Ctrl-C to stop)…");
-    runtime.block_on(converse(config, &engine, mic_rx, &speaker, devices))?;
+    runtime.block_on(converse(config, engine.as_ref(), mic_rx, &speaker, devices))?;
     drop((mic_stream, out_stream));
     Ok(())
 }
@@ -145,7 +143,7 @@ fn play<T: Copy>(speaker: &Speaker, data: &mut [T], from_f32: impl Fn(f32) -> T)
 
 async fn converse(
     config: &Config,
-    engine: &LocalEngine,
+    engine: &dyn Engine,
     mut mic: mpsc::Receiver<Vec<f32>>,
     speaker: &Speaker,
     devices: Devices,

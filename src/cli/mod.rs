@@ -6,6 +6,7 @@ mod bench_serve;
 mod decode;
 mod doctor;
 mod live;
+mod nova;
 mod serve;
 mod talk;
 

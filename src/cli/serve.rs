@@ -21,9 +21,15 @@ pub(crate) struct ServeArgs {
     /// Engine: `local` (offline, the default) or `nova-sonic`.
     #[arg(long)]
     engine: Option<String>,
-    /// Knowledge base directory (Markdown FAQ files) for the local engine.
+    /// Knowledge base directory (Markdown FAQ files): the local engine's
+    /// answers and Nova Sonic's search tool.
     #[arg(long, value_name = "DIR")]
     knowledge: Option<std::path::PathBuf>,
+    /// Default reply voice (setting `engine.voice`).
+    #[arg(long)]
+    voice: Option<String>,
+    #[command(flatten)]
+    nova: super::nova::NovaFlags,
     /// Load tests only: answer every TURN_MS of audio with REPLY_MS of tone.
     #[arg(long, hide = true, value_name = "TURN_MS:REPLY_MS")]
     scripted_echo: Option<String>,
@@ -41,6 +47,10 @@ impl ServeArgs {
         if let Some(dir) = &self.knowledge {
             out.push(("local.knowledge_dir".into(), dir.display().to_string()));
         }
+        if let Some(voice) = &self.voice {
+            out.push(("engine.voice".into(), voice.clone()));
+        }
+        out.extend(self.nova.overrides());
         out
     }
 }
@@ -50,13 +60,6 @@ pub(crate) fn run(config: &Config, args: &ServeArgs) -> Result<(), Failure> {
         Some(spec) => Some(parse_echo(spec)?),
         None => None,
     };
-    if echo.is_none() && config.engine.kind != EngineKind::Local {
-        return Err(anyhow!(
-            "engine {:?} is not available in this build; use --engine local",
-            config.engine.kind
-        )
-        .into());
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -89,6 +92,13 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
         Some((turn_ms, reply_ms)) => {
             let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms));
             server.set_engine(engine).map_err(|e| anyhow!(e))?;
+        }
+        None if config.engine.kind == EngineKind::NovaSonic => {
+            let engine = super::nova::engine(config).await?;
+            server
+                .set_engine(Arc::new(engine))
+                .map_err(|e| anyhow!(e))?;
+            eprintln!("sonora: ready — open http://{bound}");
         }
         None => {
             let settings = LocalSettings::from_config(&config.local);

@@ -45,6 +45,8 @@ pub(crate) struct TalkArgs {
     /// Reply voice.
     #[arg(long)]
     pub(crate) voice: Option<String>,
+    #[command(flatten)]
+    pub(crate) nova: super::nova::NovaFlags,
 }
 
 impl TalkArgs {
@@ -63,6 +65,7 @@ impl TalkArgs {
         if let Some(voice) = &self.voice {
             out.push(("engine.voice".into(), voice.clone()));
         }
+        out.extend(self.nova.overrides());
         out
     }
 }
@@ -73,25 +76,17 @@ const FRAME_SAMPLES: usize = 320;
 const FAST_LOOKAHEAD_MS: u64 = 1_000;
 
 pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
-    if config.engine.kind != EngineKind::Local {
-        return Err(anyhow!(
-            "engine {:?} is not available in this build; use --engine local",
-            config.engine.kind
-        )
-        .into());
-    }
     let Some(input) = &args.input else {
         return super::live::run(config);
     };
     let wav = audio::wav::read(input).map_err(|e| anyhow!(e))?;
     let speech = to_16k_mono(&wav)?;
-    let settings = LocalSettings::from_config(&config.local);
-    let engine = LocalEngine::load(&settings).map_err(|e| anyhow!(e))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let summary = runtime.block_on(converse(config, args, &engine, speech))?;
+    let engine = load_engine(config, &runtime)?;
+    let summary = runtime.block_on(converse(config, args, engine.as_ref(), speech))?;
     println!("{summary}");
     match summary["close"].as_str() {
         Some("client_stopped") => Ok(()),
@@ -101,6 +96,22 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         )
         .into()),
     }
+}
+
+/// The configured engine (the local one loads its models here).
+pub(crate) fn load_engine(
+    config: &Config,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<std::sync::Arc<dyn Engine>> {
+    Ok(match config.engine.kind {
+        EngineKind::Local => {
+            let settings = LocalSettings::from_config(&config.local);
+            std::sync::Arc::new(LocalEngine::load(&settings).map_err(|e| anyhow!(e))?)
+        }
+        EngineKind::NovaSonic => {
+            std::sync::Arc::new(runtime.block_on(super::nova::engine(config))?)
+        }
+    })
 }
 
 fn to_16k_mono(wav: &audio::wav::WavAudio) -> anyhow::Result<Vec<i16>> {
@@ -121,7 +132,7 @@ fn to_16k_mono(wav: &audio::wav::WavAudio) -> anyhow::Result<Vec<i16>> {
 async fn converse(
     config: &Config,
     args: &TalkArgs,
-    engine: &LocalEngine,
+    engine: &dyn Engine,
     mut speech: Vec<i16>,
 ) -> anyhow::Result<serde_json::Value> {
     let options = ConversationOptions {
@@ -151,6 +162,8 @@ async fn converse(
     let mut reply_rate_hz = config.local.output_rate_hz;
     let mut frames = speech.chunks(FRAME_SAMPLES);
     let mut feeding = true;
+    // A cloud engine hears in real time: pace the file like a microphone.
+    let realtime = args.realtime || config.engine.kind == EngineKind::NovaSonic;
     let mut pace = tokio::time::interval(Duration::from_millis(20));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let summary: ConversationSummary;
@@ -200,10 +213,10 @@ async fn converse(
                     }
                 }
             }
-            _ = pace.tick(), if feeding && args.realtime => {
+            _ = pace.tick(), if feeding && realtime => {
                 feeding = feed(&handle.input, frames.next()).await;
             }
-            () = tokio::time::sleep(Duration::from_millis(2)), if feeding && !args.realtime => {
+            () = tokio::time::sleep(Duration::from_millis(2)), if feeding && !realtime => {
                 while feeding && handle.counters.uplink_queued_ms() < FAST_LOOKAHEAD_MS {
                     feeding = feed(&handle.input, frames.next()).await;
                 }

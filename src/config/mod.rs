@@ -12,7 +12,9 @@ use toml::{Table, Value};
 
 mod settings;
 
-pub use settings::{AudioConfig, Config, EngineConfig, EngineKind, LocalConfig, ServerConfig};
+pub use settings::{
+    AudioConfig, Config, EngineConfig, EngineKind, LocalConfig, NovaSonicConfig, ServerConfig,
+};
 
 /// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
 pub const EXIT_CODE: i32 = 64;
@@ -86,6 +88,78 @@ impl Config {
         self.validate_from(&|_| None)
     }
 
+    fn validate_nova_sonic(
+        &self,
+        bad: &dyn Fn(&str, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let n = &self.nova_sonic;
+        if !n.model.starts_with("amazon.nova")
+            && !n.model.starts_with("arn:")
+            && !n.model.contains(".amazon.nova")
+        {
+            let reason = "not a Nova Sonic model id, like amazon.nova-2-sonic-v1:0";
+            return Err(bad("nova_sonic.model", quoted(&n.model), reason));
+        }
+        if ![8_000, 16_000, 24_000].contains(&n.output_rate_hz) {
+            let reason = "must be 8000, 16000 or 24000 Hz";
+            return Err(bad(
+                "nova_sonic.output_rate_hz",
+                n.output_rate_hz.to_string(),
+                reason,
+            ));
+        }
+        for (key, value) in [
+            ("nova_sonic.top_p", n.top_p),
+            ("nova_sonic.temperature", n.temperature),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(bad(key, value.to_string(), "must be between 0 and 1"));
+            }
+        }
+        if !["", "HIGH", "MEDIUM", "LOW"].contains(&n.endpointing.to_ascii_uppercase().as_str()) {
+            let reason = "must be HIGH, MEDIUM, LOW or empty";
+            return Err(bad(
+                "nova_sonic.endpointing",
+                quoted(&n.endpointing),
+                reason,
+            ));
+        }
+        if !n.endpoint_url.is_empty()
+            && !n.endpoint_url.starts_with("https://")
+            && !n.endpoint_url.starts_with("http://")
+        {
+            let reason = "must be an https:// URL";
+            return Err(bad(
+                "nova_sonic.endpoint_url",
+                quoted(&n.endpoint_url),
+                reason,
+            ));
+        }
+        if !n.ca_file.is_empty() && !Path::new(&n.ca_file).is_file() {
+            return Err(bad(
+                "nova_sonic.ca_file",
+                quoted(&n.ca_file),
+                "no such file",
+            ));
+        }
+        if n.voice.is_empty() || !n.voice.bytes().all(|b| b.is_ascii_alphabetic()) {
+            let reason = "must be a voice id such as lupe or carlos";
+            return Err(bad("nova_sonic.voice", quoted(&n.voice), reason));
+        }
+        let prices = [
+            ("nova_sonic.speech_in_usd_per_1k", n.speech_in_usd_per_1k),
+            ("nova_sonic.speech_out_usd_per_1k", n.speech_out_usd_per_1k),
+            ("nova_sonic.text_in_usd_per_1k", n.text_in_usd_per_1k),
+            ("nova_sonic.text_out_usd_per_1k", n.text_out_usd_per_1k),
+        ];
+        for (key, usd) in prices {
+            if let Err(reason) = crate::usage::PriceTable::from_usd_per_1k(usd, usd, usd, usd) {
+                return Err(bad(key, usd.to_string(), &reason));
+            }
+        }
+        Ok(())
+    }
+
     /// [`Config::validate`], naming the source of a bad value by its key.
     fn validate_from(&self, origin: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let bad = |key: &str, value: String, reason: &str| invalid(key, value, origin(key), reason);
@@ -93,11 +167,11 @@ impl Config {
             let reason = "not an address like 127.0.0.1:8080";
             return Err(bad("listen", quoted(&self.listen), reason));
         }
-        let (a, s, l) = (&self.audio, &self.server, &self.local);
+        let (a, s, l, n) = (&self.audio, &self.server, &self.local, &self.nova_sonic);
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 20] = [
+        let ranges: [(&str, u64, u64, u64, &str); 25] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -118,6 +192,11 @@ impl Config {
             ("local.output_rate_hz", l.output_rate_hz.into(), 8_000, 48_000, "Hz"),
             ("local.chat_timeout_ms", l.chat_timeout_ms.into(), 500, 120_000, "ms"),
             ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, l.vad_hangover_ms.into(), "ms (local.vad_hangover_ms)"),
+            ("nova_sonic.max_tokens", n.max_tokens.into(), 1, 10_000, "tokens"),
+            ("nova_sonic.rotate_after_s", n.rotate_after_s.into(), 1, 460, "s (the service ends a stream at 8 minutes)"),
+            ("nova_sonic.handoff_wait_s", n.handoff_wait_s.into(), 0, 120, "s"),
+            ("nova_sonic.stall_timeout_ms", n.stall_timeout_ms.into(), 200, 120_000, "ms"),
+            ("nova_sonic.max_retries", n.max_retries.into(), 0, 10, "tries"),
         ];
         for (key, value, min, max, unit) in ranges {
             if !(min..=max).contains(&value) {
@@ -142,6 +221,18 @@ impl Config {
                 cap.to_string(),
                 &reason,
             ));
+        }
+        self.validate_nova_sonic(&bad)?;
+        if let Err(reason) = self.tools.validate() {
+            // The reason reads `tools.key = value: why`.
+            let parts = reason.split_once(" = ").and_then(|(key, rest)| {
+                let (value, why) = rest.split_once(": ")?;
+                Some((key.to_owned(), value.to_owned(), why.to_owned()))
+            });
+            return Err(match parts {
+                Some((key, value, why)) => bad(&key, value, &why),
+                None => bad("tools", String::new(), &reason),
+            });
         }
         if !l.chat_url.is_empty() && l.chat_model.is_empty() {
             let reason = "must name the model when local.chat_url is set";

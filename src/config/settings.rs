@@ -19,6 +19,81 @@ pub struct Config {
     pub server: ServerConfig,
     /// The local offline engine (section, no unit).
     pub local: LocalConfig,
+    /// Amazon Nova Sonic (section, no unit).
+    pub nova_sonic: NovaSonicConfig,
+    /// Tools a speech model may call (section, no unit).
+    pub tools: crate::tools::ToolsConfig,
+}
+
+/// Amazon Nova Sonic over Bedrock's bidirectional stream. Credentials come
+/// from the standard AWS chain (environment, profile, SSO, instance role).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NovaSonicConfig {
+    /// Bedrock model id, `amazon.nova-2-sonic-v1:0` or `amazon.nova-sonic-v1:0` (no unit).
+    pub model: String,
+    /// AWS Region; empty takes `AWS_REGION` or the profile's (no unit).
+    pub region: String,
+    /// Voice when the client asks for none, e.g. `lupe`, `carlos` (no unit).
+    pub voice: String,
+    /// Reply audio rate: 8000, 16000 or 24000, in Hz.
+    pub output_rate_hz: u32,
+    /// System prompt; empty uses the built-in Spanish help-desk prompt (text).
+    pub system_prompt: String,
+    /// Most tokens in one reply, in tokens.
+    pub max_tokens: u32,
+    /// Nucleus sampling, 0 to 1 (no unit).
+    pub top_p: f64,
+    /// Sampling temperature, 0 to 1 (no unit).
+    pub temperature: f64,
+    /// Nova 2 end-of-turn sensitivity: `HIGH`, `MEDIUM`, `LOW`, or empty to omit (no unit).
+    pub endpointing: String,
+    /// Endpoint URL instead of Bedrock's regional one (VPC endpoint, proxy), `https://…` (no unit).
+    pub endpoint_url: String,
+    /// PEM file of the certificates to trust for `endpoint_url` (path).
+    pub ca_file: String,
+    /// Stream age at which a warm hand-off to a new stream begins, in seconds.
+    pub rotate_after_s: u32,
+    /// Longest wait for the assistant to start speaking before the hand-off is forced, in seconds.
+    pub handoff_wait_s: u32,
+    /// No reply for this long after the user's turn means a stalled stream, in milliseconds.
+    pub stall_timeout_ms: u32,
+    /// Reconnections allowed within one turn, in tries.
+    pub max_retries: u32,
+    /// Speech input price; 0 keeps the built-in one, in USD per 1,000 tokens.
+    pub speech_in_usd_per_1k: f64,
+    /// Speech output price; 0 keeps the built-in one, in USD per 1,000 tokens.
+    pub speech_out_usd_per_1k: f64,
+    /// Text input price; 0 keeps the built-in one, in USD per 1,000 tokens.
+    pub text_in_usd_per_1k: f64,
+    /// Text output price; 0 keeps the built-in one, in USD per 1,000 tokens.
+    pub text_out_usd_per_1k: f64,
+}
+
+impl Default for NovaSonicConfig {
+    fn default() -> Self {
+        Self {
+            model: "amazon.nova-2-sonic-v1:0".into(),
+            region: "us-east-1".into(),
+            voice: "lupe".into(),
+            output_rate_hz: 24_000,
+            system_prompt: String::new(),
+            max_tokens: 1024,
+            top_p: 0.9,
+            temperature: 0.7,
+            endpointing: "MEDIUM".into(),
+            endpoint_url: String::new(),
+            ca_file: String::new(),
+            rotate_after_s: 360,
+            handoff_wait_s: 20,
+            stall_timeout_ms: 10_000,
+            max_retries: 3,
+            speech_in_usd_per_1k: 0.0,
+            speech_out_usd_per_1k: 0.0,
+            text_in_usd_per_1k: 0.0,
+            text_out_usd_per_1k: 0.0,
+        }
+    }
 }
 
 /// The local offline engine: speech detection, recognition, answers, synthesis.
@@ -152,6 +227,8 @@ impl Default for Config {
             engine: EngineConfig::default(),
             server: ServerConfig::default(),
             local: LocalConfig::default(),
+            nova_sonic: NovaSonicConfig::default(),
+            tools: crate::tools::ToolsConfig::default(),
         }
     }
 }

@@ -69,7 +69,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 4 * 1024 * 1024);
     assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-    assert_eq!(keys().len(), 33, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 56, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -268,4 +268,38 @@ fn redacted_toml_without_secrets_round_trips() {
     assert_eq!(toml::from_str::<Config>(&text).unwrap(), config);
     let file = TempFile::new(&text);
     assert_eq!(load(&opts(Some(&file), &[], &[])).unwrap(), config);
+}
+
+#[test]
+fn nova_sonic_and_tool_settings_are_checked() {
+    let bad = [
+        ("nova_sonic.output_rate_hz", "22050"),
+        ("nova_sonic.temperature", "1.5"),
+        ("nova_sonic.endpointing", "SOMETIMES"),
+        ("nova_sonic.rotate_after_s", "600"),
+        ("nova_sonic.endpoint_url", "ftp://example"),
+        ("nova_sonic.ca_file", "/no/such/ca.pem"),
+        ("nova_sonic.model", "gpt-4o"),
+        ("nova_sonic.speech_out_usd_per_1k", "-1"),
+        ("tools.time_zone", "America/Atlantis"),
+    ];
+    for (key, value) in bad {
+        let (err, text) = fail(&opts(None, &[], &[(key, value)]));
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{key}: {text}");
+        assert!(
+            text.contains(key.split('.').next().unwrap_or(key)),
+            "{key}: {text}"
+        );
+    }
+    let file = TempFile::new(
+        "[engine]\nkind = \"nova-sonic\"\n[nova_sonic]\nvoice = \"carlos\"\nrotate_after_s = 300\n\
+         [[tools.http]]\nname = \"room_booking\"\ndescription = \"Books a study room.\"\n\
+         schema = '{\"type\":\"object\"}'\nurl = \"https://rooms.example.edu/book\"\n",
+    );
+    let config = load(&opts(Some(&file), &[], &[])).unwrap();
+    assert_eq!(config.engine.kind, EngineKind::NovaSonic);
+    assert_eq!(config.nova_sonic.voice, "carlos");
+    assert_eq!(config.nova_sonic.rotate_after_s, 300);
+    assert_eq!(config.tools.http.len(), 1);
+    assert_eq!(config.tools.http[0].name, "room_booking");
 }

@@ -129,6 +129,9 @@ pub enum EngineEvent {
     /// The engine replaced its upstream stream without a gap.
     Rotated {
         generation: u32,
+        /// How long the hand-off kept user audio from going upstream, in
+        /// milliseconds (frames arriving meanwhile wait, none are lost).
+        gap_ms: f64,
     },
     Error {
         kind: ErrorKind,

@@ -378,8 +378,8 @@ pub mod out {
             EngineEvent::SpeechEnded { turn_id } => {
                 json!({"type": "speech", "state": "ended", "turn": turn_id})
             }
-            EngineEvent::Rotated { generation } => {
-                json!({"type": "rotated", "generation": generation})
+            EngineEvent::Rotated { generation, gap_ms } => {
+                json!({"type": "rotated", "generation": generation, "gap_ms": gap_ms})
             }
             EngineEvent::Error { kind, message } => json!({
                 "type": "error",

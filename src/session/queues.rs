@@ -249,7 +249,10 @@ mod tests {
         let end = ClientOutput::Event(EngineEvent::SpeechEnded { turn_id: 1 });
         downlink.push(end.clone());
         downlink.push(audio(40));
-        downlink.push(ClientOutput::Event(EngineEvent::Rotated { generation: 2 }));
+        downlink.push(ClientOutput::Event(EngineEvent::Rotated {
+            generation: 2,
+            gap_ms: 1.0,
+        }));
         downlink.push(audio(60));
         assert_eq!(downlink.queued_ms(), 100);
         assert!(!downlink.front_is_audio());
@@ -261,7 +264,10 @@ mod tests {
         downlink.clear_audio();
         assert_eq!((downlink.queued_ms(), downlink.cleared_ms()), (0, 80));
         assert_eq!(downlink.len(), 1);
-        let rotated = ClientOutput::Event(EngineEvent::Rotated { generation: 2 });
+        let rotated = ClientOutput::Event(EngineEvent::Rotated {
+            generation: 2,
+            gap_ms: 1.0,
+        });
         assert_eq!(downlink.pop(), Some(rotated));
         assert!(downlink.is_empty());
     }

@@ -193,10 +193,10 @@ impl Task {
         tokio::pin!(timer);
         loop {
             let deadline = state.next_deadline();
-            if let Some(deadline) = deadline {
-                if timer.deadline() != deadline {
-                    timer.as_mut().reset(deadline);
-                }
+            if let Some(deadline) = deadline
+                && timer.deadline() != deadline
+            {
+                timer.as_mut().reset(deadline);
             }
             let wake = tokio::select! {
                 biased;
@@ -336,15 +336,15 @@ impl State {
             }
             return None;
         }
-        if let Some(starving) = &self.starving {
-            if now >= after(starving.since, limits.no_audio_timeout_ms) {
-                let message = format!(
-                    "no audio decoded from the last {} bytes received over {} ms",
-                    starving.bytes,
-                    now.duration_since(starving.since).as_millis()
-                );
-                return Ending::new(CloseReason::NoAudio, message);
-            }
+        if let Some(starving) = &self.starving
+            && now >= after(starving.since, limits.no_audio_timeout_ms)
+        {
+            let message = format!(
+                "no audio decoded from the last {} bytes received over {} ms",
+                starving.bytes,
+                now.duration_since(starving.since).as_millis()
+            );
+            return Ending::new(CloseReason::NoAudio, message);
         }
         if now >= after(self.last_input, limits.idle_timeout_ms) {
             let message = format!("no input from the client for {} ms", limits.idle_timeout_ms);
@@ -526,23 +526,23 @@ impl State {
             return None;
         }
         let mut note = None;
-        if let Some(decoder) = self.decoder.as_mut() {
-            if decoder.stats().bytes_in > 0 {
-                let mut pcm = std::mem::take(&mut self.pcm);
-                let result = decoder.finish(&mut pcm);
-                let decoded_any = decoder.stats().pcm_samples_out > 0;
-                self.counters.set_decoder(decoder.stats());
-                let ending = self.accept_pcm(&pcm, now);
-                pcm.clear();
-                self.pcm = pcm;
-                if ending.is_some() {
-                    return ending;
-                }
-                match result {
-                    Ok(()) => {}
-                    Err(e) if decoded_any => note = Some(e.to_string()),
-                    Err(e) => return Ending::new(CloseReason::BadAudio, e.to_string()),
-                }
+        if let Some(decoder) = self.decoder.as_mut()
+            && decoder.stats().bytes_in > 0
+        {
+            let mut pcm = std::mem::take(&mut self.pcm);
+            let result = decoder.finish(&mut pcm);
+            let decoded_any = decoder.stats().pcm_samples_out > 0;
+            self.counters.set_decoder(decoder.stats());
+            let ending = self.accept_pcm(&pcm, now);
+            pcm.clear();
+            self.pcm = pcm;
+            if ending.is_some() {
+                return ending;
+            }
+            match result {
+                Ok(()) => {}
+                Err(e) if decoded_any => note = Some(e.to_string()),
+                Err(e) => return Ending::new(CloseReason::BadAudio, e.to_string()),
             }
         }
         if self.engine_accepts {

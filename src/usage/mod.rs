@@ -326,6 +326,8 @@ pub struct UsageMeter {
     /// Rounded micro-dollar total already handed out in deltas.
     reported_micro: u64,
     stream: StreamState,
+    /// The stream before `stream` while it is still closing (rotation).
+    previous: Option<StreamState>,
 }
 
 impl UsageMeter {
@@ -339,6 +341,7 @@ impl UsageMeter {
             cost_nano: 0,
             reported_micro: 0,
             stream: StreamState::default(),
+            previous: None,
         }
     }
 
@@ -350,6 +353,23 @@ impl UsageMeter {
     /// running totals restart at zero. The meter's own totals carry on.
     pub fn begin_stream(&mut self) {
         self.stream = StreamState::default();
+    }
+
+    /// A new stream began while the current one is still closing (a warm
+    /// hand-off): the closing stream's late events go to
+    /// [`UsageMeter::ingest_previous`] and are checked against its own totals.
+    pub fn begin_overlapping_stream(&mut self) {
+        self.previous = Some(std::mem::take(&mut self.stream));
+    }
+
+    /// [`UsageMeter::ingest`] for the stream that was current before
+    /// [`UsageMeter::begin_overlapping_stream`].
+    pub fn ingest_previous(&mut self, usage_event: &Value) -> Ingested {
+        let previous = self.previous.take().unwrap_or_default();
+        let current = std::mem::replace(&mut self.stream, previous);
+        let ingested = self.ingest(usage_event);
+        self.previous = Some(std::mem::replace(&mut self.stream, current));
+        ingested
     }
 
     /// Counts one `usageEvent` (the object inside

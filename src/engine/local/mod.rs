@@ -372,10 +372,10 @@ impl Conversation {
         let now = self.clock_ms.load(Ordering::Acquire);
         // A reply task that already finished (its TurnEnd is out) is only
         // still playing; collect it as such.
-        if self.reply.as_ref().is_some_and(|r| r.task.is_finished()) {
-            if let Some(done) = self.reply.take() {
-                self.finished(&done);
-            }
+        if self.reply.as_ref().is_some_and(|r| r.task.is_finished())
+            && let Some(done) = self.reply.take()
+        {
+            self.finished(&done);
         }
         let speaking = self
             .reply

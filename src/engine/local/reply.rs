@@ -89,10 +89,10 @@ pub(super) async fn recognise(
             .asr_gate
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((current, generation)) = wanted {
-            if current.load(Ordering::Acquire) != generation {
-                return Ok(None);
-            }
+        if let Some((current, generation)) = wanted
+            && current.load(Ordering::Acquire) != generation
+        {
+            return Ok(None);
         }
         shared.asr.transcribe(&audio, &language).map(Some)
     })

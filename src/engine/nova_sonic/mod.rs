@@ -1,16 +1,221 @@
-//! Amazon Nova Sonic (Bedrock bidirectional streaming): the protocol layer.
+//! Amazon Nova Sonic (Bedrock bidirectional streaming).
 //!
 //! [`input`] builds every input event with serde types, [`output`] parses
-//! every output event, and [`translate`] turns output events into `EngineEvent`s
-//! (turns, transcripts by stage, audio, one barge-in per turn, tool calls,
-//! usage through `usage::UsageMeter`). The stream itself (the AWS SDK call,
-//! rotation, retries and tools) builds on these. Nova Sonic's types never
-//! leave this module.
+//! every output event, [`translate`] turns them into `EngineEvent`s (turns,
+//! transcripts by stage, audio, one barge-in per turn, tool calls, usage
+//! through `usage::UsageMeter`). [`stream`] is one SDK call, [`client`] the
+//! SDK client (endpoint override, CA file), [`history`] the text replayed
+//! into new streams, and [`conversation`] drives one conversation across
+//! streams: silence while the user is mute, tools, warm rotation before the
+//! connection limit, retries. Nova Sonic's types never leave this module.
 
 pub mod base64;
+pub mod client;
+mod conversation;
+pub mod history;
 pub mod input;
 pub mod output;
+pub mod stream;
 pub mod translate;
 
 #[cfg(test)]
 mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_bedrockruntime::Client;
+
+pub use self::client::{ClientSettings, StaticCredentials};
+use self::input::{Endpointing, Inference};
+use super::{ConversationOptions, Engine, EngineSession, Voice};
+use crate::config::NovaSonicConfig;
+use crate::tools::Tools;
+use crate::usage::{PriceTable, Rates};
+
+/// The default model: Nova 2 Sonic.
+pub const DEFAULT_MODEL: &str = "amazon.nova-2-sonic-v1:0";
+/// Nova Sonic v1, still accepted.
+pub const MODEL_V1: &str = "amazon.nova-sonic-v1:0";
+/// User audio goes up at 16 kHz.
+pub const INPUT_RATE_HZ: u32 = 16_000;
+
+/// The system prompt when none is configured: a Spanish-first help desk.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "Eres el asistente de voz de la mesa de ayuda de una \
+universidad. Responde en el idioma en que te hablen (por defecto, en español), con frases \
+cortas y naturales para ser escuchadas: dos o tres oraciones como máximo. Usa la herramienta \
+search_knowledge antes de responder preguntas sobre servicios, horarios o trámites, y \
+current_datetime cuando la respuesta dependa de la fecha o la hora. Si no sabes algo, dilo \
+y ofrece derivar la consulta.";
+
+/// Everything a Nova Sonic conversation is made with.
+#[derive(Debug, Clone)]
+pub struct NovaSonicSettings {
+    pub client: ClientSettings,
+    pub model: String,
+    /// Voice when a conversation asks for none.
+    pub voice: String,
+    pub output_rate_hz: u32,
+    pub system_prompt: String,
+    pub inference: Inference,
+    /// Nova 2 only; `None` omits it (and is forced for v1).
+    pub endpointing: Option<Endpointing>,
+    /// Stream age at which a warm hand-off to a new stream begins.
+    pub rotate_after: Duration,
+    /// How long the hand-off waits for the assistant to start speaking
+    /// before it is forced.
+    pub handoff_wait: Duration,
+    /// No reply for this long after the user's turn means a stalled stream.
+    pub stall_timeout: Duration,
+    /// Reconnections allowed within one turn.
+    pub max_retries: u32,
+    pub prices: PriceTable,
+}
+
+impl NovaSonicSettings {
+    pub fn from_config(config: &NovaSonicConfig) -> Self {
+        let text = |s: &str| (!s.trim().is_empty()).then(|| s.trim().to_owned());
+        let endpointing = match config.endpointing.to_ascii_uppercase().as_str() {
+            "HIGH" => Some(Endpointing::High),
+            "LOW" => Some(Endpointing::Low),
+            "MEDIUM" => Some(Endpointing::Medium),
+            _ => None,
+        };
+        let mut prices = PriceTable::builtin();
+        let usd = [
+            config.speech_in_usd_per_1k,
+            config.speech_out_usd_per_1k,
+            config.text_in_usd_per_1k,
+            config.text_out_usd_per_1k,
+        ];
+        if usd.iter().any(|p| *p > 0.0) {
+            // Each configured price replaces one built-in rate (validated by the config).
+            let given = PriceTable::from_usd_per_1k(usd[0], usd[1], usd[2], usd[3]).ok();
+            let builtin = prices.rates(&config.model).copied().unwrap_or_default();
+            if let Some(given) = given {
+                let pick = |i: usize, g: u64, b: u64| if usd[i] > 0.0 { g } else { b };
+                let rates = Rates {
+                    speech_in: pick(0, given.speech_in, builtin.speech_in),
+                    speech_out: pick(1, given.speech_out, builtin.speech_out),
+                    text_in: pick(2, given.text_in, builtin.text_in),
+                    text_out: pick(3, given.text_out, builtin.text_out),
+                };
+                prices = prices.with_override(&config.model, rates);
+            }
+        }
+        Self {
+            client: ClientSettings {
+                region: config.region.clone(),
+                endpoint_url: text(&config.endpoint_url),
+                ca_file: text(&config.ca_file).map(Into::into),
+                credentials: None,
+            },
+            model: config.model.clone(),
+            voice: config.voice.clone(),
+            output_rate_hz: config.output_rate_hz,
+            system_prompt: text(&config.system_prompt)
+                .unwrap_or_else(|| DEFAULT_SYSTEM_PROMPT.to_owned()),
+            inference: Inference {
+                max_tokens: config.max_tokens,
+                top_p: config.top_p as f32,
+                temperature: config.temperature as f32,
+            },
+            endpointing: if config.model.contains(MODEL_V1) {
+                None
+            } else {
+                endpointing
+            },
+            rotate_after: Duration::from_secs(config.rotate_after_s.into()),
+            handoff_wait: Duration::from_secs(config.handoff_wait_s.into()),
+            stall_timeout: Duration::from_millis(config.stall_timeout_ms.into()),
+            max_retries: config.max_retries,
+            prices,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: NovaSonicSettings,
+    client: Client,
+    tools: Option<Tools>,
+}
+
+/// The Nova Sonic engine: one SDK client shared by all conversations.
+#[derive(Debug, Clone)]
+pub struct NovaSonicEngine {
+    shared: Arc<Shared>,
+}
+
+impl NovaSonicEngine {
+    /// Builds the client (reads the AWS configuration; no network call yet:
+    /// bad credentials show on the first conversation, as a fatal error).
+    pub async fn connect(
+        settings: NovaSonicSettings,
+        tools: Option<Tools>,
+    ) -> Result<Self, String> {
+        let client = client::connect(&settings.client)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                settings,
+                client,
+                tools,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &NovaSonicSettings {
+        &self.shared.settings
+    }
+}
+
+impl Engine for NovaSonicEngine {
+    fn name(&self) -> &'static str {
+        "nova-sonic"
+    }
+
+    fn voices(&self) -> Vec<Voice> {
+        let v1 = self.shared.settings.model.contains(MODEL_V1);
+        let mut voices = vec![
+            Voice::new("lupe", "Lupe", "es-US"),
+            Voice::new("carlos", "Carlos", "es-US"),
+            Voice::new("tiffany", "Tiffany", "en-US"),
+            Voice::new("matthew", "Matthew", "en-US"),
+            Voice::new("amy", "Amy", "en-GB"),
+            Voice::new("ambre", "Ambre", "fr-FR"),
+            Voice::new("florian", "Florian", "fr-FR"),
+            Voice::new("beatrice", "Beatrice", "it-IT"),
+            Voice::new("lorenzo", "Lorenzo", "it-IT"),
+            Voice::new("lennart", "Lennart", "de-DE"),
+        ];
+        if v1 {
+            voices.push(Voice::new("greta", "Greta", "de-DE"));
+        } else {
+            voices.extend([
+                Voice::new("tina", "Tina", "de-DE"),
+                Voice::new("olivia", "Olivia", "en-AU"),
+                Voice::new("kiara", "Kiara", "en-IN"),
+                Voice::new("arjun", "Arjun", "en-IN"),
+                Voice::new("carolina", "Carolina", "pt-BR"),
+                Voice::new("leo", "Leo", "pt-BR"),
+            ]);
+        }
+        voices
+    }
+
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+        let voice = if options.voice.is_empty() {
+            self.shared.settings.voice.clone()
+        } else {
+            options.voice.to_ascii_lowercase()
+        };
+        if !self.voices().iter().any(|v| v.id == voice) {
+            return Err(format!("Nova Sonic has no voice {voice:?}"));
+        }
+        let (session, input, events) = EngineSession::channel();
+        tokio::spawn(conversation::run(self.shared.clone(), voice, input, events));
+        Ok(session)
+    }
+}

@@ -53,11 +53,69 @@ impl Translator {
         &self.meter
     }
 
-    /// A new upstream stream begins (rotation or reconnect): block ids and
-    /// the engine's running totals start over; turns go on.
+    /// A new upstream stream begins (reconnect): block ids and the engine's
+    /// running totals start over; turns go on.
     pub fn begin_stream(&mut self) {
         self.blocks.clear();
         self.meter.begin_stream();
+    }
+
+    /// A new stream takes over while the old one closes (rotation): the old
+    /// one's late usage goes through [`Translator::on_previous_usage`].
+    pub fn begin_overlapping_stream(&mut self) {
+        self.blocks.clear();
+        self.meter.begin_overlapping_stream();
+    }
+
+    /// Usage reported by the stream being closed after a rotation.
+    pub fn on_previous_usage(&mut self, event: &serde_json::Value) -> Vec<EngineEvent> {
+        let ingested = self.meter.ingest_previous(event);
+        let mut out = Vec::new();
+        self.usage_events(ingested, &mut out);
+        out
+    }
+
+    /// Whether an assistant reply is under way (or awaited after the user's turn).
+    pub fn turn_open(&self) -> bool {
+        self.open_turn.is_some()
+    }
+
+    /// Ends the open turn, if any (its stream failed): `TurnEnd` with `reason`.
+    pub fn end_open_turn(&mut self, reason: TurnEndReason) -> Option<EngineEvent> {
+        let turn = self.open_turn.take()?;
+        Some(EngineEvent::TurnEnd {
+            turn_id: turn,
+            reason,
+        })
+    }
+
+    /// Typed user text starts a turn: its transcript is the text itself.
+    pub fn user_text(&mut self, text: &str) -> Vec<EngineEvent> {
+        let turn = self.new_turn();
+        vec![EngineEvent::Transcript {
+            role: Role::User,
+            text: text.to_owned(),
+            stage: Stage::Final,
+            turn_id: turn,
+        }]
+    }
+
+    fn usage_events(&mut self, ingested: Ingested, out: &mut Vec<EngineEvent>) {
+        match ingested {
+            Ingested::Delta(delta) => {
+                if !delta.is_empty() {
+                    out.push(EngineEvent::Usage(delta));
+                }
+            }
+            Ingested::Mismatch { delta, warning } => {
+                self.notes.push(format!("usage: {warning}"));
+                out.push(EngineEvent::Usage(delta));
+            }
+            Ingested::Unknown { reason } => {
+                self.notes
+                    .push(format!("usage event not counted: {reason}"));
+            }
+        }
     }
 
     fn new_turn(&mut self) -> u64 {
@@ -187,21 +245,10 @@ impl Translator {
                     }
                 }
             }
-            Output::Usage(event) => match self.meter.ingest(&event) {
-                Ingested::Delta(delta) => {
-                    if !delta.is_empty() {
-                        out.push(EngineEvent::Usage(delta));
-                    }
-                }
-                Ingested::Mismatch { delta, warning } => {
-                    self.notes.push(format!("usage: {warning}"));
-                    out.push(EngineEvent::Usage(delta));
-                }
-                Ingested::Unknown { reason } => {
-                    self.notes
-                        .push(format!("usage event not counted: {reason}"));
-                }
-            },
+            Output::Usage(event) => {
+                let ingested = self.meter.ingest(&event);
+                self.usage_events(ingested, &mut out);
+            }
             Output::CompletionStart | Output::CompletionEnd { .. } => {}
             Output::Other(name) => self.notes.push(format!("unknown event {name}")),
         }

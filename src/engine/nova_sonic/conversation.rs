@@ -1,0 +1,783 @@
+//! One Nova Sonic conversation across upstream streams.
+//!
+//! User audio goes up in 32 ms frames; while the user is mute, silence does,
+//! so the service's idle timeouts never fire. Tools run off the loop. Before
+//! a stream reaches its age limit, the next one is opened in the background
+//! (once the assistant starts speaking, or after a wait), and the hand-off
+//! happens when the assistant has finished: history as text, then the user
+//! audio the old stream had not yet turned into a transcript. A failed or
+//! stalled stream is replaced the same way, with capped backoff.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::history::{History, MAX_PIECE_BYTES};
+use super::input::{BlockRole, Builder, Input};
+use super::output::{BlockKind, Output};
+use super::stream::{Failure, SendError, StreamItem, Upstream};
+use super::translate::Translator;
+use super::{INPUT_RATE_HZ, MODEL_V1, Shared};
+use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason};
+use crate::usage::UsageMeter;
+
+/// Samples per `audioInput`: 32 ms at 16 kHz.
+const FRAME_SAMPLES: usize = 512;
+const FRAME: Duration = Duration::from_millis(32);
+/// Silence starts after this long without user audio.
+const MUTE_AFTER: Duration = Duration::from_millis(200);
+/// User audio kept for replay into a new stream.
+const REPLAY_SAMPLES: usize = 3 * INPUT_RATE_HZ as usize;
+/// Wait for room for a control event (block boundaries, text, tool results).
+const CONTROL_WAIT: Duration = Duration::from_secs(2);
+/// After `Close`, how long with nothing happening before the stream is ended.
+const CLOSE_QUIET: Duration = Duration::from_millis(2_500);
+/// After `Close`, the longest wait for a reply to finish.
+const CLOSE_LIMIT: Duration = Duration::from_secs(60);
+/// The longest wait for a closing stream to end after `sessionEnd`.
+const END_WAIT: Duration = Duration::from_secs(5);
+/// Backoff before reconnection tries 1, 2, 3…
+const BACKOFF_MS: [u64; 3] = [0, 1_000, 3_000];
+
+/// A stream with the names its events use.
+#[derive(Debug)]
+struct Stream {
+    up: Upstream,
+    builder: Builder,
+    /// The audio block's content name, once it is open.
+    audio: Option<String>,
+    generation: u32,
+    /// The service answered the call (`send()` returned).
+    opened: bool,
+    /// Events that arrived before this stream took over.
+    early: Vec<StreamItem>,
+}
+
+#[derive(Debug, Default)]
+struct Rotation {
+    /// When the current stream passed `rotate_after`.
+    armed_at: Option<Instant>,
+}
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    voice: String,
+    input: mpsc::Receiver<EngineInput>,
+    events: mpsc::Sender<EngineEvent>,
+) {
+    let settings = &shared.settings;
+    let meter = UsageMeter::new(&settings.model, &settings.prices);
+    let (tool_tx, tool_rx) = mpsc::channel(16);
+    let (drain_tx, drain_rx) = mpsc::channel(64);
+    let now = Instant::now();
+    let mut driver = Driver {
+        translator: Translator::new(settings.output_rate_hz, meter),
+        shared: shared.clone(),
+        voice,
+        events,
+        history: History::default(),
+        current: None,
+        next: None,
+        generation: 0,
+        rotation: Rotation::default(),
+        recent: VecDeque::with_capacity(REPLAY_SAMPLES),
+        samples_in: 0,
+        heard_upto: 0,
+        pending: Vec::with_capacity(FRAME_SAMPLES * 2),
+        last_user_audio: now,
+        last_output: now,
+        last_sent: None,
+        awaiting_reply: None,
+        full_since: None,
+        retries: 0,
+        reconnect_at: None,
+        unanswered: None,
+        closing_since: None,
+        turn_ended_after_close: false,
+        tools_pending: HashMap::new(),
+        tool_tx,
+        drain_tx,
+        dropped_frames: 0,
+    };
+    driver.main(input, tool_rx, drain_rx).await;
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    voice: String,
+    events: mpsc::Sender<EngineEvent>,
+    translator: Translator,
+    history: History,
+    current: Option<Stream>,
+    next: Option<Stream>,
+    generation: u32,
+    rotation: Rotation,
+    /// The last [`REPLAY_SAMPLES`] of user audio.
+    recent: VecDeque<i16>,
+    /// User samples received in all.
+    samples_in: u64,
+    /// `samples_in` when the last user transcript arrived: audio before it
+    /// was heard and is never replayed.
+    heard_upto: u64,
+    /// User audio short of a whole frame.
+    pending: Vec<i16>,
+    last_user_audio: Instant,
+    last_output: Instant,
+    /// When the current stream last accepted a frame.
+    last_sent: Option<Instant>,
+    /// Since when a reply is due (user turn heard, text or tool result sent).
+    awaiting_reply: Option<Instant>,
+    /// Since when the current stream refuses audio.
+    full_since: Option<Instant>,
+    /// Reconnections in the current turn.
+    retries: u32,
+    /// A reconnection is due at this time.
+    reconnect_at: Option<Instant>,
+    /// A user message the failed stream never answered: asked again.
+    unanswered: Option<String>,
+    closing_since: Option<Instant>,
+    turn_ended_after_close: bool,
+    /// Tool calls running here, by id, with the generation that asked.
+    tools_pending: HashMap<String, u32>,
+    tool_tx: mpsc::Sender<(String, u32, serde_json::Value)>,
+    drain_tx: mpsc::Sender<StreamItem>,
+    dropped_frames: u64,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the loop does after a step.
+enum Step {
+    Go,
+    Stop,
+}
+
+async fn next_item(stream: &mut Option<Stream>) -> Option<StreamItem> {
+    match stream {
+        Some(s) => s.up.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    async fn main(
+        &mut self,
+        mut input: mpsc::Receiver<EngineInput>,
+        mut tool_rx: mpsc::Receiver<(String, u32, serde_json::Value)>,
+        mut drain_rx: mpsc::Receiver<StreamItem>,
+    ) {
+        self.emit(EngineEvent::Ready {
+            engine: "nova-sonic".into(),
+            model: self.shared.settings.model.clone(),
+            voice: self.voice.clone(),
+        })
+        .await;
+        self.current = Some(self.open_stream(false));
+        let mut tick = tokio::time::interval(FRAME);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut input_open = true;
+        loop {
+            let step = tokio::select! {
+                message = input.recv(), if input_open => match message {
+                    Some(message) => self.on_input(message).await,
+                    None => {
+                        input_open = false;
+                        self.on_input(EngineInput::Close).await
+                    }
+                },
+                item = next_item(&mut self.current) => self.on_item(item).await,
+                item = next_item(&mut self.next) => {
+                    self.on_next_item(item);
+                    Step::Go
+                }
+                Some((id, generation, result)) = tool_rx.recv() => {
+                    self.on_tool_result(&id, generation, &result).await
+                }
+                Some(item) = drain_rx.recv() => {
+                    self.on_drained(item).await;
+                    Step::Go
+                }
+                _ = tick.tick() => self.on_tick().await,
+            };
+            if let Step::Stop = step {
+                break;
+            }
+        }
+        // Late usage from streams still closing.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, drain_rx.recv()).await {
+            self.on_drained(item).await;
+        }
+        for note in self.translator.notes.drain(..) {
+            eprintln!("nova-sonic: {note}");
+        }
+        if self.dropped_frames > 0 {
+            eprintln!(
+                "nova-sonic: {} audio frames refused by a stalled stream",
+                self.dropped_frames
+            );
+        }
+        self.emit(EngineEvent::Closed).await;
+    }
+
+    async fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    /// The events that open a stream: session, prompt (voice, tools), system.
+    fn setup(&self, builder: &Builder) -> Vec<Input> {
+        let s = &self.shared.settings;
+        let tools: Vec<super::input::Tool> = self
+            .shared
+            .tools
+            .iter()
+            .flat_map(|t| t.specs())
+            .map(|spec| super::input::Tool::new(&spec.name, &spec.description, &spec.schema))
+            .collect();
+        let mut events = vec![
+            builder.session_start(s.inference, s.endpointing),
+            builder.prompt_start(&self.voice, s.output_rate_hz, &tools),
+        ];
+        let mut builder = builder.clone();
+        // Every AWS sample sends the system prompt in one event.
+        events.extend(builder.text_block(BlockRole::System, false, &s.system_prompt, 64 * 1024));
+        events
+    }
+
+    /// History, the audio block and the replay, for a stream taking over.
+    fn takeover(&mut self, builder: &mut Builder, ask_again: bool) -> (Vec<Input>, String) {
+        let mut events = Vec::new();
+        for message in self.history.shaped(ask_again) {
+            events.extend(builder.text_block(message.role, false, &message.text, MAX_PIECE_BYTES));
+        }
+        let (start, audio) = builder.audio_start(INPUT_RATE_HZ);
+        events.push(start);
+        if let Some(text) = self.unanswered.take()
+            && !self.shared.settings.model.contains(MODEL_V1)
+        {
+            events.extend(builder.text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES));
+            self.awaiting_reply = Some(Instant::now());
+        }
+        let unheard = self.samples_in.saturating_sub(self.heard_upto);
+        let replay = (unheard as usize).min(self.recent.len());
+        let samples: Vec<i16> = self
+            .recent
+            .iter()
+            .skip(self.recent.len() - replay)
+            .copied()
+            .collect();
+        for frame in samples.chunks(FRAME_SAMPLES) {
+            events.push(builder.audio_input(&audio, frame));
+        }
+        (events, audio)
+    }
+
+    fn new_builder(&mut self) -> Builder {
+        self.generation += 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        Builder::new(&format!("sonora-{nanos:x}-{}", self.generation))
+    }
+
+    /// Opens a stream. `takeover`: with history, audio block and replay
+    /// queued at once (first stream, reconnection); otherwise only the setup
+    /// (a rotation's next stream, finished at the hand-off).
+    fn open_stream(&mut self, prepare_only: bool) -> Stream {
+        let mut builder = self.new_builder();
+        let mut events = self.setup(&builder);
+        // The system block used one content name in the clone; skip past it.
+        builder.content_name("text");
+        let mut audio = None;
+        if !prepare_only {
+            let ask_again = self.unanswered.is_some();
+            let (more, name) = self.takeover(&mut builder, ask_again);
+            events.extend(more);
+            audio = Some(name);
+        }
+        let up = Upstream::open(&self.shared.client, &self.shared.settings.model, &events);
+        if audio.is_some() {
+            self.last_sent = Some(Instant::now());
+        }
+        Stream {
+            up,
+            builder,
+            audio,
+            generation: self.generation,
+            opened: false,
+            early: Vec::new(),
+        }
+    }
+
+    async fn on_input(&mut self, message: EngineInput) -> Step {
+        match message {
+            EngineInput::Audio(samples) => self.on_audio(&samples),
+            EngineInput::Text(text) => {
+                let text = text.trim().to_owned();
+                if text.is_empty() {
+                    return Step::Go;
+                }
+                for event in self.translator.user_text(&text) {
+                    self.emit(event).await;
+                }
+                self.history.push(BlockRole::User, &text);
+                self.heard_upto = self.samples_in;
+                if let Some(stream) = self.current.as_mut()
+                    && stream.audio.is_some()
+                {
+                    let events =
+                        stream
+                            .builder
+                            .text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES);
+                    for event in &events {
+                        let _ = stream.up.send(event, CONTROL_WAIT).await;
+                    }
+                }
+                self.awaiting_reply = Some(Instant::now());
+            }
+            EngineInput::ToolResult { id, json } => {
+                // A client-side tool answered.
+                let generation = self.current.as_ref().map_or(0, |s| s.generation);
+                return self.on_tool_result(&id, generation, &json).await;
+            }
+            EngineInput::Close => {
+                if self.closing_since.is_none() {
+                    self.closing_since = Some(Instant::now());
+                }
+            }
+        }
+        Step::Go
+    }
+
+    fn on_audio(&mut self, samples: &[i16]) {
+        self.last_user_audio = Instant::now();
+        self.samples_in += samples.len() as u64;
+        self.recent.extend(samples.iter().copied());
+        let excess = self.recent.len().saturating_sub(REPLAY_SAMPLES);
+        self.recent.drain(..excess);
+        self.pending.extend_from_slice(samples);
+        while self.pending.len() >= FRAME_SAMPLES {
+            let frame: Vec<i16> = self.pending.drain(..FRAME_SAMPLES).collect();
+            self.send_frame(&frame);
+        }
+    }
+
+    /// One frame to the current stream; while there is none (reconnecting)
+    /// the replay buffer keeps it.
+    fn send_frame(&mut self, frame: &[i16]) {
+        let Some(stream) = self.current.as_mut() else {
+            return;
+        };
+        let Some(audio) = &stream.audio else {
+            return;
+        };
+        let event = stream.builder.audio_input(audio, frame);
+        match stream.up.try_send(&event) {
+            Ok(()) => {
+                self.last_sent = Some(Instant::now());
+                self.full_since = None;
+            }
+            Err(SendError::Full) => {
+                self.dropped_frames += 1;
+                self.full_since.get_or_insert_with(Instant::now);
+            }
+            Err(SendError::Closed) => {}
+        }
+    }
+
+    async fn on_item(&mut self, item: Option<StreamItem>) -> Step {
+        let item = item.unwrap_or(StreamItem::Ended);
+        match item {
+            StreamItem::Opened => {
+                if let Some(stream) = self.current.as_mut() {
+                    stream.opened = true;
+                }
+                Step::Go
+            }
+            StreamItem::Output(output) => {
+                self.on_output(output).await;
+                self.maybe_hand_off().await;
+                Step::Go
+            }
+            StreamItem::Malformed(reason) => {
+                let message = format!("skipped a malformed event from Nova Sonic: {reason}");
+                self.emit(EngineEvent::Error {
+                    kind: ErrorKind::Transient,
+                    message,
+                })
+                .await;
+                Step::Go
+            }
+            StreamItem::Failed(failure) => self.on_failure(failure).await,
+            StreamItem::Ended => {
+                let failure = Failure {
+                    code: "StreamEnded".into(),
+                    message: "the service ended the stream".into(),
+                    retry: true,
+                };
+                self.on_failure(failure).await
+            }
+        }
+    }
+
+    async fn on_output(&mut self, output: Output) {
+        let now = Instant::now();
+        self.last_output = now;
+        if let Output::ContentStart {
+            kind: BlockKind::Audio,
+            ..
+        } = &output
+            && self.rotation.armed_at.is_some()
+            && self.next.is_none()
+        {
+            // The assistant is about to speak: the user is unlikely to be
+            // mid-sentence. Prepare the next stream now.
+            self.prepare_next();
+        }
+        for event in self.translator.on_output(output) {
+            match &event {
+                EngineEvent::Transcript {
+                    role: Role::User,
+                    text,
+                    ..
+                } => {
+                    self.history.push(BlockRole::User, text);
+                    self.heard_upto = self.samples_in;
+                    self.awaiting_reply = Some(now);
+                }
+                EngineEvent::Transcript {
+                    role: Role::Assistant,
+                    text,
+                    stage,
+                    ..
+                } => {
+                    if *stage == Stage::Final {
+                        self.history.push(BlockRole::Assistant, text);
+                    }
+                    self.awaiting_reply = None;
+                }
+                EngineEvent::Audio(_) | EngineEvent::Interrupted { .. } => {
+                    self.awaiting_reply = None;
+                }
+                EngineEvent::TurnEnd { .. } => {
+                    self.awaiting_reply = None;
+                    self.retries = 0;
+                    if self.closing_since.is_some() {
+                        self.turn_ended_after_close = true;
+                    }
+                }
+                EngineEvent::ToolCall { id, name, json } => {
+                    self.awaiting_reply = None;
+                    if let Some(tools) = &self.shared.tools
+                        && tools.specs().iter().any(|s| &s.name == name)
+                    {
+                        let generation = self.current.as_ref().map_or(0, |s| s.generation);
+                        self.tools_pending.insert(id.clone(), generation);
+                        let (tools, tx) = (tools.clone(), self.tool_tx.clone());
+                        let (id, name, json) = (id.clone(), name.clone(), json.clone());
+                        tokio::spawn(async move {
+                            let result = tools.call(&name, &json).await;
+                            let _ = tx.send((id, generation, result)).await;
+                        });
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+            self.emit(event).await;
+        }
+    }
+
+    async fn on_tool_result(
+        &mut self,
+        id: &str,
+        generation: u32,
+        result: &serde_json::Value,
+    ) -> Step {
+        self.tools_pending.remove(id);
+        let Some(stream) = self.current.as_mut() else {
+            return Step::Go;
+        };
+        if stream.generation != generation || stream.audio.is_none() {
+            self.translator.notes.push(format!(
+                "tool result {id} arrived after its stream was replaced"
+            ));
+            return Step::Go;
+        }
+        for event in stream.builder.tool_result(id, result) {
+            if stream.up.send(&event, CONTROL_WAIT).await.is_err() {
+                break;
+            }
+        }
+        self.awaiting_reply = Some(Instant::now());
+        Step::Go
+    }
+
+    fn on_next_item(&mut self, item: Option<StreamItem>) {
+        let Some(next) = self.next.as_mut() else {
+            return;
+        };
+        match item {
+            Some(StreamItem::Opened) => next.opened = true,
+            Some(StreamItem::Failed(_) | StreamItem::Ended) | None => {
+                // Try again on a later tick.
+                self.next = None;
+            }
+            Some(item) => next.early.push(item),
+        }
+    }
+
+    async fn on_drained(&mut self, item: StreamItem) {
+        if let StreamItem::Output(Output::Usage(event)) = item {
+            for event in self.translator.on_previous_usage(&event) {
+                self.emit(event).await;
+            }
+        }
+    }
+
+    async fn on_failure(&mut self, failure: Failure) -> Step {
+        let Some(failed) = self.current.take() else {
+            return Step::Go;
+        };
+        drop(failed);
+        if let Some(event) = self.translator.end_open_turn(TurnEndReason::Error) {
+            self.emit(event).await;
+        }
+        if self.closing_since.is_some() {
+            return Step::Stop;
+        }
+        if !failure.retry {
+            let message = format!("Nova Sonic refused the conversation: {failure}");
+            self.emit(EngineEvent::Error {
+                kind: ErrorKind::Fatal,
+                message,
+            })
+            .await;
+            return Step::Stop;
+        }
+        self.retries += 1;
+        let max = self.shared.settings.max_retries;
+        if self.retries > max {
+            let message = format!(
+                "Nova Sonic failed {} times in one turn, last: {failure}",
+                self.retries
+            );
+            self.emit(EngineEvent::Error {
+                kind: ErrorKind::Fatal,
+                message,
+            })
+            .await;
+            return Step::Stop;
+        }
+        if self.awaiting_reply.is_some() {
+            // The user's last message was heard but not answered: ask again.
+            self.unanswered = self.history.last_user().map(str::to_owned);
+            self.awaiting_reply = None;
+        }
+        let index = (self.retries as usize - 1).min(BACKOFF_MS.len() - 1);
+        let backoff = Duration::from_millis(BACKOFF_MS[index]);
+        let message = format!(
+            "Nova Sonic stream failed ({failure}); reconnecting with the conversation so far (try {} of {max})",
+            self.retries
+        );
+        self.emit(EngineEvent::Error {
+            kind: ErrorKind::Transient,
+            message,
+        })
+        .await;
+        self.next = None;
+        self.rotation = Rotation::default();
+        self.reconnect_at = Some(Instant::now() + backoff);
+        if backoff.is_zero() {
+            self.reconnect();
+        }
+        Step::Go
+    }
+
+    fn reconnect(&mut self) {
+        self.reconnect_at = None;
+        self.translator.begin_stream();
+        let stream = self.open_stream(false);
+        self.current = Some(stream);
+    }
+
+    /// Opens the next stream in the background (setup only).
+    fn prepare_next(&mut self) {
+        let stream = self.open_stream(true);
+        self.next = Some(stream);
+    }
+
+    fn assistant_done(&self) -> bool {
+        !self.translator.turn_open()
+            && self.tools_pending.is_empty()
+            && self.awaiting_reply.is_none()
+    }
+
+    async fn maybe_hand_off(&mut self) {
+        let ready = self
+            .next
+            .as_ref()
+            .is_some_and(|n| n.opened && !n.up.is_closed());
+        if ready && self.assistant_done() {
+            self.hand_off().await;
+        }
+    }
+
+    /// Switches to the prepared stream: history, audio block, unheard audio,
+    /// then live audio; the old stream closes in the background.
+    async fn hand_off(&mut self) {
+        let Some(mut next) = self.next.take() else {
+            return;
+        };
+        let started = Instant::now();
+        let (events, audio) = self.takeover(&mut next.builder, false);
+        for event in &events {
+            if next.up.send(event, CONTROL_WAIT).await.is_err() {
+                // The next stream is not taking events: keep the current one.
+                return;
+            }
+        }
+        let first_new = Instant::now();
+        let gap = first_new.duration_since(started);
+        next.audio = Some(audio);
+        let early = std::mem::take(&mut next.early);
+        let old = self.current.replace(next);
+        self.last_sent = Some(first_new);
+        self.rotation = Rotation::default();
+        self.translator.begin_overlapping_stream();
+        if let Some(old) = old {
+            let mut closing = Vec::new();
+            if let Some(audio) = &old.audio {
+                closing.push(old.builder.content_end(audio));
+            }
+            closing.extend(old.builder.prompt_and_session_end());
+            old.up
+                .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
+        }
+        self.emit(EngineEvent::Rotated {
+            generation: self.generation,
+            gap_ms: (gap.as_secs_f64() * 100_000.0).round() / 100.0,
+        })
+        .await;
+        for item in early {
+            if let StreamItem::Output(output) = item {
+                self.on_output(output).await;
+            }
+        }
+    }
+
+    async fn on_tick(&mut self) -> Step {
+        let now = Instant::now();
+        if let Some(at) = self.reconnect_at
+            && now >= at
+        {
+            self.reconnect();
+        }
+        // Silence while the user is mute.
+        if now.duration_since(self.last_user_audio) >= MUTE_AFTER {
+            self.pending.clear();
+            self.send_frame(&[0; FRAME_SAMPLES]);
+        }
+        let settings = &self.shared.settings;
+        // A stalled stream: no reply when one is due, or audio refused.
+        let stalled_reply = self.awaiting_reply.is_some_and(|t| {
+            now.duration_since(t) >= settings.stall_timeout
+                && now.duration_since(self.last_output) >= settings.stall_timeout
+        });
+        let stalled_input = self
+            .full_since
+            .is_some_and(|t| now.duration_since(t) >= settings.stall_timeout);
+        if self.current.is_some() && (stalled_reply || stalled_input) {
+            self.full_since = None;
+            let ms = settings.stall_timeout.as_millis();
+            let failure = Failure {
+                code: "Stalled".into(),
+                message: format!("nothing from the service for {ms} ms while a reply was due"),
+                retry: true,
+            };
+            return self.on_failure(failure).await;
+        }
+        // Rotation: arm at the threshold, prepare early or after a wait.
+        if let Some(current) = &self.current
+            && current.audio.is_some()
+        {
+            let age = now.duration_since(current.up.opened_at);
+            if self.rotation.armed_at.is_none()
+                && age >= settings.rotate_after
+                && self.closing_since.is_none()
+            {
+                self.rotation.armed_at = Some(now);
+            }
+            if let Some(armed) = self.rotation.armed_at
+                && self.next.is_none()
+                && now.duration_since(armed) >= settings.handoff_wait
+            {
+                self.prepare_next();
+            }
+        }
+        self.maybe_hand_off().await;
+        // Closing: once the last reply is done and things are quiet.
+        if let Some(since) = self.closing_since {
+            let quiet = now.duration_since(self.last_output) >= CLOSE_QUIET
+                && now.duration_since(since) >= CLOSE_QUIET;
+            let done = self.assistant_done() && (self.turn_ended_after_close || quiet);
+            if done || now.duration_since(since) >= CLOSE_LIMIT || self.current.is_none() {
+                self.finish().await;
+                return Step::Stop;
+            }
+        }
+        Step::Go
+    }
+
+    /// Ends the current stream: the closing triple, then its last events
+    /// (usage) until the service ends it.
+    async fn finish(&mut self) {
+        self.next = None;
+        let Some(mut stream) = self.current.take() else {
+            return;
+        };
+        let mut closing = Vec::new();
+        if let Some(audio) = &stream.audio {
+            closing.push(stream.builder.content_end(audio));
+        }
+        closing.extend(stream.builder.prompt_and_session_end());
+        // Events that already arrived come first.
+        let mut early = Vec::new();
+        while let Ok(item) = stream.up.events.try_recv() {
+            early.push(item);
+        }
+        let (tx, mut rx) = mpsc::channel(64);
+        let finishing = stream.up.finish(closing, END_WAIT, Some(tx));
+        let mut items = early;
+        while let Some(item) = rx.recv().await {
+            items.push(item);
+            for item in items.drain(..) {
+                if let StreamItem::Output(output) = item {
+                    for event in self.translator.on_output(output) {
+                        self.emit(event).await;
+                    }
+                }
+            }
+        }
+        for item in items {
+            if let StreamItem::Output(output) = item {
+                for event in self.translator.on_output(output) {
+                    self.emit(event).await;
+                }
+            }
+        }
+        let _ = finishing.await;
+        if let Some(event) = self.translator.end_open_turn(TurnEndReason::Completed) {
+            self.emit(event).await;
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! The Nova Sonic engine through the real AWS SDK against the
+//! Bedrock-compatible test endpoint (HTTP/2, TLS, event-stream framing):
+//! a Spanish turn with exact cost, barge-in, tools, throttling, a model
+//! timeout, a reset, a malformed event, a stall, refused credentials, and a
+//! rotation past a shortened connection limit.
+
+#![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
+
+#[path = "common/bedrock.rs"]
+mod bedrock;
+
+use std::time::{Duration, Instant};
+
+use bedrock::{Endpoint, Fail, Script, ToolStep, Turn};
+use serde_json::json;
+use sonora::config::NovaSonicConfig;
+use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
+use sonora::engine::{
+    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
+};
+use sonora::tools::{Tools, ToolsConfig};
+use sonora::usage::PriceTable;
+use tokio::sync::mpsc;
+
+const GUARD: Duration = Duration::from_secs(120);
+
+async fn engine(
+    endpoint: &Endpoint,
+    tools: Option<Tools>,
+    tweak: impl FnOnce(&mut NovaSonicSettings),
+) -> NovaSonicEngine {
+    let config = NovaSonicConfig {
+        endpoint_url: endpoint.url.clone(),
+        ca_file: endpoint.ca_file.display().to_string(),
+        ..NovaSonicConfig::default()
+    };
+    let mut settings = NovaSonicSettings::from_config(&config);
+    settings.client.credentials = Some(StaticCredentials {
+        access_key_id: "AKIDSONORATEST".into(),
+        secret_access_key: "not-a-real-secret".into(),
+        session_token: None,
+    });
+    settings.stall_timeout = Duration::from_millis(1_500);
+    tweak(&mut settings);
+    NovaSonicEngine::connect(settings, tools).await.unwrap()
+}
+
+/// A conversation under test: events collected with their arrival time.
+struct Talk {
+    input: mpsc::Sender<EngineInput>,
+    events: mpsc::UnboundedReceiver<(Instant, EngineEvent)>,
+    seen: Vec<(Instant, EngineEvent)>,
+    started: Instant,
+}
+
+impl Talk {
+    fn start(engine: &NovaSonicEngine) -> Self {
+        let session = engine
+            .start(ConversationOptions {
+                language: "es".into(),
+                voice: String::new(),
+            })
+            .unwrap();
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut from_engine = session.events;
+        // Read events as they come, as every client does.
+        tokio::spawn(async move {
+            while let Some(event) = from_engine.recv().await {
+                if tx.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            input: session.input,
+            events,
+            seen: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn collect(&mut self) {
+        while let Ok(item) = self.events.try_recv() {
+            self.seen.push(item);
+        }
+    }
+
+    /// Sends `ms` of audio in 20 ms frames at real-time pace; `sample(i)`
+    /// gives sample `i` of the frame sequence.
+    async fn speak(&mut self, ms: u64, mut frame: impl FnMut(u64) -> Vec<i16>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for k in 0..ms / 20 {
+            tick.tick().await;
+            self.input.send(EngineInput::Audio(frame(k))).await.unwrap();
+            self.collect();
+        }
+    }
+
+    async fn tone(&mut self, ms: u64) {
+        self.speak(ms, tone_frame).await;
+    }
+
+    async fn quiet(&mut self, ms: u64) {
+        self.speak(ms, |_| vec![-3; 320]).await;
+    }
+
+    /// Waits until `pred` holds for some event seen, quiet audio flowing.
+    async fn until(&mut self, what: &str, pred: impl Fn(&EngineEvent) -> bool) {
+        let deadline = Instant::now() + GUARD;
+        while !self.seen.iter().any(|(_, e)| pred(e)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what}; seen: {:?}",
+                self.kinds()
+            );
+            self.quiet(100).await;
+        }
+    }
+
+    /// Waits without sending audio (the engine streams silence).
+    async fn idle_until(&mut self, what: &str, pred: impl Fn(&EngineEvent) -> bool) {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !self.seen.iter().any(|(_, e)| pred(e)) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(item)) => self.seen.push(item),
+                _ => panic!("no {what}; seen: {:?}", self.kinds()),
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        self.input.send(EngineInput::Close).await.unwrap();
+        self.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
+            .await;
+    }
+
+    fn kinds(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .map(|(t, e)| {
+                let ms = t.duration_since(self.started).as_millis();
+                match e {
+                    EngineEvent::Audio(p) => format!("{ms}:audio({})", p.samples.len()),
+                    other => format!("{ms}:{other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    fn events(&self) -> impl Iterator<Item = &EngineEvent> {
+        self.seen.iter().map(|(_, e)| e)
+    }
+
+    fn transcripts(&self, role: Role, stage: Stage) -> Vec<String> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Transcript {
+                    role: r,
+                    stage: s,
+                    text,
+                    ..
+                } if *r == role && *s == stage => Some(text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn errors(&self, kind: ErrorKind) -> Vec<String> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Error { kind: k, message } if *k == kind => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn turn_ends(&self) -> Vec<TurnEndReason> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::TurnEnd { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// 20 ms of a loud 300 Hz tone: speech to the endpoint's detector.
+fn tone_frame(k: u64) -> Vec<i16> {
+    (0..320)
+        .map(|i| {
+            let t = (k * 320 + i) as f64 / 16_000.0;
+            ((t * 300.0 * std::f64::consts::TAU).sin() * 8_000.0) as i16
+        })
+        .collect()
+}
+
+fn is_turn_end(e: &EngineEvent) -> bool {
+    matches!(e, EngineEvent::TurnEnd { .. })
+}
+
+fn turn_ends(n: usize) -> impl Fn(&EngineEvent) -> bool {
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    move |e| {
+        if is_turn_end(e) {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= n
+        } else {
+            false
+        }
+    }
+}
+
+fn names(connection: &bedrock::Connection) -> Vec<String> {
+    connection
+        .events
+        .iter()
+        .filter_map(|e| e["event"].as_object()?.keys().next().cloned())
+        .collect()
+}
+
+const QUESTION: &str = "¿Cuál es el horario de la biblioteca?";
+const ANSWER: &str = "La biblioteca abre de lunes a viernes de ocho a veintidós horas.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![Turn::new(QUESTION, ANSWER, 1_200)],
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    // Nothing more from the "microphone": the engine must stream silence
+    // for the endpoint to hear the end of the turn.
+    talk.idle_until("the turn's end", is_turn_end).await;
+    talk.close().await;
+
+    let events: Vec<&EngineEvent> = talk.events().collect();
+    assert!(
+        matches!(events[0], EngineEvent::Ready { voice, model, .. } if voice == "lupe" && model == "amazon.nova-2-sonic-v1:0")
+    );
+    assert_eq!(talk.transcripts(Role::User, Stage::Final), [QUESTION]);
+    assert_eq!(
+        talk.transcripts(Role::Assistant, Stage::Speculative),
+        [ANSWER]
+    );
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+    assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
+    let audio: usize = talk
+        .events()
+        .map(|e| match e {
+            EngineEvent::Audio(p) => {
+                assert_eq!(p.rate_hz, 24_000);
+                p.samples.len()
+            }
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(audio, 12 * 2_400, "1.2 s of reply audio at 24 kHz");
+    assert!(
+        talk.errors(ErrorKind::Transient).is_empty(),
+        "{:?}",
+        talk.kinds()
+    );
+
+    // Usage: every delta the endpoint sent, counted once, priced exactly.
+    let sent = endpoint.sent();
+    let mut counted = sonora::usage::UsageDelta::default();
+    for e in talk.events() {
+        if let EngineEvent::Usage(d) = e {
+            counted.add(d);
+        }
+    }
+    assert_eq!(
+        (
+            counted.speech_in_tokens,
+            counted.speech_out_tokens,
+            counted.text_in_tokens,
+            counted.text_out_tokens
+        ),
+        (sent.speech_in, sent.speech_out, sent.text_in, sent.text_out)
+    );
+    assert!(sent.speech_in > 0 && sent.speech_out > 0 && sent.text_in > 0 && sent.text_out > 0);
+    let rates = *PriceTable::builtin()
+        .rates("amazon.nova-2-sonic-v1:0")
+        .unwrap();
+    let nano = u128::from(sent.speech_in) * u128::from(rates.speech_in)
+        + u128::from(sent.speech_out) * u128::from(rates.speech_out)
+        + u128::from(sent.text_in) * u128::from(rates.text_in)
+        + u128::from(sent.text_out) * u128::from(rates.text_out);
+    assert_eq!(u128::from(counted.cost_micro_usd), (nano + 500) / 1_000);
+
+    // On the wire: signed envelopes, setup before audio, 32 ms frames,
+    // silence while mute, and the closing triple last.
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), 1);
+    let c = &connections[0];
+    assert!(c.signed, "every event in a signed envelope");
+    let names = names(c);
+    assert_eq!(&names[..2], ["sessionStart", "promptStart"]);
+    assert_eq!(
+        c.events[1]["event"]["promptStart"]["audioOutputConfiguration"]["voiceId"],
+        "lupe"
+    );
+    assert_eq!(c.texts[0].0, "SYSTEM");
+    assert!(c.texts[0].2.contains("universidad"));
+    let first_audio = names.iter().position(|n| n == "audioInput").unwrap();
+    assert!(names[..first_audio].contains(&"contentStart".to_owned()));
+    assert!(
+        c.events
+            .iter()
+            .filter(|e| e["event"]["audioInput"].is_object())
+            .all(|e| e["event"]["audioInput"]["samples"] == 512)
+    );
+    assert!(
+        c.audio.len() > 16 * 800 + 16 * 1_000,
+        "silence streamed after the speech: {} samples",
+        c.audio.len()
+    );
+    assert_eq!(
+        &names[names.len() - 3..],
+        ["contentEnd", "promptEnd", "sessionEnd"]
+    );
+    assert!(c.ended_by_client);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speaking_over_the_reply_interrupts_it_once() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![
+            Turn::new(QUESTION, ANSWER, 6_000),
+            Turn::new("Gracias, eso es todo.", "De nada. ¡Hasta luego!", 600),
+        ],
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("reply audio", |e| matches!(e, EngineEvent::Audio(_)))
+        .await;
+    talk.tone(600).await;
+    talk.until("the second turn's end", turn_ends(2)).await;
+    talk.close().await;
+
+    let interruptions: Vec<u64> = talk
+        .events()
+        .filter_map(|e| match e {
+            EngineEvent::Interrupted { turn_id } => Some(*turn_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        interruptions,
+        [1],
+        "one barge-in, on the first turn: {:?}",
+        talk.kinds()
+    );
+    assert_eq!(
+        talk.turn_ends(),
+        [TurnEndReason::Interrupted, TurnEndReason::Completed]
+    );
+    assert_eq!(endpoint.connections()[0].barge_ins, 1);
+    // The marker is never shown as text.
+    assert!(
+        talk.transcripts(Role::Assistant, Stage::Final)
+            .iter()
+            .all(|t| !t.contains("interrupted"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_run_off_the_loop_and_their_results_go_back() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![
+            Turn {
+                tool: Some(ToolStep {
+                    name: "current_datetime".into(),
+                    input: json!({}),
+                    pointer: "/date".into(),
+                }),
+                ..Turn::new("¿Qué día es hoy?", "Hoy es {tool}.", 800)
+            },
+            Turn {
+                tool: Some(ToolStep {
+                    name: "transfer_to_agent".into(),
+                    input: json!({"reason": "beca"}),
+                    pointer: "/ticket".into(),
+                }),
+                ..Turn::new(
+                    "Quiero hablar con una persona.",
+                    "Su número de caso es {tool}.",
+                    800,
+                )
+            },
+        ],
+        ..Script::default()
+    }])
+    .await;
+    let tools = Tools::new(&ToolsConfig::default(), None).unwrap();
+    let engine = engine(&endpoint, Some(tools), |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("the first turn's end", is_turn_end).await;
+    // A tool the engine does not have goes to the client, whose answer goes back.
+    talk.tone(800).await;
+    talk.until("a client tool call", |e| {
+        matches!(e, EngineEvent::ToolCall { .. })
+    })
+    .await;
+    let (id, name) = talk
+        .events()
+        .find_map(|e| match e {
+            EngineEvent::ToolCall { id, name, .. } => Some((id.clone(), name.clone())),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(name, "transfer_to_agent");
+    talk.input
+        .send(EngineInput::ToolResult {
+            id,
+            json: json!({"ticket": "A-1234"}),
+        })
+        .await
+        .unwrap();
+    talk.until("the second turn's end", turn_ends(2)).await;
+    talk.close().await;
+
+    let c = &endpoint.connections()[0];
+    // The tools were offered in promptStart.
+    let offered = c.events[1]["event"]["promptStart"]["toolConfiguration"]["tools"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        offered
+            .iter()
+            .any(|t| t["toolSpec"]["name"] == "current_datetime")
+    );
+    assert_eq!(c.tool_results.len(), 2, "{:?}", c.tool_results);
+    let date = c.tool_results[0].1["date"].as_str().unwrap().to_owned();
+    assert_eq!(c.tool_results[0].1["time_zone"], "America/Lima");
+    let finals = talk.transcripts(Role::Assistant, Stage::Final);
+    assert_eq!(
+        finals,
+        [
+            format!("Hoy es {date}."),
+            "Su número de caso es A-1234.".to_owned()
+        ]
+    );
+    // Only the client's tool was shown to the client.
+    let calls = talk
+        .events()
+        .filter(|e| matches!(e, EngineEvent::ToolCall { .. }))
+        .count();
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_reconnects_and_the_conversation_goes_on() {
+    let endpoint = Endpoint::start(vec![
+        Script {
+            fail: Some(Fail::Throttle),
+            ..Script::default()
+        },
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
+            ..Script::default()
+        },
+    ])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.quiet(300).await;
+    talk.tone(800).await;
+    talk.until("the turn's end", is_turn_end).await;
+    talk.close().await;
+    let transient = talk.errors(ErrorKind::Transient);
+    assert_eq!(transient.len(), 1, "{transient:?}");
+    assert!(
+        transient[0].contains("throttlingException"),
+        "{}",
+        transient[0]
+    );
+    assert!(talk.errors(ErrorKind::Fatal).is_empty());
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+    assert_eq!(endpoint.connections().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_timeout_resumes_with_the_history() {
+    let endpoint = Endpoint::start(vec![
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
+            max_age: Some(Duration::from_millis(3_000)),
+            ..Script::default()
+        },
+        Script {
+            turns: vec![Turn::new(
+                "¿Y los sábados?",
+                "Los sábados abre de nueve a trece.",
+                600,
+            )],
+            ..Script::default()
+        },
+    ])
+    .await;
+    // Rotation off: the connection limit is hit, not avoided.
+    let engine = engine(&endpoint, None, |s| {
+        s.rotate_after = Duration::from_secs(400)
+    })
+    .await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("the first turn's end", is_turn_end).await;
+    talk.until("the timeout", |e| {
+        matches!(
+            e,
+            EngineEvent::Error {
+                kind: ErrorKind::Transient,
+                ..
+            }
+        )
+    })
+    .await;
+    talk.quiet(500).await;
+    talk.tone(800).await;
+    talk.until("the second turn's end", turn_ends(2)).await;
+    talk.close().await;
+
+    assert!(talk.errors(ErrorKind::Transient)[0].contains("modelTimeoutException"));
+    assert_eq!(
+        talk.transcripts(Role::Assistant, Stage::Final),
+        [ANSWER, "Los sábados abre de nueve a trece."]
+    );
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), 2);
+    let history: Vec<(&str, &str)> = connections[1]
+        .texts
+        .iter()
+        .map(|(r, _, t)| (r.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        history[1..],
+        [("USER", QUESTION), ("ASSISTANT", ANSWER)],
+        "{history:?}"
+    );
+    assert_eq!(history[0].0, "SYSTEM");
+    assert!(
+        connections[1]
+            .texts
+            .iter()
+            .all(|(_, interactive, _)| !interactive)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_is_replaced_and_the_turn_reported() {
+    let endpoint = Endpoint::start(vec![
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 2_000)],
+            fail: Some(Fail::ResetInReply),
+            ..Script::default()
+        },
+        Script {
+            turns: vec![Turn::new("¿Me lo repites?", ANSWER, 600)],
+            ..Script::default()
+        },
+    ])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("the cut turn's end", is_turn_end).await;
+    talk.quiet(300).await;
+    talk.tone(800).await;
+    talk.until("the second turn's end", turn_ends(2)).await;
+    talk.close().await;
+    assert_eq!(
+        talk.turn_ends(),
+        [TurnEndReason::Error, TurnEndReason::Completed]
+    );
+    assert_eq!(
+        talk.errors(ErrorKind::Transient).len(),
+        1,
+        "{:?}",
+        talk.kinds()
+    );
+    assert_eq!(endpoint.connections().len(), 2);
+    assert_eq!(
+        endpoint.connections()[1].texts[1],
+        ("USER".into(), false, QUESTION.into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_event_is_skipped_and_nothing_else_is_lost() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![Turn::new(QUESTION, ANSWER, 800)],
+        fail: Some(Fail::MalformedInReply),
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("the turn's end", is_turn_end).await;
+    talk.close().await;
+    let transient = talk.errors(ErrorKind::Transient);
+    assert_eq!(transient.len(), 1);
+    assert!(transient[0].contains("malformed"), "{}", transient[0]);
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+    assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
+    assert_eq!(endpoint.connections().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_is_replaced_and_the_question_asked_again() {
+    let endpoint = Endpoint::start(vec![
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
+            fail: Some(Fail::StallAfterTranscript),
+            ..Script::default()
+        },
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
+            ..Script::default()
+        },
+    ])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    talk.until("the answer", |e| {
+        matches!(
+            e,
+            EngineEvent::Transcript {
+                role: Role::Assistant,
+                stage: Stage::Final,
+                ..
+            }
+        )
+    })
+    .await;
+    talk.close().await;
+    let transient = talk.errors(ErrorKind::Transient);
+    assert!(transient[0].contains("Stalled"), "{transient:?}");
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), 2);
+    // Asked again as typed text (the audio was already heard).
+    let asked = connections[1].texts.last().unwrap();
+    assert_eq!(asked, &("USER".to_owned(), true, QUESTION.to_owned()));
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_credentials_are_fatal_and_never_retried() {
+    let endpoint = Endpoint::start(vec![Script {
+        fail: Some(Fail::Auth),
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
+        .await;
+    let fatal = talk.errors(ErrorKind::Fatal);
+    assert_eq!(fatal.len(), 1);
+    assert!(
+        fatal[0].contains("UnrecognizedClientException"),
+        "{}",
+        fatal[0]
+    );
+    assert!(talk.errors(ErrorKind::Transient).is_empty());
+    assert_eq!(endpoint.connections().len(), 1);
+}
+
+/// Quiet frames numbered by their value (1…), so the endpoint's audio shows
+/// which frames arrived.
+fn marker_frame(k: u64) -> Vec<i16> {
+    vec![(k + 1) as i16; 320]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_hands_off_before_the_limit_with_history_and_no_lost_audio() {
+    const SECOND: &str = "¿Y los sábados?";
+    const SECOND_ANSWER: &str = "Los sábados abre de nueve a trece.";
+    let endpoint = Endpoint::start(vec![
+        Script {
+            turns: vec![Turn::new(QUESTION, ANSWER, 1_000)],
+            // The shortened connection limit.
+            max_age: Some(Duration::from_secs(10)),
+            ..Script::default()
+        },
+        Script {
+            turns: vec![Turn::new(SECOND, SECOND_ANSWER, 600)],
+            max_age: Some(Duration::from_secs(10)),
+            ..Script::default()
+        },
+    ])
+    .await;
+    let engine = engine(&endpoint, None, |s| {
+        s.rotate_after = Duration::from_secs(1);
+        s.handoff_wait = Duration::from_secs(1);
+    })
+    .await;
+    let mut talk = Talk::start(&engine);
+    talk.tone(800).await;
+    // Numbered quiet frames through the hand-off.
+    let markers = 200;
+    talk.speak(markers * 20, marker_frame).await;
+    talk.until("the rotation", |e| matches!(e, EngineEvent::Rotated { .. }))
+        .await;
+    talk.tone(800).await;
+    talk.until("the second turn's end", turn_ends(2)).await;
+    talk.close().await;
+
+    let rotations: Vec<(u32, f64)> = talk
+        .events()
+        .filter_map(|e| match e {
+            EngineEvent::Rotated { generation, gap_ms } => Some((*generation, *gap_ms)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rotations[0].0, 2);
+    let gap_ms = rotations.iter().map(|r| r.1).fold(0.0, f64::max);
+    assert_eq!(
+        talk.transcripts(Role::Assistant, Stage::Final),
+        [ANSWER, SECOND_ANSWER]
+    );
+    assert!(
+        talk.errors(ErrorKind::Transient).is_empty(),
+        "{:?}",
+        talk.kinds()
+    );
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), rotations.len() + 1);
+    let history: Vec<(&str, &str)> = connections[1]
+        .texts
+        .iter()
+        .map(|(r, _, t)| (r.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            ("SYSTEM", history[0].1),
+            ("USER", QUESTION),
+            ("ASSISTANT", ANSWER)
+        ]
+    );
+    for c in &connections[..connections.len() - 1] {
+        assert!(c.ended_by_client, "each old stream was closed properly");
+    }
+    // Every numbered frame reached one stream or the other.
+    let mut count = vec![0usize; markers as usize + 2];
+    for c in &connections {
+        for &s in &c.audio {
+            if (1..=markers as i16).contains(&s) {
+                count[s as usize] += 1;
+            }
+        }
+    }
+    let lost: Vec<usize> = (1..=markers as usize).filter(|&v| count[v] < 320).collect();
+    let old_end = connections[0].last_audio_at.unwrap();
+    let new_start = connections[1].first_audio_at.unwrap();
+    let wire_gap_ms = new_start.saturating_duration_since(old_end).as_millis();
+    println!(
+        "rotation: {} hand-offs, largest gap {gap_ms:.2} ms (hand-off time, engine); first hand-off: {wire_gap_ms} ms between the old stream's last audio and the new one's first on the wire (endpoint; includes the 32 ms frame cadence); numbered frames lost: {}",
+        rotations.len(),
+        lost.len()
+    );
+    assert!(lost.is_empty(), "frames lost in the hand-off: {lost:?}");
+    assert!(gap_ms <= 50.0, "gap {gap_ms} ms");
+}
