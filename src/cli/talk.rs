@@ -240,6 +240,10 @@ async fn converse(
             "text_out": usage.text_out_tokens,
         },
         "cost_micro_usd": usage.cost_micro_usd,
+        "cost_by_modality_micro_usd": {
+            "speech": usage.speech_cost_micro_usd,
+            "text": usage.text_cost_micro_usd,
+        },
         "audio_in_ms": usage.audio_in_ms,
         "audio_out_ms": usage.audio_out_ms,
         "text_in_chars": usage.text_in_chars,

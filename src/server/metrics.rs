@@ -315,6 +315,13 @@ impl Metrics {
             )
         })
         .collect();
+        let modality_cost: Vec<(String, u64)> = vec![
+            (
+                "modality=\"speech\"".to_owned(),
+                usage.speech_cost_micro_usd,
+            ),
+            ("modality=\"text\"".to_owned(), usage.text_cost_micro_usd),
+        ];
         let labelled = [
             (
                 "sonora_sessions_refused_total",
@@ -335,6 +342,11 @@ impl Metrics {
                 "sonora_tokens_total",
                 "Engine tokens, by modality and direction.",
                 tokens,
+            ),
+            (
+                "sonora_cost_micro_usd_total",
+                "Engine cost by modality, in micro-dollars (each rounded on its own).",
+                modality_cost,
             ),
         ];
         for (name, help, samples) in labelled {

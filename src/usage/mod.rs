@@ -31,6 +31,13 @@ pub struct UsageDelta {
     /// Characters of reply text the engine produced.
     pub text_out_chars: u64,
     pub cost_micro_usd: u64,
+    /// The speech tokens' share of the cost (each modality rounded on its
+    /// own, so the two may differ from `cost_micro_usd` by 1).
+    #[serde(default)]
+    pub speech_cost_micro_usd: u64,
+    /// The text tokens' share of the cost.
+    #[serde(default)]
+    pub text_cost_micro_usd: u64,
 }
 
 impl UsageDelta {
@@ -47,6 +54,12 @@ impl UsageDelta {
         self.text_in_chars = self.text_in_chars.saturating_add(other.text_in_chars);
         self.text_out_chars = self.text_out_chars.saturating_add(other.text_out_chars);
         self.cost_micro_usd = self.cost_micro_usd.saturating_add(other.cost_micro_usd);
+        self.speech_cost_micro_usd = self
+            .speech_cost_micro_usd
+            .saturating_add(other.speech_cost_micro_usd);
+        self.text_cost_micro_usd = self
+            .text_cost_micro_usd
+            .saturating_add(other.text_cost_micro_usd);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -271,6 +284,15 @@ impl Tokens {
             .map(|&(m, d, _, _)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
             .fold(0u128, u128::saturating_add)
     }
+
+    /// Exact cost of one modality's tokens in nano-dollars.
+    fn modality_cost_nano(&self, rates: &Rates, modality: Modality) -> u128 {
+        KINDS
+            .iter()
+            .filter(|&&(m, _, _, _)| m == modality)
+            .map(|&(m, d, _, _)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
+            .fold(0u128, u128::saturating_add)
+    }
 }
 
 impl fmt::Display for Tokens {
@@ -325,6 +347,9 @@ pub struct UsageMeter {
     cost_nano: u128,
     /// Rounded micro-dollar total already handed out in deltas.
     reported_micro: u64,
+    /// Exact cost per modality (speech, text) and what was handed out of each.
+    modality_nano: [u128; 2],
+    modality_reported: [u64; 2],
     stream: StreamState,
     /// The stream before `stream` while it is still closing (rotation).
     previous: Option<StreamState>,
@@ -340,6 +365,8 @@ impl UsageMeter {
             tokens: Tokens::default(),
             cost_nano: 0,
             reported_micro: 0,
+            modality_nano: [0; 2],
+            modality_reported: [0; 2],
             stream: StreamState::default(),
             previous: None,
         }
@@ -442,8 +469,16 @@ impl UsageMeter {
     /// its share of the rounded cost.
     fn count(&mut self, counted: &Tokens) -> UsageDelta {
         self.tokens = self.tokens.saturating_add(counted);
+        let mut modality_share = [0u64; 2];
         if let Some(rates) = &self.rates {
             self.cost_nano = self.cost_nano.saturating_add(counted.cost_nano(rates));
+            for (i, modality) in [Modality::Speech, Modality::Text].into_iter().enumerate() {
+                let nano = &mut self.modality_nano[i];
+                *nano = nano.saturating_add(counted.modality_cost_nano(rates, modality));
+                let rounded = u64::try_from(round_micro(*nano)).unwrap_or(u64::MAX);
+                modality_share[i] = rounded.saturating_sub(self.modality_reported[i]);
+                self.modality_reported[i] = rounded;
+            }
         }
         let rounded = self.cost_micro_usd();
         let share = rounded.saturating_sub(self.reported_micro);
@@ -454,14 +489,15 @@ impl UsageMeter {
             text_in_tokens: counted.text_in,
             text_out_tokens: counted.text_out,
             cost_micro_usd: share,
+            speech_cost_micro_usd: modality_share[0],
+            text_cost_micro_usd: modality_share[1],
             ..UsageDelta::default()
         }
     }
 
     /// Exact cost so far, rounded half-up to micro-dollars.
     fn cost_micro_usd(&self) -> u64 {
-        let micro = (self.cost_nano + NANO_PER_MICRO / 2) / NANO_PER_MICRO;
-        u64::try_from(micro).unwrap_or(u64::MAX)
+        u64::try_from(round_micro(self.cost_nano)).unwrap_or(u64::MAX)
     }
 
     /// Sum over all streams, with the rounded cost in `cost_micro_usd`.
@@ -472,6 +508,8 @@ impl UsageMeter {
             text_in_tokens: self.tokens.text_in,
             text_out_tokens: self.tokens.text_out,
             cost_micro_usd: self.cost_micro_usd(),
+            speech_cost_micro_usd: self.modality_reported[0],
+            text_cost_micro_usd: self.modality_reported[1],
             ..UsageDelta::default()
         }
     }
@@ -490,6 +528,11 @@ impl UsageMeter {
     pub fn priced(&self) -> bool {
         self.rates.is_some()
     }
+}
+
+/// Nano-dollars rounded half-up to micro-dollars.
+fn round_micro(nano: u128) -> u128 {
+    (nano + NANO_PER_MICRO / 2) / NANO_PER_MICRO
 }
 
 /// Reads `details.delta` or `details.total`. `Ok(None)` when absent or when

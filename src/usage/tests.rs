@@ -376,3 +376,41 @@ fn cost_shares_sum_to_the_rounded_total() {
         assert_eq!(meter.totals().text_out_tokens, expected.text_out);
     }
 }
+
+#[test]
+fn cost_is_split_by_modality() {
+    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
+    let a = delta_of(&meter.ingest(&event([209, 408, 137, 66], [209, 408, 137, 66])));
+    let b = delta_of(&meter.ingest(&event([0, 0, 12, 3], [209, 408, 149, 69])));
+    // v1: speech 209 × 3.4 µ$ + 149 × 13.6 µ$; text 408 × 0.06 µ$ + 69 × 0.24 µ$.
+    let speech_nano: u128 = 209 * 3_400 + 149 * 13_600;
+    let text_nano: u128 = 408 * 60 + 69 * 240;
+    let speech = a.speech_cost_micro_usd + b.speech_cost_micro_usd;
+    let text = a.text_cost_micro_usd + b.text_cost_micro_usd;
+    assert_eq!(u128::from(speech), (speech_nano + 500) / 1_000);
+    assert_eq!(u128::from(text), (text_nano + 500) / 1_000);
+    assert_eq!(meter.totals().speech_cost_micro_usd, speech);
+    assert_eq!(meter.totals().text_cost_micro_usd, text);
+    let total = a.cost_micro_usd + b.cost_micro_usd;
+    assert!(
+        total.abs_diff(speech + text) <= 1,
+        "{total} vs {speech} + {text}"
+    );
+    assert!(speech > 50 * text, "speech is priced far above text");
+}
+
+#[test]
+fn a_closing_stream_is_checked_against_its_own_totals() {
+    let mut meter = UsageMeter::new(NOVA_2_SONIC, &PriceTable::builtin());
+    delta_of(&meter.ingest(&event([100, 50, 0, 0], [100, 50, 0, 0])));
+    meter.begin_overlapping_stream();
+    // The new stream's totals start at zero …
+    delta_of(&meter.ingest(&event([10, 400, 0, 0], [10, 400, 0, 0])));
+    // … while the old one's late event continues its own totals: no warning.
+    delta_of(&meter.ingest_previous(&event([0, 0, 80, 20], [100, 50, 80, 20])));
+    delta_of(&meter.ingest(&event([0, 0, 5, 1], [10, 400, 5, 1])));
+    assert_eq!(meter.totals().speech_in_tokens, 110);
+    assert_eq!(meter.totals().speech_out_tokens, 85);
+    assert_eq!(meter.totals().text_in_tokens, 450);
+    assert_eq!(meter.totals().text_out_tokens, 21);
+}

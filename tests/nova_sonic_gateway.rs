@@ -1,0 +1,212 @@
+//! Nova Sonic end to end: `sonora talk --engine nova-sonic` as a process and
+//! the web gateway over a real WebSocket, both against the Bedrock-compatible
+//! test endpoint through the real AWS SDK. The summary's cost must equal the
+//! endpoint's usage deltas times the published rates, to the micro-dollar.
+
+#![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
+
+#[path = "common/bedrock.rs"]
+mod bedrock;
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bedrock::{Endpoint, Script, Sent, Turn};
+use common::gateway::{self, metric};
+use sonora::config::{Config, EngineKind};
+use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
+use sonora::usage::PriceTable;
+
+const QUESTION: &str = "¿Dónde puedo imprimir mis documentos?";
+const ANSWER: &str = "Puedes imprimir en la biblioteca central, primer piso.";
+
+fn expected_micro_usd(sent: Sent) -> u64 {
+    let rates = *PriceTable::builtin()
+        .rates("amazon.nova-2-sonic-v1:0")
+        .unwrap();
+    let nano = u128::from(sent.speech_in) * u128::from(rates.speech_in)
+        + u128::from(sent.speech_out) * u128::from(rates.speech_out)
+        + u128::from(sent.text_in) * u128::from(rates.text_in)
+        + u128::from(sent.text_out) * u128::from(rates.text_out);
+    u64::try_from((nano + 500) / 1_000).unwrap()
+}
+
+/// 0.8 s of a loud tone (speech to the endpoint's detector), 16 kHz.
+fn question() -> Vec<i16> {
+    (0..12_800)
+        .map(|i| ((i as f64 / 16_000.0 * 300.0 * std::f64::consts::TAU).sin() * 8_000.0) as i16)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn talk_against_the_test_endpoint_writes_transcripts_reply_and_exact_cost() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![Turn::new(QUESTION, ANSWER, 1_500)],
+        ..Script::default()
+    }])
+    .await;
+    let dir = std::env::temp_dir().join(format!("sonora-talk-nova-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (q, r, e) = (dir.join("q.wav"), dir.join("r.wav"), dir.join("e.jsonl"));
+    sonora::audio::wav::write_mono(&q, 16_000, &question()).unwrap();
+
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .current_dir(common::root())
+        .args([
+            "talk",
+            "--engine",
+            "nova-sonic",
+            "--bedrock-endpoint",
+            &endpoint.url,
+            "--ca-file",
+        ])
+        .arg(&endpoint.ca_file)
+        .arg("--input")
+        .arg(&q)
+        .arg("--output")
+        .arg(&r)
+        .arg("--events")
+        .arg(&e)
+        // The standard credential chain, from the environment only.
+        .env("AWS_ACCESS_KEY_ID", "AKIDSONORATEST")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+        .env("AWS_CONFIG_FILE", dir.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("talk finished")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "talk failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains(&format!("you: {QUESTION}")), "{stdout}");
+    assert!(stdout.contains(&format!("sonora: {ANSWER}")), "{stdout}");
+
+    let summary: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let sent = endpoint.sent();
+    assert_eq!(summary["tokens"]["speech_in"], sent.speech_in);
+    assert_eq!(summary["tokens"]["speech_out"], sent.speech_out);
+    assert_eq!(summary["tokens"]["text_in"], sent.text_in);
+    assert_eq!(summary["tokens"]["text_out"], sent.text_out);
+    assert!(sent.speech_out > 0 && sent.text_in > 0);
+    assert_eq!(
+        summary["cost_micro_usd"],
+        expected_micro_usd(sent),
+        "{summary}"
+    );
+    assert_eq!(summary["turns"], 1);
+    assert_eq!(summary["close"], "client_stopped");
+
+    let reply = sonora::audio::wav::read(&r).unwrap();
+    assert_eq!(reply.rate_hz, 24_000);
+    assert_eq!(reply.samples.len(), 15 * 2_400, "1.5 s of reply audio");
+    let events = std::fs::read_to_string(&e).unwrap();
+    let lines: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["type"] == "transcript" && l["role"] == "user" && l["text"] == QUESTION)
+    );
+    assert!(lines.iter().any(|l| l["type"] == "transcript"
+        && l["role"] == "assistant"
+        && l["stage"] == "final"
+        && l["text"] == ANSWER));
+    assert!(lines.iter().any(|l| l["type"] == "usage"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_a_nova_sonic_conversation_with_cost_by_modality() {
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![Turn::new(QUESTION, ANSWER, 1_000)],
+        ..Script::default()
+    }])
+    .await;
+    let mut config = Config::default();
+    config.engine.kind = EngineKind::NovaSonic;
+    config.nova_sonic.endpoint_url = endpoint.url.clone();
+    config.nova_sonic.ca_file = endpoint.ca_file.display().to_string();
+    let mut settings = NovaSonicSettings::from_config(&config.nova_sonic);
+    settings.client.credentials = Some(StaticCredentials {
+        access_key_id: "AKIDSONORATEST".into(),
+        secret_access_key: "not-a-real-secret".into(),
+        session_token: None,
+    });
+    let engine = NovaSonicEngine::connect(settings, None).await.unwrap();
+    let mut running = gateway::start(&config, Some(Arc::new(engine))).await;
+
+    let mut client = running.client().await;
+    client.hello_pcm().await;
+    let ready = client.until(|f| f.is("ready")).await;
+    let ready = ready.last().unwrap().json().clone();
+    assert_eq!(ready["engine"], "nova-sonic", "{ready}");
+    assert_eq!(ready["voice"], "lupe");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for frame in question().chunks(320) {
+        tick.tick().await;
+        client.send_pcm(frame).await;
+    }
+    let frames = client.until(|f| f.is("turn_end")).await;
+    let texts: Vec<(String, String)> = frames
+        .iter()
+        .filter(|f| f.is("transcript"))
+        .map(|f| {
+            let j = f.json();
+            (
+                j["role"].as_str().unwrap().to_owned(),
+                j["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        texts.contains(&("user".into(), QUESTION.into())),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&("assistant".into(), ANSWER.into())),
+        "{texts:?}"
+    );
+    let audio: usize = frames
+        .iter()
+        .map(|f| match f {
+            gateway::Frame::Audio(s) => s.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(
+        audio >= 20_000,
+        "reply audio reached the client: {audio} samples"
+    );
+    client.send_json(serde_json::json!({"type": "stop"})).await;
+    let rest = client.until(|f| f.is("end")).await;
+    let end = rest.last().unwrap().json().clone();
+    let sent = endpoint.sent();
+    let usage = &end["summary"]["usage"];
+    assert_eq!(usage["speech_out_tokens"], sent.speech_out, "{end}");
+    assert_eq!(usage["cost_micro_usd"], expected_micro_usd(sent), "{end}");
+
+    let text = running.metrics().await;
+    let speech = metric(&text, "sonora_cost_micro_usd_total{modality=\"speech\"}");
+    let total = metric(&text, "sonora_cost_usd_total");
+    assert!(speech > 0.0, "{text}");
+    assert!(
+        (total * 1e6 - speech - metric(&text, "sonora_cost_micro_usd_total{modality=\"text\"}"))
+            .abs()
+            <= 1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sonora_tokens_total{modality=\"speech\",direction=\"output\"}"
+        ),
+        sent.speech_out as f64
+    );
+    running.stop();
+}
