@@ -394,3 +394,50 @@ fn broken_and_unknown_events() {
     assert!(old.is_empty());
     assert_eq!(t.notes.len(), 2);
 }
+
+#[test]
+fn failures_are_classified_as_the_service_documents_them() {
+    use super::stream::classified;
+    let retry = |code: &str, message: &str| classified(code, message.to_owned()).retry;
+    for code in [
+        "throttlingException",
+        "ThrottlingException",
+        "serviceUnavailableException",
+        "internalServerException",
+        "modelStreamErrorException",
+        "modelTimeoutException",
+        "ModelNotReadyException",
+        "ModelErrorException",
+    ] {
+        assert!(retry(code, "x"), "{code} is transient");
+    }
+    assert!(retry(
+        "validationException",
+        "Timed out waiting for input events"
+    ));
+    assert!(retry(
+        "ValidationException",
+        "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR"
+    ));
+    assert!(retry(
+        "validationException",
+        "System instability detected. Please retry your request."
+    ));
+    for (code, message) in [
+        (
+            "validationException",
+            "First message in chat history should not be Assistant",
+        ),
+        ("validationException", "Invalid input request"),
+        ("ValidationException", "Received invalid voiceId"),
+        ("AccessDeniedException", "not authorized"),
+        (
+            "UnrecognizedClientException",
+            "The security token included in the request is invalid.",
+        ),
+        ("ResourceNotFoundException", "model not found"),
+        ("ServiceQuotaExceededException", "quota"),
+    ] {
+        assert!(!retry(code, message), "{code}: {message} is not retried");
+    }
+}
