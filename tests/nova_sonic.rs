@@ -55,9 +55,13 @@ struct Talk {
 
 impl Talk {
     fn start(engine: &NovaSonicEngine) -> Self {
+        Self::start_in(engine, "es")
+    }
+
+    fn start_in(engine: &NovaSonicEngine, language: &str) -> Self {
         let session = engine
             .start(ConversationOptions {
-                language: "es".into(),
+                language: language.into(),
                 voice: String::new(),
             })
             .unwrap();
@@ -771,4 +775,37 @@ async fn rotation_hands_off_before_the_limit_with_history_and_no_lost_audio() {
     );
     assert!(lost.is_empty(), "frames lost in the hand-off: {lost:?}");
     assert!(gap_ms <= 50.0, "gap {gap_ms} ms");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_text_is_answered_and_english_gets_an_english_voice() {
+    const TYPED: &str = "What time does the library close?";
+    const REPLY: &str = "The library closes at ten p.m.";
+    let endpoint = Endpoint::start(vec![Script {
+        turns: vec![Turn::new("", REPLY, 600)],
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start_in(&engine, "en-US");
+    talk.input
+        .send(EngineInput::Text(TYPED.into()))
+        .await
+        .unwrap();
+    talk.idle_until("the turn's end", is_turn_end).await;
+    talk.close().await;
+    assert!(
+        matches!(talk.events().next(), Some(EngineEvent::Ready { voice, .. }) if voice == "tiffany")
+    );
+    assert_eq!(talk.transcripts(Role::User, Stage::Final), [TYPED]);
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [REPLY]);
+    let c = &endpoint.connections()[0];
+    assert_eq!(
+        c.events[1]["event"]["promptStart"]["audioOutputConfiguration"]["voiceId"],
+        "tiffany"
+    );
+    assert_eq!(
+        c.texts.last().unwrap(),
+        &("USER".to_owned(), true, TYPED.to_owned())
+    );
 }

@@ -326,6 +326,17 @@ impl Driver {
                 if text.is_empty() {
                     return Step::Go;
                 }
+                if self.shared.settings.model.contains(MODEL_V1) {
+                    let message =
+                        "Nova Sonic v1 takes no typed text; speak, or use amazon.nova-2-sonic-v1:0"
+                            .into();
+                    self.emit(EngineEvent::Error {
+                        kind: ErrorKind::BadInput,
+                        message,
+                    })
+                    .await;
+                    return Step::Go;
+                }
                 for event in self.translator.user_text(&text) {
                     self.emit(event).await;
                 }

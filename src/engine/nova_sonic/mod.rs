@@ -206,12 +206,27 @@ impl Engine for NovaSonicEngine {
     }
 
     fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+        let voices = self.voices();
         let voice = if options.voice.is_empty() {
-            self.shared.settings.voice.clone()
+            // The configured voice, unless the conversation's language is
+            // another one that has a voice of its own.
+            let language = options.language.to_ascii_lowercase();
+            let configured = &self.shared.settings.voice;
+            let speaks = |v: &Voice| {
+                let tag = v.language.to_ascii_lowercase();
+                tag == language || tag.split('-').next() == language.split('-').next()
+            };
+            match voices.iter().find(|v| &v.id == configured) {
+                Some(v) if speaks(v) || language.is_empty() => configured.clone(),
+                _ => voices
+                    .iter()
+                    .find(|v| speaks(v))
+                    .map_or_else(|| configured.clone(), |v| v.id.clone()),
+            }
         } else {
             options.voice.to_ascii_lowercase()
         };
-        if !self.voices().iter().any(|v| v.id == voice) {
+        if !voices.iter().any(|v| v.id == voice) {
             return Err(format!("Nova Sonic has no voice {voice:?}"));
         }
         let (session, input, events) = EngineSession::channel();
