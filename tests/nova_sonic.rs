@@ -809,3 +809,34 @@ async fn typed_text_is_answered_and_english_gets_an_english_voice() {
         &("USER".to_owned(), true, TYPED.to_owned())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_throttling_gives_up_after_three_tries() {
+    let endpoint = Endpoint::start(vec![Script {
+        fail: Some(Fail::Throttle),
+        ..Script::default()
+    }])
+    .await;
+    let engine = engine(&endpoint, None, |_| {}).await;
+    let mut talk = Talk::start(&engine);
+    talk.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
+        .await;
+    assert_eq!(
+        talk.errors(ErrorKind::Transient).len(),
+        3,
+        "{:?}",
+        talk.kinds()
+    );
+    let fatal = talk.errors(ErrorKind::Fatal);
+    assert_eq!(fatal.len(), 1);
+    assert!(
+        fatal[0].contains("4 times") && fatal[0].contains("throttlingException"),
+        "{}",
+        fatal[0]
+    );
+    // The first try and three more, after 0, 1 and 3 s.
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), 4);
+    let opened: Vec<Instant> = connections.iter().map(|c| c.opened_at.unwrap()).collect();
+    assert!(opened[3].duration_since(opened[1]) >= Duration::from_millis(3_900));
+}

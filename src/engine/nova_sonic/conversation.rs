@@ -38,6 +38,8 @@ const CLOSE_QUIET: Duration = Duration::from_millis(2_500);
 const CLOSE_LIMIT: Duration = Duration::from_secs(60);
 /// The longest wait for a closing stream to end after `sessionEnd`.
 const END_WAIT: Duration = Duration::from_secs(5);
+/// Events a prepared stream may send before it takes over.
+const MAX_EARLY_EVENTS: usize = 256;
 /// Backoff before reconnection tries 1, 2, 3…
 const BACKOFF_MS: [u64; 3] = [0, 1_000, 3_000];
 
@@ -233,7 +235,7 @@ impl Driver {
     }
 
     /// The events that open a stream: session, prompt (voice, tools), system.
-    fn setup(&self, builder: &Builder) -> Vec<Input> {
+    fn setup(&self, builder: &mut Builder) -> Vec<Input> {
         let s = &self.shared.settings;
         let tools: Vec<super::input::Tool> = self
             .shared
@@ -246,7 +248,6 @@ impl Driver {
             builder.session_start(s.inference, s.endpointing),
             builder.prompt_start(&self.voice, s.output_rate_hz, &tools),
         ];
-        let mut builder = builder.clone();
         // Every AWS sample sends the system prompt in one event.
         events.extend(builder.text_block(BlockRole::System, false, &s.system_prompt, 64 * 1024));
         events
@@ -294,9 +295,7 @@ impl Driver {
     /// (a rotation's next stream, finished at the hand-off).
     fn open_stream(&mut self, prepare_only: bool) -> Stream {
         let mut builder = self.new_builder();
-        let mut events = self.setup(&builder);
-        // The system block used one content name in the clone; skip past it.
-        builder.content_name("text");
+        let mut events = self.setup(&mut builder);
         let mut audio = None;
         if !prepare_only {
             let ask_again = self.unanswered.is_some();
@@ -454,7 +453,11 @@ impl Driver {
             // mid-sentence. Prepare the next stream now.
             self.prepare_next();
         }
-        for event in self.translator.on_output(output) {
+        let events = self.translator.on_output(output);
+        for note in self.translator.notes.drain(..) {
+            eprintln!("nova-sonic: {note}");
+        }
+        for event in events {
             match &event {
                 EngineEvent::Transcript {
                     role: Role::User,
@@ -543,7 +546,11 @@ impl Driver {
                 // Try again on a later tick.
                 self.next = None;
             }
-            Some(item) => next.early.push(item),
+            Some(item) if next.early.len() < MAX_EARLY_EVENTS => next.early.push(item),
+            Some(_) => {
+                // A stream that talks before it has anything to answer: drop it.
+                self.next = None;
+            }
         }
     }
 
@@ -559,7 +566,9 @@ impl Driver {
         let Some(failed) = self.current.take() else {
             return Step::Go;
         };
-        drop(failed);
+        // A stream the service ended takes no more events; one given up
+        // here (a stall) still gets its closing events, to free it.
+        self.close_in_background(failed);
         if let Some(event) = self.translator.end_open_turn(TurnEndReason::Error) {
             self.emit(event).await;
         }
@@ -616,7 +625,8 @@ impl Driver {
 
     fn reconnect(&mut self) {
         self.reconnect_at = None;
-        self.translator.begin_stream();
+        // The failed stream may still report late usage while it closes.
+        self.translator.begin_overlapping_stream();
         let stream = self.open_stream(false);
         self.current = Some(stream);
     }
@@ -684,6 +694,19 @@ impl Driver {
                 self.on_output(output).await;
             }
         }
+    }
+
+    /// The closing triple (when the stream still takes events), then its
+    /// last events, in the background; late usage is still counted.
+    fn close_in_background(&self, stream: Stream) {
+        let mut closing = Vec::new();
+        if let Some(audio) = &stream.audio {
+            closing.push(stream.builder.content_end(audio));
+        }
+        closing.extend(stream.builder.prompt_and_session_end());
+        stream
+            .up
+            .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
     }
 
     async fn on_tick(&mut self) -> Step {
