@@ -226,10 +226,9 @@ const ANSWER: &str = "La biblioteca abre de lunes a viernes de ocho a veintidós
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
-    let endpoint = Endpoint::start(vec![Script {
-        turns: vec![Turn::new(QUESTION, ANSWER, 1_200)],
-        ..Script::default()
-    }])
+    let endpoint = Endpoint::start(vec![Script::answering(vec![Turn::new(
+        QUESTION, ANSWER, 1_200,
+    )])])
     .await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start(&engine);
@@ -288,11 +287,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
     let rates = *PriceTable::builtin()
         .rates("amazon.nova-2-sonic-v1:0")
         .unwrap();
-    let nano = u128::from(sent.speech_in) * u128::from(rates.speech_in)
-        + u128::from(sent.speech_out) * u128::from(rates.speech_out)
-        + u128::from(sent.text_in) * u128::from(rates.text_in)
-        + u128::from(sent.text_out) * u128::from(rates.text_out);
-    assert_eq!(u128::from(counted.cost_micro_usd), (nano + 500) / 1_000);
+    assert_eq!(counted.cost_micro_usd, sent.cost_micro_usd(&rates));
 
     // On the wire: signed envelopes, setup before audio, 32 ms frames,
     // silence while mute, and the closing triple last.
@@ -463,14 +458,8 @@ async fn tools_run_off_the_loop_and_their_results_go_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throttling_reconnects_and_the_conversation_goes_on() {
     let endpoint = Endpoint::start(vec![
-        Script {
-            fail: Some(Fail::Throttle),
-            ..Script::default()
-        },
-        Script {
-            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
-            ..Script::default()
-        },
+        Script::failing(Fail::Throttle, vec![]),
+        Script::answering(vec![Turn::new(QUESTION, ANSWER, 600)]),
     ])
     .await;
     let engine = engine(&endpoint, None, |_| {}).await;
@@ -499,14 +488,11 @@ async fn a_model_timeout_resumes_with_the_history() {
             max_age: Some(Duration::from_millis(3_000)),
             ..Script::default()
         },
-        Script {
-            turns: vec![Turn::new(
-                "¿Y los sábados?",
-                "Los sábados abre de nueve a trece.",
-                600,
-            )],
-            ..Script::default()
-        },
+        Script::answering(vec![Turn::new(
+            "¿Y los sábados?",
+            "Los sábados abre de nueve a trece.",
+            600,
+        )]),
     ])
     .await;
     // Rotation off: the connection limit is hit, not avoided.
@@ -561,15 +547,8 @@ async fn a_model_timeout_resumes_with_the_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_stream_is_replaced_and_the_turn_reported() {
     let endpoint = Endpoint::start(vec![
-        Script {
-            turns: vec![Turn::new(QUESTION, ANSWER, 2_000)],
-            fail: Some(Fail::ResetInReply),
-            ..Script::default()
-        },
-        Script {
-            turns: vec![Turn::new("¿Me lo repites?", ANSWER, 600)],
-            ..Script::default()
-        },
+        Script::failing(Fail::ResetInReply, vec![Turn::new(QUESTION, ANSWER, 2_000)]),
+        Script::answering(vec![Turn::new("¿Me lo repites?", ANSWER, 600)]),
     ])
     .await;
     let engine = engine(&endpoint, None, |_| {}).await;
@@ -599,11 +578,10 @@ async fn a_reset_stream_is_replaced_and_the_turn_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_event_is_skipped_and_nothing_else_is_lost() {
-    let endpoint = Endpoint::start(vec![Script {
-        turns: vec![Turn::new(QUESTION, ANSWER, 800)],
-        fail: Some(Fail::MalformedInReply),
-        ..Script::default()
-    }])
+    let endpoint = Endpoint::start(vec![Script::failing(
+        Fail::MalformedInReply,
+        vec![Turn::new(QUESTION, ANSWER, 800)],
+    )])
     .await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start(&engine);
@@ -621,15 +599,11 @@ async fn a_malformed_event_is_skipped_and_nothing_else_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_stream_is_replaced_and_the_question_asked_again() {
     let endpoint = Endpoint::start(vec![
-        Script {
-            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
-            fail: Some(Fail::StallAfterTranscript),
-            ..Script::default()
-        },
-        Script {
-            turns: vec![Turn::new(QUESTION, ANSWER, 600)],
-            ..Script::default()
-        },
+        Script::failing(
+            Fail::StallAfterTranscript,
+            vec![Turn::new(QUESTION, ANSWER, 600)],
+        ),
+        Script::answering(vec![Turn::new(QUESTION, ANSWER, 600)]),
     ])
     .await;
     let engine = engine(&endpoint, None, |_| {}).await;
@@ -659,11 +633,7 @@ async fn a_stalled_stream_is_replaced_and_the_question_asked_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_credentials_are_fatal_and_never_retried() {
-    let endpoint = Endpoint::start(vec![Script {
-        fail: Some(Fail::Auth),
-        ..Script::default()
-    }])
-    .await;
+    let endpoint = Endpoint::start(vec![Script::failing(Fail::Auth, vec![])]).await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start(&engine);
     talk.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
@@ -781,11 +751,7 @@ async fn rotation_hands_off_before_the_limit_with_history_and_no_lost_audio() {
 async fn typed_text_is_answered_and_english_gets_an_english_voice() {
     const TYPED: &str = "What time does the library close?";
     const REPLY: &str = "The library closes at ten p.m.";
-    let endpoint = Endpoint::start(vec![Script {
-        turns: vec![Turn::new("", REPLY, 600)],
-        ..Script::default()
-    }])
-    .await;
+    let endpoint = Endpoint::start(vec![Script::answering(vec![Turn::new("", REPLY, 600)])]).await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start_in(&engine, "en-US");
     talk.input
@@ -812,11 +778,7 @@ async fn typed_text_is_answered_and_english_gets_an_english_voice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_throttling_gives_up_after_three_tries() {
-    let endpoint = Endpoint::start(vec![Script {
-        fail: Some(Fail::Throttle),
-        ..Script::default()
-    }])
-    .await;
+    let endpoint = Endpoint::start(vec![Script::failing(Fail::Throttle, vec![])]).await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start(&engine);
     talk.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))

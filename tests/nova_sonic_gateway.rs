@@ -22,14 +22,8 @@ const QUESTION: &str = "¿Dónde puedo imprimir mis documentos?";
 const ANSWER: &str = "Puedes imprimir en la biblioteca central, primer piso.";
 
 fn expected_micro_usd(sent: Sent) -> u64 {
-    let rates = *PriceTable::builtin()
-        .rates("amazon.nova-2-sonic-v1:0")
-        .unwrap();
-    let nano = u128::from(sent.speech_in) * u128::from(rates.speech_in)
-        + u128::from(sent.speech_out) * u128::from(rates.speech_out)
-        + u128::from(sent.text_in) * u128::from(rates.text_in)
-        + u128::from(sent.text_out) * u128::from(rates.text_out);
-    u64::try_from((nano + 500) / 1_000).unwrap()
+    let rates = PriceTable::builtin();
+    sent.cost_micro_usd(rates.rates("amazon.nova-2-sonic-v1:0").unwrap())
 }
 
 /// 0.8 s of a loud tone (speech to the endpoint's detector), 16 kHz.
@@ -41,10 +35,9 @@ fn question() -> Vec<i16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talk_against_the_test_endpoint_writes_transcripts_reply_and_exact_cost() {
-    let endpoint = Endpoint::start(vec![Script {
-        turns: vec![Turn::new(QUESTION, ANSWER, 1_500)],
-        ..Script::default()
-    }])
+    let endpoint = Endpoint::start(vec![Script::answering(vec![Turn::new(
+        QUESTION, ANSWER, 1_500,
+    )])])
     .await;
     let dir = std::env::temp_dir().join(format!("sonora-talk-nova-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -124,10 +117,9 @@ async fn talk_against_the_test_endpoint_writes_transcripts_reply_and_exact_cost(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_serves_a_nova_sonic_conversation_with_cost_by_modality() {
-    let endpoint = Endpoint::start(vec![Script {
-        turns: vec![Turn::new(QUESTION, ANSWER, 1_000)],
-        ..Script::default()
-    }])
+    let endpoint = Endpoint::start(vec![Script::answering(vec![Turn::new(
+        QUESTION, ANSWER, 1_000,
+    )])])
     .await;
     let mut config = Config::default();
     config.engine.kind = EngineKind::NovaSonic;

@@ -73,6 +73,36 @@ pub enum Fail {
     StallAfterTranscript,
 }
 
+impl Script {
+    /// Answers `turns` and nothing else.
+    pub fn answering(turns: Vec<Turn>) -> Self {
+        Self {
+            turns,
+            ..Self::default()
+        }
+    }
+
+    /// Fails as `fail` says (on the first reply, where that applies).
+    pub fn failing(fail: Fail, turns: Vec<Turn>) -> Self {
+        Self {
+            turns,
+            fail: Some(fail),
+            ..Self::default()
+        }
+    }
+}
+
+impl Sent {
+    /// The exact cost of these tokens at `rates`, rounded half-up to micro-dollars.
+    pub fn cost_micro_usd(&self, rates: &sonora::usage::Rates) -> u64 {
+        let nano = u128::from(self.speech_in) * u128::from(rates.speech_in)
+            + u128::from(self.speech_out) * u128::from(rates.speech_out)
+            + u128::from(self.text_in) * u128::from(rates.text_in)
+            + u128::from(self.text_out) * u128::from(rates.text_out);
+        u64::try_from((nano + 500) / 1_000).unwrap_or(u64::MAX)
+    }
+}
+
 impl Turn {
     pub fn new(user: &str, reply: &str, reply_audio_ms: u64) -> Self {
         Self {
