@@ -39,6 +39,9 @@ pub struct Script {
     pub fail: Option<Fail>,
     /// End the stream with `modelTimeoutException` at this age.
     pub max_age: Option<Duration>,
+    /// How long the "service" takes to set a session up after `sessionStart`
+    /// before it answers (events sent meanwhile wait).
+    pub setup_delay: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -373,6 +376,9 @@ async fn serve_call(
     let Some(first) = in_rx.recv().await else {
         return;
     };
+    if let Some(delay) = script.setup_delay {
+        tokio::time::sleep(delay).await;
+    }
     if script.fail == Some(Fail::Auth) {
         let response = http::Response::builder()
             .status(403)

@@ -30,9 +30,11 @@ use tokio::task::JoinHandle;
 use super::input::Input;
 use super::output::{Output, parse_output};
 
-/// Input events that may wait for the network: about two seconds of 32 ms
-/// audio frames. Past that the stream is stalled and audio is refused.
-const INPUT_CAPACITY: usize = 64;
+/// Input events that may wait for the network beyond the setup: about
+/// three seconds of 32 ms audio frames (a new stream's set-up can take a
+/// few hundred milliseconds). Past that the stream is stalled and audio is
+/// refused, and counted.
+const INPUT_CAPACITY: usize = 96;
 /// Parsed output events waiting for the conversation.
 const OUTPUT_CAPACITY: usize = 256;
 
