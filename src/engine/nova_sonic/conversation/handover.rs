@@ -1,0 +1,329 @@
+//! Streams coming and going: opening one (setup, history, audio block,
+//! replay), the warm hand-off to a prepared stream, reconnection after a
+//! failure with capped backoff, and closing streams properly.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{
+    BACKOFF_MS, CONTROL_WAIT, Driver, END_WAIT, FRAME_SAMPLES, MAX_EARLY_EVENTS, Rotation, Step,
+    Stream,
+};
+use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
+use crate::engine::nova_sonic::input::{BlockRole, Builder, Input};
+use crate::engine::nova_sonic::output::Output;
+use crate::engine::nova_sonic::stream::{Failure, StreamItem, Upstream};
+use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
+use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
+
+impl Driver {
+    /// The events that open a stream: session, prompt (voice, tools), system.
+    pub(super) fn setup(&self, builder: &mut Builder) -> Vec<Input> {
+        let s = &self.shared.settings;
+        let tools: Vec<crate::engine::nova_sonic::input::Tool> = self
+            .shared
+            .tools
+            .iter()
+            .flat_map(|t| t.specs())
+            .map(|spec| {
+                crate::engine::nova_sonic::input::Tool::new(
+                    &spec.name,
+                    &spec.description,
+                    &spec.schema,
+                )
+            })
+            .collect();
+        let mut events = vec![
+            builder.session_start(s.inference, s.endpointing),
+            builder.prompt_start(&self.voice, s.output_rate_hz, &tools),
+        ];
+        // Every AWS sample sends the system prompt in one event.
+        events.extend(builder.text_block(BlockRole::System, false, &s.system_prompt, 64 * 1024));
+        events
+    }
+
+    /// History, the audio block and the replay, for a stream taking over.
+    pub(super) fn takeover(
+        &mut self,
+        builder: &mut Builder,
+        ask_again: bool,
+    ) -> (Vec<Input>, String) {
+        let mut events = Vec::new();
+        for message in self.history.shaped(ask_again) {
+            events.extend(builder.text_block(message.role, false, &message.text, MAX_PIECE_BYTES));
+        }
+        let (start, audio) = builder.audio_start(INPUT_RATE_HZ);
+        events.push(start);
+        if let Some(text) = self.unanswered.take()
+            && !self.shared.settings.model.contains(MODEL_V1)
+        {
+            events.extend(builder.text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES));
+            self.awaiting_reply = Some(Instant::now());
+        }
+        let unheard = self.samples_in.saturating_sub(self.heard_upto);
+        let replay = (unheard as usize).min(self.recent.len());
+        let samples: Vec<i16> = self
+            .recent
+            .iter()
+            .skip(self.recent.len() - replay)
+            .copied()
+            .collect();
+        for frame in samples.chunks(FRAME_SAMPLES) {
+            events.push(builder.audio_input(&audio, frame));
+        }
+        (events, audio)
+    }
+
+    pub(super) fn new_builder(&mut self) -> Builder {
+        self.generation += 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        Builder::new(&format!("sonora-{nanos:x}-{}", self.generation))
+    }
+
+    /// Opens a stream. `takeover`: with history, audio block and replay
+    /// queued at once (first stream, reconnection); otherwise only the setup
+    /// (a rotation's next stream, finished at the hand-off).
+    pub(super) fn open_stream(&mut self, prepare_only: bool) -> Stream {
+        let mut builder = self.new_builder();
+        let mut events = self.setup(&mut builder);
+        let mut audio = None;
+        if !prepare_only {
+            let ask_again = self.unanswered.is_some();
+            let (more, name) = self.takeover(&mut builder, ask_again);
+            events.extend(more);
+            audio = Some(name);
+        }
+        let up = Upstream::open(&self.shared.client, &self.shared.settings.model, &events);
+        if audio.is_some() {
+            self.last_sent = Some(Instant::now());
+        }
+        Stream {
+            up,
+            builder,
+            audio,
+            generation: self.generation,
+            opened: false,
+            early: Vec::new(),
+        }
+    }
+
+    pub(super) fn on_next_item(&mut self, item: Option<StreamItem>) {
+        let Some(next) = self.next.as_mut() else {
+            return;
+        };
+        match item {
+            Some(StreamItem::Opened) => next.opened = true,
+            Some(StreamItem::Failed(_) | StreamItem::Ended) | None => {
+                // Try again on a later tick.
+                self.next = None;
+            }
+            Some(item) if next.early.len() < MAX_EARLY_EVENTS => next.early.push(item),
+            Some(_) => {
+                // A stream that talks before it has anything to answer: drop it.
+                self.next = None;
+            }
+        }
+    }
+
+    pub(super) async fn on_drained(&mut self, item: StreamItem) {
+        if let StreamItem::Output(Output::Usage(event)) = item {
+            for event in self.translator.on_previous_usage(&event) {
+                self.emit(event).await;
+            }
+        }
+    }
+
+    pub(super) async fn on_failure(&mut self, failure: Failure) -> Step {
+        let Some(failed) = self.current.take() else {
+            return Step::Go;
+        };
+        // A stream the service ended takes no more events; one given up
+        // here (a stall) still gets its closing events, to free it.
+        self.close_in_background(failed);
+        if let Some(event) = self.translator.end_open_turn(TurnEndReason::Error) {
+            self.emit(event).await;
+        }
+        if self.closing_since.is_some() {
+            return Step::Stop;
+        }
+        if !failure.retry {
+            let message = format!("Nova Sonic refused the conversation: {failure}");
+            self.emit(EngineEvent::Error {
+                kind: ErrorKind::Fatal,
+                message,
+            })
+            .await;
+            return Step::Stop;
+        }
+        self.retries += 1;
+        let max = self.shared.settings.max_retries;
+        if self.retries > max {
+            let message = format!(
+                "Nova Sonic failed {} times in one turn, last: {failure}",
+                self.retries
+            );
+            self.emit(EngineEvent::Error {
+                kind: ErrorKind::Fatal,
+                message,
+            })
+            .await;
+            return Step::Stop;
+        }
+        if self.awaiting_reply.is_some() {
+            // The user's last message was heard but not answered: ask again.
+            self.unanswered = self.history.last_user().map(str::to_owned);
+            self.awaiting_reply = None;
+        }
+        let index = (self.retries as usize - 1).min(BACKOFF_MS.len() - 1);
+        let backoff = Duration::from_millis(BACKOFF_MS[index]);
+        let message = format!(
+            "Nova Sonic stream failed ({failure}); reconnecting with the conversation so far (try {} of {max})",
+            self.retries
+        );
+        self.emit(EngineEvent::Error {
+            kind: ErrorKind::Transient,
+            message,
+        })
+        .await;
+        self.next = None;
+        self.rotation = Rotation::default();
+        self.reconnect_at = Some(Instant::now() + backoff);
+        if backoff.is_zero() {
+            self.reconnect();
+        }
+        Step::Go
+    }
+
+    pub(super) fn reconnect(&mut self) {
+        self.reconnect_at = None;
+        // The failed stream may still report late usage while it closes.
+        self.translator.begin_overlapping_stream();
+        let stream = self.open_stream(false);
+        self.current = Some(stream);
+    }
+
+    /// Opens the next stream in the background (setup only).
+    pub(super) fn prepare_next(&mut self) {
+        let stream = self.open_stream(true);
+        self.next = Some(stream);
+    }
+
+    pub(super) fn assistant_done(&self) -> bool {
+        !self.translator.turn_open()
+            && self.tools_pending.is_empty()
+            && self.awaiting_reply.is_none()
+    }
+
+    pub(super) async fn maybe_hand_off(&mut self) {
+        let ready = self
+            .next
+            .as_ref()
+            .is_some_and(|n| n.opened && !n.up.is_closed());
+        if ready && self.assistant_done() {
+            self.hand_off().await;
+        }
+    }
+
+    /// Switches to the prepared stream: history, audio block, unheard audio,
+    /// then live audio; the old stream closes in the background.
+    pub(super) async fn hand_off(&mut self) {
+        let Some(mut next) = self.next.take() else {
+            return;
+        };
+        let started = Instant::now();
+        let (events, audio) = self.takeover(&mut next.builder, false);
+        for event in &events {
+            if next.up.send(event, CONTROL_WAIT).await.is_err() {
+                // The next stream is not taking events: keep the current one.
+                return;
+            }
+        }
+        let first_new = Instant::now();
+        let gap = first_new.duration_since(started);
+        next.audio = Some(audio);
+        let early = std::mem::take(&mut next.early);
+        let old = self.current.replace(next);
+        self.last_sent = Some(first_new);
+        self.rotation = Rotation::default();
+        self.translator.begin_overlapping_stream();
+        if let Some(old) = old {
+            let mut closing = Vec::new();
+            if let Some(audio) = &old.audio {
+                closing.push(old.builder.content_end(audio));
+            }
+            closing.extend(old.builder.prompt_and_session_end());
+            old.up
+                .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
+        }
+        self.emit(EngineEvent::Rotated {
+            generation: self.generation,
+            gap_ms: (gap.as_secs_f64() * 100_000.0).round() / 100.0,
+        })
+        .await;
+        for item in early {
+            if let StreamItem::Output(output) = item {
+                self.on_output(output).await;
+            }
+        }
+    }
+
+    /// The closing triple (when the stream still takes events), then its
+    /// last events, in the background; late usage is still counted.
+    pub(super) fn close_in_background(&self, stream: Stream) {
+        let mut closing = Vec::new();
+        if let Some(audio) = &stream.audio {
+            closing.push(stream.builder.content_end(audio));
+        }
+        closing.extend(stream.builder.prompt_and_session_end());
+        stream
+            .up
+            .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
+    }
+
+    /// Ends the current stream: the closing triple, then its last events
+    /// (usage) until the service ends it.
+    pub(super) async fn finish(&mut self) {
+        self.next = None;
+        let Some(mut stream) = self.current.take() else {
+            return;
+        };
+        let mut closing = Vec::new();
+        if let Some(audio) = &stream.audio {
+            closing.push(stream.builder.content_end(audio));
+        }
+        closing.extend(stream.builder.prompt_and_session_end());
+        // Events that already arrived come first.
+        let mut early = Vec::new();
+        while let Ok(item) = stream.up.events.try_recv() {
+            early.push(item);
+        }
+        let (tx, mut rx) = mpsc::channel(64);
+        let finishing = stream.up.finish(closing, END_WAIT, Some(tx));
+        let mut items = early;
+        while let Some(item) = rx.recv().await {
+            items.push(item);
+            for item in items.drain(..) {
+                if let StreamItem::Output(output) = item {
+                    for event in self.translator.on_output(output) {
+                        self.emit(event).await;
+                    }
+                }
+            }
+        }
+        for item in items {
+            if let StreamItem::Output(output) = item {
+                for event in self.translator.on_output(output) {
+                    self.emit(event).await;
+                }
+            }
+        }
+        let _ = finishing.await;
+        if let Some(event) = self.translator.end_open_turn(TurnEndReason::Completed) {
+            self.emit(event).await;
+        }
+    }
+}
