@@ -11,7 +11,7 @@ use super::{
     Stream,
 };
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
-use crate::engine::nova_sonic::input::{BlockRole, Builder, Input};
+use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::output::Output;
 use crate::engine::nova_sonic::stream::{Failure, StreamItem, Upstream};
 use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
@@ -21,18 +21,12 @@ impl Driver {
     /// The events that open a stream: session, prompt (voice, tools), system.
     pub(super) fn setup(&self, builder: &mut Builder) -> Vec<Input> {
         let s = &self.shared.settings;
-        let tools: Vec<crate::engine::nova_sonic::input::Tool> = self
+        let tools: Vec<Tool> = self
             .shared
             .tools
             .iter()
             .flat_map(|t| t.specs())
-            .map(|spec| {
-                crate::engine::nova_sonic::input::Tool::new(
-                    &spec.name,
-                    &spec.description,
-                    &spec.schema,
-                )
-            })
+            .map(|spec| Tool::new(&spec.name, &spec.description, &spec.schema))
             .collect();
         let mut events = vec![
             builder.session_start(s.inference, s.endpointing),
@@ -92,15 +86,14 @@ impl Driver {
         let mut events = self.setup(&mut builder);
         let mut audio = None;
         if !prepare_only {
-            let ask_again = self.unanswered.is_some();
+            // v1 takes no typed text: the question stays in the history.
+            let ask_again =
+                self.unanswered.is_some() && !self.shared.settings.model.contains(MODEL_V1);
             let (more, name) = self.takeover(&mut builder, ask_again);
             events.extend(more);
             audio = Some(name);
         }
         let up = Upstream::open(&self.shared.client, &self.shared.settings.model, &events);
-        if audio.is_some() {
-            self.last_sent = Some(Instant::now());
-        }
         Stream {
             up,
             builder,
@@ -247,7 +240,6 @@ impl Driver {
         next.audio = Some(audio);
         let early = std::mem::take(&mut next.early);
         let old = self.current.replace(next);
-        self.last_sent = Some(first_new);
         self.rotation = Rotation::default();
         self.translator.begin_overlapping_stream();
         if let Some(old) = old {

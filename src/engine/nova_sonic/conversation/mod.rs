@@ -92,7 +92,6 @@ pub(super) async fn run(
         pending: Vec::with_capacity(FRAME_SAMPLES * 2),
         last_user_audio: now,
         last_output: now,
-        last_sent: None,
         awaiting_reply: None,
         full_since: None,
         retries: 0,
@@ -129,8 +128,6 @@ struct Driver {
     pending: Vec<i16>,
     last_user_audio: Instant,
     last_output: Instant,
-    /// When the current stream last accepted a frame.
-    last_sent: Option<Instant>,
     /// Since when a reply is due (user turn heard, text or tool result sent).
     awaiting_reply: Option<Instant>,
     /// Since when the current stream refuses audio.
@@ -311,10 +308,7 @@ impl Driver {
         };
         let event = stream.builder.audio_input(audio, frame);
         match stream.up.try_send(&event) {
-            Ok(()) => {
-                self.last_sent = Some(Instant::now());
-                self.full_since = None;
-            }
+            Ok(()) => self.full_since = None,
             Err(SendError::Full) => {
                 self.dropped_frames += 1;
                 self.full_since.get_or_insert_with(Instant::now);
