@@ -8,6 +8,7 @@
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
+//! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
 //! Planned beside them: `store` (the ledger).
@@ -16,6 +17,7 @@ pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod redact;
 pub mod server;
 pub mod session;
 pub mod tools;

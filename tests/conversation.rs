@@ -416,7 +416,7 @@ async fn a_silent_client_is_closed_as_idle() {
 
     assert!(outputs.is_empty(), "{outputs:?}");
     assert_eq!(reason, CloseReason::Idle);
-    assert_eq!(message, "no input from the client for 120000 ms");
+    assert_eq!(message, "no speech or text from the client for 120000 ms");
     assert_eq!(Instant::now() - started, Duration::from_secs(220));
     settle().await;
     let received = engine.received();

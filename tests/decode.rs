@@ -446,6 +446,7 @@ fn input_cap_refuses_a_chunk_and_stays_usable() {
     let limits = DecoderLimits {
         input_cap_bytes: 64 * 1024,
         max_block_bytes: 1024 * 1024,
+        realtime: None,
     };
     let bytes = fixture("chrome_5s.webm");
     let mut decoder = StreamDecoder::for_mime("audio/webm", limits).unwrap();
@@ -476,6 +477,7 @@ fn a_block_growing_past_the_cap_is_refused_piece_by_piece() {
     let limits = DecoderLimits {
         input_cap_bytes: 64 * 1024,
         max_block_bytes: 1024 * 1024,
+        realtime: None,
     };
     let mut stream = webm_with_codec("A_OPUS");
     stream.truncate(

@@ -1,7 +1,17 @@
 //! What a stream claims to be (its MIME type) and what its first bytes say.
 
 use super::DecodeError;
-use super::resample::RATE_RANGE_HZ;
+
+/// The PCM rates a live stream may declare: those capture devices really
+/// use. Any other rate would only build an odd, large resampler.
+pub const PCM_RATES_HZ: [u32; 9] = [
+    8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000,
+];
+
+/// [`PCM_RATES_HZ`] for messages: `8000, 11025, …`.
+pub fn pcm_rates_list() -> String {
+    PCM_RATES_HZ.map(|r| r.to_string()).join(", ")
+}
 
 /// A stream format the decoder accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +77,10 @@ impl AudioFormat {
             }
             "audio/ogg" | "application/ogg" | "audio/opus" => opus_only(Self::Ogg),
             "audio/pcm" | "audio/x-pcm" | "audio/s16le" | "pcm16" => {
-                if !RATE_RANGE_HZ.contains(&rate_hz) {
+                if !PCM_RATES_HZ.contains(&rate_hz) {
                     return Err(DecodeError::Unsupported(format!(
-                        "PCM at {rate_hz} Hz (supported: {}..={} Hz)",
-                        RATE_RANGE_HZ.start(),
-                        RATE_RANGE_HZ.end()
+                        "PCM at {rate_hz} Hz (supported: the rates capture devices use, {} Hz)",
+                        pcm_rates_list()
                     )));
                 }
                 if !(1..=8).contains(&channels) {
@@ -199,6 +208,7 @@ mod tests {
             "audio/aac",
             "audio/pcm;rate=1",
             "audio/pcm;rate=x",
+            "audio/pcm;rate=47999",
         ] {
             assert!(
                 matches!(

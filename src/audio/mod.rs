@@ -5,6 +5,8 @@
 //! incrementally, decodes Opus with libopus straight to 16 kHz mono, or
 //! resamples raw PCM. Every buffer is capped; every drop is counted.
 
+#[doc(hidden)]
+pub mod crafted;
 mod ebml;
 mod format;
 mod ogg;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use format::AudioFormat;
+pub use format::{AudioFormat, PCM_RATES_HZ, pcm_rates_list};
 pub use resample::StreamResampler;
 
 use format::SNIFF_BYTES;
@@ -62,6 +64,18 @@ pub enum DecodeError {
     /// Close the stream: no bytes at all were received.
     #[error("empty audio stream: no bytes received")]
     Empty,
+    /// Close the stream: it carries audio faster than it can be spoken, past
+    /// the burst a live stream may have ([`RealtimeLimit`]). Sticky.
+    #[error(
+        "audio arrives faster than real time: {audio_ms} ms of audio in {wall_ms} ms (a live stream may run {}× real time after a {} s burst)",
+        f64::from(limit.speed_permille) / 1000.0,
+        limit.burst_ms / 1000
+    )]
+    TooFast {
+        audio_ms: u64,
+        wall_ms: u64,
+        limit: RealtimeLimit,
+    },
 }
 
 fn truncation(pending_bytes: u64) -> String {
@@ -81,6 +95,7 @@ impl DecodeError {
             Self::Corrupt { .. } => "corrupt_audio",
             Self::Truncated { .. } => "truncated_audio",
             Self::Empty => "empty_audio",
+            Self::TooFast { .. } => "audio_too_fast",
         }
     }
 
@@ -97,6 +112,9 @@ pub struct DecoderLimits {
     pub input_cap_bytes: usize,
     /// Largest single WebM block or Ogg packet.
     pub max_block_bytes: usize,
+    /// How fast a live stream may deliver audio; `None` for files, which
+    /// are decoded as fast as the machine goes.
+    pub realtime: Option<RealtimeLimit>,
 }
 
 impl Default for DecoderLimits {
@@ -104,7 +122,79 @@ impl Default for DecoderLimits {
         Self {
             input_cap_bytes: 4 * 1024 * 1024,
             max_block_bytes: 256 * 1024,
+            realtime: None,
         }
+    }
+}
+
+/// A live stream's pace: a token bucket in audio time. It starts full with
+/// `burst_ms` of audio and refills at `speed_permille` / 1000 audio seconds
+/// per wall-clock second, so decoded audio can never outrun the clock by
+/// more than the burst, and one pushed chunk never decodes more than it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RealtimeLimit {
+    /// Sustained audio speed in thousandths of real time (2000: 2×).
+    pub speed_permille: u32,
+    /// Audio that may arrive at once beyond that, in milliseconds.
+    pub burst_ms: u32,
+}
+
+impl Default for RealtimeLimit {
+    /// 2× real time with a 10 s burst: far beyond what a browser or a phone
+    /// sends after a network stall, far below what a flood needs.
+    fn default() -> Self {
+        Self {
+            speed_permille: 2_000,
+            burst_ms: 10_000,
+        }
+    }
+}
+
+/// The token bucket of a [`RealtimeLimit`], in microseconds of audio.
+#[derive(Debug)]
+struct AudioBudget {
+    limit: RealtimeLimit,
+    tokens_us: u64,
+    refilled_at: Instant,
+    started_at: Instant,
+    audio_us: u64,
+}
+
+impl AudioBudget {
+    fn new(limit: RealtimeLimit) -> Self {
+        let now = Instant::now();
+        Self {
+            limit,
+            tokens_us: u64::from(limit.burst_ms) * 1000,
+            refilled_at: now,
+            started_at: now,
+            audio_us: 0,
+        }
+    }
+
+    /// Takes `audio_us` of audio from the bucket, or says how far ahead of
+    /// the clock the stream would be.
+    fn take(&mut self, audio_us: u64) -> Result<(), DecodeError> {
+        if audio_us > self.tokens_us {
+            let now = Instant::now();
+            let elapsed_us = now.duration_since(self.refilled_at).as_micros() as u64;
+            let earned = elapsed_us.saturating_mul(u64::from(self.limit.speed_permille)) / 1000;
+            self.tokens_us = self
+                .tokens_us
+                .saturating_add(earned)
+                .min(u64::from(self.limit.burst_ms) * 1000);
+            self.refilled_at = now;
+        }
+        if audio_us > self.tokens_us {
+            return Err(DecodeError::TooFast {
+                audio_ms: (self.audio_us + audio_us) / 1000,
+                wall_ms: self.started_at.elapsed().as_millis() as u64,
+                limit: self.limit,
+            });
+        }
+        self.tokens_us -= audio_us;
+        self.audio_us += audio_us;
+        Ok(())
     }
 }
 
@@ -117,8 +207,14 @@ pub struct DecoderStats {
     pub bytes_refused: u64,
     pub chunks_refused: u64,
     pub packets_decoded: u64,
-    /// Packets libopus rejected, replaced by packet-loss concealment.
+    /// Lost packets (empty, or rejected by libopus) replaced by packet-loss
+    /// concealment.
     pub packets_concealed: u64,
+    /// Lost packets past the 120 ms a run that concealment covers: no audio.
+    pub packets_corrupt: u64,
+    /// Audio refused because the stream ran ahead of the clock (0 or 1: the
+    /// stream ends).
+    pub refused_too_fast: u64,
     pub pcm_samples_out: u64,
     pub pcm_ms_out: u64,
     /// Most bytes ever held waiting for a complete element.
@@ -147,6 +243,16 @@ enum Stage {
     Pcm(Box<PcmStage>),
 }
 
+/// What the Opus sink of a demuxer works with.
+struct OpusSink<'a> {
+    opus: &'a mut Option<OpusStage>,
+    budget: &'a mut Option<AudioBudget>,
+    error: Option<DecodeError>,
+    container: &'static str,
+    out: &'a mut Vec<i16>,
+    stats: &'a mut DecoderStats,
+}
+
 impl Stage {
     fn pending_bytes(&self) -> usize {
         match self {
@@ -169,6 +275,12 @@ struct PcmStage {
 }
 
 impl PcmStage {
+    /// The audio in `bytes` of this stream, in microseconds.
+    fn duration_us(&self, bytes: usize) -> u64 {
+        let frames = (self.leftover.len() + bytes) / (2 * self.channels);
+        frames as u64 * 1_000_000 / u64::from(self.resampler.rate_in_hz().max(1))
+    }
+
     fn push(&mut self, chunk: &[u8], out: &mut Vec<i16>) {
         let frame_bytes = 2 * self.channels;
         let mut chunk = chunk;
@@ -213,6 +325,8 @@ pub struct StreamDecoder {
     failed: Option<DecodeError>,
     /// Time spent in `push` until the first PCM sample.
     busy: Duration,
+    /// The pace of a live stream.
+    budget: Option<AudioBudget>,
 }
 
 impl StreamDecoder {
@@ -225,6 +339,7 @@ impl StreamDecoder {
             stats: DecoderStats::default(),
             failed: None,
             busy: Duration::ZERO,
+            budget: limits.realtime.map(AudioBudget::new),
         }
     }
 
@@ -235,6 +350,11 @@ impl StreamDecoder {
 
     pub fn stats(&self) -> &DecoderStats {
         &self.stats
+    }
+
+    /// The format the stream was announced as, if any.
+    pub fn declared(&self) -> Option<AudioFormat> {
+        self.declared
     }
 
     /// The format in use, once the first bytes confirmed it.
@@ -313,6 +433,9 @@ impl StreamDecoder {
         if let Err(e) = &result
             && e.is_fatal()
         {
+            if matches!(e, DecodeError::TooFast { .. }) {
+                self.stats.refused_too_fast += 1;
+            }
             self.failed = Some(e.clone());
         }
         result
@@ -341,25 +464,39 @@ impl StreamDecoder {
             chunk = &sniffed;
         }
         let stats = &mut self.stats;
+        let budget = &mut self.budget;
         match &mut self.stage {
             Stage::Sniffing(_) => Ok(()),
             Stage::Webm(demux, opus) => {
-                let mut head_error = None;
-                demux.push(chunk, &mut |item| {
-                    decode_item(item, opus, &mut head_error, out, stats);
-                })?;
-                head_error.map_or(Ok(()), Err)?;
+                let mut sink = OpusSink {
+                    opus,
+                    budget,
+                    error: None,
+                    container: "WebM",
+                    out,
+                    stats,
+                };
+                demux.push(chunk, &mut |item| sink.take(item))?;
+                sink.error.map_or(Ok(()), Err)?;
                 if end { demux.finish() } else { Ok(()) }
             }
             Stage::Ogg(demux, opus) => {
-                let mut head_error = None;
-                demux.push(chunk, &mut |item| {
-                    decode_item(item, opus, &mut head_error, out, stats);
-                })?;
-                head_error.map_or(Ok(()), Err)?;
+                let mut sink = OpusSink {
+                    opus,
+                    budget,
+                    error: None,
+                    container: "Ogg",
+                    out,
+                    stats,
+                };
+                demux.push(chunk, &mut |item| sink.take(item))?;
+                sink.error.map_or(Ok(()), Err)?;
                 if end { demux.finish() } else { Ok(()) }
             }
             Stage::Pcm(pcm) => {
+                if let Some(budget) = budget {
+                    budget.take(pcm.duration_us(chunk.len()))?;
+                }
                 pcm.push(chunk, out);
                 if end {
                     pcm.resampler.finish(out);
@@ -393,24 +530,40 @@ fn start(format: AudioFormat, limits: DecoderLimits) -> Result<Stage, DecodeErro
     })
 }
 
-fn decode_item(
-    item: Demuxed<'_>,
-    opus: &mut Option<OpusStage>,
-    head_error: &mut Option<DecodeError>,
-    out: &mut Vec<i16>,
-    stats: &mut DecoderStats,
-) {
-    match item {
-        Demuxed::Head(head) => match OpusStage::new(&head) {
-            Ok(stage) => *opus = Some(stage),
-            Err(e) => *head_error = Some(DecodeError::Unsupported(e)),
-        },
-        Demuxed::Packet {
-            data,
-            discard_end_48k,
-        } => {
-            if let Some(stage) = opus.as_mut() {
-                stage.decode(data, discard_end_48k, out, stats);
+impl OpusSink<'_> {
+    /// One demuxed item. After an error the rest of the chunk is only
+    /// parsed, never decoded.
+    fn take(&mut self, item: Demuxed<'_>) {
+        if self.error.is_some() {
+            return;
+        }
+        match item {
+            Demuxed::Head(head) => match OpusStage::new(&head) {
+                Ok(stage) => *self.opus = Some(stage),
+                Err(e) => self.error = Some(DecodeError::Unsupported(e)),
+            },
+            Demuxed::Packet {
+                data,
+                discard_end_48k,
+            } => {
+                let Some(stage) = self.opus.as_mut() else {
+                    return;
+                };
+                if let Some(budget) = self.budget.as_mut() {
+                    // 16 kHz samples are 62.5 µs each.
+                    let audio_us = stage.samples_for(data) as u64 * 125 / 2;
+                    if let Err(e) = budget.take(audio_us) {
+                        self.error = Some(e);
+                        return;
+                    }
+                }
+                if let Err(reason) = stage.decode(data, discard_end_48k, self.out, self.stats) {
+                    self.error = Some(DecodeError::Corrupt {
+                        container: self.container,
+                        offset: self.stats.bytes_in,
+                        reason,
+                    });
+                }
             }
         }
     }
@@ -484,6 +637,42 @@ pub mod fuzzing {
         let _ = demux.finish();
     }
 
+    /// Runs a live [`StreamDecoder`] (with the default [`RealtimeLimit`])
+    /// over `data` in pieces; `selector` picks the format and the piece
+    /// size as in [`decode`]. Checks that decoded audio never outruns the
+    /// wall clock by more than the burst (plus one 120 ms packet).
+    pub fn decode_live(data: &[u8], selector: u8) {
+        let mime =
+            ["audio/webm", "audio/ogg", "audio/pcm;rate=8000", ""][usize::from(selector & 3)];
+        let piece = usize::from(selector >> 2) * 97 + 1;
+        let pace = RealtimeLimit::default();
+        let limits = DecoderLimits {
+            input_cap_bytes: 256 * 1024,
+            max_block_bytes: 64 * 1024,
+            realtime: Some(pace),
+        };
+        let Ok(mut decoder) = StreamDecoder::for_mime(mime, limits) else {
+            return;
+        };
+        let started = Instant::now();
+        let mut out = Vec::new();
+        for chunk in data.chunks(piece) {
+            let result = decoder.push(chunk, &mut out);
+            let wall_ms = started.elapsed().as_millis() as u64;
+            let allowed_ms =
+                u64::from(pace.burst_ms) + wall_ms * u64::from(pace.speed_permille) / 1000 + 120;
+            let audio_ms = out.len() as u64 / 16;
+            assert!(
+                audio_ms <= allowed_ms,
+                "{audio_ms} ms of audio in {wall_ms} ms of wall time"
+            );
+            match result {
+                Ok(()) | Err(DecodeError::ChunkRefused { .. }) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Runs a whole [`StreamDecoder`]; `selector` picks the declared format
     /// (low 2 bits) and the piece size (the rest).
     pub fn decode(data: &[u8], selector: u8) {
@@ -497,6 +686,7 @@ pub mod fuzzing {
         let limits = DecoderLimits {
             input_cap_bytes: 256 * 1024,
             max_block_bytes: 64 * 1024,
+            realtime: None,
         };
         let Ok(mut decoder) = StreamDecoder::for_mime(mime, limits) else {
             return;

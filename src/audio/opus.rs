@@ -7,6 +7,13 @@ use super::{DecoderStats, OUTPUT_RATE_HZ};
 
 /// Longest Opus packet: 120 ms.
 const MAX_PACKET_SAMPLES: usize = OUTPUT_RATE_HZ as usize * 120 / 1000;
+/// Concealment is for real packet loss: a run of lost (empty or
+/// undecodable) packets is concealed up to this much audio, 120 ms; the rest
+/// of the run is counted as corrupt and yields nothing.
+pub(crate) const MAX_CONCEALED_RUN_SAMPLES: usize = OUTPUT_RATE_HZ as usize * 120 / 1000;
+/// A run of this many lost packets in a row (a second or more of audio at
+/// 20 ms a packet) is no network loss: the stream ends as corrupt.
+pub(crate) const MAX_LOST_RUN_PACKETS: u32 = 50;
 /// Opus timestamps (pre-skip, granule positions, padding) count 48 kHz samples.
 const OPUS_CLOCK_DIVISOR: usize = 48_000 / OUTPUT_RATE_HZ as usize;
 
@@ -78,6 +85,9 @@ pub(crate) struct OpusStage {
     pre_skip_left: usize,
     /// Duration of the last good packet, used to size concealment.
     last_samples: usize,
+    /// Lost packets in a row, and the samples concealed for them.
+    lost_run_packets: u32,
+    lost_run_samples: usize,
     scratch: Vec<i16>,
 }
 
@@ -103,23 +113,36 @@ impl OpusStage {
             decoder,
             pre_skip_left: usize::from(head.pre_skip) / OPUS_CLOCK_DIVISOR,
             last_samples: OUTPUT_RATE_HZ as usize / 50,
+            lost_run_packets: 0,
+            lost_run_samples: 0,
             scratch: vec![0; MAX_PACKET_SAMPLES],
         })
     }
 
-    /// Decodes one packet into `out`. A packet libopus rejects is replaced
-    /// by concealment of the previous packet's length and counted.
+    /// The 16 kHz samples decoding `packet` would produce, before trimming:
+    /// its own duration, or for a lost packet what concealment would add.
+    /// `allow` checks them against the stream's real-time budget first.
+    pub(crate) fn samples_for(&self, packet: &[u8]) -> usize {
+        match packet_frame(packet) {
+            Some(n) => n,
+            None => self
+                .last_samples
+                .min(MAX_CONCEALED_RUN_SAMPLES.saturating_sub(self.lost_run_samples)),
+        }
+    }
+
+    /// Decodes one packet into `out`. A lost packet (empty, or rejected by
+    /// libopus) is replaced by concealment of the previous packet's length
+    /// and counted, up to 120 ms a run; past that it is counted as corrupt,
+    /// and a long run of them ends the stream.
     pub(crate) fn decode(
         &mut self,
         packet: &[u8],
         discard_end_48k: u32,
         out: &mut Vec<i16>,
         stats: &mut DecoderStats,
-    ) {
-        let frame = opus::packet::get_nb_samples(packet, OUTPUT_RATE_HZ)
-            .ok()
-            .filter(|&n| n > 0 && n <= MAX_PACKET_SAMPLES);
-        let decoded = frame.and_then(|n| {
+    ) -> Result<(), String> {
+        let decoded = packet_frame(packet).and_then(|n| {
             self.decoder
                 .decode(packet, &mut self.scratch[..n], false)
                 .ok()
@@ -128,12 +151,27 @@ impl OpusStage {
             Some(samples) => {
                 stats.packets_decoded += 1;
                 self.last_samples = samples;
+                self.lost_run_packets = 0;
+                self.lost_run_samples = 0;
                 samples
             }
             None => {
+                self.lost_run_packets += 1;
+                if self.lost_run_packets > MAX_LOST_RUN_PACKETS {
+                    return Err(format!(
+                        "{} empty or undecodable Opus packets in a row",
+                        self.lost_run_packets
+                    ));
+                }
+                let conceal = self.samples_for(&[]);
+                if conceal == 0 {
+                    stats.packets_corrupt += 1;
+                    return Ok(());
+                }
                 stats.packets_concealed += 1;
+                self.lost_run_samples += conceal;
                 self.decoder
-                    .decode(&[], &mut self.scratch[..self.last_samples], false)
+                    .decode(&[], &mut self.scratch[..conceal], false)
                     .unwrap_or(0)
             }
         };
@@ -143,7 +181,20 @@ impl OpusStage {
         self.pre_skip_left -= skip;
         kept = &kept[skip..];
         out.extend_from_slice(kept);
+        Ok(())
     }
+}
+
+/// The duration of a packet libopus can decode, at 16 kHz; `None` for a
+/// lost one: empty, a bare TOC byte with no frame data (which libopus would
+/// only conceal), or an invalid header.
+fn packet_frame(packet: &[u8]) -> Option<usize> {
+    if packet.len() < 2 {
+        return None;
+    }
+    opus::packet::get_nb_samples(packet, OUTPUT_RATE_HZ)
+        .ok()
+        .filter(|&n| n > 0 && n <= MAX_PACKET_SAMPLES)
 }
 
 /// Duration of an Opus packet in 48 kHz samples, from its TOC byte(s).
@@ -194,11 +245,39 @@ mod tests {
         let mut stats = DecoderStats::default();
         let mut out = Vec::new();
         // TOC 0xFF with code 3 and no frame count byte is invalid.
-        stage.decode(&[0xFF], 0, &mut out, &mut stats);
-        stage.decode(&[], 0, &mut out, &mut stats);
+        stage.decode(&[0xFF], 0, &mut out, &mut stats).unwrap();
+        stage.decode(&[], 0, &mut out, &mut stats).unwrap();
         assert_eq!(stats.packets_concealed, 2);
         assert_eq!(stats.packets_decoded, 0);
         assert_eq!(out.len(), 2 * 320);
+    }
+
+    #[test]
+    fn concealment_stops_at_120_ms_a_run_and_a_long_run_is_corrupt() {
+        let mut stage = OpusStage::new(&OpusHead::plain(1, 0)).unwrap();
+        let mut stats = DecoderStats::default();
+        let mut out = Vec::new();
+        for _ in 0..MAX_LOST_RUN_PACKETS {
+            stage.decode(&[], 0, &mut out, &mut stats).unwrap();
+        }
+        // 20 ms a packet, concealed for 6 packets, then nothing.
+        assert_eq!(out.len(), MAX_CONCEALED_RUN_SAMPLES);
+        assert_eq!(stats.packets_concealed, 6);
+        assert_eq!(stats.packets_corrupt, u64::from(MAX_LOST_RUN_PACKETS) - 6);
+        let error = stage.decode(&[], 0, &mut out, &mut stats).unwrap_err();
+        assert!(error.contains("in a row"), "{error}");
+        // A good packet ends a run: the next loss is concealed again.
+        let mut stage = OpusStage::new(&OpusHead::plain(1, 0)).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..10 {
+            stage.decode(&[], 0, &mut out, &mut stats).unwrap();
+        }
+        stage
+            .decode(&[0xF8, 0xFF, 0xFE], 0, &mut out, &mut stats)
+            .unwrap();
+        let before = out.len();
+        stage.decode(&[], 0, &mut out, &mut stats).unwrap();
+        assert_eq!(out.len() - before, 320);
     }
 
     #[test]
@@ -207,7 +286,9 @@ mod tests {
         let mut stats = DecoderStats::default();
         let mut out = Vec::new();
         // A 20 ms CELT silence frame: TOC config 31 (FB 20 ms), mono, code 0.
-        stage.decode(&[0xF8, 0xFF, 0xFE], 0, &mut out, &mut stats);
+        stage
+            .decode(&[0xF8, 0xFF, 0xFE], 0, &mut out, &mut stats)
+            .unwrap();
         assert_eq!(stats.packets_decoded, 1);
         assert_eq!(out.len(), 320 - 104);
     }

@@ -34,7 +34,7 @@ impl std::fmt::Debug for StreamResampler {
 }
 
 /// Lowest and highest input rates accepted (telephone to studio).
-pub(crate) const RATE_RANGE_HZ: std::ops::RangeInclusive<u32> = 4_000..=192_000;
+pub(super) const RATE_RANGE_HZ: std::ops::RangeInclusive<u32> = 4_000..=192_000;
 
 impl StreamResampler {
     /// Builds a resampler; rates outside [`RATE_RANGE_HZ`] are refused.

@@ -24,6 +24,9 @@ pub(crate) enum BenchCommand {
     /// Many WebSocket clients streaming at a gateway with a scripted echo engine: sessions
     /// held, server CPU and memory per session, round-trip latency against one client alone.
     Serve(super::bench_serve::ServeBenchArgs),
+    /// Honest real-time clients alone, then beside hostile clients replaying every known
+    /// attack: the honest round trip in both, the ratio, peak memory, refusals by reason.
+    Hostile(super::bench_hostile::HostileBenchArgs),
     /// Resident memory of many concurrent decoders (run by `bench decode` in a fresh process).
     #[command(hide = true)]
     DecodeMemory(MemoryArgs),
@@ -70,6 +73,7 @@ pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure>
         BenchCommand::Decode(args) => bench_decode(config, &args),
         BenchCommand::Local(args) => super::bench_local::run(config, &args),
         BenchCommand::Serve(args) => super::bench_serve::run(&args),
+        BenchCommand::Hostile(args) => super::bench_hostile::run(&args),
         BenchCommand::DecodeMemory(args) => {
             let recording =
                 Recording::load(&args.input, args.mime.as_deref(), args.chunks.as_deref())?;

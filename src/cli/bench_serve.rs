@@ -11,7 +11,7 @@
 //! client), loopback included.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,11 +44,18 @@ pub(crate) struct ServeBenchArgs {
 
 /// What one client saw.
 #[derive(Debug, Default)]
-struct ClientReport {
-    ready: bool,
-    round_trips_us: Vec<u64>,
+pub(super) struct ClientReport {
+    pub(super) ready: bool,
+    pub(super) round_trips_us: Vec<u64>,
     bytes_in: u64,
-    errors: Vec<String>,
+    pub(super) errors: Vec<String>,
+}
+
+/// The address client `i` connects from: clients are spread over
+/// 127.1.0.0/16, as people are over addresses, so the gateway's
+/// per-address limits see many clients rather than one.
+pub(super) fn client_address(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8 + 1))
 }
 
 pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
@@ -59,7 +66,7 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
         .into());
     }
     raise_open_files(args.sessions * 2 + 256)?;
-    let mut server = Server::start(args)?;
+    let mut server = Server::start(args.turn_ms, args.reply_ms, args.sessions + 10)?;
     // The load generator keeps to one thread, leaving the server the rest
     // of the machine.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -76,38 +83,21 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
 async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde_json::Value> {
     let baseline_seconds = args.seconds.clamp(3, 10);
     eprintln!("baseline: 1 session for {baseline_seconds} s");
-    let (baseline, _) = load(args, server, 1, baseline_seconds).await?;
+    let (baseline, _) = load(args.into(), server, 1, baseline_seconds).await?;
     let idle_rss = server.rss_kib()?;
     eprintln!(
         "load: {} sessions for {} s ({} ms frames)",
         args.sessions, args.seconds, args.frame_ms
     );
-    let (loaded, usage) = load(args, server, args.sessions, args.seconds).await?;
+    let (loaded, usage) = load(args.into(), server, args.sessions, args.seconds).await?;
     let held = loaded.iter().filter(|r| r.ready).count();
     let errors: usize = loaded.iter().map(|r| r.errors.len()).sum();
     let first_errors: Vec<&String> = loaded.iter().flat_map(|r| &r.errors).take(5).collect();
     let per_session_rss = usage.rss_kib.saturating_sub(idle_rss) as f64 / held.max(1) as f64;
     let cpu_share = usage.cpu.as_secs_f64() / usage.wall.as_secs_f64();
     let clients_share = usage.clients_cpu.as_secs_f64() / usage.wall.as_secs_f64();
-    let stats = |reports: &[ClientReport]| {
-        let mut all: Vec<u64> = reports
-            .iter()
-            .flat_map(|r| r.round_trips_us.iter().copied())
-            .collect();
-        all.sort_unstable();
-        let at = |q: f64| {
-            all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
-                .map_or(0.0, |us| *us as f64 / 1000.0)
-        };
-        (
-            all.len(),
-            at(0.5),
-            at(0.99),
-            all.last().map_or(0.0, |us| *us as f64 / 1000.0),
-        )
-    };
-    let (base_n, base_p50, base_p99, _) = stats(&baseline);
-    let (n, p50, p99, max) = stats(&loaded);
+    let (base_n, base_p50, base_p99, _) = round_trips(&baseline);
+    let (n, p50, p99, max) = round_trips(&loaded);
     let mib_in: f64 = loaded.iter().map(|r| r.bytes_in as f64).sum::<f64>() / 1_048_576.0;
     println!(
         "sonora bench serve: {held}/{} sessions held, {} s, {} ms PCM frames, echo {} ms → {} ms",
@@ -182,18 +172,53 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
     }))
 }
 
+/// Round trips of every report: how many, p50, p99 and max in ms.
+pub(super) fn round_trips(reports: &[ClientReport]) -> (usize, f64, f64, f64) {
+    let mut all: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.round_trips_us.iter().copied())
+        .collect();
+    all.sort_unstable();
+    let at = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    (
+        all.len(),
+        at(0.5),
+        at(0.99),
+        all.last().map_or(0.0, |us| *us as f64 / 1000.0),
+    )
+}
+
 /// What the server used while the clients streamed.
-struct Usage {
-    cpu: Duration,
+pub(super) struct Usage {
+    pub(super) cpu: Duration,
     /// CPU of this process: the load generator shares the machine.
-    clients_cpu: Duration,
-    wall: Duration,
-    rss_kib: u64,
+    pub(super) clients_cpu: Duration,
+    pub(super) wall: Duration,
+    pub(super) rss_kib: u64,
+}
+
+/// How the honest clients talk: frame length and the echo's turn length.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Talk {
+    pub(super) frame_ms: u64,
+    pub(super) turn_ms: u64,
+}
+
+impl From<&ServeBenchArgs> for Talk {
+    fn from(args: &ServeBenchArgs) -> Self {
+        Self {
+            frame_ms: args.frame_ms,
+            turn_ms: args.turn_ms,
+        }
+    }
 }
 
 /// Runs `sessions` clients for `seconds` once all are connected.
-async fn load(
-    args: &ServeBenchArgs,
+pub(super) async fn load(
+    args: Talk,
     server: &Server,
     sessions: usize,
     seconds: u64,
@@ -207,6 +232,7 @@ async fn load(
         let phase = Duration::from_micros(i as u64 * args.turn_ms * 1000 / sessions as u64);
         let spec = ClientSpec {
             addr: server.addr,
+            source: client_address(i),
             frame_ms: args.frame_ms,
             turn_ms: args.turn_ms,
             seconds,
@@ -256,6 +282,7 @@ async fn load(
 #[derive(Debug, Clone, Copy)]
 struct ClientSpec {
     addr: SocketAddr,
+    source: IpAddr,
     frame_ms: u64,
     turn_ms: u64,
     seconds: u64,
@@ -285,8 +312,12 @@ async fn converse(
     let waiting = go.notified();
     tokio::pin!(waiting);
     waiting.as_mut().enable();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(spec.source, 0))?;
+    let stream = socket.connect(spec.addr).await.context("connect")?;
     // As browsers do, without Nagle's delay.
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+    stream.set_nodelay(true)?;
+    let (ws, _) = tokio_tungstenite::client_async(url, stream)
         .await
         .context("connect")?;
     let (mut sink, mut stream) = ws.split();
@@ -363,21 +394,18 @@ async fn converse(
 }
 
 /// The gateway under test, in its own process.
-struct Server {
+pub(super) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
 }
 
 impl Server {
-    fn start(args: &ServeBenchArgs) -> anyhow::Result<Self> {
+    pub(super) fn start(turn_ms: u64, reply_ms: u64, max_sessions: usize) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the sonora binary")?;
         let mut child = Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0"])
-            .arg(format!(
-                "--scripted-echo={}:{}",
-                args.turn_ms, args.reply_ms
-            ))
-            .arg(format!("--set=server.max_sessions={}", args.sessions + 10))
+            .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
+            .arg(format!("--set=server.max_sessions={max_sessions}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -398,13 +426,13 @@ impl Server {
         Ok(Self { child, addr })
     }
 
-    fn proc_file(&self, name: &str) -> anyhow::Result<String> {
+    pub(super) fn proc_file(&self, name: &str) -> anyhow::Result<String> {
         let path = format!("/proc/{}/{name}", self.child.id());
         std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))
     }
 
     /// User plus system CPU time of the server so far.
-    fn cpu(&self) -> anyhow::Result<Duration> {
+    pub(super) fn cpu(&self) -> anyhow::Result<Duration> {
         let stat = self.proc_file("stat")?;
         // Fields after the command name (which may hold spaces).
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -421,7 +449,7 @@ impl Server {
         Ok(Duration::from_millis(total * 1000 / hz))
     }
 
-    fn rss_kib(&self) -> anyhow::Result<u64> {
+    pub(super) fn rss_kib(&self) -> anyhow::Result<u64> {
         let status = self.proc_file("status")?;
         status
             .lines()
@@ -431,7 +459,7 @@ impl Server {
             .ok_or_else(|| anyhow!("no VmRSS for the server"))
     }
 
-    fn stop(&mut self) {
+    pub(super) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -439,7 +467,7 @@ impl Server {
 
 /// Lifts the open-file limit (inherited by the server) to `wanted`, as far
 /// as the hard limit allows.
-fn raise_open_files(wanted: usize) -> anyhow::Result<()> {
+pub(super) fn raise_open_files(wanted: usize) -> anyhow::Result<()> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit")?;
     let wanted = (wanted as u64).min(hard);

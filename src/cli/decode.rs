@@ -122,6 +122,8 @@ pub(crate) fn limits(config: &Config) -> DecoderLimits {
     DecoderLimits {
         input_cap_bytes: config.audio.decoder_input_cap_bytes,
         max_block_bytes: config.audio.max_block_bytes,
+        // A file is decoded as fast as the machine goes.
+        realtime: None,
     }
 }
 

@@ -255,7 +255,7 @@ async fn converse(
 }
 
 /// Sends one frame, or `Stop` after the last; false once there is nothing more to send.
-async fn feed(input: &tokio::sync::mpsc::Sender<ClientInput>, frame: Option<&[i16]>) -> bool {
+async fn feed(input: &crate::session::InputSender, frame: Option<&[i16]>) -> bool {
     match frame {
         Some(frame) => input.send(ClientInput::Pcm(frame.to_vec())).await.is_ok(),
         None => {

@@ -171,16 +171,18 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 25] = [
+        let ranges: [(&str, u64, u64, u64, &str); 27] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
             ("audio.downlink_queue_ms", a.downlink_queue_ms.into(), 100, 120_000, "ms"),
             ("audio.no_audio_timeout_ms", a.no_audio_timeout_ms.into(), 500, 600_000, "ms"),
+            ("audio.realtime_burst_ms", a.realtime_burst_ms.into(), 1_000, 120_000, "ms"),
             ("server.max_sessions", s.max_sessions.into(), 1, 100_000, "sessions"),
             ("server.max_message_bytes", s.max_message_bytes as u64, KIB, 16 * MIB, "bytes"),
             ("server.hello_timeout_ms", s.hello_timeout_ms.into(), 100, 60_000, "ms"),
             ("server.idle_timeout_ms", s.idle_timeout_ms.into(), 1_000, 3_600_000, "ms"),
+            ("server.max_conversation_s", s.max_conversation_s.into(), 10, 86_400, "s"),
             ("server.write_timeout_ms", s.write_timeout_ms.into(), 100, 600_000, "ms"),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms.into(), 0, 600_000, "ms"),
             ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
@@ -238,6 +240,14 @@ impl Config {
             let reason = "must name the model when local.chat_url is set";
             return Err(bad("local.chat_model", quoted(&l.chat_model), reason));
         }
+        if !(1.0..=20.0).contains(&a.max_realtime_factor) {
+            let reason = "must be between 1 and 20 times real time";
+            return Err(bad(
+                "audio.max_realtime_factor",
+                a.max_realtime_factor.to_string(),
+                reason,
+            ));
+        }
         if !(0.05..=0.95).contains(&l.vad_threshold) {
             let reason = "must be between 0.05 and 0.95";
             return Err(bad(
@@ -268,7 +278,9 @@ impl Config {
         self.listen.parse().unwrap_or(DEFAULT_LISTEN)
     }
 
-    /// The effective config as TOML, with every non-empty secret shown as `"<redacted>"`.
+    /// The effective config as TOML, with every non-empty secret shown as
+    /// `"<redacted>"` and every URL without its credentials and query string
+    /// (where keys travel), tables in arrays (`tools.http`) included.
     pub fn to_redacted_toml(&self) -> String {
         let mut table = to_table(self);
         for (key, value) in leaves(&table) {
@@ -276,6 +288,7 @@ impl Config {
                 set_leaf(&mut table, &key, redact(&value));
             }
         }
+        redact_urls(&mut table);
         toml::to_string(&table).unwrap_or_default()
     }
 }
@@ -497,6 +510,26 @@ fn set_leaf(table: &mut Table, key: &str, value: Value) {
     }
 }
 
+/// Redacts every string under a key ending in `url`, at any depth.
+fn redact_urls(table: &mut Table) {
+    for (key, value) in table.iter_mut() {
+        match value {
+            Value::String(text) if key.to_ascii_lowercase().ends_with("url") => {
+                *text = crate::redact::url(text);
+            }
+            Value::Table(inner) => redact_urls(inner),
+            Value::Array(items) => {
+                for item in items {
+                    if let Value::Table(inner) = item {
+                        redact_urls(inner);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn is_secret(key: &str) -> bool {
     let name = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
     SECRET_SUFFIXES.iter().any(|suffix| name.ends_with(suffix))
@@ -513,10 +546,12 @@ fn redact(value: &Value) -> Value {
 
 /// A value as TOML text for messages, with secrets redacted.
 fn render(key: &str, value: &Value) -> String {
-    let shown = if is_secret(key) {
-        redact(value)
-    } else {
-        value.clone()
+    let shown = match value {
+        _ if is_secret(key) => redact(value),
+        Value::String(text) if key.to_ascii_lowercase().ends_with("url") => {
+            Value::from(crate::redact::url(text))
+        }
+        _ => value.clone(),
     };
     shown.to_string()
 }

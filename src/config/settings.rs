@@ -171,6 +171,10 @@ pub struct AudioConfig {
     pub downlink_queue_ms: u32,
     /// Time without client audio before the session is closed, in milliseconds.
     pub no_audio_timeout_ms: u32,
+    /// Sustained speed a live stream may deliver audio at, in multiples of real time.
+    pub max_realtime_factor: f64,
+    /// Audio a live stream may deliver at once beyond that pace, in milliseconds.
+    pub realtime_burst_ms: u32,
 }
 
 /// Which speech engine serves sessions, and how.
@@ -206,8 +210,10 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Time a new connection has to send its hello, in milliseconds.
     pub hello_timeout_ms: u32,
-    /// Time without any client message before the connection is closed, in milliseconds.
+    /// Time without speech or typed text before a conversation is closed, in milliseconds.
     pub idle_timeout_ms: u32,
+    /// Longest conversation; it then ends with reason `max_duration`, in seconds.
+    pub max_conversation_s: u32,
     /// Accepted client tokens, a list of strings; empty disables auth. Secret.
     pub auth_tokens: Vec<String>,
     /// Browser origins allowed on `/ws` besides the server's own, e.g.
@@ -236,11 +242,13 @@ impl Default for Config {
 impl Default for AudioConfig {
     fn default() -> Self {
         Self {
-            decoder_input_cap_bytes: 4 * 1024 * 1024,
+            decoder_input_cap_bytes: 512 * 1024,
             max_block_bytes: 256 * 1024,
             uplink_queue_ms: 5_000,
             downlink_queue_ms: 30_000,
             no_audio_timeout_ms: 5_000,
+            max_realtime_factor: 2.0,
+            realtime_burst_ms: 10_000,
         }
     }
 }
@@ -260,9 +268,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_sessions: 200,
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: 256 * 1024,
             hello_timeout_ms: 5_000,
             idle_timeout_ms: 120_000,
+            max_conversation_s: 3_600,
             auth_tokens: Vec::new(),
             allowed_origins: Vec::new(),
             write_timeout_ms: 10_000,

@@ -67,9 +67,9 @@ fn defaults_validate_and_load_unchanged() {
     let config = Config::default();
     config.validate().unwrap();
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
-    assert_eq!(config.audio.decoder_input_cap_bytes, 4 * 1024 * 1024);
+    assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-    assert_eq!(keys().len(), 56, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 59, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -140,9 +140,9 @@ fn out_of_range_values_name_key_and_source() {
     ));
     assert_eq!(err.key(), Some("audio.max_block_bytes"));
     // The cap must hold a block plus one whole message.
-    let (err, text) = flag_fail("audio.decoder_input_cap_bytes", "1048576");
+    let (err, text) = flag_fail("audio.decoder_input_cap_bytes", "500000");
     assert_eq!(err.key(), Some("audio.decoder_input_cap_bytes"), "{text}");
-    assert!(text.contains("at least 1310720 bytes"), "{text}");
+    assert!(text.contains("at least 524288 bytes"), "{text}");
     // Values the TOML integer holds but the field type does not.
     let (err, text) = env_fail("SONORA_AUDIO_MAX_BLOCK_BYTES", "-5");
     assert!(matches!(err, ConfigError::Invalid { .. }), "{text}");
@@ -241,6 +241,27 @@ fn redaction_hides_tokens_but_keeps_other_values() {
     assert!(plain.contains("auth_tokens = []"), "{plain}");
     assert!(is_secret("engine.api_key") && is_secret("db.password"));
     assert!(!is_secret("engine.voice"));
+}
+
+#[test]
+fn redaction_strips_credentials_and_queries_from_urls() {
+    let mut config = Config::default();
+    config.tools.http = vec![crate::tools::HttpToolConfig {
+        name: "reservar".to_owned(),
+        description: "Reserva una sala.".to_owned(),
+        schema: "{}".to_owned(),
+        url: "https://bot:s3cret@salas.example.edu/api?key=k3y".to_owned(),
+    }];
+    config.local.chat_url = "http://127.0.0.1:9/v1/chat?token=abc".to_owned();
+    let text = config.to_redacted_toml();
+    for secret in ["s3cret", "k3y", "token=abc", "bot:"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    assert!(
+        text.contains("https://***@salas.example.edu/api?***"),
+        "{text}"
+    );
+    assert!(text.contains("http://127.0.0.1:9/v1/chat?***"), "{text}");
 }
 
 #[test]

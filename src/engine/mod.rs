@@ -84,6 +84,9 @@ pub enum ErrorKind {
     Fatal,
     /// The input was wrong (format, size, protocol): fix the client.
     BadInput,
+    /// The engine refused this input for now (it is still answering earlier
+    /// turns); the conversation goes on.
+    Busy,
 }
 
 /// Something an engine reports.

@@ -179,7 +179,7 @@ impl Metrics {
         let seconds = |ms: u64| ms as f64 / 1000.0;
         let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
         // (name, type, help, value)
-        let plain: [(&str, &str, &str, f64); 16] = [
+        let plain: [(&str, &str, &str, f64); 19] = [
             (
                 "sonora_engine_ready",
                 "gauge",
@@ -227,6 +227,24 @@ impl Metrics {
                 "counter",
                 "Opus packets replaced by packet-loss concealment.",
                 totals.packets_concealed as f64,
+            ),
+            (
+                "sonora_decoder_packets_corrupt_total",
+                "counter",
+                "Lost Opus packets past the 120 ms a run that concealment covers.",
+                totals.packets_corrupt as f64,
+            ),
+            (
+                "sonora_decoder_too_fast_total",
+                "counter",
+                "Streams ended for delivering audio faster than real time.",
+                totals.audio_too_fast as f64,
+            ),
+            (
+                "sonora_engine_lingered_total",
+                "counter",
+                "Engines still running 30 s after their conversation ended.",
+                totals.engine_lingered as f64,
             ),
             (
                 "sonora_uplink_dropped_seconds_total",
@@ -390,6 +408,9 @@ fn add_cumulative(total: &mut CountersSnapshot, more: &CountersSnapshot) {
     total.decoder_bytes_refused += more.decoder_bytes_refused;
     total.packets_decoded += more.packets_decoded;
     total.packets_concealed += more.packets_concealed;
+    total.packets_corrupt += more.packets_corrupt;
+    total.audio_too_fast += more.audio_too_fast;
+    total.engine_lingered += more.engine_lingered;
 }
 
 #[cfg(test)]

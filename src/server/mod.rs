@@ -8,6 +8,8 @@
 //! [`protocol`].
 
 mod assets;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod protocol;
 mod socket;

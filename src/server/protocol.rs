@@ -13,11 +13,18 @@ use crate::usage::UsageDelta;
 /// The protocol version this server speaks.
 pub const VERSION: u64 = 1;
 
-/// PCM rates a client may declare for `pcm16`.
-pub const PCM_RATES_HZ: std::ops::RangeInclusive<u32> = 8_000..=48_000;
+use crate::audio::PCM_RATES_HZ;
 
 /// Longest typed text accepted, in characters.
 pub const MAX_TEXT_CHARS: usize = 4_000;
+
+/// Largest text frame (JSON) accepted, in bytes: a `tool_result` included.
+/// Audio frames may be larger, up to `server.max_message_bytes`.
+pub const MAX_TEXT_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Most tool calls a client may have open at once; past it, a call's
+/// result is refused as unknown.
+pub const MAX_OPEN_TOOL_CALLS: usize = 16;
 
 /// Every error code the server sends, with whether the session goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -59,6 +66,11 @@ pub enum ErrorCode {
     EngineError,
     /// The audio could not be decoded: the session ends with `bad_audio`.
     BadAudio,
+    /// The engine is still answering earlier turns and refused this one.
+    Busy,
+    /// A `tool_result` for an id this conversation did not send, or sent
+    /// twice.
+    UnknownToolCall,
 }
 
 impl ErrorCode {
@@ -82,11 +94,13 @@ impl ErrorCode {
             Self::EngineUnavailable => "engine_unavailable",
             Self::EngineError => "engine_error",
             Self::BadAudio => "bad_audio",
+            Self::Busy => "busy",
+            Self::UnknownToolCall => "unknown_tool_call",
         }
     }
 
     /// Every code, for metrics and documentation tests.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 20] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -105,6 +119,8 @@ impl ErrorCode {
         Self::EngineUnavailable,
         Self::EngineError,
         Self::BadAudio,
+        Self::Busy,
+        Self::UnknownToolCall,
     ];
 
     /// The code a session warning maps to.
@@ -246,9 +262,8 @@ fn parse_hello(object: &serde_json::Map<String, Value>) -> Result<Hello, Protoco
                 .filter(|r| PCM_RATES_HZ.contains(r))
                 .ok_or_else(|| {
                     unsupported(format!(
-                        "hello: pcm16 at {rate} Hz is not supported ({} to {} Hz)",
-                        PCM_RATES_HZ.start(),
-                        PCM_RATES_HZ.end()
+                        "hello: pcm16 at {rate} Hz is not supported (the rates capture devices use: {})",
+                        crate::audio::pcm_rates_list()
                     ))
                 })?;
             AudioFormat::Pcm16 {
@@ -338,6 +353,8 @@ pub mod out {
                 "chunks_refused": counters.chunks_refused,
                 "packets_decoded": counters.packets_decoded,
                 "packets_concealed": counters.packets_concealed,
+                "packets_corrupt": counters.packets_corrupt,
+                "too_fast": counters.audio_too_fast,
             },
             "audio_in_ms": counters.audio_in_ms,
             "audio_out_ms": counters.audio_out_ms,
@@ -383,7 +400,10 @@ pub mod out {
             }
             EngineEvent::Error { kind, message } => json!({
                 "type": "error",
-                "code": ErrorCode::EngineError.as_str(),
+                "code": match kind {
+                    crate::engine::ErrorKind::Busy => ErrorCode::Busy,
+                    _ => ErrorCode::EngineError,
+                }.as_str(),
                 "kind": kind,
                 "message": message,
                 "fatal": matches!(kind, crate::engine::ErrorKind::Fatal),

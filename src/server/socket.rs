@@ -1,6 +1,7 @@
 //! One `/ws` connection: waits for `hello`, runs a conversation, and
 //! translates between the wire protocol and `session`.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,10 +10,13 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::Value;
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError, out};
+use super::protocol::{
+    self, ClientMessage, ErrorCode, Hello, MAX_OPEN_TOOL_CALLS, MAX_TEXT_MESSAGE_BYTES,
+    ProtocolError, out,
+};
 use super::{OUTPUT_RATE_HZ, Shared};
 use crate::audio::{AudioFormat, StreamDecoder, StreamResampler};
-use crate::engine::{ConversationOptions, EngineEvent};
+use crate::engine::{ConversationOptions, EngineEvent, ErrorKind};
 use crate::session::{
     ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle, ConversationSummary,
 };
@@ -72,6 +76,10 @@ struct Running {
     client_gone: bool,
     /// `ready` went out.
     ready: bool,
+    /// The client sent `stop`: what it sends after is dropped unread.
+    stopped: bool,
+    /// Tool calls sent to this client and not yet answered.
+    tool_calls: HashSet<String>,
 }
 
 impl Connection {
@@ -90,16 +98,33 @@ impl Connection {
         let Some(hello) = self.await_hello().await else {
             return;
         };
-        let Some(running) = self.start(hello).await else {
+        let Some(mut running) = self.start(hello).await else {
             return;
         };
         let counters = Arc::clone(&running.handle.counters);
         self.shared.metrics.opened(self.id, counters);
-        let exit = self.converse(running).await;
+        let exit = self.converse(&mut running).await;
         let reason = match exit {
             Exit::Ended(reason) => Some(reason),
             Exit::Lost(reason) => reason,
         };
+        // The caller's admission slot is held until the conversation, and
+        // every task of its engine, has really ended: a lost client must not
+        // leave an engine (and a paid upstream stream) running outside the
+        // limits.
+        let ConversationHandle {
+            input,
+            mut output,
+            task,
+            shutdown,
+            engine_ended,
+            ..
+        } = running.handle;
+        drop(input);
+        shutdown.trigger();
+        while output.recv().await.is_some() {}
+        let _ = task.await;
+        let _ = engine_ended.await;
         self.shared.metrics.closed(self.id, reason);
     }
 
@@ -148,15 +173,16 @@ impl Connection {
         .await;
     }
 
-    /// `false` for a frame over `server.max_message_bytes`, after telling
-    /// the client and closing with 1009.
+    /// `false` for a frame over `server.max_message_bytes` (or a text frame
+    /// over [`MAX_TEXT_MESSAGE_BYTES`]), after telling the client and
+    /// closing with 1009.
     async fn size_ok(&mut self, frame: &Option<Result<Message, axum::Error>>) -> bool {
-        let bytes = match frame {
-            Some(Ok(Message::Text(text))) => text.len(),
-            Some(Ok(Message::Binary(bytes))) => bytes.len(),
-            _ => 0,
+        let max = self.shared.config.server.max_message_bytes;
+        let (bytes, limit) = match frame {
+            Some(Ok(Message::Text(text))) => (text.len(), max.min(MAX_TEXT_MESSAGE_BYTES)),
+            Some(Ok(Message::Binary(bytes))) => (bytes.len(), max),
+            _ => (0, max),
         };
-        let limit = self.shared.config.server.max_message_bytes;
         if bytes <= limit {
             return true;
         }
@@ -303,7 +329,8 @@ impl Connection {
         let session = match engine.start(options) {
             Ok(session) => session,
             Err(message) => {
-                let message = format!("the {} engine could not start: {message}", engine.name());
+                self.log(&format!("the engine could not start: {message}"));
+                let message = format!("the {} engine could not start", engine.name());
                 let error = ProtocolError::new(ErrorCode::EngineUnavailable, message.clone());
                 self.send_error(&error, true).await;
                 self.close(CLOSE_INTERNAL, "engine unavailable").await;
@@ -321,10 +348,23 @@ impl Connection {
             resampler: None,
             client_gone: false,
             ready: false,
+            stopped: false,
+            tool_calls: HashSet::new(),
         })
     }
 
-    async fn converse(&mut self, mut running: Running) -> Exit {
+    /// A line in the server log about this connection. Full texts (an
+    /// engine's own error messages) go here, never to the client.
+    fn log(&self, what: &str) {
+        let what = crate::redact::urls_in(what);
+        eprintln!(
+            "sonora: conversation {} from {}: {what}",
+            self.id,
+            self.peer.ip()
+        );
+    }
+
+    async fn converse(&mut self, running: &mut Running) -> Exit {
         let mut shutdown = self.shared.shutdown.clone();
         let mut shutdown_sent = false;
         let mut stats = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
@@ -335,12 +375,12 @@ impl Connection {
                     let Some(output) = output else {
                         return Exit::Lost(None);
                     };
-                    if let Some(exit) = self.on_output(&mut running, output).await {
+                    if let Some(exit) = self.on_output(running, output).await {
                         return exit;
                     }
                 }
                 frame = self.socket.recv(), if !running.client_gone => {
-                    if !self.on_frame(&mut running, frame).await {
+                    if !self.on_frame(running, frame).await {
                         running.client_gone = true;
                         let _ = running.handle.input.try_send(ClientInput::Stop);
                     }
@@ -371,13 +411,29 @@ impl Connection {
             return false;
         }
         let input = match frame {
+            // After `stop` the conversation reads no more input: what the
+            // client still sends is dropped, and its `end` still comes.
+            Some(Ok(Message::Binary(_) | Message::Text(_))) if running.stopped => return true,
             Some(Ok(Message::Binary(bytes))) => ClientInput::Audio(bytes.to_vec()),
             Some(Ok(Message::Text(text))) => match protocol::parse_client(&text) {
                 Ok(ClientMessage::Text(text)) => ClientInput::Text(text),
                 Ok(ClientMessage::ToolResult { id, result }) => {
+                    if !running.tool_calls.remove(&id) {
+                        let shown: String = id.chars().take(64).collect();
+                        let error = ProtocolError::new(
+                            ErrorCode::UnknownToolCall,
+                            format!(
+                                "no open tool call has the id {shown:?}: a result is taken once, for a call this conversation sent"
+                            ),
+                        );
+                        return self.send_error(&error, false).await;
+                    }
                     ClientInput::ToolResult { id, json: result }
                 }
-                Ok(ClientMessage::Stop) => ClientInput::Stop,
+                Ok(ClientMessage::Stop) => {
+                    running.stopped = true;
+                    ClientInput::Stop
+                }
                 Ok(ClientMessage::Hello(_)) => {
                     let error = ProtocolError::new(
                         ErrorCode::DuplicateHello,
@@ -395,7 +451,10 @@ impl Connection {
             }
         };
         // A full input channel holds this client back: that is the point.
-        running.handle.input.send(input).await.is_ok()
+        // A conversation that has ended takes no more input; its `end` is
+        // on the way, so the client is not gone: the frame is dropped.
+        let _ = running.handle.input.send(input).await;
+        true
     }
 
     /// One conversation output; `Some` when the connection is done.
@@ -451,12 +510,25 @@ impl Connection {
                 self.shared.metrics.usage(&delta);
                 Message::Text(out::usage(&delta, &running.usage).to_string().into())
             }
-            ClientOutput::Event(event) => {
-                if matches!(event, EngineEvent::TurnEnd { .. }) {
-                    running.turns = running.turns.saturating_add(1);
-                }
-                if let EngineEvent::Error { .. } = &event {
-                    self.shared.metrics.error(ErrorCode::EngineError);
+            ClientOutput::Event(mut event) => {
+                match &mut event {
+                    EngineEvent::TurnEnd { .. } => {
+                        running.turns = running.turns.saturating_add(1);
+                    }
+                    EngineEvent::ToolCall { id, .. }
+                        if running.tool_calls.len() < MAX_OPEN_TOOL_CALLS =>
+                    {
+                        running.tool_calls.insert(id.clone());
+                    }
+                    EngineEvent::Error { kind, message } => {
+                        self.shared.metrics.error(match kind {
+                            ErrorKind::Busy => ErrorCode::Busy,
+                            _ => ErrorCode::EngineError,
+                        });
+                        self.log(&format!("engine error ({kind:?}): {message}"));
+                        *message = safe_engine_message(*kind, message);
+                    }
+                    _ => {}
                 }
                 let value = out::event(&event)?;
                 Message::Text(value.to_string().into())
@@ -476,7 +548,16 @@ impl Connection {
                 reason,
                 message,
                 summary,
-            } => return Some(self.end(running, reason, &message, &summary).await),
+            } => {
+                let message = match reason {
+                    CloseReason::EngineError => {
+                        self.log(&format!("ended by the engine: {message}"));
+                        "the speech engine failed; the conversation cannot go on".to_owned()
+                    }
+                    _ => crate::redact::urls_in(&message),
+                };
+                return Some(self.end(running, reason, &message, &summary).await);
+            }
         };
         if running.client_gone {
             return None;
@@ -521,6 +602,21 @@ impl Connection {
 /// Completes once the server shuts down.
 async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|down| *down).await;
+}
+
+/// What a client is told of an engine error: the engine's own words only
+/// for input it refused (they speak of the client's input); otherwise a
+/// short safe message, since the full text (in the server log) may name an
+/// account, a role or an internal address.
+fn safe_engine_message(kind: ErrorKind, message: &str) -> String {
+    match kind {
+        ErrorKind::BadInput | ErrorKind::Busy => crate::redact::urls_in(message),
+        ErrorKind::Transient => {
+            "the speech engine had a passing fault and is recovering; the conversation goes on"
+                .to_owned()
+        }
+        ErrorKind::Fatal => "the speech engine failed; the conversation cannot go on".to_owned(),
+    }
 }
 
 fn format_name(format: &AudioFormat) -> String {

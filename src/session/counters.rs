@@ -23,6 +23,9 @@ pub struct Counters {
     decoder_bytes_refused: AtomicU64,
     packets_decoded: AtomicU64,
     packets_concealed: AtomicU64,
+    packets_corrupt: AtomicU64,
+    audio_too_fast: AtomicU64,
+    engine_lingered: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -58,6 +61,12 @@ pub struct CountersSnapshot {
     pub packets_decoded: u64,
     /// Opus packets replaced by packet-loss concealment.
     pub packets_concealed: u64,
+    /// Lost Opus packets past what concealment covers (120 ms a run).
+    pub packets_corrupt: u64,
+    /// Streams ended for delivering audio faster than real time.
+    pub audio_too_fast: u64,
+    /// Engines still running 30 s after their conversation ended.
+    pub engine_lingered: u64,
 }
 
 // Every counter is independent and only ever written by the conversation
@@ -87,6 +96,9 @@ impl Counters {
             decoder_bytes_refused: self.decoder_bytes_refused.load(ORDER),
             packets_decoded: self.packets_decoded.load(ORDER),
             packets_concealed: self.packets_concealed.load(ORDER),
+            packets_corrupt: self.packets_corrupt.load(ORDER),
+            audio_too_fast: self.audio_too_fast.load(ORDER),
+            engine_lingered: self.engine_lingered.load(ORDER),
         }
     }
 
@@ -124,6 +136,10 @@ impl Counters {
         self.chunks_refused.fetch_add(1, ORDER);
     }
 
+    pub(super) fn add_engine_lingered(&self) {
+        self.engine_lingered.fetch_add(1, ORDER);
+    }
+
     pub(super) fn add_interruption(&self) {
         self.interruptions.fetch_add(1, ORDER);
     }
@@ -133,5 +149,7 @@ impl Counters {
         self.decoder_bytes_refused.store(stats.bytes_refused, ORDER);
         self.packets_decoded.store(stats.packets_decoded, ORDER);
         self.packets_concealed.store(stats.packets_concealed, ORDER);
+        self.packets_corrupt.store(stats.packets_corrupt, ORDER);
+        self.audio_too_fast.store(stats.refused_too_fast, ORDER);
     }
 }

@@ -13,18 +13,24 @@ mod task;
 use std::sync::Arc;
 
 use serde::Serialize;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use counters::{Counters, CountersSnapshot};
 
-use crate::audio::{DecoderLimits, DecoderStats, StreamDecoder};
+use crate::audio::{DecoderLimits, DecoderStats, RealtimeLimit, StreamDecoder};
 use crate::config::Config;
 use crate::engine::{EngineEvent, EngineSession};
 use crate::usage::UsageDelta;
 
-/// Capacity of [`ConversationHandle::input`], in messages.
+/// Capacity of [`ConversationHandle::input`], in messages; its bytes are
+/// bounded by [`SessionLimits::input_budget_bytes`] too.
 pub const INPUT_CAPACITY: usize = 64;
+/// After `Closed`, how long the conversation waits for the engine's tasks
+/// to end (its event channel to close) before giving up on them.
+pub const ENGINE_LINGER_MS: u64 = 30_000;
+
 /// Capacity of [`ConversationHandle::output`], in messages. The last slot is
 /// kept for [`ClientOutput::Closed`], and reply audio is handed over only
 /// when the channel is empty, so barge-in can still clear it.
@@ -47,6 +53,11 @@ pub struct SessionLimits {
     /// After Stop, how long to wait for the engine's `Closed`; it also bounds
     /// the final hand-over of queued events to the client.
     pub close_grace_ms: u64,
+    /// Longest conversation; it then closes as for Stop, with `MaxDuration`.
+    pub max_duration_ms: u64,
+    /// Client input waiting for the conversation, in bytes: a sender waits
+    /// while this much is queued.
+    pub input_budget_bytes: usize,
     pub decoder: DecoderLimits,
 }
 
@@ -59,6 +70,8 @@ impl Default for SessionLimits {
             idle_timeout_ms: 120_000,
             engine_send_timeout_ms: 200,
             close_grace_ms: 10_000,
+            max_duration_ms: 3_600_000,
+            input_budget_bytes: 256 * 1024,
             decoder: DecoderLimits::default(),
         }
     }
@@ -72,9 +85,16 @@ impl SessionLimits {
             downlink_queue_ms: u64::from(config.audio.downlink_queue_ms),
             no_audio_timeout_ms: u64::from(config.audio.no_audio_timeout_ms),
             idle_timeout_ms: u64::from(config.server.idle_timeout_ms),
+            max_duration_ms: u64::from(config.server.max_conversation_s) * 1000,
+            // One of the largest messages waiting while another is decoded.
+            input_budget_bytes: config.server.max_message_bytes,
             decoder: DecoderLimits {
                 input_cap_bytes: config.audio.decoder_input_cap_bytes,
                 max_block_bytes: config.audio.max_block_bytes,
+                realtime: Some(RealtimeLimit {
+                    speed_permille: (config.audio.max_realtime_factor * 1000.0).round() as u32,
+                    burst_ms: config.audio.realtime_burst_ms,
+                }),
             },
             ..Self::default()
         }
@@ -97,6 +117,118 @@ pub enum ClientInput {
     Stop,
 }
 
+impl ClientInput {
+    /// Roughly the memory it holds, in bytes, for the input budget.
+    fn size_bytes(&self) -> usize {
+        match self {
+            Self::Audio(bytes) => bytes.len(),
+            Self::Pcm(samples) => 2 * samples.len(),
+            Self::Text(text) => text.len(),
+            Self::ToolResult { id, json } => id.len() + json_size_bytes(json),
+            Self::Stop => 0,
+        }
+    }
+}
+
+/// The length of a JSON value as text, without writing it anywhere.
+fn json_size_bytes(json: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, json);
+    count.0
+}
+
+/// One queued input and the share of the byte budget it holds until the
+/// conversation has taken it.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub(crate) input: ClientInput,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// The client's end of a conversation's input: a channel bounded both in
+/// messages and in bytes ([`SessionLimits::input_budget_bytes`]). Cheap to
+/// clone; dropping every sender counts as Stop.
+#[derive(Debug, Clone)]
+pub struct InputSender {
+    tx: mpsc::Sender<Queued>,
+    bytes: Arc<Semaphore>,
+    budget_bytes: usize,
+}
+
+impl InputSender {
+    fn new(tx: mpsc::Sender<Queued>, budget_bytes: usize) -> Self {
+        let budget_bytes = budget_bytes.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            tx,
+            bytes: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+        }
+    }
+
+    fn permits(&self, input: &ClientInput) -> u32 {
+        // A message larger than the whole budget waits for all of it.
+        let bytes = input.size_bytes().min(self.budget_bytes);
+        u32::try_from(bytes).unwrap_or(u32::MAX)
+    }
+
+    /// Waits for room (in messages and bytes), then queues `input`.
+    pub async fn send(&self, input: ClientInput) -> Result<(), SendError<ClientInput>> {
+        let permits = self.permits(&input);
+        let bytes = if permits == 0 {
+            None
+        } else {
+            match Arc::clone(&self.bytes).acquire_many_owned(permits).await {
+                Ok(permit) => Some(permit),
+                Err(_) => return Err(SendError(input)),
+            }
+        };
+        self.tx
+            .send(Queued {
+                input,
+                _bytes: bytes,
+            })
+            .await
+            .map_err(|e| SendError(e.0.input))
+    }
+
+    /// Queues `input` if there is room now.
+    pub fn try_send(&self, input: ClientInput) -> Result<(), TrySendError<ClientInput>> {
+        let permits = self.permits(&input);
+        let bytes = if permits == 0 {
+            None
+        } else {
+            match Arc::clone(&self.bytes).try_acquire_many_owned(permits) {
+                Ok(permit) => Some(permit),
+                Err(_) if self.tx.is_closed() => return Err(TrySendError::Closed(input)),
+                Err(_) => return Err(TrySendError::Full(input)),
+            }
+        };
+        self.tx
+            .try_send(Queued {
+                input,
+                _bytes: bytes,
+            })
+            .map_err(|e| match e {
+                TrySendError::Full(q) => TrySendError::Full(q.input),
+                TrySendError::Closed(q) => TrySendError::Closed(q.input),
+            })
+    }
+
+    /// Whether the conversation no longer reads its input.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
 /// Something the conversation tells the client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientOutput {
@@ -140,11 +272,13 @@ pub enum CloseReason {
     EngineStalled,
     /// The server is shutting down.
     Shutdown,
+    /// The conversation reached `server.max_conversation_s`.
+    MaxDuration,
 }
 
 impl CloseReason {
     /// Every reason, in declaration order.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::ClientStopped,
         Self::EngineClosed,
         Self::EngineError,
@@ -154,6 +288,7 @@ impl CloseReason {
         Self::SlowClient,
         Self::EngineStalled,
         Self::Shutdown,
+        Self::MaxDuration,
     ];
 
     /// Stable snake_case code, used on the wire.
@@ -168,6 +303,7 @@ impl CloseReason {
             Self::SlowClient => "slow_client",
             Self::EngineStalled => "engine_stalled",
             Self::Shutdown => "shutdown",
+            Self::MaxDuration => "max_duration",
         }
     }
 }
@@ -206,7 +342,7 @@ impl ShutdownTrigger {
 #[derive(Debug)]
 pub struct ConversationHandle {
     /// Client input. Dropping every sender counts as Stop.
-    pub input: mpsc::Sender<ClientInput>,
+    pub input: InputSender,
     /// Everything for the client, ending with `Closed`. The client must keep
     /// reading: reply audio that waits too long closes the conversation.
     pub output: mpsc::Receiver<ClientOutput>,
@@ -216,6 +352,10 @@ pub struct ConversationHandle {
     pub shutdown: ShutdownTrigger,
     /// The task; it returns the same summary as the `Closed` message.
     pub task: JoinHandle<ConversationSummary>,
+    /// Completes once the engine has really ended too: every engine task is
+    /// gone (its event channel closed), or [`ENGINE_LINGER_MS`] passed after
+    /// `Closed`. A gateway holds the conversation's admission slot until then.
+    pub engine_ended: oneshot::Receiver<()>,
 }
 
 impl ConversationHandle {
@@ -239,6 +379,8 @@ impl Conversation {
         limits: SessionLimits,
     ) -> ConversationHandle {
         let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
+        let input_tx = InputSender::new(input_tx, limits.input_budget_bytes);
+        let (ended_tx, ended_rx) = oneshot::channel();
         let (output_tx, output_rx) = mpsc::channel(OUTPUT_CAPACITY);
         let counters = Arc::new(Counters::default());
         let shutdown = ShutdownTrigger::default();
@@ -248,6 +390,7 @@ impl Conversation {
                 output: output_tx,
                 engine,
                 shutdown: Arc::clone(&shutdown.0),
+                engine_ended: ended_tx,
             },
             decoder,
             limits,
@@ -259,6 +402,7 @@ impl Conversation {
             counters,
             shutdown,
             task: tokio::spawn(task.run()),
+            engine_ended: ended_rx,
         }
     }
 }
@@ -284,6 +428,12 @@ mod tests {
             SessionLimits::from_config(&config),
             SessionLimits {
                 downlink_queue_ms: 30_000,
+                // A live stream keeps pace with the clock; files do not.
+                decoder: DecoderLimits {
+                    input_cap_bytes: 512 * 1024,
+                    realtime: Some(RealtimeLimit::default()),
+                    ..DecoderLimits::default()
+                },
                 ..SessionLimits::default()
             }
         );

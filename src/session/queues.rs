@@ -21,8 +21,9 @@ pub(super) struct Uplink {
     items: VecDeque<EngineInput>,
     queued_samples: u64,
     limit_samples: u64,
-    /// Queued items that are not audio.
+    /// Queued items that are not audio, and their bytes.
     messages: usize,
+    message_bytes: usize,
     dropped_samples: u64,
     /// Whether audio was dropped since the queue last ran empty.
     overflowing: bool,
@@ -35,6 +36,7 @@ impl Uplink {
             queued_samples: 0,
             limit_samples: limit_ms.saturating_mul(SAMPLES_PER_MS),
             messages: 0,
+            message_bytes: 0,
             dropped_samples: 0,
             overflowing: false,
         }
@@ -77,6 +79,7 @@ impl Uplink {
     /// Queues a text, tool result or Close behind the audio already queued.
     pub(super) fn push_message(&mut self, input: EngineInput) {
         self.messages += 1;
+        self.message_bytes += message_bytes(&input);
         self.items.push_back(input);
     }
 
@@ -84,7 +87,10 @@ impl Uplink {
         let item = self.items.pop_front()?;
         match &item {
             EngineInput::Audio(frame) => self.queued_samples -= frame.len() as u64,
-            _ => self.messages -= 1,
+            other => {
+                self.messages -= 1;
+                self.message_bytes -= message_bytes(other);
+            }
         }
         if self.items.is_empty() {
             self.overflowing = false;
@@ -100,12 +106,26 @@ impl Uplink {
         self.messages
     }
 
+    pub(super) fn message_bytes(&self) -> usize {
+        self.message_bytes
+    }
+
     pub(super) fn queued_ms(&self) -> u64 {
         self.queued_samples / SAMPLES_PER_MS
     }
 
     pub(super) fn dropped_ms(&self) -> u64 {
         self.dropped_samples / SAMPLES_PER_MS
+    }
+}
+
+/// The bytes a queued text or tool result holds (its text, or its id plus
+/// a rough size of its JSON).
+fn message_bytes(input: &EngineInput) -> usize {
+    match input {
+        EngineInput::Text(text) => text.len(),
+        EngineInput::ToolResult { id, json } => id.len() + super::json_size_bytes(json),
+        EngineInput::Audio(_) | EngineInput::Close => 0,
     }
 }
 

@@ -17,25 +17,33 @@ use tokio::sync::mpsc::{self, Permit};
 use tokio::time::Instant;
 
 use super::queues::{Downlink, SAMPLES_PER_MS, Uplink};
-use super::{ClientInput, ClientOutput, CloseReason, ConversationSummary, Counters, SessionLimits};
-use crate::audio::{DecodeError, StreamDecoder};
+use super::{
+    ClientInput, ClientOutput, CloseReason, ConversationSummary, Counters, ENGINE_LINGER_MS,
+    Queued, SessionLimits,
+};
+use crate::audio::{AudioFormat, DecodeError, StreamDecoder};
 use crate::engine::{EngineEvent, EngineInput, EngineSession, ErrorKind};
 use crate::usage::UsageDelta;
 
-/// Audio chunks at least this big are decoded on a blocking thread: the
-/// conversation waits for it, but the runtime's worker stays free.
-const BLOCKING_DECODE_BYTES: usize = 64 * 1024;
-/// Most texts and tool results waiting for the engine; more means the
-/// engine is not taking input.
+/// Raw PCM chunks at least this big (half a second at 16 kHz) are converted
+/// on a blocking thread. Compressed chunks always are: how much audio a few
+/// bytes of Opus carry is only known once they are decoded, so decoding
+/// never holds a runtime worker. The conversation waits either way.
+const BLOCKING_PCM_BYTES: usize = 16 * 1024;
+/// Most texts and tool results waiting for the engine, and their bytes;
+/// more means the engine is not taking input.
 const MAX_UPLINK_MESSAGES: usize = 256;
+const MAX_UPLINK_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most items waiting for the client, whatever their kind.
 const MAX_DOWNLINK_ITEMS: usize = 1024;
 
 pub(super) struct Io {
-    pub(super) input: mpsc::Receiver<ClientInput>,
+    pub(super) input: mpsc::Receiver<Queued>,
     pub(super) output: mpsc::Sender<ClientOutput>,
     pub(super) engine: EngineSession,
     pub(super) shutdown: Arc<Notify>,
+    /// Told once the engine has really ended (see `ConversationHandle`).
+    pub(super) engine_ended: tokio::sync::oneshot::Sender<()>,
 }
 
 pub(super) struct Task {
@@ -71,6 +79,7 @@ impl Closing {
     fn end(&self, extra: Option<String>) -> Option<Ending> {
         let mut message = match self.reason {
             CloseReason::Shutdown => "the server is shutting down".to_owned(),
+            CloseReason::MaxDuration => "the conversation reached its maximum length".to_owned(),
             _ => "the client stopped".to_owned(),
         };
         for part in self.note.iter().chain(extra.as_ref()) {
@@ -96,7 +105,11 @@ struct State {
     uplink: Uplink,
     downlink: Downlink,
     audio_in_samples: u64,
-    last_input: Instant,
+    /// The last speech, typed text, tool result or reply: what keeps a
+    /// conversation from being idle (bytes alone do not).
+    last_activity: Instant,
+    /// When the conversation reaches its maximum length.
+    ends_at: Instant,
     starving: Option<Starving>,
     /// Since when the head of the uplink has waited for the engine.
     send_waiting_since: Option<Instant>,
@@ -124,7 +137,7 @@ enum Wake<'a> {
     Output(Result<Permit<'a, ClientOutput>, SendError<()>>),
     EngineSend(Result<Permit<'a, EngineInput>, SendError<()>>),
     Event(Option<EngineEvent>),
-    Input(Option<ClientInput>),
+    Input(Option<Queued>),
 }
 
 /// A slot in the client's channel. One slot is always left for `Closed`,
@@ -165,7 +178,8 @@ impl Task {
             uplink: Uplink::new(limits.uplink_queue_ms),
             downlink: Downlink::default(),
             audio_in_samples: 0,
-            last_input: Instant::now(),
+            last_activity: Instant::now(),
+            ends_at: after(Instant::now(), limits.max_duration_ms),
             starving: None,
             send_waiting_since: None,
             stall_counted: false,
@@ -231,7 +245,11 @@ impl Task {
                 }
                 Wake::Event(event) => state.on_event(event, now),
                 Wake::Input(None) => state.begin_close(CloseReason::ClientStopped, now),
-                Wake::Input(Some(input)) => state.on_input(input, now).await,
+                Wake::Input(Some(queued)) => {
+                    // Its share of the input budget is released once taken in.
+                    let Queued { input, _bytes } = queued;
+                    state.on_input(input, now).await
+                }
             };
             if let Some(ending) = ending {
                 return ending;
@@ -247,13 +265,18 @@ impl Task {
             input,
             output,
             engine,
+            engine_ended,
             ..
         } = io;
         if !state.close_sent && state.engine_open {
             // Best effort: an engine that is gone or stalled is dropped anyway.
             let _ = engine.input.try_send(EngineInput::Close);
         }
-        drop(engine);
+        let crate::engine::EngineSession {
+            input: engine_input,
+            events: mut engine_events,
+        } = engine;
+        drop(engine_input);
         drop(input);
         if ending.reason == CloseReason::SlowClient || !state.client_open {
             state.downlink.clear();
@@ -280,6 +303,22 @@ impl Task {
             message: ending.message,
             summary: Box::new(summary.clone()),
         });
+        drop(output);
+        // The conversation is over only when the engine is: until every one
+        // of its tasks (and any upstream stream they hold) has ended, the
+        // caller keeps its admission slot. What it still says is dropped.
+        let counters = Arc::clone(&state.counters);
+        tokio::spawn(async move {
+            let linger = Duration::from_millis(ENGINE_LINGER_MS);
+            let ended = tokio::time::timeout(linger, async {
+                while engine_events.recv().await.is_some() {}
+            })
+            .await;
+            if ended.is_err() {
+                counters.add_engine_lingered();
+            }
+            let _ = engine_ended.send(());
+        });
         summary
     }
 }
@@ -300,7 +339,8 @@ impl State {
         if let Some(starving) = &self.starving {
             deadline = earliest(deadline, after(starving.since, limits.no_audio_timeout_ms));
         }
-        earliest(deadline, after(self.last_input, limits.idle_timeout_ms))
+        deadline = earliest(deadline, self.ends_at);
+        earliest(deadline, after(self.last_activity, limits.idle_timeout_ms))
     }
 
     fn on_timer(&mut self, now: Instant) -> Option<Ending> {
@@ -346,20 +386,29 @@ impl State {
             );
             return Ending::new(CloseReason::NoAudio, message);
         }
-        if now >= after(self.last_input, limits.idle_timeout_ms) {
-            let message = format!("no input from the client for {} ms", limits.idle_timeout_ms);
+        if now >= self.ends_at {
+            return self.begin_close(CloseReason::MaxDuration, now);
+        }
+        if now >= after(self.last_activity, limits.idle_timeout_ms) {
+            let message = format!(
+                "no speech or text from the client for {} ms",
+                limits.idle_timeout_ms
+            );
             return Ending::new(CloseReason::Idle, message);
         }
         None
     }
 
     async fn on_input(&mut self, input: ClientInput, now: Instant) -> Option<Ending> {
-        self.last_input = now;
         match input {
             ClientInput::Audio(bytes) => self.on_audio(bytes, now).await,
             ClientInput::Pcm(samples) => self.accept_pcm(&samples, now),
-            ClientInput::Text(text) => self.queue_message(EngineInput::Text(text), now),
+            ClientInput::Text(text) => {
+                self.last_activity = now;
+                self.queue_message(EngineInput::Text(text), now)
+            }
             ClientInput::ToolResult { id, json } => {
+                self.last_activity = now;
                 self.queue_message(EngineInput::ToolResult { id, json }, now)
             }
             ClientInput::Stop => self.begin_close(CloseReason::ClientStopped, now),
@@ -424,7 +473,8 @@ impl State {
         let Some(mut decoder) = self.decoder.take() else {
             return Ok(Ok(()));
         };
-        if bytes.len() < BLOCKING_DECODE_BYTES {
+        let raw_pcm = matches!(decoder.declared(), Some(AudioFormat::Pcm16 { .. }));
+        if raw_pcm && bytes.len() < BLOCKING_PCM_BYTES {
             let result = decoder.push(&bytes, pcm);
             self.decoder = Some(decoder);
             return Ok(result);
@@ -481,6 +531,13 @@ impl State {
             let message = format!(
                 "the engine is not taking input: {} messages waiting",
                 self.uplink.messages()
+            );
+            return Ending::new(CloseReason::EngineStalled, message);
+        }
+        if self.uplink.message_bytes() >= MAX_UPLINK_MESSAGE_BYTES {
+            let message = format!(
+                "the engine is not taking input: {} bytes of messages waiting",
+                self.uplink.message_bytes()
             );
             return Ending::new(CloseReason::EngineStalled, message);
         }
@@ -588,9 +645,14 @@ impl State {
                 };
             }
             EngineEvent::SpeechEnded { turn_id } => {
+                self.last_activity = now;
                 self.speech_ended_at = Some((*turn_id, now));
             }
+            EngineEvent::SpeechStarted { .. } | EngineEvent::Transcript { .. } => {
+                self.last_activity = now;
+            }
             EngineEvent::Audio(_) => {
+                self.last_activity = now;
                 if let Some((turn_id, ended)) = self.speech_ended_at.take() {
                     let ms = now.duration_since(ended).as_millis();
                     let ms = u64::try_from(ms).unwrap_or(u64::MAX);
@@ -600,7 +662,10 @@ impl State {
                     }
                 }
             }
-            EngineEvent::TurnEnd { .. } => self.turns = self.turns.saturating_add(1),
+            EngineEvent::TurnEnd { .. } => {
+                self.last_activity = now;
+                self.turns = self.turns.saturating_add(1);
+            }
             EngineEvent::Usage(delta) => self.usage.add(delta),
             EngineEvent::Interrupted { .. } => {
                 self.downlink.clear_audio();

@@ -218,6 +218,21 @@ pub mod gateway {
             Self { ws }
         }
 
+        /// A client connecting from `source` (any 127.x.y.z address is the
+        /// loopback on Linux): a distinct client address for the server.
+        pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Self {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(source, 0)).unwrap();
+            let stream = socket.connect(addr).await.unwrap();
+            let (ws, _) = tokio_tungstenite::client_async(
+                format!("ws://{addr}/ws"),
+                MaybeTlsStream::Plain(stream),
+            )
+            .await
+            .unwrap();
+            Self { ws }
+        }
+
         /// A client whose socket takes only a few KiB before the server
         /// must wait: a reader that stops is felt at once.
         pub async fn connect_small(addr: SocketAddr) -> Self {

@@ -38,13 +38,18 @@ use crate::usage::UsageDelta;
 
 const SAMPLES_PER_MS: u64 = 16;
 
+/// User turns waiting for their reply, besides the one being answered.
+/// Turns arrive at the speed of the network, replies are made one at a
+/// time: past this, a new turn is refused with a `busy` error.
+pub const MAX_PENDING_TURNS: usize = 2;
+
 /// Everything one local engine shares between its conversations.
 #[derive(Debug)]
 struct Shared {
     asr: Asr,
     /// One recognition at a time: each uses every core, so two at once
     /// only make both late.
-    asr_gate: std::sync::Mutex<()>,
+    asr_gate: Arc<tokio::sync::Semaphore>,
     knowledge: KnowledgeBase,
     tts: TtsConfig,
     vad: VadConfig,
@@ -117,7 +122,7 @@ impl LocalEngine {
         Ok(Self {
             shared: Arc::new(Shared {
                 asr,
-                asr_gate: std::sync::Mutex::new(()),
+                asr_gate: Arc::new(tokio::sync::Semaphore::new(1)),
                 knowledge,
                 tts: settings.tts.clone(),
                 vad: settings.vad,
@@ -260,8 +265,12 @@ impl Conversation {
                 message = input.recv(), if !closing => match message {
                     Some(EngineInput::Audio(frame)) => self.on_audio(&frame).await,
                     Some(EngineInput::Text(text)) => {
-                        let id = self.take_turn_id();
-                        self.queue.push_back(Turn { id, input: TurnInput::Text(text) });
+                        if self.queue.len() >= MAX_PENDING_TURNS {
+                            self.refuse_turn().await;
+                        } else {
+                            let id = self.take_turn_id();
+                            self.queue.push_back(Turn { id, input: TurnInput::Text(text) });
+                        }
                     }
                     Some(EngineInput::ToolResult { id, .. }) => {
                         let message = format!("tool result {id:?}: the local engine calls no tools");
@@ -290,8 +299,40 @@ impl Conversation {
         if let Some(reply) = self.reply.take() {
             reply.task.abort();
         }
+        self.cancel_recognition();
         self.report_input_usage().await;
         self.emit(EngineEvent::Closed).await;
+    }
+
+    /// The conversation is over: recognition jobs still waiting for their
+    /// turn are dropped, and one already queued on the blocking pool finds
+    /// its generation stale and skips.
+    fn cancel_recognition(&mut self) {
+        self.early_generation.fetch_add(1, Ordering::AcqRel);
+        if let Some((_, task)) = self.early.take() {
+            task.abort();
+        }
+        for turn in self.queue.drain(..) {
+            if let TurnInput::Speech {
+                early: Some(task), ..
+            } = turn.input
+            {
+                task.abort();
+            }
+        }
+    }
+
+    /// A turn arrived while [`MAX_PENDING_TURNS`] wait: it is dropped.
+    async fn refuse_turn(&mut self) {
+        let message = format!(
+            "still answering earlier questions ({} waiting): this one was not taken; ask again after the reply",
+            self.queue.len()
+        );
+        self.emit(EngineEvent::Error {
+            kind: ErrorKind::Busy,
+            message,
+        })
+        .await;
     }
 
     /// A reply task ended on its own: its audio may still be playing.
@@ -339,11 +380,15 @@ impl Conversation {
                     self.options.language.clone(),
                     wanted,
                 ));
-                self.early = Some((len, task));
+                if let Some((_, stale)) = self.early.replace((len, task)) {
+                    stale.abort();
+                }
             }
             VadEvent::Resumed => {
                 self.early_generation.fetch_add(1, Ordering::AcqRel);
-                self.early = None;
+                if let Some((_, task)) = self.early.take() {
+                    task.abort();
+                }
             }
             VadEvent::Ended { audio, extended } => {
                 let Some(id) = self.speaking.take() else {
@@ -353,11 +398,21 @@ impl Conversation {
                 self.report_input_usage().await;
                 let early = match self.early.take() {
                     Some((len, task)) if !extended && len == audio.len() => Some(task),
-                    _ => {
+                    other => {
                         self.early_generation.fetch_add(1, Ordering::AcqRel);
+                        if let Some((_, task)) = other {
+                            task.abort();
+                        }
                         None
                     }
                 };
+                if self.queue.len() >= MAX_PENDING_TURNS {
+                    if let Some(task) = early {
+                        task.abort();
+                    }
+                    self.refuse_turn().await;
+                    return;
+                }
                 self.queue.push_back(Turn {
                     id,
                     input: TurnInput::Speech { audio, early },

@@ -75,25 +75,31 @@ pub(super) fn remember(history: &History, heard: &str, answer: &str) {
     }
 }
 
-/// Runs recognition on the blocking pool, one at a time per engine. With a
-/// `wanted` generation, the job is skipped (`Ok(None)`) if the generation
-/// moved on while it waited for its turn.
+/// Runs recognition on the blocking pool, one at a time per engine. The
+/// turn is taken on an async semaphore before any blocking thread is used,
+/// so waiting jobs cost nothing and an aborted one (its conversation
+/// closed) simply goes. With a `wanted` generation, the job is skipped
+/// (`Ok(None)`) if the generation moved on while it waited for its turn.
 pub(super) async fn recognise(
     shared: Arc<Shared>,
     audio: Vec<i16>,
     language: String,
     wanted: Option<(Arc<AtomicU64>, u64)>,
 ) -> Result<Option<String>, String> {
+    let stale = |wanted: &Option<(Arc<AtomicU64>, u64)>| {
+        wanted
+            .as_ref()
+            .is_some_and(|(current, generation)| current.load(Ordering::Acquire) != *generation)
+    };
+    let turn = Arc::clone(&shared.asr_gate)
+        .acquire_owned()
+        .await
+        .map_err(|_| "speech recognition is shut down".to_owned())?;
+    if stale(&wanted) {
+        return Ok(None);
+    }
     tokio::task::spawn_blocking(move || {
-        let _turn = shared
-            .asr_gate
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((current, generation)) = wanted
-            && current.load(Ordering::Acquire) != generation
-        {
-            return Ok(None);
-        }
+        let _turn = turn;
         shared.asr.transcribe(&audio, &language).map(Some)
     })
     .await

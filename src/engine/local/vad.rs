@@ -28,7 +28,8 @@ pub struct VadConfig {
     pub onset_ms: u64,
     /// Silence after which `Paused` is reported (early recognition).
     pub pause_ms: u64,
-    /// A segment this long is closed even without silence.
+    /// A segment this long is closed even without silence. It bounds what
+    /// one turn holds (480 KB at 15 s): part of a conversation's memory budget.
     pub max_segment_ms: u64,
 }
 
@@ -40,7 +41,7 @@ impl Default for VadConfig {
             preroll_ms: 150,
             onset_ms: 64,
             pause_ms: 150,
-            max_segment_ms: 25_000,
+            max_segment_ms: 15_000,
         }
     }
 }
