@@ -55,6 +55,9 @@ pub enum ErrorCode {
     EngineStall,
     /// The engine could not start a conversation (closes, 1011).
     EngineUnavailable,
+    /// The engine is shedding load (its service throttles): try again
+    /// later (closes, 1013).
+    EngineBusy,
     /// An error the engine reported; `fatal` says whether the session ends.
     EngineError,
     /// The audio could not be decoded: the session ends with `bad_audio`.
@@ -80,13 +83,14 @@ impl ErrorCode {
             Self::UplinkDropped => "uplink_dropped",
             Self::EngineStall => "engine_stall",
             Self::EngineUnavailable => "engine_unavailable",
+            Self::EngineBusy => "engine_busy",
             Self::EngineError => "engine_error",
             Self::BadAudio => "bad_audio",
         }
     }
 
     /// Every code, for metrics and documentation tests.
-    pub const ALL: [Self; 18] = [
+    pub const ALL: [Self; 19] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -103,6 +107,7 @@ impl ErrorCode {
         Self::UplinkDropped,
         Self::EngineStall,
         Self::EngineUnavailable,
+        Self::EngineBusy,
         Self::EngineError,
         Self::BadAudio,
     ];
