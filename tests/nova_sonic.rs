@@ -1,8 +1,9 @@
 //! The Nova Sonic engine through the real AWS SDK against the
 //! Bedrock-compatible test endpoint (HTTP/2, TLS, event-stream framing):
 //! a Spanish turn with exact cost, barge-in, tools, throttling, a model
-//! timeout, a reset, a malformed event, a stall, refused credentials, and a
-//! rotation past a shortened connection limit.
+//! timeout, a reset, a malformed event, a stall, refused credentials, a
+//! rotation past a shortened connection limit, and the pacing of stream
+//! opens: a failing next stream, and the breaker throttling trips.
 
 #![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
 
@@ -41,6 +42,9 @@ async fn engine(
         session_token: None,
     });
     settings.stall_timeout = Duration::from_millis(1_500);
+    // Throttling trips the breaker: a short cool-down keeps the retry tests
+    // on their 0, 1 and 3 s spacing.
+    settings.breaker_cooldown = Duration::from_millis(250);
     tweak(&mut settings);
     NovaSonicEngine::connect(settings, tools).await.unwrap()
 }
@@ -800,4 +804,149 @@ async fn persistent_throttling_gives_up_after_three_tries() {
     assert_eq!(connections.len(), 4);
     let opened: Vec<Instant> = connections.iter().map(|c| c.opened_at.unwrap()).collect();
     assert!(opened[3].duration_since(opened[1]) >= Duration::from_millis(3_900));
+}
+
+fn stat(engine: &NovaSonicEngine, name: &str) -> u64 {
+    engine
+        .stats()
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.value)
+        .unwrap_or_else(|| panic!("no stat {name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_stream_throttled_every_time_is_retried_with_backoff_while_the_current_serves() {
+    let endpoint = Endpoint::start(vec![
+        Script::answering(vec![Turn::new(QUESTION, ANSWER, 600)]),
+        // Every stream after the first: the rotation's next stream.
+        Script::failing(Fail::Throttle, vec![]),
+    ])
+    .await;
+    let cooldown = Duration::from_millis(1_500);
+    let engine = engine(&endpoint, None, |s| {
+        s.rotate_after = Duration::from_secs(1);
+        s.handoff_wait = Duration::ZERO;
+        s.breaker_cooldown = cooldown;
+    })
+    .await;
+    let mut talk = Talk::start(&engine);
+    // The rotation is armed after 1 s and wants a next stream on every tick.
+    talk.quiet(6_000).await;
+    talk.tone(800).await;
+    talk.idle_until("the turn's end", is_turn_end).await;
+    talk.close().await;
+
+    // The current stream kept serving.
+    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+    assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
+    assert!(
+        talk.errors(ErrorKind::Fatal).is_empty() && talk.errors(ErrorKind::Transient).is_empty(),
+        "{:?}",
+        talk.kinds()
+    );
+    assert!(
+        !talk
+            .events()
+            .any(|e| matches!(e, EngineEvent::Rotated { .. }))
+    );
+    // A handful of tries, not one per 32 ms tick (about 250 in this time).
+    let connections = endpoint.connections();
+    let tries = connections.len() - 1;
+    println!(
+        "next stream tried {tries} times in {:.1} s",
+        talk.started.elapsed().as_secs_f64()
+    );
+    assert!((1..=6).contains(&tries), "{tries} tries");
+    assert_eq!(
+        stat(&engine, "stream_opens_total"),
+        connections.len() as u64
+    );
+    assert!(stat(&engine, "breaker_trips_total") >= 1);
+    assert!(stat(&engine, "stream_opens_postponed_total") >= 1);
+    // Each try after the first waited out the cool-down of the trip before it.
+    for pair in connections[1..].windows(2) {
+        let gap = pair[1]
+            .opened_at
+            .unwrap()
+            .duration_since(pair[0].opened_at.unwrap());
+        assert!(gap >= cooldown, "{gap:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldown() {
+    let endpoint = Endpoint::start(vec![
+        Script::failing(Fail::Throttle, vec![]),
+        Script::answering(vec![Turn::new(QUESTION, ANSWER, 600)]),
+    ])
+    .await;
+    let cooldown = Duration::from_millis(3_000);
+    let engine = engine(&endpoint, None, |s| s.breaker_cooldown = cooldown).await;
+    assert_eq!(engine.busy(), None);
+    let mut first = Talk::start(&engine);
+    first
+        .idle_until("the throttling", |e| {
+            matches!(
+                e,
+                EngineEvent::Error {
+                    kind: ErrorKind::Transient,
+                    ..
+                }
+            )
+        })
+        .await;
+    // Refused while the breaker cools down, with the time left.
+    let left = engine.busy().expect("busy after throttling");
+    assert!(left <= cooldown, "{left:?}");
+    let refused = engine.start(ConversationOptions {
+        language: "es".into(),
+        voice: String::new(),
+    });
+    let message = refused.expect_err("refused while busy");
+    assert!(message.contains("throttling"), "{message}");
+    assert_eq!(stat(&engine, "breaker_trips_total"), 1);
+    assert_eq!(stat(&engine, "breaker_open"), 1);
+    assert_eq!(stat(&engine, "conversations_refused_total"), 1);
+
+    // After the cool-down a new conversation is taken and answered.
+    let deadline = Instant::now() + GUARD;
+    while engine.busy().is_some() {
+        assert!(Instant::now() < deadline, "still busy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stat(&engine, "breaker_open"), 0);
+    let mut second = Talk::start(&engine);
+    second.tone(800).await;
+    second.idle_until("the turn's end", is_turn_end).await;
+    assert_eq!(second.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
+    // The first conversation came back after the cool-down too.
+    let deadline = Instant::now() + GUARD;
+    while endpoint.connections().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the first conversation never reopened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.close().await;
+    first.close().await;
+    assert!(
+        first.errors(ErrorKind::Fatal).is_empty(),
+        "{:?}",
+        first.kinds()
+    );
+
+    let connections = endpoint.connections();
+    assert_eq!(connections.len(), 3);
+    let tripped = connections[0].opened_at.unwrap();
+    for c in &connections[1..] {
+        let after = c.opened_at.unwrap().duration_since(tripped);
+        assert!(
+            after >= cooldown,
+            "a stream opened {after:?} after the trip"
+        );
+    }
+    assert_eq!(stat(&engine, "breaker_trips_total"), 1);
+    assert_eq!(stat(&engine, "stream_opens_total"), 3);
 }

@@ -2,6 +2,8 @@
 //! the web gateway over a real WebSocket, both against the Bedrock-compatible
 //! test endpoint through the real AWS SDK. The summary's cost must equal the
 //! endpoint's usage deltas times the published rates, to the micro-dollar.
+//! Throttling trips the engine's breaker and the gateway refuses new
+//! conversations with 1013 `engine_busy`.
 
 #![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
 
@@ -12,7 +14,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bedrock::{Endpoint, Script, Sent, Turn};
+use bedrock::{Endpoint, Fail, Script, Sent, Turn};
 use common::gateway::{self, metric};
 use sonora::config::{Config, EngineKind};
 use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
@@ -200,5 +202,96 @@ async fn the_gateway_serves_a_nova_sonic_conversation_with_cost_by_modality() {
         ),
         sent.speech_out as f64
     );
+    running.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_makes_the_gateway_refuse_new_conversations_with_1013_engine_busy() {
+    let endpoint = Endpoint::start(vec![
+        Script::failing(Fail::Throttle, vec![]),
+        Script::answering(vec![Turn::new(QUESTION, ANSWER, 600)]),
+    ])
+    .await;
+    let mut config = Config::default();
+    config.engine.kind = EngineKind::NovaSonic;
+    config.nova_sonic.endpoint_url = endpoint.url.clone();
+    config.nova_sonic.ca_file = endpoint.ca_file.display().to_string();
+    // Long enough for the refusals below on a loaded machine.
+    config.nova_sonic.breaker_cooldown_ms = 15_000;
+    config.server.hello_timeout_ms = 60_000;
+    config.validate().unwrap();
+    let mut settings = NovaSonicSettings::from_config(&config.nova_sonic);
+    settings.client.credentials = Some(StaticCredentials {
+        access_key_id: "AKIDSONORATEST".into(),
+        secret_access_key: "not-a-real-secret".into(),
+        session_token: None,
+    });
+    let engine = NovaSonicEngine::connect(settings, None).await.unwrap();
+    let mut running = gateway::start(&config, Some(Arc::new(engine))).await;
+
+    // A socket let in before the trip says hello only after it.
+    let mut early = running.client().await;
+    let mut first = running.client().await;
+    first.hello_pcm().await;
+    first.until(|f| f.is("ready")).await;
+    // Its stream is throttled: the breaker trips.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut text = running.metrics().await;
+    while metric(&text, "sonora_engine_breaker_trips_total") < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no trip:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = running.metrics().await;
+    }
+    assert_eq!(metric(&text, "sonora_engine_breaker_open"), 1.0, "{text}");
+
+    // A new socket is closed at once with 1013 and the reason.
+    let mut late = running.client().await;
+    match late.next().await {
+        gateway::Frame::Closed(Some((code, reason))) => {
+            assert_eq!(code, 1013);
+            assert!(reason.starts_with("engine_busy"), "{reason}");
+        }
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+    // The early socket's hello gets `engine_busy` and the same close.
+    early.hello_pcm().await;
+    let frames = early
+        .until(|f| matches!(f, gateway::Frame::Closed(_)))
+        .await;
+    let error = frames
+        .iter()
+        .find(|f| f.is("error"))
+        .unwrap()
+        .json()
+        .clone();
+    assert_eq!(error["code"], "engine_busy", "{error}");
+    assert_eq!(error["fatal"], true, "{error}");
+    match frames.last().unwrap() {
+        gateway::Frame::Closed(Some((code, reason))) => {
+            assert_eq!(*code, 1013);
+            assert!(reason.starts_with("engine_busy"), "{reason}");
+        }
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+
+    let text = running.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "sonora_sessions_refused_total{reason=\"engine_busy\"}"
+        ),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "sonora_protocol_errors_total{code=\"engine_busy\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(&text, "sonora_engine_conversations_refused_total"),
+        1.0
+    );
+    assert_eq!(metric(&text, "sonora_engine_breaker_trips_total"), 1.0);
+    assert_eq!(metric(&text, "sonora_engine_stream_opens_total"), 1.0);
     running.stop();
 }

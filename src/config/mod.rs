@@ -171,7 +171,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 27] = [
+        let ranges: [(&str, u64, u64, u64, &str); 31] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -199,6 +199,10 @@ impl Config {
             ("nova_sonic.handoff_wait_s", n.handoff_wait_s.into(), 0, 120, "s"),
             ("nova_sonic.stall_timeout_ms", n.stall_timeout_ms.into(), 200, 120_000, "ms"),
             ("nova_sonic.max_retries", n.max_retries.into(), 0, 10, "tries"),
+            ("nova_sonic.open_backoff_ms", n.open_backoff_ms.into(), 100, 60_000, "ms"),
+            ("nova_sonic.open_backoff_max_ms", n.open_backoff_max_ms.into(), n.open_backoff_ms.into(), 600_000, "ms (nova_sonic.open_backoff_ms)"),
+            ("nova_sonic.max_opens_per_minute", n.max_opens_per_minute.into(), 2, 600, "streams"),
+            ("nova_sonic.breaker_cooldown_ms", n.breaker_cooldown_ms.into(), 100, 3_600_000, "ms"),
         ];
         for (key, value, min, max, unit) in ranges {
             if !(min..=max).contains(&value) {

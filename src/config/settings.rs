@@ -60,6 +60,14 @@ pub struct NovaSonicConfig {
     pub stall_timeout_ms: u32,
     /// Reconnections allowed within one turn, in tries.
     pub max_retries: u32,
+    /// Wait before the second try to open a stream after a failure (the first is at once, each later one waits three times longer, plus jitter), in milliseconds.
+    pub open_backoff_ms: u32,
+    /// Longest wait between tries to open a stream, before jitter, in milliseconds.
+    pub open_backoff_max_ms: u32,
+    /// Streams one conversation may open within a minute, in streams.
+    pub max_opens_per_minute: u32,
+    /// After throttling or a quota refusal, how long new conversations are refused and no stream is opened (doubled on repeated trips, up to 8 times), in milliseconds.
+    pub breaker_cooldown_ms: u32,
     /// Speech input price; 0 keeps the built-in one, in USD per 1,000 tokens.
     pub speech_in_usd_per_1k: f64,
     /// Speech output price; 0 keeps the built-in one, in USD per 1,000 tokens.
@@ -88,6 +96,10 @@ impl Default for NovaSonicConfig {
             handoff_wait_s: 20,
             stall_timeout_ms: 10_000,
             max_retries: 3,
+            open_backoff_ms: 1_000,
+            open_backoff_max_ms: 30_000,
+            max_opens_per_minute: 20,
+            breaker_cooldown_ms: 30_000,
             speech_in_usd_per_1k: 0.0,
             speech_out_usd_per_1k: 0.0,
             text_in_usd_per_1k: 0.0,

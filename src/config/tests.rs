@@ -69,7 +69,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-    assert_eq!(keys().len(), 59, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 63, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -302,6 +302,9 @@ fn nova_sonic_and_tool_settings_are_checked() {
         ("nova_sonic.ca_file", "/no/such/ca.pem"),
         ("nova_sonic.model", "gpt-4o"),
         ("nova_sonic.speech_out_usd_per_1k", "-1"),
+        ("nova_sonic.breaker_cooldown_ms", "0"),
+        ("nova_sonic.open_backoff_max_ms", "500"),
+        ("nova_sonic.max_opens_per_minute", "1"),
         ("tools.time_zone", "America/Atlantis"),
     ];
     for (key, value) in bad {

@@ -8,6 +8,8 @@ pub mod local;
 pub mod nova_sonic;
 pub mod scripted;
 
+use std::time::Duration;
+
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -197,9 +199,27 @@ impl EngineSession {
     }
 }
 
+/// Whether an [`EngineStat`] only grows or goes up and down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatKind {
+    Counter,
+    Gauge,
+}
+
+/// One number an engine shows on `/metrics`, as `sonora_engine_{name}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineStat {
+    /// Snake case, without the `sonora_engine_` prefix.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: StatKind,
+    pub value: u64,
+}
+
 /// A speech-to-speech engine. `start` is called inside a Tokio runtime and
-/// spawns whatever tasks the conversation needs; it fails only when the
-/// engine cannot serve any conversation (e.g. its model is missing).
+/// spawns whatever tasks the conversation needs; it fails when the engine
+/// cannot serve any conversation (e.g. its model is missing), or while it is
+/// [`busy`](Engine::busy).
 pub trait Engine: Send + Sync {
     /// Short name: `local`, `nova-sonic`.
     fn name(&self) -> &'static str;
@@ -208,4 +228,14 @@ pub trait Engine: Send + Sync {
         Vec::new()
     }
     fn start(&self, options: ConversationOptions) -> Result<EngineSession, String>;
+    /// `Some(wait)` while the engine refuses new conversations to shed load
+    /// (its service is throttling): how long until it takes them again.
+    /// Running conversations go on.
+    fn busy(&self) -> Option<Duration> {
+        None
+    }
+    /// Engine numbers for `/metrics`.
+    fn stats(&self) -> Vec<EngineStat> {
+        Vec::new()
+    }
 }

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::engine::{EngineStat, StatKind};
 use crate::session::{CloseReason, Counters, CountersSnapshot};
 use crate::usage::UsageDelta;
 
@@ -31,15 +32,18 @@ pub enum Refusal {
     Unauthorized,
     /// The engine is still loading.
     NotReady,
+    /// The engine sheds load: its service throttles.
+    EngineBusy,
 }
 
 impl Refusal {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Busy,
         Self::ShuttingDown,
         Self::Origin,
         Self::Unauthorized,
         Self::NotReady,
+        Self::EngineBusy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +53,7 @@ impl Refusal {
             Self::Origin => "origin",
             Self::Unauthorized => "unauthorized",
             Self::NotReady => "not_ready",
+            Self::EngineBusy => "engine_busy",
         }
     }
 }
@@ -395,6 +400,22 @@ impl Metrics {
     }
 }
 
+/// Appends an engine's own numbers as `sonora_engine_{name}`.
+pub fn render_engine(out: &mut String, stats: &[EngineStat]) {
+    for stat in stats {
+        let name = format!("sonora_engine_{}", stat.name);
+        let kind = match stat.kind {
+            StatKind::Counter => "counter",
+            StatKind::Gauge => "gauge",
+        };
+        let _ = writeln!(
+            out,
+            "# HELP {name} {}\n# TYPE {name} {kind}\n{name} {}",
+            stat.help, stat.value
+        );
+    }
+}
+
 /// Adds the ever-growing counters of `more` to `total`; gauges are left.
 fn add_cumulative(total: &mut CountersSnapshot, more: &CountersSnapshot) {
     total.uplink_dropped_ms += more.uplink_dropped_ms;
@@ -458,12 +479,37 @@ mod tests {
     }
 
     #[test]
+    fn engine_numbers_are_rendered_with_their_kind() {
+        let mut text = String::new();
+        let stats = [
+            EngineStat {
+                name: "breaker_trips_total",
+                help: "Trips.",
+                kind: StatKind::Counter,
+                value: 2,
+            },
+            EngineStat {
+                name: "breaker_open",
+                help: "Open.",
+                kind: StatKind::Gauge,
+                value: 1,
+            },
+        ];
+        render_engine(&mut text, &stats);
+        assert_eq!(value(&text, "sonora_engine_breaker_trips_total "), "2");
+        assert!(text.contains("# TYPE sonora_engine_breaker_trips_total counter\n"));
+        assert!(text.contains("# TYPE sonora_engine_breaker_open gauge\n"));
+        assert_eq!(value(&text, "sonora_engine_breaker_open "), "1");
+    }
+
+    #[test]
     fn sessions_usage_and_refusals_are_counted() {
         let metrics = Metrics::default();
         metrics.opened(1, Arc::new(Counters::default()));
         metrics.opened(2, Arc::new(Counters::default()));
         metrics.closed(1, Some(CloseReason::SlowClient));
         metrics.refused(Refusal::Busy);
+        metrics.refused(Refusal::EngineBusy);
         metrics.usage(&UsageDelta {
             speech_in_tokens: 40,
             cost_micro_usd: 1_500,
@@ -474,6 +520,13 @@ mod tests {
         assert_eq!(value(&text, "sonora_sessions_total "), "2");
         assert_eq!(
             value(&text, "sonora_sessions_refused_total{reason=\"busy\"}"),
+            "1"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "sonora_sessions_refused_total{reason=\"engine_busy\"}"
+            ),
             "1"
         );
         assert_eq!(

@@ -183,12 +183,16 @@ async fn engine_info(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
+    let mut text = shared.metrics.render();
+    if let Some(engine) = shared.engine.get() {
+        metrics::render_engine(&mut text, &engine.stats());
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.metrics.render(),
+        text,
     )
         .into_response()
 }
@@ -251,6 +255,12 @@ async fn upgrade(
             Refusal::NotReady,
             socket::CLOSE_TRY_AGAIN,
             "the engine is still loading; try again shortly",
+        ))
+    } else if shared.engine.get().and_then(|e| e.busy()).is_some() {
+        Some((
+            Refusal::EngineBusy,
+            socket::CLOSE_TRY_AGAIN,
+            socket::ENGINE_BUSY_REASON,
         ))
     } else {
         None

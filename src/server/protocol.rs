@@ -62,6 +62,9 @@ pub enum ErrorCode {
     EngineStall,
     /// The engine could not start a conversation (closes, 1011).
     EngineUnavailable,
+    /// The engine is shedding load (its service throttles): try again
+    /// later (closes, 1013).
+    EngineBusy,
     /// An error the engine reported; `fatal` says whether the session ends.
     EngineError,
     /// The audio could not be decoded: the session ends with `bad_audio`.
@@ -92,6 +95,7 @@ impl ErrorCode {
             Self::UplinkDropped => "uplink_dropped",
             Self::EngineStall => "engine_stall",
             Self::EngineUnavailable => "engine_unavailable",
+            Self::EngineBusy => "engine_busy",
             Self::EngineError => "engine_error",
             Self::BadAudio => "bad_audio",
             Self::Busy => "busy",
@@ -100,7 +104,7 @@ impl ErrorCode {
     }
 
     /// Every code, for metrics and documentation tests.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::BadJson,
         Self::BadMessage,
         Self::UnknownType,
@@ -117,6 +121,7 @@ impl ErrorCode {
         Self::UplinkDropped,
         Self::EngineStall,
         Self::EngineUnavailable,
+        Self::EngineBusy,
         Self::EngineError,
         Self::BadAudio,
         Self::Busy,

@@ -29,6 +29,10 @@ pub(super) const CLOSE_TOO_BIG: u16 = 1009;
 pub(super) const CLOSE_INTERNAL: u16 = 1011;
 pub(super) const CLOSE_TRY_AGAIN: u16 = 1013;
 
+/// The close reason when the engine sheds load (its service throttles).
+pub(super) const ENGINE_BUSY_REASON: &str =
+    "engine_busy: the speech service is throttling; try again shortly";
+
 /// How long a closing server waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
@@ -328,6 +332,16 @@ impl Connection {
         };
         let session = match engine.start(options) {
             Ok(session) => session,
+            Err(message) if engine.busy().is_some() => {
+                // Shedding load: a refusal like a full server, not a failure.
+                self.shared
+                    .metrics
+                    .refused(super::metrics::Refusal::EngineBusy);
+                let error = ProtocolError::new(ErrorCode::EngineBusy, message);
+                self.send_error(&error, true).await;
+                self.close(CLOSE_TRY_AGAIN, ENGINE_BUSY_REASON).await;
+                return None;
+            }
             Err(message) => {
                 self.log(&format!("the engine could not start: {message}"));
                 let message = format!("the {} engine could not start", engine.name());

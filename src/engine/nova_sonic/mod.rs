@@ -7,7 +7,10 @@
 //! SDK client (endpoint override, CA file), [`history`] the text replayed
 //! into new streams, and [`conversation`] drives one conversation across
 //! streams: silence while the user is mute, tools, warm rotation before the
-//! connection limit, retries. Nova Sonic's types never leave this module.
+//! connection limit, retries. [`policy`] paces every stream open: backoff
+//! with jitter and a cap per conversation, and one circuit breaker per
+//! engine that sheds load while Bedrock throttles. Nova Sonic's types never
+//! leave this module.
 
 pub mod base64;
 pub mod client;
@@ -15,6 +18,7 @@ mod conversation;
 pub mod history;
 pub mod input;
 pub mod output;
+pub mod policy;
 pub mod stream;
 pub mod translate;
 
@@ -22,13 +26,14 @@ pub mod translate;
 mod tests;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_bedrockruntime::Client;
 
 pub use self::client::{ClientSettings, StaticCredentials};
 use self::input::{Endpointing, Inference};
-use super::{ConversationOptions, Engine, EngineSession, Voice};
+use self::policy::{Breaker, Count, OpenStats};
+use super::{ConversationOptions, Engine, EngineSession, EngineStat, StatKind, Voice};
 use crate::config::NovaSonicConfig;
 use crate::tools::Tools;
 use crate::usage::{PriceTable, Rates};
@@ -69,6 +74,16 @@ pub struct NovaSonicSettings {
     pub stall_timeout: Duration,
     /// Reconnections allowed within one turn.
     pub max_retries: u32,
+    /// The wait before the second try to open a stream after a failure (the
+    /// first is at once); each later try waits three times longer.
+    pub open_backoff: Duration,
+    /// The longest wait between tries, before jitter.
+    pub open_backoff_max: Duration,
+    /// Streams one conversation may open within a minute.
+    pub max_opens_per_minute: u32,
+    /// How long throttling or a quota refusal makes the engine refuse new
+    /// conversations and hold back opens (doubled on repeated trips).
+    pub breaker_cooldown: Duration,
     pub prices: PriceTable,
 }
 
@@ -129,6 +144,10 @@ impl NovaSonicSettings {
             handoff_wait: Duration::from_secs(config.handoff_wait_s.into()),
             stall_timeout: Duration::from_millis(config.stall_timeout_ms.into()),
             max_retries: config.max_retries,
+            open_backoff: Duration::from_millis(config.open_backoff_ms.into()),
+            open_backoff_max: Duration::from_millis(config.open_backoff_max_ms.into()),
+            max_opens_per_minute: config.max_opens_per_minute,
+            breaker_cooldown: Duration::from_millis(config.breaker_cooldown_ms.into()),
             prices,
         }
     }
@@ -139,6 +158,9 @@ struct Shared {
     settings: NovaSonicSettings,
     client: Client,
     tools: Option<Tools>,
+    /// Shared by every conversation: throttling anywhere holds back all.
+    breaker: Breaker,
+    stats: OpenStats,
 }
 
 /// The Nova Sonic engine: one SDK client shared by all conversations.
@@ -159,9 +181,11 @@ impl NovaSonicEngine {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             shared: Arc::new(Shared {
+                breaker: Breaker::new(settings.breaker_cooldown),
                 settings,
                 client,
                 tools,
+                stats: OpenStats::default(),
             }),
         })
     }
@@ -229,8 +253,62 @@ impl Engine for NovaSonicEngine {
         if !voices.iter().any(|v| v.id == voice) {
             return Err(format!("Nova Sonic has no voice {voice:?}"));
         }
+        if let Some(wait) = self.busy() {
+            self.shared.stats.add(Count::Refused);
+            return Err(format!(
+                "Bedrock is throttling: no new Nova Sonic conversations for {:.1} s",
+                wait.as_secs_f64()
+            ));
+        }
         let (session, input, events) = EngineSession::channel();
         tokio::spawn(conversation::run(self.shared.clone(), voice, input, events));
         Ok(session)
+    }
+
+    fn busy(&self) -> Option<Duration> {
+        self.shared.breaker.wait(Instant::now())
+    }
+
+    fn stats(&self) -> Vec<EngineStat> {
+        let stats = &self.shared.stats;
+        let counter = |name, help, value| EngineStat {
+            name,
+            help,
+            kind: StatKind::Counter,
+            value,
+        };
+        vec![
+            counter(
+                "stream_opens_total",
+                "Nova Sonic streams opened (first, reconnection, rotation).",
+                stats.get(Count::Opened),
+            ),
+            counter(
+                "stream_opens_postponed_total",
+                "Nova Sonic stream opens put off by the backoff or the circuit breaker.",
+                stats.get(Count::Postponed),
+            ),
+            counter(
+                "stream_opens_capped_total",
+                "Nova Sonic stream opens refused by the per-conversation cap (nova_sonic.max_opens_per_minute).",
+                stats.get(Count::Capped),
+            ),
+            counter(
+                "breaker_trips_total",
+                "Times throttling or a quota refusal opened the circuit breaker.",
+                self.shared.breaker.trips(),
+            ),
+            counter(
+                "conversations_refused_total",
+                "New conversations the engine refused while its circuit breaker cooled down.",
+                stats.get(Count::Refused),
+            ),
+            EngineStat {
+                name: "breaker_open",
+                help: "1 while the circuit breaker cools down and new conversations are refused.",
+                kind: StatKind::Gauge,
+                value: u64::from(self.busy().is_some()),
+            },
+        ]
     }
 }

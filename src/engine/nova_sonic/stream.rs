@@ -62,6 +62,38 @@ pub struct Failure {
     /// Transient (throttling, timeouts, resets, service faults): reopen with
     /// history. Otherwise (auth, access, bad input): fatal, never retried.
     pub retry: bool,
+    /// Whether the service is shedding load (throttling, quota).
+    pub load: Load,
+}
+
+/// What a failure says about the service's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Load {
+    /// Nothing: a fault, a timeout, a refusal of this request.
+    #[default]
+    Normal,
+    /// `ThrottlingException`: too many requests or streams just now.
+    Throttled,
+    /// `ServiceQuotaExceededException`: the account is at a quota.
+    QuotaExceeded,
+}
+
+impl Failure {
+    /// A transient failure found here (a stall, an ended stream), not
+    /// reported by the service.
+    pub fn transient(code: &str, message: String) -> Self {
+        Self {
+            code: code.to_owned(),
+            message,
+            retry: true,
+            load: Load::Normal,
+        }
+    }
+
+    /// Throttling or a quota refusal: the engine's breaker trips.
+    pub fn overload(&self) -> bool {
+        self.load != Load::Normal
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -292,11 +324,13 @@ fn transport_failure<E: std::error::Error + 'static, R: std::fmt::Debug>(
         code: code.to_owned(),
         message,
         retry,
+        load: Load::Normal,
     }
 }
 
 /// The retry policy: transient service faults and the idle/instability
 /// validation messages are retried; auth, access and input errors are not.
+/// Throttling and quota refusals are also marked as load ([`Load`]).
 pub fn classified(code: &str, message: String) -> Failure {
     let lower = code.to_ascii_lowercase();
     let retry = match lower.as_str() {
@@ -318,9 +352,15 @@ pub fn classified(code: &str, message: String) -> Failure {
         }
         _ => false,
     };
+    let load = match lower.as_str() {
+        "throttlingexception" => Load::Throttled,
+        "servicequotaexceededexception" => Load::QuotaExceeded,
+        _ => Load::Normal,
+    };
     Failure {
         code: code.to_owned(),
         message,
         retry,
+        load,
     }
 }

@@ -441,3 +441,22 @@ fn failures_are_classified_as_the_service_documents_them() {
         assert!(!retry(code, message), "{code}: {message} is not retried");
     }
 }
+
+#[test]
+fn throttling_and_quotas_are_load_and_nothing_else_is() {
+    use super::stream::{Load, classified};
+    let load = |code: &str| classified(code, "x".to_owned()).load;
+    assert_eq!(load("throttlingException"), Load::Throttled);
+    assert_eq!(load("ThrottlingException"), Load::Throttled);
+    assert_eq!(load("ServiceQuotaExceededException"), Load::QuotaExceeded);
+    for code in [
+        "serviceUnavailableException",
+        "modelTimeoutException",
+        "validationException",
+        "AccessDeniedException",
+    ] {
+        assert_eq!(load(code), Load::Normal, "{code}");
+    }
+    assert!(classified("ThrottlingException", "x".into()).overload());
+    assert!(!classified("ModelTimeoutException", "x".into()).overload());
+}

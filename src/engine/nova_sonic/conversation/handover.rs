@@ -1,18 +1,20 @@
 //! Streams coming and going: opening one (setup, history, audio block,
 //! replay), the warm hand-off to a prepared stream, reconnection after a
-//! failure with capped backoff, and closing streams properly.
+//! failure, and closing streams properly. Every open asks the policy first:
+//! a reconnection past the cap ends the conversation, a rotation past it (or
+//! whose next stream failed) is put off while the current stream serves.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
 use super::{
-    BACKOFF_MS, CONTROL_WAIT, Driver, END_WAIT, FRAME_SAMPLES, MAX_EARLY_EVENTS, Rotation, Step,
-    Stream,
+    CONTROL_WAIT, Driver, END_WAIT, FRAME_SAMPLES, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream,
 };
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
 use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::output::Output;
+use crate::engine::nova_sonic::policy::{Count, Gate};
 use crate::engine::nova_sonic::stream::{Failure, StreamItem, Upstream};
 use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
@@ -78,10 +80,13 @@ impl Driver {
         Builder::new(&format!("sonora-{nanos:x}-{}", self.generation))
     }
 
-    /// Opens a stream. `takeover`: with history, audio block and replay
-    /// queued at once (first stream, reconnection); otherwise only the setup
-    /// (a rotation's next stream, finished at the hand-off).
+    /// Opens a stream (the caller asked the policy). Unless `prepare_only`:
+    /// with history, audio block and replay queued at once (first stream,
+    /// reconnection); otherwise only the setup (a rotation's next stream,
+    /// finished at the hand-off).
     pub(super) fn open_stream(&mut self, prepare_only: bool) -> Stream {
+        self.policy.opened(Instant::now());
+        self.shared.stats.add(Count::Opened);
         let mut builder = self.new_builder();
         let mut events = self.setup(&mut builder);
         let mut audio = None;
@@ -100,6 +105,7 @@ impl Driver {
             audio,
             generation: self.generation,
             opened: false,
+            settled: false,
             early: Vec::new(),
         }
     }
@@ -110,14 +116,60 @@ impl Driver {
         };
         match item {
             Some(StreamItem::Opened) => next.opened = true,
-            Some(StreamItem::Failed(_) | StreamItem::Ended) | None => {
-                // Try again on a later tick.
-                self.next = None;
+            Some(StreamItem::Failed(failure)) => {
+                self.prepare_failed(&failure.to_string(), Some(&failure))
             }
+            Some(StreamItem::Ended) | None => self.prepare_failed("the service ended it", None),
             Some(item) if next.early.len() < MAX_EARLY_EVENTS => next.early.push(item),
             Some(_) => {
-                // A stream that talks before it has anything to answer: drop it.
-                self.next = None;
+                // A stream that talks before it has anything to answer.
+                self.prepare_failed("it sent too much before taking over", None);
+            }
+        }
+    }
+
+    /// The next stream failed before the hand-off: the rotation waits out a
+    /// backoff (never the next tick) while the current stream goes on.
+    fn prepare_failed(&mut self, why: &str, failure: Option<&Failure>) {
+        self.next = None;
+        let now = Instant::now();
+        if let Some(failure) = failure {
+            self.note_load(failure, now);
+        }
+        self.prepare_failures += 1;
+        let wait = self.policy.backoff(self.prepare_failures + 1);
+        self.prepare_at = Some(now + wait);
+        self.shared.stats.add(Count::Postponed);
+        eprintln!(
+            "nova-sonic: the next stream failed ({why}); the hand-off is put off {:.1} s, the current stream goes on",
+            wait.as_secs_f64()
+        );
+    }
+
+    /// Throttling or a quota refusal trips the engine's breaker.
+    pub(super) fn note_load(&self, failure: &Failure, now: Instant) {
+        if failure.overload()
+            && let Some(cooldown) = self.shared.breaker.trip(now)
+        {
+            eprintln!(
+                "nova-sonic: Bedrock is shedding load ({failure}): no new conversations and no new streams for {:.1} s",
+                cooldown.as_secs_f64()
+            );
+        }
+    }
+
+    /// Streams the service answered that stayed up for [`SETTLE`] tell the
+    /// breaker that Bedrock takes streams again.
+    pub(super) fn check_settled(&mut self, now: Instant) {
+        let breaker = &self.shared.breaker;
+        for stream in [&mut self.current, &mut self.next].into_iter().flatten() {
+            if !stream.settled
+                && stream.opened
+                && !stream.up.is_closed()
+                && now.duration_since(stream.up.opened_at) >= SETTLE
+            {
+                stream.settled = true;
+                breaker.success(stream.up.opened_at, now);
             }
         }
     }
@@ -134,6 +186,8 @@ impl Driver {
         let Some(failed) = self.current.take() else {
             return Step::Go;
         };
+        let now = Instant::now();
+        self.note_load(&failure, now);
         // A stream the service ended takes no more events; one given up
         // here (a stall) still gets its closing events, to free it.
         self.close_in_background(failed);
@@ -171,12 +225,17 @@ impl Driver {
             self.unanswered = self.history.last_user().map(str::to_owned);
             self.awaiting_reply = None;
         }
-        let index = (self.retries as usize - 1).min(BACKOFF_MS.len() - 1);
-        let backoff = Duration::from_millis(BACKOFF_MS[index]);
-        let message = format!(
+        let backoff = self.policy.backoff(self.retries);
+        let mut message = format!(
             "Nova Sonic stream failed ({failure}); reconnecting with the conversation so far (try {} of {max})",
             self.retries
         );
+        if let Some(wait) = self.shared.breaker.wait(now) {
+            let wait = wait.max(backoff).as_secs_f64();
+            message.push_str(&format!(
+                " once Bedrock takes streams again, in {wait:.1} s or more"
+            ));
+        }
         self.emit(EngineEvent::Error {
             kind: ErrorKind::Transient,
             message,
@@ -184,23 +243,77 @@ impl Driver {
         .await;
         self.next = None;
         self.rotation = Rotation::default();
-        self.reconnect_at = Some(Instant::now() + backoff);
+        self.prepare_at = None;
+        self.prepare_failures = 0;
+        self.reconnect_at = Some(now + backoff);
         if backoff.is_zero() {
-            self.reconnect();
+            return self.reconnect().await;
         }
+        self.shared.stats.add(Count::Postponed);
         Step::Go
     }
 
-    pub(super) fn reconnect(&mut self) {
+    /// Opens the current stream (the first, or after a failure) if the
+    /// policy lets it; otherwise schedules it, or past the cap ends the
+    /// conversation.
+    pub(super) async fn reconnect(&mut self) -> Step {
         self.reconnect_at = None;
-        // The failed stream may still report late usage while it closes.
-        self.translator.begin_overlapping_stream();
+        let now = Instant::now();
+        match self.policy.gate(&self.shared.breaker, now) {
+            Gate::Open => {}
+            Gate::Wait(wait) => {
+                self.shared.stats.add(Count::Postponed);
+                self.reconnect_at = Some(now + wait);
+                return Step::Go;
+            }
+            Gate::Capped(_) => {
+                self.shared.stats.add(Count::Capped);
+                let message = format!(
+                    "Nova Sonic: this conversation opened {} streams within a minute (nova_sonic.max_opens_per_minute); giving up",
+                    self.policy.recent_opens()
+                );
+                self.emit(EngineEvent::Error {
+                    kind: ErrorKind::Fatal,
+                    message,
+                })
+                .await;
+                return Step::Stop;
+            }
+        }
+        if self.generation > 0 {
+            // The failed stream may still report late usage while it closes.
+            self.translator.begin_overlapping_stream();
+        }
         let stream = self.open_stream(false);
         self.current = Some(stream);
+        Step::Go
     }
 
-    /// Opens the next stream in the background (setup only).
+    /// Opens the next stream in the background (setup only), unless a
+    /// backoff, the breaker or the cap holds it back.
     pub(super) fn prepare_next(&mut self) {
+        let now = Instant::now();
+        if self.prepare_at.is_some_and(|at| now < at) || self.closing_since.is_some() {
+            return;
+        }
+        match self.policy.gate(&self.shared.breaker, now) {
+            Gate::Open => {}
+            Gate::Wait(wait) => {
+                self.shared.stats.add(Count::Postponed);
+                self.prepare_at = Some(now + wait);
+                return;
+            }
+            Gate::Capped(room) => {
+                self.shared.stats.add(Count::Capped);
+                self.prepare_at = Some(now + room);
+                eprintln!(
+                    "nova-sonic: at nova_sonic.max_opens_per_minute; the hand-off is put off {:.1} s",
+                    room.as_secs_f64()
+                );
+                return;
+            }
+        }
+        self.prepare_at = None;
         let stream = self.open_stream(true);
         self.next = Some(stream);
     }
@@ -232,6 +345,8 @@ impl Driver {
         for event in &events {
             if next.up.send(event, CONTROL_WAIT).await.is_err() {
                 // The next stream is not taking events: keep the current one.
+                self.close_in_background(next);
+                self.prepare_failed("it took no events at the hand-off", None);
                 return;
             }
         }
@@ -241,6 +356,8 @@ impl Driver {
         let early = std::mem::take(&mut next.early);
         let old = self.current.replace(next);
         self.rotation = Rotation::default();
+        self.prepare_at = None;
+        self.prepare_failures = 0;
         self.translator.begin_overlapping_stream();
         if let Some(old) = old {
             let mut closing = Vec::new();

@@ -6,7 +6,8 @@
 //! (once the assistant starts speaking, or after a wait), and the hand-off
 //! happens when the assistant has finished: history as text, then the user
 //! audio the old stream had not yet turned into a transcript. A failed or
-//! stalled stream is replaced the same way, with capped backoff.
+//! stalled stream is replaced the same way. Every open goes through the
+//! conversation's [`OpenPolicy`] and the engine's breaker.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use super::history::{History, MAX_PIECE_BYTES};
 use super::input::{BlockRole, Builder};
 use super::output::{BlockKind, Output};
+use super::policy::OpenPolicy;
 use super::stream::{Failure, SendError, StreamItem, Upstream};
 use super::translate::Translator;
 use super::{INPUT_RATE_HZ, MODEL_V1, Shared};
@@ -42,8 +44,9 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(60);
 const END_WAIT: Duration = Duration::from_secs(5);
 /// Events a prepared stream may send before it takes over.
 const MAX_EARLY_EVENTS: usize = 256;
-/// Backoff before reconnection tries 1, 2, 3…
-const BACKOFF_MS: [u64; 3] = [0, 1_000, 3_000];
+/// A stream the service answered that sent something, or stayed up this
+/// long, has settled: it tells the breaker that Bedrock takes streams again.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// A stream with the names its events use.
 #[derive(Debug)]
@@ -55,6 +58,8 @@ struct Stream {
     generation: u32,
     /// The service answered the call (`send()` returned).
     opened: bool,
+    /// It sent an event or stayed up for [`SETTLE`].
+    settled: bool,
     /// Events that arrived before this stream took over.
     early: Vec<StreamItem>,
 }
@@ -96,6 +101,13 @@ pub(super) async fn run(
         full_since: None,
         retries: 0,
         reconnect_at: None,
+        policy: OpenPolicy::new(
+            settings.open_backoff,
+            settings.open_backoff_max,
+            settings.max_opens_per_minute,
+        ),
+        prepare_at: None,
+        prepare_failures: 0,
         unanswered: None,
         closing_since: None,
         turn_ended_after_close: false,
@@ -134,8 +146,15 @@ struct Driver {
     full_since: Option<Instant>,
     /// Reconnections in the current turn.
     retries: u32,
-    /// A reconnection is due at this time.
+    /// A reconnection (or the first open) is due at this time.
     reconnect_at: Option<Instant>,
+    /// Backoff, cap and breaker for every stream this conversation opens.
+    policy: OpenPolicy,
+    /// No next stream is prepared before this time (a prepare failed, or
+    /// the breaker or the cap holds opens back).
+    prepare_at: Option<Instant>,
+    /// Prepared streams that failed since the last hand-off.
+    prepare_failures: u32,
     /// A user message the failed stream never answered: asked again.
     unanswered: Option<String>,
     closing_since: Option<Instant>,
@@ -181,11 +200,11 @@ impl Driver {
             voice: self.voice.clone(),
         })
         .await;
-        self.current = Some(self.open_stream(false));
+        let mut stopped = matches!(self.reconnect().await, Step::Stop);
         let mut tick = tokio::time::interval(FRAME);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut input_open = true;
-        loop {
+        while !stopped {
             let step = tokio::select! {
                 message = input.recv(), if input_open => match message {
                     Some(message) => self.on_input(message).await,
@@ -208,9 +227,7 @@ impl Driver {
                 }
                 _ = tick.tick() => self.on_tick().await,
             };
-            if let Step::Stop = step {
-                break;
-            }
+            stopped = matches!(step, Step::Stop);
         }
         // Late usage from streams still closing.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
@@ -327,6 +344,13 @@ impl Driver {
                 Step::Go
             }
             StreamItem::Output(output) => {
+                if let Some(stream) = self.current.as_mut()
+                    && !stream.settled
+                {
+                    stream.settled = true;
+                    let now = Instant::now();
+                    self.shared.breaker.success(stream.up.opened_at, now);
+                }
                 self.on_output(output).await;
                 self.maybe_hand_off().await;
                 Step::Go
@@ -342,11 +366,8 @@ impl Driver {
             }
             StreamItem::Failed(failure) => self.on_failure(failure).await,
             StreamItem::Ended => {
-                let failure = Failure {
-                    code: "StreamEnded".into(),
-                    message: "the service ended the stream".into(),
-                    retry: true,
-                };
+                let failure =
+                    Failure::transient("StreamEnded", "the service ended the stream".into());
                 self.on_failure(failure).await
             }
         }
@@ -453,9 +474,11 @@ impl Driver {
         let now = Instant::now();
         if let Some(at) = self.reconnect_at
             && now >= at
+            && let Step::Stop = self.reconnect().await
         {
-            self.reconnect();
+            return Step::Stop;
         }
+        self.check_settled(now);
         // Silence while the user is mute.
         if now.duration_since(self.last_user_audio) >= MUTE_AFTER {
             self.pending.clear();
@@ -473,12 +496,10 @@ impl Driver {
         if self.current.is_some() && (stalled_reply || stalled_input) {
             self.full_since = None;
             let ms = settings.stall_timeout.as_millis();
-            let failure = Failure {
-                code: "Stalled".into(),
-                message: format!("nothing from the service for {ms} ms while a reply was due"),
-                retry: true,
-            };
-            return self.on_failure(failure).await;
+            let message = format!("nothing from the service for {ms} ms while a reply was due");
+            return self
+                .on_failure(Failure::transient("Stalled", message))
+                .await;
         }
         // Rotation: arm at the threshold, prepare early or after a wait.
         if let Some(current) = &self.current
