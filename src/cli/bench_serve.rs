@@ -378,6 +378,19 @@ impl Server {
                 args.turn_ms, args.reply_ms
             ))
             .arg(format!("--set=server.max_sessions={}", args.sessions + 10))
+            // Every client comes from 127.0.0.1.
+            .arg(format!(
+                "--set=server.max_sessions_per_client={}",
+                args.sessions + 10
+            ))
+            .arg(format!(
+                "--set=server.connections_per_minute_per_client={}",
+                (args.sessions * 4 + 100).min(1_000_000)
+            ))
+            .arg(format!(
+                "--set=server.max_connections={}",
+                args.sessions * 2 + 100
+            ))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
