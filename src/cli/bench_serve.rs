@@ -406,6 +406,13 @@ impl Server {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
             .arg(format!("--set=server.max_sessions={max_sessions}"))
+            // Clients come from many addresses (see `client_address`), so
+            // the per-address limits stay at their defaults; every
+            // conversation holds a connection.
+            .arg(format!(
+                "--set=server.max_connections={}",
+                max_sessions * 2 + 100
+            ))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -84,9 +84,24 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
         .await
         .with_context(|| format!("cannot listen on {address}"))?;
     let bound = listener.local_addr().context("no local address")?;
+    let metrics_listener = match config.server.metrics_listen.as_str() {
+        "" => None,
+        address => Some(
+            TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (server.metrics_listen)"))?,
+        ),
+    };
     let server = Server::new(config);
     // The first stdout line says where to connect (scripts read it).
     println!("listening on http://{bound}");
+    if let Some(metrics) = &metrics_listener {
+        let at = metrics.local_addr().context("no local address")?;
+        eprintln!("sonora: /metrics on http://{at}/metrics only");
+    }
+    if let Some(warning) = exposure_warning(bound, config) {
+        eprint!("{warning}");
+    }
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
     match echo {
         Some((turn_ms, reply_ms)) => {
@@ -128,7 +143,10 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
             }
         }
     };
-    server.serve(listener, stop).await.context("serving")?;
+    server
+        .serve_with_metrics(listener, metrics_listener, stop)
+        .await
+        .context("serving")?;
     match failure.get() {
         Some(message) => Err(anyhow!("the local engine could not load: {message}")),
         None => {
@@ -136,6 +154,50 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
             Ok(())
         }
     }
+}
+
+/// A warning for a server reachable beyond this machine without tokens:
+/// what anyone who can reach it can do, and what to set.
+fn exposure_warning(bound: std::net::SocketAddr, config: &Config) -> Option<String> {
+    let server = &config.server;
+    if bound.ip().is_loopback() || !server.auth_tokens.is_empty() {
+        return None;
+    }
+    let hosts = if server.allowed_hosts.is_empty() {
+        let answered = if bound.ip().is_unspecified() {
+            "localhost, 127.0.0.1 or [::1]".to_owned()
+        } else {
+            format!("{bound}, localhost, 127.0.0.1 or [::1]")
+        };
+        format!(
+            "server.allowed_hosts is empty: browsers get 421 unless they ask for {answered};\n\
+             sonora: !!   list the names clients use, e.g. server.allowed_hosts = [\"voz.example.edu\"]"
+        )
+    } else {
+        format!(
+            "keep server.allowed_hosts to the names clients use (now {})",
+            server.allowed_hosts.join(", ")
+        )
+    };
+    let metrics = if server.metrics_listen.is_empty() {
+        "/metrics is served here too: set server.metrics_listen to a private address"
+    } else {
+        "/metrics is on server.metrics_listen"
+    };
+    let rule = "sonora: !! ".to_owned() + &"=".repeat(66);
+    Some(format!(
+        "{rule}\n\
+         sonora: !! WARNING: listening on {bound}, beyond this machine, with no authentication.\n\
+         sonora: !! Anyone who can reach this port can start conversations on the engine (and\n\
+         sonora: !!   spend what it costs), read /api/engine and use the web page.\n\
+         sonora: !! {metrics}.\n\
+         sonora: !! To close it:\n\
+         sonora: !!   set server.auth_tokens (SONORA_SERVER_AUTH_TOKENS=one,two); clients send one in hello\n\
+         sonora: !!   {hosts}\n\
+         sonora: !!   put it behind an HTTPS proxy and list the proxy in server.trusted_proxies\n\
+         sonora: !!   (or listen on 127.0.0.1 and let only the proxy reach it)\n\
+         {rule}\n"
+    ))
 }
 
 /// SIGINT or SIGTERM.
@@ -155,5 +217,36 @@ async fn terminate() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_open_address_without_tokens_is_warned_about() {
+        let config = Config::default();
+        let loopback = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(exposure_warning(loopback, &config), None);
+        let open = "0.0.0.0:8080".parse().unwrap();
+        let warning = exposure_warning(open, &config).unwrap();
+        assert!(warning.lines().count() >= 8, "{warning}");
+        assert!(
+            warning.lines().all(|l| l.starts_with("sonora: ")),
+            "{warning}"
+        );
+        for words in [
+            "no authentication",
+            "server.auth_tokens",
+            "server.allowed_hosts",
+            "server.trusted_proxies",
+            "server.metrics_listen",
+        ] {
+            assert!(warning.contains(words), "{words}: {warning}");
+        }
+        let mut with_tokens = Config::default();
+        with_tokens.server.auth_tokens = vec!["t".into()];
+        assert_eq!(exposure_warning(open, &with_tokens), None);
     }
 }

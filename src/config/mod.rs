@@ -171,7 +171,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 31] = [
+        let ranges: [(&str, u64, u64, u64, &str); 36] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -185,6 +185,11 @@ impl Config {
             ("server.max_conversation_s", s.max_conversation_s.into(), 10, 86_400, "s"),
             ("server.write_timeout_ms", s.write_timeout_ms.into(), 100, 600_000, "ms"),
             ("server.shutdown_grace_ms", s.shutdown_grace_ms.into(), 0, 600_000, "ms"),
+            ("server.max_sessions_per_client", s.max_sessions_per_client.into(), 1, 100_000, "sessions"),
+            ("server.connections_per_minute_per_client", s.connections_per_minute_per_client.into(), 1, 1_000_000, "requests"),
+            ("server.header_read_timeout_ms", s.header_read_timeout_ms.into(), 100, 600_000, "ms"),
+            ("server.keepalive_timeout_ms", s.keepalive_timeout_ms.into(), 100, 3_600_000, "ms"),
+            ("server.max_connections", s.max_connections.into(), s.max_sessions.into(), 1_000_000, "connections (each conversation holds one: at least server.max_sessions)"),
             ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
             ("local.asr_threads", l.asr_threads.into(), 0, 256, "threads"),
             ("local.vad_hangover_ms", l.vad_hangover_ms.into(), 100, 5_000, "ms"),
@@ -263,11 +268,31 @@ impl Config {
         if let Some(origin) = s
             .allowed_origins
             .iter()
-            .find(|o| o.as_str() != "*" && !(o.starts_with("http://") || o.starts_with("https://")))
+            .find(|o| o.as_str() != "*" && crate::server::net::Origin::parse(o).is_none())
         {
             let reason =
                 "origins are \"*\" or scheme://host[:port], e.g. https://ayuda.example.edu";
             return Err(bad("server.allowed_origins", quoted(origin), reason));
+        }
+        for proxy in &s.trusted_proxies {
+            if let Err(why) = crate::server::net::IpNet::parse(proxy) {
+                let reason = format!("{why}: entries are IPs or CIDRs, e.g. 10.0.0.0/8");
+                return Err(bad("server.trusted_proxies", quoted(proxy), &reason));
+            }
+        }
+        for host in &s.allowed_hosts {
+            if let Err(why) = crate::server::net::HostPort::parse(host) {
+                let reason = format!("{why}: entries are host or host:port, e.g. voz.example.edu");
+                return Err(bad("server.allowed_hosts", quoted(host), &reason));
+            }
+        }
+        if !s.metrics_listen.is_empty() && s.metrics_listen.parse::<SocketAddr>().is_err() {
+            let reason = "not an address like 10.0.0.5:9100 (empty: /metrics stays on listen)";
+            return Err(bad(
+                "server.metrics_listen",
+                quoted(&s.metrics_listen),
+                reason,
+            ));
         }
         if s.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             let shown = Value::from(vec![REDACTED; s.auth_tokens.len()]).to_string();

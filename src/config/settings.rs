@@ -235,6 +235,26 @@ pub struct ServerConfig {
     pub write_timeout_ms: u32,
     /// On SIGINT/SIGTERM, how long conversations get to close, in milliseconds.
     pub shutdown_grace_ms: u32,
+    /// Most concurrent conversations from one client address, in sessions.
+    pub max_sessions_per_client: u32,
+    /// New requests one client address may make in a minute (probes and
+    /// `/metrics` not counted), in requests.
+    pub connections_per_minute_per_client: u32,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` and `X-Forwarded-Proto`
+    /// are believed, a list of IPs or CIDRs such as `["127.0.0.1", "10.0.0.0/8"]`.
+    pub trusted_proxies: Vec<String>,
+    /// `Host` names the server answers for, as `host` (any port) or
+    /// `host:port`; the listen address and `localhost`, `127.0.0.1`, `[::1]`
+    /// on the listen port are always allowed (no unit).
+    pub allowed_hosts: Vec<String>,
+    /// Time a connection has to send a complete request head, in milliseconds.
+    pub header_read_timeout_ms: u32,
+    /// Time an HTTP connection (not a WebSocket) may wait idle between requests, in milliseconds.
+    pub keepalive_timeout_ms: u32,
+    /// Most open TCP connections, WebSockets included, in connections.
+    pub max_connections: u32,
+    /// Address serving `/metrics` instead of the main listener, as `ip:port`; empty keeps it on `listen` (no unit).
+    pub metrics_listen: String,
 }
 
 impl Default for Config {
@@ -288,6 +308,14 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            max_sessions_per_client: 4,
+            connections_per_minute_per_client: 120,
+            trusted_proxies: Vec::new(),
+            allowed_hosts: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            keepalive_timeout_ms: 30_000,
+            max_connections: 2_000,
+            metrics_listen: String::new(),
         }
     }
 }

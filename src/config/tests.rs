@@ -69,7 +69,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[])).unwrap(), config);
-    assert_eq!(keys().len(), 63, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 71, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -326,4 +326,58 @@ fn nova_sonic_and_tool_settings_are_checked() {
     assert_eq!(config.nova_sonic.rotate_after_s, 300);
     assert_eq!(config.tools.http.len(), 1);
     assert_eq!(config.tools.http[0].name, "room_booking");
+}
+
+#[test]
+fn network_settings_are_checked() {
+    let bad = [
+        ("server.trusted_proxies", "10.0.0.0/33"),
+        ("server.trusted_proxies", "proxy.example"),
+        ("server.allowed_hosts", "::1"),
+        ("server.allowed_hosts", "evil example"),
+        ("server.allowed_hosts", "voz.example:0"),
+        ("server.allowed_origins", "https://ayuda.example.edu/path"),
+        ("server.allowed_origins", "ayuda.example.edu"),
+        ("server.metrics_listen", "localhost"),
+        ("server.header_read_timeout_ms", "10"),
+        ("server.keepalive_timeout_ms", "0"),
+        ("server.max_sessions_per_client", "0"),
+        ("server.connections_per_minute_per_client", "0"),
+        // Below server.max_sessions (200): conversations could not all connect.
+        ("server.max_connections", "100"),
+    ];
+    for (key, value) in bad {
+        let (err, text) = flag_fail(key, value);
+        assert_eq!(err.key(), Some(key), "{value}: {text}");
+    }
+    let (_, text) = flag_fail("server.trusted_proxies", "10.0.0.0/33");
+    assert!(text.contains("IPs or CIDRs"), "{text}");
+    let env = [(
+        "SONORA_SERVER_TRUSTED_PROXIES",
+        "127.0.0.1, 10.0.0.0/8, ::1, fd00::/8",
+    )];
+    let flags = [
+        (
+            "server.allowed_hosts",
+            "voz.example.edu, voz.example.edu:8443, [::1]:8080, 192.0.2.7",
+        ),
+        ("server.metrics_listen", "127.0.0.1:9100"),
+        ("server.max_sessions", "5000"),
+        ("server.max_connections", "5000"),
+    ];
+    let server = load(&opts(None, &env, &flags)).unwrap().server;
+    assert_eq!(server.trusted_proxies.len(), 4);
+    assert_eq!(server.allowed_hosts.len(), 4);
+    assert_eq!(server.metrics_listen, "127.0.0.1:9100");
+    let defaults = Config::default().server;
+    assert_eq!(
+        (
+            defaults.max_sessions_per_client,
+            defaults.connections_per_minute_per_client,
+            defaults.header_read_timeout_ms,
+            defaults.keepalive_timeout_ms,
+            defaults.max_connections
+        ),
+        (4, 120, 10_000, 30_000, 2_000)
+    );
 }

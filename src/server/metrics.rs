@@ -34,16 +34,28 @@ pub enum Refusal {
     NotReady,
     /// The engine sheds load: its service throttles.
     EngineBusy,
+    /// The client address is at `server.max_sessions_per_client`.
+    ClientBusy,
+    /// The client address is over `server.connections_per_minute_per_client`.
+    RateLimited,
+    /// A `Host` not in `server.allowed_hosts` (HTTP 421).
+    Host,
+    /// A TCP connection past `server.max_connections`, closed at once.
+    MaxConnections,
 }
 
 impl Refusal {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 10] = [
         Self::Busy,
         Self::ShuttingDown,
         Self::Origin,
         Self::Unauthorized,
         Self::NotReady,
         Self::EngineBusy,
+        Self::ClientBusy,
+        Self::RateLimited,
+        Self::Host,
+        Self::MaxConnections,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +66,30 @@ impl Refusal {
             Self::Unauthorized => "unauthorized",
             Self::NotReady => "not_ready",
             Self::EngineBusy => "engine_busy",
+            Self::ClientBusy => "client_busy",
+            Self::RateLimited => "rate_limited",
+            Self::Host => "host",
+            Self::MaxConnections => "max_connections",
+        }
+    }
+}
+
+/// Why the server closed an HTTP connection that was not a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpTimeout {
+    /// A request head took longer than `server.header_read_timeout_ms`.
+    Header,
+    /// Idle between requests longer than `server.keepalive_timeout_ms`.
+    Idle,
+}
+
+impl HttpTimeout {
+    const ALL: [Self; 2] = [Self::Header, Self::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header_timeout",
+            Self::Idle => "idle",
         }
     }
 }
@@ -75,6 +111,10 @@ pub struct Metrics {
     active: AtomicU64,
     total: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
+    /// TCP connections open now, WebSockets included.
+    connections_open: AtomicU64,
+    connections_total: AtomicU64,
+    connection_timeouts: [AtomicU64; HttpTimeout::ALL.len()],
     closed: [AtomicU64; CloseReason::ALL.len()],
     /// Connections dropped because one write to them took too long.
     write_timeouts: AtomicU64,
@@ -102,6 +142,23 @@ impl Metrics {
     pub fn refused(&self, why: Refusal) {
         let at = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
         self.refused[at].fetch_add(1, ORDER);
+    }
+
+    /// A TCP connection was accepted.
+    pub fn connection_opened(&self) {
+        self.connections_open.fetch_add(1, ORDER);
+        self.connections_total.fetch_add(1, ORDER);
+    }
+
+    /// An accepted TCP connection is gone.
+    pub fn connection_closed(&self) {
+        self.connections_open.fetch_sub(1, ORDER);
+    }
+
+    /// The server closed an HTTP connection for taking too long.
+    pub fn connection_timed_out(&self, why: HttpTimeout) {
+        let at = HttpTimeout::ALL.iter().position(|t| *t == why).unwrap_or(0);
+        self.connection_timeouts[at].fetch_add(1, ORDER);
     }
 
     pub fn error(&self, code: ErrorCode) {
@@ -184,7 +241,7 @@ impl Metrics {
         let seconds = |ms: u64| ms as f64 / 1000.0;
         let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
         // (name, type, help, value)
-        let plain: [(&str, &str, &str, f64); 19] = [
+        let plain: [(&str, &str, &str, f64); 21] = [
             (
                 "sonora_engine_ready",
                 "gauge",
@@ -202,6 +259,18 @@ impl Metrics {
                 "counter",
                 "Conversations started.",
                 self.total.load(ORDER) as f64,
+            ),
+            (
+                "sonora_http_connections_open",
+                "gauge",
+                "TCP connections open now, WebSockets included.",
+                self.connections_open.load(ORDER) as f64,
+            ),
+            (
+                "sonora_http_connections_total",
+                "counter",
+                "TCP connections accepted (those refused past server.max_connections not included).",
+                self.connections_total.load(ORDER) as f64,
             ),
             (
                 "sonora_audio_in_seconds_total",
@@ -319,6 +388,11 @@ impl Metrics {
             .zip(load(&self.closed))
             .map(|(reason, n)| (format!("reason=\"{}\"", reason.code()), n))
             .collect();
+        let timeouts: Vec<(String, u64)> = HttpTimeout::ALL
+            .iter()
+            .zip(load(&self.connection_timeouts))
+            .map(|(why, n)| (format!("reason=\"{}\"", why.as_str()), n))
+            .collect();
         let errors: Vec<(String, u64)> = ErrorCode::ALL
             .iter()
             .zip(load(&self.errors))
@@ -348,8 +422,13 @@ impl Metrics {
         let labelled = [
             (
                 "sonora_sessions_refused_total",
-                "Connections refused before a conversation started.",
+                "Connections and requests refused, by reason.",
                 refused,
+            ),
+            (
+                "sonora_http_connections_timed_out_total",
+                "HTTP connections (not WebSockets) closed for a slow request head or for idling, by reason.",
+                timeouts,
             ),
             (
                 "sonora_sessions_closed_total",

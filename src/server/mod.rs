@@ -1,37 +1,45 @@
 //! The web gateway: the embedded web UI, the `/ws` conversation socket,
-//! `/healthz`, `/readyz` and `/metrics`, admission limits, origin checks and
+//! `/healthz`, `/readyz` and `/metrics`, admission limits (global and per
+//! client address), `Host` and origin checks, HTTP connection limits and
 //! graceful shutdown.
 //!
 //! One [`Server`] holds the engine (set once it has loaded, which makes
-//! `/readyz` answer 200), the metrics and the shutdown signal. Each accepted
-//! socket runs one `session::Conversation`; browser-protocol types stay in
-//! [`protocol`].
+//! `/readyz` answer 200), the metrics and the shutdown signal. Every request
+//! passes the gate first (`Host`, client address, request rate); each
+//! accepted socket runs one `session::Conversation`; browser-protocol types
+//! stay in [`protocol`].
 
 mod assets;
+mod clients;
 #[doc(hidden)]
 pub mod fuzzing;
+mod http;
 pub mod metrics;
+pub(crate) mod net;
 pub mod protocol;
 mod socket;
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::session::SessionLimits;
+use clients::{ClientPermit, Clients};
+use net::{Hosts, IpNet};
 
 pub use metrics::Metrics;
 
@@ -43,6 +51,10 @@ pub const OUTPUT_RATE_HZ: u32 = 24_000;
 const READ_BUFFER_BYTES: usize = 16 * 1024;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 
+/// Open connections allowed on `server.metrics_listen`, apart from the
+/// main listener's, so that a flood there cannot hide the metrics.
+const METRICS_CONNECTIONS: usize = 64;
+
 /// Everything the handlers share.
 struct Shared {
     config: Config,
@@ -50,6 +62,10 @@ struct Shared {
     engine: OnceLock<Arc<dyn Engine>>,
     metrics: Arc<Metrics>,
     admission: Arc<Semaphore>,
+    /// Conversations and request rates per client address.
+    clients: Arc<Clients>,
+    /// `server.trusted_proxies`, parsed.
+    trusted: Vec<IpNet>,
     shutdown: watch::Receiver<bool>,
     next_id: AtomicU64,
 }
@@ -75,12 +91,24 @@ impl Server {
     /// [`Server::set_engine`].
     pub fn new(config: &Config) -> Self {
         let (tx, rx) = watch::channel(false);
+        let server = &config.server;
         let shared = Shared {
             config: config.clone(),
             limits: SessionLimits::from_config(config),
             engine: OnceLock::new(),
             metrics: Arc::new(Metrics::default()),
-            admission: Arc::new(Semaphore::new(config.server.max_sessions as usize)),
+            admission: Arc::new(Semaphore::new(server.max_sessions as usize)),
+            clients: Arc::new(Clients::new(
+                server.max_sessions_per_client,
+                server.connections_per_minute_per_client,
+                server.max_sessions,
+            )),
+            // Entries that do not parse are refused by the configuration check.
+            trusted: server
+                .trusted_proxies
+                .iter()
+                .filter_map(|p| IpNet::parse(p).ok())
+                .collect(),
             shutdown: rx,
             next_id: AtomicU64::new(1),
         };
@@ -112,16 +140,40 @@ impl Server {
         self.shutdown.send_replace(true);
     }
 
-    /// The HTTP routes.
-    pub fn router(&self) -> Router {
-        Router::new()
+    /// The routes of the main listener, behind the gate; `/metrics` only
+    /// when it has no listener of its own.
+    fn app(&self, hosts: Arc<Hosts>, with_metrics: bool) -> Router {
+        let mut routes = Router::new()
             .route("/ws", get(upgrade))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_text))
-            .route("/api/engine", get(engine_info))
+            .route("/api/engine", get(engine_info));
+        if with_metrics {
+            routes = routes.route("/metrics", get(metrics_text));
+        }
+        let gate = Gate {
+            shared: Arc::clone(&self.shared),
+            hosts,
+            rate_limited: true,
+        };
+        routes
             .fallback(get(assets::serve))
             .with_state(Arc::clone(&self.shared))
+            .layer(middleware::from_fn_with_state(gate, gatekeeper))
+    }
+
+    /// The routes of `server.metrics_listen`: `/metrics` alone, with the
+    /// `Host` check but no request rate.
+    fn metrics_app(&self, hosts: Arc<Hosts>) -> Router {
+        let gate = Gate {
+            shared: Arc::clone(&self.shared),
+            hosts,
+            rate_limited: false,
+        };
+        Router::new()
+            .route("/metrics", get(metrics_text))
+            .with_state(Arc::clone(&self.shared))
+            .layer(middleware::from_fn_with_state(gate, gatekeeper))
     }
 
     /// Serves until `stop` completes, then shuts down gracefully: stops
@@ -132,31 +184,157 @@ impl Server {
         listener: TcpListener,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        self.serve_with_metrics(listener, None, stop).await
+    }
+
+    /// [`Server::serve`], with `/metrics` served on `metrics` alone when it
+    /// is given (`server.metrics_listen`) instead of on `listener`.
+    pub async fn serve_with_metrics(
+        self,
+        listener: TcpListener,
+        metrics: Option<TcpListener>,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let config = &self.shared.config.server;
+        let timeouts = http::Timeouts {
+            header_read: Duration::from_millis(u64::from(config.header_read_timeout_ms)),
+            keepalive: Duration::from_millis(u64::from(config.keepalive_timeout_ms)),
+        };
+        let hosts = |listener: &TcpListener| -> std::io::Result<Arc<Hosts>> {
+            Ok(Arc::new(Hosts::new(
+                &config.allowed_hosts,
+                listener.local_addr()?,
+            )))
+        };
+        let main = http::Listener {
+            app: self.app(hosts(&listener)?, metrics.is_none()),
+            listener,
+            slots: Arc::new(Semaphore::new(config.max_connections as usize)),
+            timeouts,
+        };
+        let side = match metrics {
+            Some(listener) => Some(http::Listener {
+                app: self.metrics_app(hosts(&listener)?),
+                listener,
+                slots: Arc::new(Semaphore::new(METRICS_CONNECTIONS)),
+                timeouts,
+            }),
+            None => None,
+        };
         let me = self.clone();
-        let signal = async move {
+        let stopping = tokio::spawn(async move {
             stop.await;
             me.shut_down();
-        };
-        let mut shutting = self.shutdown.subscribe();
-        // Small frames both ways: never wait to coalesce them (Nagle).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
         });
-        let serving = axum::serve(listener, app).with_graceful_shutdown(signal);
-        // Upgraded sockets outlive the HTTP connections axum waits for.
-        let server = tokio::spawn(serving.into_future());
-        let _ = shutting.wait_for(|down| *down).await;
-        let grace = Duration::from_millis(u64::from(self.shared.config.server.shutdown_grace_ms));
+        // Both accept loops end, closing their listeners, once shutdown
+        // begins; connections still serving requests finish them, idle
+        // ones close.
+        let (counters, shutdown) = (&self.shared.metrics, &self.shared.shutdown);
+        let serving_side = async {
+            if let Some(side) = side {
+                http::accept(side, Arc::clone(counters), shutdown.clone()).await;
+            }
+        };
+        tokio::join!(
+            http::accept(main, Arc::clone(counters), shutdown.clone()),
+            serving_side
+        );
+        // Upgraded sockets outlive their HTTP connections: wait for them.
+        let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
         let deadline = tokio::time::Instant::now() + grace;
         while self.shared.metrics.active() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        server.abort();
+        stopping.abort();
         Ok(())
     }
+}
+
+/// What the gate checks with: the server, the `Host`s its listener answers
+/// for, and whether requests count toward the per-client rate.
+#[derive(Clone)]
+struct Gate {
+    shared: Arc<Shared>,
+    hosts: Arc<Hosts>,
+    rate_limited: bool,
+}
+
+/// What the gate learned about a request, for the `/ws` handler.
+#[derive(Debug, Clone)]
+struct Caller {
+    /// The client address limits count under (see [`net::client_key`]).
+    client: IpAddr,
+    /// A trusted proxy says the client spoke HTTPS to it.
+    https: bool,
+    /// Over the request rate: a WebSocket is accepted, then closed.
+    rate_limited: bool,
+    hosts: Arc<Hosts>,
+}
+
+/// Every request passes here first: a `Host` that is not ours gets 421
+/// (probes excepted: they tell nothing and load balancers send them by IP),
+/// the client address is worked out, and requests (probes and `/metrics`
+/// excepted) count toward the address's rate; past it, 429.
+async fn gatekeeper(
+    State(gate): State<Gate>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    use metrics::Refusal;
+    let path = request.uri().path();
+    let probe = matches!(path, "/healthz" | "/readyz");
+    let counted = gate.rate_limited && !probe && path != "/metrics";
+    let socket = path == "/ws" && is_websocket_upgrade(request.headers());
+    let authority = match request.uri().authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok()),
+    };
+    if !probe && !authority.is_some_and(|a| gate.hosts.allows_authority(a)) {
+        gate.shared.metrics.refused(Refusal::Host);
+        let message = "421 this server does not answer for that host name (server.allowed_hosts)\n";
+        return (StatusCode::MISDIRECTED_REQUEST, message).into_response();
+    }
+    let trusted = &gate.shared.trusted;
+    let headers = request.headers();
+    let from_proxy = trusted.iter().any(|net| net.contains(peer.ip()));
+    let client = net::client_key(net::client_ip(peer.ip(), headers, trusted));
+    let https = from_proxy && net::forwarded_https(headers);
+    let mut rate_limited = false;
+    if counted && let Err(wait) = gate.shared.clients.arrive(client) {
+        if socket {
+            // Refused after the upgrade, so that a browser sees the reason.
+            rate_limited = true;
+        } else {
+            gate.shared.metrics.refused(Refusal::RateLimited);
+            let seconds = wait.as_secs() + 1;
+            let message =
+                format!("429 too many requests from this address; try again in {seconds} s\n");
+            let retry = [(header::RETRY_AFTER, seconds.to_string())];
+            return (StatusCode::TOO_MANY_REQUESTS, retry, message).into_response();
+        }
+    }
+    request.extensions_mut().insert(Caller {
+        client,
+        https,
+        rate_limited,
+        hosts: Arc::clone(&gate.hosts),
+    });
+    next.run(request).await
+}
+
+/// `Connection: upgrade` with `Upgrade: websocket`.
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has(header::CONNECTION, "upgrade") && has(header::UPGRADE, "websocket")
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
@@ -197,39 +375,29 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-/// Whether a browser `Origin` may open `/ws`: absent (not a browser), the
-/// server's own host, or listed in `server.allowed_origins`.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN) else {
-        return true;
-    };
-    let Ok(origin) = origin.to_str() else {
-        return false;
-    };
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-    {
-        return true;
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default();
-    let bare = origin
-        .strip_prefix("http://")
-        .or_else(|| origin.strip_prefix("https://"));
-    !host.is_empty() && bare.is_some_and(|b| b.eq_ignore_ascii_case(host))
+/// A conversation's places: one of `server.max_sessions` and one of its
+/// address's `server.max_sessions_per_client`. Both are given back when it
+/// is dropped.
+#[derive(Debug)]
+struct Admitted {
+    _server: OwnedSemaphorePermit,
+    _client: ClientPermit,
 }
 
 async fn upgrade(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     use metrics::Refusal;
-    if !origin_allowed(&headers, &shared.config.server.allowed_origins) {
+    // An origin that is not text is no origin of ours.
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or_default());
+    let listed = &shared.config.server.allowed_origins;
+    if !net::origin_allowed(origin, listed, &caller.hosts, caller.https) {
         shared.metrics.refused(Refusal::Origin);
         let message = "this origin may not open conversations (server.allowed_origins)\n";
         return (StatusCode::FORBIDDEN, message).into_response();
@@ -262,6 +430,12 @@ async fn upgrade(
             socket::CLOSE_TRY_AGAIN,
             socket::ENGINE_BUSY_REASON,
         ))
+    } else if caller.rate_limited {
+        Some((
+            Refusal::RateLimited,
+            socket::CLOSE_TRY_AGAIN,
+            "rate_limited: too many new connections from this address; try again later",
+        ))
     } else {
         None
     };
@@ -269,7 +443,17 @@ async fn upgrade(
         shared.metrics.refused(why);
         return ws.on_upgrade(move |socket| socket::refuse(socket, code, reason));
     }
-    let Ok(permit) = Arc::clone(&shared.admission).try_acquire_owned() else {
+    let Some(client) = shared.clients.enter(caller.client) else {
+        shared.metrics.refused(Refusal::ClientBusy);
+        return ws.on_upgrade(|socket| {
+            socket::refuse(
+                socket,
+                socket::CLOSE_TRY_AGAIN,
+                "client_busy: too many conversations from this address; end one or try again later",
+            )
+        });
+    };
+    let Ok(server) = Arc::clone(&shared.admission).try_acquire_owned() else {
         shared.metrics.refused(Refusal::Busy);
         return ws.on_upgrade(|socket| {
             socket::refuse(
@@ -279,11 +463,16 @@ async fn upgrade(
             )
         });
     };
+    let admitted = Admitted {
+        _server: server,
+        _client: client,
+    };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     ws.on_upgrade(move |socket| async move {
         socket::Connection::new(socket, shared, id, peer)
             .run()
             .await;
-        drop(permit);
+        // The conversation is over: its places are free.
+        drop(admitted);
     })
 }
