@@ -551,3 +551,82 @@ async fn flooding_every_path_at_once_stays_within_the_memory_budget() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_slots_rebinding_and_slowloris_leave_honest_clients_alone() {
+    if !model_present() {
+        return;
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = [("SONORA_SERVER_HEADER_READ_TIMEOUT_MS", "2000")];
+    let gateway = under_attack(&settings, 4, |addr| async move {
+        let connect = async |n: u8| {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(attacker(n), 0)).unwrap();
+            socket.connect(addr).await.unwrap()
+        };
+        // One address tries to hold eight conversations: four get in.
+        let hold = async {
+            let mut held = Vec::new();
+            let mut refused = 0;
+            for _ in 0..8 {
+                let mut client = Client::connect_from(addr, attacker(2)).await;
+                client.hello_pcm().await;
+                match client.next().await {
+                    Frame::Json(v) if v["type"] == "ready" => held.push(client),
+                    Frame::Closed(Some((1013, reason))) if reason.starts_with("client_busy") => {
+                        refused += 1;
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!((held.len(), refused), (4, 4));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        };
+        // Half-sent request heads are closed by the server, not kept.
+        let slowloris = async {
+            let mut half_open = Vec::new();
+            for _ in 0..100 {
+                let mut tcp = connect(3).await;
+                tcp.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                    .await
+                    .unwrap();
+                half_open.push(tcp);
+            }
+            for mut tcp in half_open {
+                let mut buf = [0u8; 256];
+                let read = tokio::time::timeout(Duration::from_secs(30), tcp.read(&mut buf)).await;
+                assert!(
+                    matches!(read, Ok(Ok(0) | Err(_))),
+                    "a half-sent head was kept open: {read:?}"
+                );
+            }
+        };
+        // Another host name (DNS rebinding) gets 421, whatever the path.
+        let rebinding = async {
+            for path in ["/", "/metrics", "/api/engine", "/ws"] {
+                let mut tcp = connect(4).await;
+                let port = addr.port();
+                let request = format!(
+                    "GET {path} HTTP/1.1\r\nHost: evil.example:{port}\r\nOrigin: http://evil.example:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                );
+                tcp.write_all(request.as_bytes()).await.unwrap();
+                let mut answer = vec![0u8; 64];
+                let n = tcp.read(&mut answer).await.unwrap();
+                let head = String::from_utf8_lossy(&answer[..n]).to_string();
+                assert!(head.starts_with("HTTP/1.1 421"), "{path}: {head}");
+            }
+        };
+        tokio::join!(hold, slowloris, rebinding);
+    })
+    .await;
+    let text = gateway.metrics().await;
+    let refused = |reason: &str| {
+        common::gateway::metric(
+            &text,
+            &format!("sonora_sessions_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused("client_busy"), 4.0, "{text}");
+    assert!(refused("host") >= 4.0, "{text}");
+}
