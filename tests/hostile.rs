@@ -215,13 +215,7 @@ async fn honest(addr: SocketAddr) {
         .map(Frame::json)
         .filter(|j| j["role"] == "assistant" && j["stage"] == "final")
         .collect();
-    let audio: usize = frames
-        .iter()
-        .map(|f| match f {
-            Frame::Audio(s) => s.len(),
-            _ => 0,
-        })
-        .sum();
+    let audio = common::gateway::audio_samples(&frames);
     assert!(!said.is_empty(), "no answer: {frames:?}");
     assert!(audio > 24_000, "less than 1 s of reply audio");
     client.send_json(json!({"type": "stop"})).await;

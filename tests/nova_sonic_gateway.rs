@@ -35,6 +35,17 @@ fn question() -> Vec<i16> {
         .collect()
 }
 
+/// The Nova Sonic engine of `config` with the test endpoint's credentials.
+async fn test_engine(config: &Config) -> Arc<dyn sonora::engine::Engine> {
+    let mut settings = NovaSonicSettings::from_config(&config.nova_sonic);
+    settings.client.credentials = Some(StaticCredentials {
+        access_key_id: "AKIDSONORATEST".into(),
+        secret_access_key: "not-a-real-secret".into(),
+        session_token: None,
+    });
+    Arc::new(NovaSonicEngine::connect(settings, None).await.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talk_against_the_test_endpoint_writes_transcripts_reply_and_exact_cost() {
     let endpoint = Endpoint::start(vec![Script::answering(vec![Turn::new(
@@ -127,14 +138,7 @@ async fn the_gateway_serves_a_nova_sonic_conversation_with_cost_by_modality() {
     config.engine.kind = EngineKind::NovaSonic;
     config.nova_sonic.endpoint_url = endpoint.url.clone();
     config.nova_sonic.ca_file = endpoint.ca_file.display().to_string();
-    let mut settings = NovaSonicSettings::from_config(&config.nova_sonic);
-    settings.client.credentials = Some(StaticCredentials {
-        access_key_id: "AKIDSONORATEST".into(),
-        secret_access_key: "not-a-real-secret".into(),
-        session_token: None,
-    });
-    let engine = NovaSonicEngine::connect(settings, None).await.unwrap();
-    let mut running = gateway::start(&config, Some(Arc::new(engine))).await;
+    let mut running = gateway::start(&config, Some(test_engine(&config).await)).await;
 
     let mut client = running.client().await;
     client.hello_pcm().await;
@@ -220,14 +224,7 @@ async fn throttling_makes_the_gateway_refuse_new_conversations_with_1013_engine_
     config.nova_sonic.breaker_cooldown_ms = 15_000;
     config.server.hello_timeout_ms = 60_000;
     config.validate().unwrap();
-    let mut settings = NovaSonicSettings::from_config(&config.nova_sonic);
-    settings.client.credentials = Some(StaticCredentials {
-        access_key_id: "AKIDSONORATEST".into(),
-        secret_access_key: "not-a-real-secret".into(),
-        session_token: None,
-    });
-    let engine = NovaSonicEngine::connect(settings, None).await.unwrap();
-    let mut running = gateway::start(&config, Some(Arc::new(engine))).await;
+    let mut running = gateway::start(&config, Some(test_engine(&config).await)).await;
 
     // A socket let in before the trip says hello only after it.
     let mut early = running.client().await;

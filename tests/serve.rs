@@ -75,13 +75,7 @@ async fn a_pcm_conversation_gets_ready_audio_usage_latency_and_end() {
         client.send_pcm(&[100i16; 320]).await;
     }
     let frames = client.until(|f| f.is("turn_end")).await;
-    let audio: usize = frames
-        .iter()
-        .map(|f| match f {
-            Frame::Audio(s) => s.len(),
-            _ => 0,
-        })
-        .sum();
+    let audio = common::gateway::audio_samples(&frames);
     assert_eq!(audio, 24_000 / 5, "200 ms of reply at 24 kHz");
     let latency = frames
         .iter()

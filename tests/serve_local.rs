@@ -13,7 +13,7 @@ mod common;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use common::gateway::{Client, Frame, metric, start};
+use common::gateway::{Client, Frame, audio_samples, metric, start};
 use common::{folded, model_present, root, spoken};
 use serde_json::json;
 use sonora::config::Config;
@@ -61,16 +61,6 @@ fn final_text<'a>(frames: &'a [Frame], role: &str) -> Vec<&'a str> {
         .filter(|j| j["role"] == role && j["stage"] == "final")
         .map(|j| j["text"].as_str().unwrap())
         .collect()
-}
-
-fn audio_samples(frames: &[Frame]) -> usize {
-    frames
-        .iter()
-        .map(|f| match f {
-            Frame::Audio(s) => s.len(),
-            _ => 0,
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -243,6 +243,56 @@ enum Stage {
     Pcm(Box<PcmStage>),
 }
 
+/// A push demuxer of Opus packets (WebM or Ogg).
+trait OpusDemuxer {
+    const CONTAINER: &'static str;
+    fn push(&mut self, chunk: &[u8], sink: &mut dyn FnMut(Demuxed<'_>)) -> Result<(), DecodeError>;
+    fn finish(&self) -> Result<(), DecodeError>;
+}
+
+impl OpusDemuxer for WebmDemuxer {
+    const CONTAINER: &'static str = "WebM";
+    fn push(&mut self, chunk: &[u8], sink: &mut dyn FnMut(Demuxed<'_>)) -> Result<(), DecodeError> {
+        WebmDemuxer::push(self, chunk, sink)
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        WebmDemuxer::finish(self)
+    }
+}
+
+impl OpusDemuxer for OggDemuxer {
+    const CONTAINER: &'static str = "Ogg";
+    fn push(&mut self, chunk: &[u8], sink: &mut dyn FnMut(Demuxed<'_>)) -> Result<(), DecodeError> {
+        OggDemuxer::push(self, chunk, sink)
+    }
+    fn finish(&self) -> Result<(), DecodeError> {
+        OggDemuxer::finish(self)
+    }
+}
+
+/// Demuxes `chunk` and decodes its Opus packets within the stream's pace.
+fn feed_opus<D: OpusDemuxer>(
+    demux: &mut D,
+    opus: &mut Option<OpusStage>,
+    budget: &mut Option<AudioBudget>,
+    chunk: &[u8],
+    end: bool,
+    out: &mut Vec<i16>,
+    stats: &mut DecoderStats,
+) -> Result<(), DecodeError> {
+    let mut sink = OpusSink {
+        opus,
+        budget,
+        error: None,
+        container: D::CONTAINER,
+        out,
+        stats,
+    };
+    demux.push(chunk, &mut |item| sink.take(item))?;
+    sink.error.map_or(Ok(()), Err)?;
+    if end { demux.finish() } else { Ok(()) }
+}
+
 /// What the Opus sink of a demuxer works with.
 struct OpusSink<'a> {
     opus: &'a mut Option<OpusStage>,
@@ -467,32 +517,8 @@ impl StreamDecoder {
         let budget = &mut self.budget;
         match &mut self.stage {
             Stage::Sniffing(_) => Ok(()),
-            Stage::Webm(demux, opus) => {
-                let mut sink = OpusSink {
-                    opus,
-                    budget,
-                    error: None,
-                    container: "WebM",
-                    out,
-                    stats,
-                };
-                demux.push(chunk, &mut |item| sink.take(item))?;
-                sink.error.map_or(Ok(()), Err)?;
-                if end { demux.finish() } else { Ok(()) }
-            }
-            Stage::Ogg(demux, opus) => {
-                let mut sink = OpusSink {
-                    opus,
-                    budget,
-                    error: None,
-                    container: "Ogg",
-                    out,
-                    stats,
-                };
-                demux.push(chunk, &mut |item| sink.take(item))?;
-                sink.error.map_or(Ok(()), Err)?;
-                if end { demux.finish() } else { Ok(()) }
-            }
+            Stage::Webm(demux, opus) => feed_opus(demux, opus, budget, chunk, end, out, stats),
+            Stage::Ogg(demux, opus) => feed_opus(demux, opus, budget, chunk, end, out, stats),
             Stage::Pcm(pcm) => {
                 if let Some(budget) = budget {
                     budget.take(pcm.duration_us(chunk.len()))?;

@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Failure;
-use super::bench_serve::{Server, Talk, load, raise_open_files, round_trips};
+use super::bench_serve::{Server, Talk, load, on_one_thread, raise_open_files, round_trips};
 use crate::audio::crafted;
 
 #[derive(Debug, Args)]
@@ -87,11 +87,7 @@ pub(crate) fn run(args: &HostileBenchArgs) -> Result<(), Failure> {
     }
     raise_open_files((args.honest + args.hostile * 32) * 2 + 256)?;
     let mut server = Server::start(2_000, 1_000, args.honest + args.hostile * 16 + 10)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let result = runtime.block_on(measure(args, &server));
+    let result = on_one_thread(measure(args, &server));
     server.stop();
     result?;
     Ok(())

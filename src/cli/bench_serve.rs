@@ -67,13 +67,7 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
     }
     raise_open_files(args.sessions * 2 + 256)?;
     let mut server = Server::start(args.turn_ms, args.reply_ms, args.sessions + 10)?;
-    // The load generator keeps to one thread, leaving the server the rest
-    // of the machine.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let result = runtime.block_on(measure(args, &server));
+    let result = on_one_thread(measure(args, &server));
     server.stop();
     let report = result?;
     println!("{report}");
@@ -170,6 +164,18 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "server_rss_kib_per_session": per_session_rss,
         "errors": errors,
     }))
+}
+
+/// Runs the load generator on one thread, leaving the server the rest of
+/// the machine.
+pub(super) fn on_one_thread<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
 }
 
 /// Round trips of every report: how many, p50, p99 and max in ms.

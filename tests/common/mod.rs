@@ -149,6 +149,17 @@ pub mod gateway {
         }
     }
 
+    /// Reply audio samples among `frames`.
+    pub fn audio_samples(frames: &[Frame]) -> usize {
+        frames
+            .iter()
+            .map(|f| match f {
+                Frame::Audio(s) => s.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// A metric's value from the text exposition (0 when absent).
     pub fn metric(text: &str, name: &str) -> f64 {
         text.lines()
@@ -223,6 +234,11 @@ pub mod gateway {
         pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> Self {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.bind(SocketAddr::new(source, 0)).unwrap();
+            Self::over(socket, addr).await
+        }
+
+        /// The WebSocket handshake over a socket set up by the caller.
+        async fn over(socket: tokio::net::TcpSocket, addr: SocketAddr) -> Self {
             let stream = socket.connect(addr).await.unwrap();
             let (ws, _) = tokio_tungstenite::client_async(
                 format!("ws://{addr}/ws"),
@@ -238,14 +254,7 @@ pub mod gateway {
         pub async fn connect_small(addr: SocketAddr) -> Self {
             let socket = tokio::net::TcpSocket::new_v4().unwrap();
             socket.set_recv_buffer_size(4096).unwrap();
-            let stream = socket.connect(addr).await.unwrap();
-            let (ws, _) = tokio_tungstenite::client_async(
-                format!("ws://{addr}/ws"),
-                MaybeTlsStream::Plain(stream),
-            )
-            .await
-            .unwrap();
-            Self { ws }
+            Self::over(socket, addr).await
         }
 
         pub async fn send_json(&mut self, value: Value) {
