@@ -52,14 +52,15 @@ pub fn frames(data: &[u8]) {
             return;
         };
         let decoder = StreamDecoder::new(Some(audio), limits.decoder);
-        let mut handle = Conversation::spawn(session, Some(decoder), limits);
+        let handle = Conversation::spawn(session, Some(decoder), limits);
+        let (input, mut output, counters) = (handle.input, handle.output, handle.counters);
         let started = Instant::now();
         let mut outputs = Vec::new();
         while let [op, len, tail @ ..] = rest {
             let len = usize::from(*len).min(tail.len());
             let (payload, next) = tail.split_at(len);
             rest = next;
-            let input = match op & 3 {
+            let item = match op & 3 {
                 0 => match protocol::parse_client(&String::from_utf8_lossy(payload)) {
                     Ok(ClientMessage::Text(text)) => Some(ClientInput::Text(text)),
                     Ok(ClientMessage::ToolResult { id, result }) => {
@@ -76,24 +77,27 @@ pub fn frames(data: &[u8]) {
                         .collect(),
                 )),
                 _ => {
-                    while let Ok(output) = handle.output.try_recv() {
-                        outputs.push(output);
+                    while let Ok(item) = output.try_recv() {
+                        outputs.push(item);
                     }
                     None
                 }
             };
-            if let Some(input) = input {
+            if let Some(item) = item {
                 // A conversation that ended takes no more input.
-                let sent = tokio::time::timeout(Duration::from_secs(5), handle.input.send(input));
+                let sent = tokio::time::timeout(Duration::from_secs(5), input.send(item));
                 if !matches!(sent.await, Ok(Ok(()))) {
                     break;
                 }
             }
         }
-        let _ = handle.input.try_send(ClientInput::Stop);
+        // Stop, or (when its input is full) the client going away: the
+        // same for the conversation.
+        let _ = input.try_send(ClientInput::Stop);
+        drop(input);
         let ended = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(output) = handle.output.recv().await {
-                outputs.push(output);
+            while let Some(item) = output.recv().await {
+                outputs.push(item);
             }
         })
         .await;
@@ -105,7 +109,7 @@ pub fn frames(data: &[u8]) {
         assert_eq!(closed, 1, "exactly one Closed");
         assert!(matches!(outputs.last(), Some(ClientOutput::Closed { .. })));
         let wall_ms = started.elapsed().as_millis() as u64;
-        let audio_ms = handle.counters.snapshot().audio_in_ms;
+        let audio_ms = counters.snapshot().audio_in_ms;
         let allowed_ms =
             u64::from(pace.burst_ms) + wall_ms * u64::from(pace.speed_permille) / 1000 + 120;
         let direct_pcm_ms = data.len() as u64 / 32 + 1;
