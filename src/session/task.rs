@@ -8,6 +8,9 @@
 //! client input last, so a burst from the client is queued, and trimmed, as
 //! a whole before it goes out.
 
+mod decode;
+mod watchdog;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +24,7 @@ use super::{
     ClientInput, ClientOutput, CloseReason, ConversationSummary, Counters, ENGINE_LINGER_MS,
     Queued, SessionLimits,
 };
-use crate::audio::{AudioFormat, DecodeError, StreamDecoder};
+use crate::audio::StreamDecoder;
 use crate::engine::{EngineEvent, EngineInput, EngineSession, ErrorKind};
 use crate::usage::UsageDelta;
 
@@ -324,81 +327,6 @@ impl Task {
 }
 
 impl State {
-    fn next_deadline(&self) -> Option<Instant> {
-        let limits = &self.limits;
-        let mut deadline = None;
-        if let Some(since) = self.send_waiting_since {
-            if !self.stall_counted {
-                deadline = earliest(deadline, after(since, limits.engine_send_timeout_ms));
-            }
-            deadline = earliest(deadline, after(since, limits.uplink_queue_ms));
-        }
-        if let Some(closing) = &self.closing {
-            return earliest(deadline, closing.deadline);
-        }
-        if let Some(starving) = &self.starving {
-            deadline = earliest(deadline, after(starving.since, limits.no_audio_timeout_ms));
-        }
-        deadline = earliest(deadline, self.ends_at);
-        earliest(deadline, after(self.last_activity, limits.idle_timeout_ms))
-    }
-
-    fn on_timer(&mut self, now: Instant) -> Option<Ending> {
-        let limits = self.limits;
-        if let Some(since) = self.send_waiting_since {
-            if now >= after(since, limits.uplink_queue_ms) {
-                let message = format!(
-                    "the engine accepted no input for {} ms ({} ms of audio waiting)",
-                    now.duration_since(since).as_millis(),
-                    self.uplink.queued_ms()
-                );
-                return Ending::new(CloseReason::EngineStalled, message);
-            }
-            if !self.stall_counted && now >= after(since, limits.engine_send_timeout_ms) {
-                self.stall_counted = true;
-                self.counters.add_engine_send_stall();
-                let message = format!(
-                    "the engine has not accepted input for {} ms",
-                    limits.engine_send_timeout_ms
-                );
-                if let Some(ending) = self.warn("engine_stall", message) {
-                    return Some(ending);
-                }
-            }
-        }
-        if let Some(closing) = &self.closing {
-            if now >= closing.deadline {
-                let extra = format!(
-                    "the engine did not close within {} ms",
-                    limits.close_grace_ms
-                );
-                return closing.end(Some(extra));
-            }
-            return None;
-        }
-        if let Some(starving) = &self.starving
-            && now >= after(starving.since, limits.no_audio_timeout_ms)
-        {
-            let message = format!(
-                "no audio decoded from the last {} bytes received over {} ms",
-                starving.bytes,
-                now.duration_since(starving.since).as_millis()
-            );
-            return Ending::new(CloseReason::NoAudio, message);
-        }
-        if now >= self.ends_at {
-            return self.begin_close(CloseReason::MaxDuration, now);
-        }
-        if now >= after(self.last_activity, limits.idle_timeout_ms) {
-            let message = format!(
-                "no speech or text from the client for {} ms",
-                limits.idle_timeout_ms
-            );
-            return Ending::new(CloseReason::Idle, message);
-        }
-        None
-    }
-
     async fn on_input(&mut self, input: ClientInput, now: Instant) -> Option<Ending> {
         match input {
             ClientInput::Audio(bytes) => self.on_audio(bytes, now).await,
@@ -412,88 +340,6 @@ impl State {
                 self.queue_message(EngineInput::ToolResult { id, json }, now)
             }
             ClientInput::Stop => self.begin_close(CloseReason::ClientStopped, now),
-        }
-    }
-
-    async fn on_audio(&mut self, bytes: Vec<u8>, now: Instant) -> Option<Ending> {
-        if self.decoder.is_none() {
-            self.counters.add_chunk_refused();
-            let message = format!(
-                "audio chunk of {} bytes refused: this conversation takes only PCM",
-                bytes.len()
-            );
-            return self.warn("chunk_refused", message);
-        }
-        if bytes.is_empty() {
-            return None;
-        }
-        let chunk_bytes = bytes.len() as u64;
-        let mut pcm = std::mem::take(&mut self.pcm);
-        let result = match self.decode(bytes, &mut pcm).await {
-            Ok(result) => result,
-            Err(ending) => return ending,
-        };
-        if let Some(decoder) = &self.decoder {
-            self.counters.set_decoder(decoder.stats());
-        }
-        let produced = !pcm.is_empty();
-        // PCM decoded before a fatal error still counts, as the stream's end.
-        let ending = self.accept_pcm(&pcm, now);
-        pcm.clear();
-        self.pcm = pcm;
-        if ending.is_some() {
-            return ending;
-        }
-        match result {
-            Ok(()) => {
-                if !produced {
-                    let starving = self.starving.get_or_insert(Starving {
-                        since: now,
-                        bytes: 0,
-                    });
-                    starving.bytes += chunk_bytes;
-                }
-                None
-            }
-            Err(e @ DecodeError::ChunkRefused { .. }) => {
-                self.counters.add_chunk_refused();
-                self.warn("chunk_refused", e.to_string())
-            }
-            Err(e) => Ending::new(CloseReason::BadAudio, e.to_string()),
-        }
-    }
-
-    /// Pushes one chunk into the decoder, on a blocking thread when it is
-    /// big. The outer error ends the conversation (the decoder panicked).
-    async fn decode(
-        &mut self,
-        bytes: Vec<u8>,
-        pcm: &mut Vec<i16>,
-    ) -> Result<Result<(), DecodeError>, Option<Ending>> {
-        let Some(mut decoder) = self.decoder.take() else {
-            return Ok(Ok(()));
-        };
-        let raw_pcm = matches!(decoder.declared(), Some(AudioFormat::Pcm16 { .. }));
-        if raw_pcm && bytes.len() < BLOCKING_PCM_BYTES {
-            let result = decoder.push(&bytes, pcm);
-            self.decoder = Some(decoder);
-            return Ok(result);
-        }
-        let mut out = std::mem::take(pcm);
-        let job = tokio::task::spawn_blocking(move || {
-            let result = decoder.push(&bytes, &mut out);
-            (decoder, out, result)
-        });
-        match job.await {
-            Ok((decoder, out, result)) => {
-                self.decoder = Some(decoder);
-                *pcm = out;
-                Ok(result)
-            }
-            Err(e) => Err(Ending::new(
-                CloseReason::BadAudio,
-                format!("the audio decoder failed: {e}"),
-            )),
         }
     }
 }
