@@ -1,0 +1,134 @@
+//! The start of a `/ws` connection: waiting for a valid `hello` (timeout,
+//! shutdown, oversized or early frames) and checking its token and voice.
+
+use axum::extract::ws::Message;
+use tokio::time::{Duration, Instant, sleep_until};
+
+use super::super::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
+use super::{CLOSE_GOING_AWAY, CLOSE_POLICY, Connection, shutting_down};
+
+impl Connection {
+    /// Reads until a valid `hello`; errors in between are reported and the
+    /// client may try again. `None` when the connection ends instead.
+    pub(super) async fn await_hello(&mut self) -> Option<Hello> {
+        let hello_ms = u64::from(self.shared.config.server.hello_timeout_ms);
+        let deadline = Instant::now() + Duration::from_millis(hello_ms);
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            let frame = tokio::select! {
+                frame = self.socket.recv() => frame,
+                () = sleep_until(deadline) => {
+                    let message = format!("no hello within {hello_ms} ms");
+                    let error = ProtocolError::new(ErrorCode::HelloTimeout, message.clone());
+                    self.send_error(&error, true).await;
+                    self.close(CLOSE_POLICY, &message).await;
+                    return None;
+                }
+                () = shutting_down(&mut shutdown) => {
+                    self.close(CLOSE_GOING_AWAY, "the server is shutting down").await;
+                    return None;
+                }
+            };
+            if !self.size_ok(&frame).await {
+                return None;
+            }
+            let text = match frame {
+                Some(Ok(Message::Text(text))) => text,
+                Some(Ok(Message::Binary(bytes))) => {
+                    let message = format!(
+                        "{} bytes of audio before hello were dropped: send hello first",
+                        bytes.len()
+                    );
+                    let error = ProtocolError::new(ErrorCode::HelloFirst, message);
+                    if !self.send_error(&error, false).await {
+                        return None;
+                    }
+                    continue;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_))) | None => return None,
+                Some(Err(e)) => {
+                    self.read_failed(&e).await;
+                    return None;
+                }
+            };
+            let error = match protocol::parse_client(&text) {
+                Ok(ClientMessage::Hello(hello)) => match self.admit(&hello) {
+                    Ok(()) => return Some(hello),
+                    Err(error) if error.code == ErrorCode::Unauthorized => {
+                        self.shared
+                            .metrics
+                            .refused(super::super::metrics::Refusal::Unauthorized);
+                        self.send_error(&error, true).await;
+                        self.close(CLOSE_POLICY, "unauthorized").await;
+                        return None;
+                    }
+                    Err(error) => error,
+                },
+                Ok(_) => ProtocolError::new(
+                    ErrorCode::HelloFirst,
+                    "send hello before text, tool results or stop",
+                ),
+                Err(error) => error,
+            };
+            if !self.send_error(&error, false).await {
+                return None;
+            }
+        }
+    }
+
+    /// Checks the token and the voice of a hello.
+    fn admit(&self, hello: &Hello) -> Result<(), ProtocolError> {
+        let tokens = &self.shared.config.server.auth_tokens;
+        if tokens.is_empty() || tokens.iter().any(|t| constant_time_eq(t, &hello.token)) {
+            if hello.voice.is_empty() {
+                return Ok(());
+            }
+            let voices = self
+                .shared
+                .engine
+                .get()
+                .map(|e| e.voices())
+                .unwrap_or_default();
+            if voices.is_empty() || voices.iter().any(|v| v.id == hello.voice) {
+                return Ok(());
+            }
+            let known: Vec<&str> = voices.iter().map(|v| v.id.as_str()).collect();
+            let message = format!(
+                "voice {:?} is not offered; choose one of {} or leave it empty",
+                hello.voice,
+                known.join(", ")
+            );
+            return Err(ProtocolError::new(ErrorCode::UnknownVoice, message));
+        }
+        let message = if hello.token.is_empty() {
+            "this server needs a token in hello"
+        } else {
+            "the token in hello is not valid"
+        };
+        Err(ProtocolError::new(ErrorCode::Unauthorized, message))
+    }
+}
+
+/// Compares secrets without stopping at the first difference.
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq("abc", "abc"));
+        assert!(!constant_time_eq("abc", "abd"));
+        assert!(!constant_time_eq("abc", "ab"));
+        assert!(!constant_time_eq("", "a"));
+    }
+}
