@@ -4,6 +4,7 @@
 //! - [`config`]: typed configuration from defaults, a TOML file, `SONORA_*` variables and flags.
 //! - [`audio`]: `StreamDecoder` (sniff, WebM/Ogg demux, Opus decode, PCM resampling), WAV files.
 //! - [`engine`]: the `Engine` trait, `EngineInput` / `EngineEvent`, and the engines.
+//! - [`knowledge`]: the FAQ knowledge base (Markdown files, BM25 retrieval, answer policy).
 //! - [`tools`]: the tools an engine offers its model: knowledge search, date and time, HTTP calls.
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
@@ -17,6 +18,7 @@ pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod knowledge;
 pub mod redact;
 pub mod server;
 pub mod session;

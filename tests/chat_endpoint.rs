@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use sonora::engine::Role;
 use sonora::engine::local::chat::{ChatClient, ChatConfig};
-use sonora::engine::local::knowledge::KnowledgeBase;
+use sonora::knowledge::KnowledgeBase;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

@@ -6,7 +6,7 @@ use std::process::Command;
 use super::Failure;
 use crate::config::Config;
 use crate::engine::local::asr::MODEL_FILES;
-use crate::engine::local::knowledge::KnowledgeBase;
+use crate::knowledge::KnowledgeBase;
 
 struct Check {
     name: &'static str,

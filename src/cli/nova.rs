@@ -8,8 +8,8 @@ use anyhow::anyhow;
 use clap::Args;
 
 use crate::config::Config;
-use crate::engine::local::knowledge::KnowledgeBase;
 use crate::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings};
+use crate::knowledge::KnowledgeBase;
 use crate::tools::Tools;
 
 #[derive(Debug, Args)]

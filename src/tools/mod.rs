@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::engine::local::knowledge::KnowledgeBase;
+use crate::knowledge::KnowledgeBase;
 
 /// Name of the knowledge-base search tool.
 pub const SEARCH_KNOWLEDGE: &str = "search_knowledge";
@@ -330,7 +330,8 @@ async fn search(knowledge: Arc<KnowledgeBase>, arguments: &Value) -> Result<Valu
             "{SEARCH_KNOWLEDGE}: the query is longer than {MAX_QUERY_CHARS} characters"
         ));
     }
-    let answers = tokio::task::spawn_blocking(move || knowledge.search(&query, SEARCH_LIMIT))
+    let answers = knowledge
+        .search_blocking(query, SEARCH_LIMIT)
         .await
         .map_err(|e| format!("{SEARCH_KNOWLEDGE}: the search failed: {e}"))?;
     if answers.is_empty() {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::knowledge::KnowledgeBase;
 use crate::engine::Role;
+use crate::knowledge::KnowledgeBase;
 
 /// Where and how to reach the chat endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,6 @@
 
 pub mod asr;
 pub mod chat;
-pub mod knowledge;
 mod reply;
 pub mod tts;
 pub mod vad;
@@ -23,7 +22,6 @@ use tokio::task::JoinHandle;
 
 use self::asr::{Asr, AsrConfig};
 use self::chat::{ChatClient, ChatConfig};
-use self::knowledge::KnowledgeBase;
 use self::reply::{
     EarlyRecognition, History, ReplyJob, ReplyProgress, Turn, TurnInput, recognise, remember,
 };
@@ -34,6 +32,7 @@ use super::{
     Voice,
 };
 use crate::config::LocalConfig;
+use crate::knowledge::KnowledgeBase;
 use crate::usage::UsageDelta;
 
 const SAMPLES_PER_MS: u64 = 16;
@@ -50,7 +49,7 @@ struct Shared {
     /// One recognition at a time: each uses every core, so two at once
     /// only make both late.
     asr_gate: Arc<tokio::sync::Semaphore>,
-    knowledge: KnowledgeBase,
+    knowledge: Arc<KnowledgeBase>,
     tts: TtsConfig,
     vad: VadConfig,
     chat: Option<ChatClient>,
@@ -112,7 +111,8 @@ impl LocalEngine {
     /// Loads the speech model and the knowledge base (blocking: call it at
     /// start-up, or on the blocking pool).
     pub fn load(settings: &LocalSettings) -> Result<Self, String> {
-        let knowledge = KnowledgeBase::load(&settings.knowledge_dir).map_err(|e| e.to_string())?;
+        let knowledge =
+            Arc::new(KnowledgeBase::load(&settings.knowledge_dir).map_err(|e| e.to_string())?);
         let chat = settings.chat.clone().map(ChatClient::new).transpose()?;
         let asr = Asr::load(&settings.model_dir, settings.asr)?;
         let model = settings.model_dir.file_name().map_or_else(

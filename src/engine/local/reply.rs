@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::knowledge::Reply;
 use super::{Shared, tts};
 use crate::engine::{EngineEvent, ErrorKind, Pcm, Role, Stage, TurnEndReason};
+use crate::knowledge::Reply;
 use crate::usage::UsageDelta;
 
 /// Recognition started before the end of the turn; `None` when it was
@@ -152,12 +152,18 @@ impl ReplyJob {
     /// The chat endpoint's answer when one is configured and answers in
     /// time; else (and then with a transient error event) the knowledge base's.
     async fn answer(&self, heard: &str) -> Result<String, String> {
-        let from_knowledge = || match self.shared.knowledge.answer(heard, &self.language) {
-            Reply::Found(answer) => answer.text,
-            Reply::NotFound { text } => text,
+        let from_knowledge = || async {
+            let reply = Arc::clone(&self.shared.knowledge)
+                .answer_blocking(heard.to_owned(), self.language.clone())
+                .await
+                .map_err(|e| format!("the knowledge search stopped: {e}"))?;
+            Ok::<_, String>(match reply {
+                Reply::Found(answer) => answer.text,
+                Reply::NotFound { text } => text,
+            })
         };
         let Some(chat) = &self.shared.chat else {
-            return Ok(from_knowledge());
+            return from_knowledge().await;
         };
         let history: Vec<(Role, String)> = self
             .history
@@ -175,7 +181,7 @@ impl ReplyJob {
                     message: format!("{message}; answering from the knowledge base"),
                 })
                 .await?;
-                Ok(from_knowledge())
+                from_knowledge().await
             }
         }
     }

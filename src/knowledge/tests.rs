@@ -1,3 +1,7 @@
+use std::fs;
+use std::path::Path;
+
+use super::text::{one_edit_apart, stem, tokenize};
 use super::*;
 
 fn example() -> KnowledgeBase {
@@ -171,15 +175,15 @@ fn near_matches_cover_small_recognition_errors() {
     assert!(!one_edit_apart(&c("xatricula"), &c("matricula")));
     let kb = example();
     assert_eq!(
-        kb.near_term("bibloteca").map(String::as_str),
+        kb.index.near_term("bibloteca").map(String::as_str),
         Some("biblioteca")
     );
     assert_eq!(
-        kb.near_term("matriculo").map(String::as_str),
+        kb.index.near_term("matriculo").map(String::as_str),
         Some("matricula")
     );
-    assert_eq!(kb.near_term("futbol"), None);
-    assert_eq!(kb.near_term("pase"), None);
+    assert_eq!(kb.index.near_term("futbol"), None);
+    assert_eq!(kb.index.near_term("pase"), None);
 }
 
 /// One distinctive word is not enough when the question is about
