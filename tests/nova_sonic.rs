@@ -19,7 +19,8 @@ use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCrede
 use sonora::engine::{
     ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
 };
-use sonora::tools::{Tools, ToolsConfig};
+use sonora::config::ToolsConfig;
+use sonora::tools::Tools;
 use sonora::usage::PriceTable;
 use tokio::sync::mpsc;
 

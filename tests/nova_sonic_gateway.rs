@@ -223,7 +223,7 @@ async fn throttling_makes_the_gateway_refuse_new_conversations_with_1013_engine_
     // Long enough for the refusals below on a loaded machine.
     config.nova_sonic.breaker_cooldown_ms = 15_000;
     config.server.hello_timeout_ms = 60_000;
-    config.validate().unwrap();
+    config.validate(&sonora::cli::SETTING_CHECKS).unwrap();
     let mut running = gateway::start(&config, Some(test_engine(&config).await)).await;
 
     // A socket let in before the trip says hello only after it.

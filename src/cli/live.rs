@@ -94,7 +94,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let engine = super::talk::load_engine(config, &runtime)?;
+    let engine = runtime.block_on(super::engines::load(config))?.engine;
     let devices = Devices {
         mic_rate_hz: mic_config.sample_rate(),
         out_rate_hz: out_config.sample_rate(),

@@ -6,6 +6,7 @@ mod bench_local;
 mod bench_serve;
 mod decode;
 mod doctor;
+mod engines;
 mod live;
 mod nova;
 mod serve;
@@ -17,6 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, LoadOptions};
+use crate::{server, tools};
 
 /// Sonora, a real-time voice gateway.
 #[derive(Debug, Parser)]
@@ -58,6 +60,10 @@ enum ConfigCommand {
     /// List every setting with its environment variable and default.
     Keys,
 }
+
+/// The checks of the sections whose rules belong to their owners: the
+/// server's addresses, host names and origins, and the tools.
+pub const SETTING_CHECKS: [config::Check; 2] = [server::check_settings, tools::check_settings];
 
 /// A failure that decides the exit code.
 #[derive(Debug)]
@@ -116,12 +122,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let load = |extra: Vec<(String, String)>| -> Result<Config, Failure> {
         let mut all = overrides.clone();
         all.extend(extra);
-        Ok(config::load(&LoadOptions {
+        let options = LoadOptions {
             file: cli.config.clone(),
             default_file: PathBuf::from("sonora.toml"),
             env: std::env::vars().collect(),
             overrides: all,
-        })?)
+        };
+        Ok(config::load(&options, &SETTING_CHECKS)?)
     };
     match cli.command {
         Command::Serve(args) => serve::run(&load(args.overrides())?, &args),

@@ -6,10 +6,9 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use tokio::net::TcpListener;
 
-use super::Failure;
+use super::{Failure, engines};
 use crate::config::{Config, EngineKind};
 use crate::engine::Engine;
-use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::scripted::ScriptedEngine;
 use crate::server::Server;
 
@@ -109,26 +108,23 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
             server.set_engine(engine).map_err(|e| anyhow!(e))?;
         }
         None if config.engine.kind == EngineKind::NovaSonic => {
-            let engine = super::nova::engine(config).await?;
-            server
-                .set_engine(Arc::new(engine))
-                .map_err(|e| anyhow!(e))?;
+            let loaded = engines::load(config).await?;
+            server.set_engine(loaded.engine).map_err(|e| anyhow!(e))?;
             eprintln!("sonora: ready — open http://{bound}");
         }
         None => {
-            let settings = LocalSettings::from_config(&config.local);
-            let loading = server.clone();
+            // The page is served while the speech model loads.
+            let (loading, config) = (server.clone(), config.clone());
             eprintln!("sonora: loading the local engine…");
-            tokio::task::spawn_blocking(move || match LocalEngine::load(&settings) {
-                Ok(engine) => {
-                    eprintln!(
-                        "sonora: ready — open http://{bound} ({} knowledge entries)",
-                        engine.knowledge_entries()
-                    );
-                    let _ = loading.set_engine(Arc::new(engine));
-                }
-                Err(e) => {
-                    let _ = failed_tx.try_send(e.to_string());
+            tokio::spawn(async move {
+                match engines::load(&config).await {
+                    Ok(loaded) => {
+                        eprintln!("sonora: ready — open http://{bound} ({})", loaded.about);
+                        let _ = loading.set_engine(loaded.engine);
+                    }
+                    Err(e) => {
+                        let _ = failed_tx.try_send(format!("{e:#}"));
+                    }
                 }
             });
         }

@@ -12,7 +12,6 @@ use clap::Args;
 use super::Failure;
 use crate::audio::{self, OUTPUT_RATE_HZ, StreamResampler};
 use crate::config::{Config, EngineKind};
-use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, Role, Stage};
 use crate::session::{
     ClientInput, ClientOutput, CloseReason, Conversation, ConversationSummary, SessionLimits,
@@ -85,7 +84,7 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let engine = load_engine(config, &runtime)?;
+    let engine = runtime.block_on(super::engines::load(config))?.engine;
     let summary = runtime.block_on(converse(config, args, engine.as_ref(), speech))?;
     println!("{summary}");
     match summary["close"].as_str() {
@@ -96,22 +95,6 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         )
         .into()),
     }
-}
-
-/// The configured engine (the local one loads its models here).
-pub(crate) fn load_engine(
-    config: &Config,
-    runtime: &tokio::runtime::Runtime,
-) -> anyhow::Result<std::sync::Arc<dyn Engine>> {
-    Ok(match config.engine.kind {
-        EngineKind::Local => {
-            let settings = LocalSettings::from_config(&config.local);
-            std::sync::Arc::new(LocalEngine::load(&settings).map_err(|e| anyhow!(e))?)
-        }
-        EngineKind::NovaSonic => {
-            std::sync::Arc::new(runtime.block_on(super::nova::engine(config))?)
-        }
-    })
 }
 
 fn to_16k_mono(wav: &audio::wav::WavAudio) -> anyhow::Result<Vec<i16>> {

@@ -22,7 +22,7 @@ pub struct Config {
     /// Amazon Nova Sonic (section, no unit).
     pub nova_sonic: NovaSonicConfig,
     /// Tools a speech model may call (section, no unit).
-    pub tools: crate::tools::ToolsConfig,
+    pub tools: ToolsConfig,
 }
 
 /// Amazon Nova Sonic over Bedrock's bidirectional stream. Credentials come
@@ -266,7 +266,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             local: LocalConfig::default(),
             nova_sonic: NovaSonicConfig::default(),
-            tools: crate::tools::ToolsConfig::default(),
+            tools: ToolsConfig::default(),
         }
     }
 }
@@ -318,4 +318,44 @@ impl Default for ServerConfig {
             metrics_listen: String::new(),
         }
     }
+}
+
+/// Configuration of the tools, deserialised from the `[tools]` TOML section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ToolsConfig {
+    /// Offer the knowledge-base search tool (no unit).
+    pub knowledge: bool,
+    /// IANA time zone of the date/time tool, e.g. `America/Lima` (no unit).
+    pub time_zone: String,
+    /// Longest wait for one tool call, in milliseconds.
+    pub timeout_ms: u32,
+    /// HTTP tools: Sonora POSTs the call's arguments as JSON to `url` and
+    /// returns the JSON reply.
+    pub http: Vec<HttpToolConfig>,
+}
+
+impl Default for ToolsConfig {
+    fn default() -> Self {
+        Self {
+            knowledge: true,
+            time_zone: "America/Lima".to_owned(),
+            timeout_ms: 5_000,
+            http: Vec::new(),
+        }
+    }
+}
+
+/// One HTTP tool (`[[tools.http]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToolConfig {
+    /// Name the model calls it by: 1 to 64 of `A-Z a-z 0-9 _ -`.
+    pub name: String,
+    /// What it does and when to use it, for the model.
+    pub description: String,
+    /// JSON Schema of the arguments, as a JSON string holding an object.
+    pub schema: String,
+    /// `http://` or `https://` URL the arguments are POSTed to.
+    pub url: String,
 }

@@ -39,6 +39,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::session::SessionLimits;
 use clients::{ClientPermit, Clients};
+pub use net::check_settings;
 use net::{Hosts, IpNet};
 
 pub use metrics::Metrics;

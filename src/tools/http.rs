@@ -5,7 +5,8 @@
 
 use serde_json::{Value, json};
 
-use super::{HttpToolConfig, MAX_REPLY_BYTES, ToolError, ToolSpec};
+use super::{MAX_REPLY_BYTES, ToolError, ToolSpec};
+use crate::config::{HttpToolConfig, SettingError};
 
 /// Longest piece of an error reply's body quoted to the model, in characters.
 const ERROR_BODY_CHARS: usize = 200;
@@ -29,11 +30,14 @@ impl HttpTools {
     pub(super) fn new(configs: &[HttpToolConfig]) -> Result<Self, ToolError> {
         let mut tools = Vec::with_capacity(configs.len());
         for (index, config) in configs.iter().enumerate() {
-            let invalid = |field: &str, e: &dyn std::fmt::Display| {
-                ToolError::Config(format!("tools.http[{index}].{field}: {e}"))
+            let invalid = |field: &str, value: &str, e: &dyn std::fmt::Display| {
+                let key = format!("tools.http[{index}].{field}");
+                ToolError::Config(SettingError::new(key, value, e.to_string()))
             };
-            let schema = serde_json::from_str(&config.schema).map_err(|e| invalid("schema", &e))?;
-            let url = reqwest::Url::parse(&config.url).map_err(|e| invalid("url", &e))?;
+            let schema = serde_json::from_str(&config.schema)
+                .map_err(|e| invalid("schema", &config.schema, &e))?;
+            let url =
+                reqwest::Url::parse(&config.url).map_err(|e| invalid("url", &config.url, &e))?;
             let spec = ToolSpec {
                 name: config.name.clone(),
                 description: config.description.clone(),

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::config::{Config, SettingError, ToolsConfig};
 use crate::knowledge::KnowledgeBase;
 
 /// Name of the knowledge-base search tool.
@@ -38,68 +38,36 @@ const TIMEOUT_RANGE_MS: std::ops::RangeInclusive<u32> = 100..=120_000;
 /// Longest configured value quoted in a validation error, in characters.
 const QUOTE_CHARS: usize = 80;
 
-/// Configuration of the tools, deserialised from the `[tools]` TOML section.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ToolsConfig {
-    /// Offer the knowledge-base search tool (no unit).
-    pub knowledge: bool,
-    /// IANA time zone of the date/time tool, e.g. `America/Lima` (no unit).
-    pub time_zone: String,
-    /// Longest wait for one tool call, in milliseconds.
-    pub timeout_ms: u32,
-    /// HTTP tools: Sonora POSTs the call's arguments as JSON to `url` and
-    /// returns the JSON reply.
-    pub http: Vec<HttpToolConfig>,
-}
-
-impl Default for ToolsConfig {
-    fn default() -> Self {
-        Self {
-            knowledge: true,
-            time_zone: "America/Lima".to_owned(),
-            timeout_ms: 5_000,
-            http: Vec::new(),
-        }
-    }
-}
-
-/// One HTTP tool (`[[tools.http]]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpToolConfig {
-    /// Name the model calls it by: 1 to 64 of `A-Z a-z 0-9 _ -`.
-    pub name: String,
-    /// What it does and when to use it, for the model.
-    pub description: String,
-    /// JSON Schema of the arguments, as a JSON string holding an object.
-    pub schema: String,
-    /// `http://` or `https://` URL the arguments are POSTed to.
-    pub url: String,
-}
-
 impl ToolsConfig {
     /// Checks names, schemas, URLs, the time zone and the timeout. The error
     /// names the bad entry, e.g. `tools.http[1].url = "ftp://x": not an
     /// http(s) URL` (`http` indices count from 0).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         if !TIMEOUT_RANGE_MS.contains(&self.timeout_ms) {
             let (min, max) = (TIMEOUT_RANGE_MS.start(), TIMEOUT_RANGE_MS.end());
-            return Err(format!(
-                "tools.timeout_ms = {}: must be between {min} and {max} ms",
-                self.timeout_ms
+            let reason = format!("must be between {min} and {max} ms");
+            return Err(SettingError::new(
+                "tools.timeout_ms",
+                self.timeout_ms.to_string(),
+                reason,
             ));
         }
         if let Err(e) = jiff::tz::TimeZone::get(&self.time_zone) {
-            return Err(format!(
-                "tools.time_zone = {}: not a known IANA time zone like America/Lima ({e})",
-                quoted(&self.time_zone)
+            let reason = format!("not a known IANA time zone like America/Lima ({e})");
+            return Err(SettingError::new(
+                "tools.time_zone",
+                quoted(&self.time_zone),
+                reason,
             ));
         }
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (index, tool) in self.http.iter().enumerate() {
             let bad = |field: &str, value: &str, reason: &str| {
-                format!("tools.http[{index}].{field} = {}: {reason}", quoted(value))
+                SettingError::new(
+                    format!("tools.http[{index}].{field}"),
+                    quoted(value),
+                    reason,
+                )
             };
             let name = tool.name.as_str();
             let name_ok = name
@@ -141,6 +109,11 @@ impl ToolsConfig {
     }
 }
 
+/// The `[tools]` section's check, run when the configuration is loaded.
+pub fn check_settings(config: &Config) -> Result<(), SettingError> {
+    config.tools.validate()
+}
+
 /// `text` as a JSON string, shortened to [`QUOTE_CHARS`] characters.
 fn quoted(text: &str) -> String {
     if text.chars().count() <= QUOTE_CHARS {
@@ -168,7 +141,7 @@ pub enum ToolError {
     /// The configuration breaks a rule of [`ToolsConfig::validate`]. The
     /// caller reports it and stops at start-up.
     #[error("{0}")]
-    Config(String),
+    Config(SettingError),
     /// The HTTP client for the HTTP tools cannot be built (no TLS backend).
     /// The caller reports it and stops at start-up, or runs without HTTP tools.
     #[error("cannot build the HTTP client for the HTTP tools: {0}")]
@@ -202,8 +175,10 @@ impl Tools {
         knowledge: Option<Arc<KnowledgeBase>>,
     ) -> Result<Self, ToolError> {
         config.validate().map_err(ToolError::Config)?;
-        let time_zone = jiff::tz::TimeZone::get(&config.time_zone)
-            .map_err(|e| ToolError::Config(format!("tools.time_zone: {e}")))?;
+        let time_zone = jiff::tz::TimeZone::get(&config.time_zone).map_err(|e| {
+            let value = quoted(&config.time_zone);
+            ToolError::Config(SettingError::new("tools.time_zone", value, e.to_string()))
+        })?;
         let timeout = Duration::from_millis(config.timeout_ms.into());
         let knowledge = knowledge.filter(|_| config.knowledge);
         let mut specs = Vec::new();
