@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use bedrock::{Endpoint, Fail, Script, ToolStep, Turn};
 use serde_json::json;
 use sonora::config::NovaSonicConfig;
+use sonora::config::ToolsConfig;
 use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
 use sonora::engine::{
     ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
 };
-use sonora::config::ToolsConfig;
 use sonora::tools::Tools;
 use sonora::usage::PriceTable;
 use tokio::sync::mpsc;
