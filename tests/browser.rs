@@ -316,7 +316,7 @@ fn tone_frame() -> EngineEvent {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_shows_a_tool_call_and_an_engine_hand_off() {
+async fn chromium_shows_a_tool_call_an_engine_hand_off_and_a_barge_in() {
     let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
     if let Err(missing) = browser_present() {
         assert!(!required, "the browser test cannot run: {missing}");
@@ -357,6 +357,21 @@ async fn chromium_shows_a_tool_call_and_an_engine_hand_off() {
     script.push(Step::Emit(EngineEvent::TurnEnd {
         turn_id: 1,
         reason: TurnEndReason::Completed,
+    }));
+    // A second reply, cut short by the user (barge-in) once it started.
+    script.push(Step::Sleep(Duration::from_secs(1)));
+    script.push(Step::Emit(EngineEvent::Transcript {
+        role: Role::Assistant,
+        text: "Y además, la cafetería abre a las siete.".into(),
+        stage: Stage::Final,
+        turn_id: 2,
+    }));
+    script.extend((0..30).map(|_| Step::Emit(tone_frame())));
+    script.push(Step::Sleep(Duration::from_millis(300)));
+    script.push(Step::Emit(EngineEvent::Interrupted { turn_id: 2 }));
+    script.push(Step::Emit(EngineEvent::TurnEnd {
+        turn_id: 2,
+        reason: TurnEndReason::Interrupted,
     }));
     let engine = ScriptedEngine::new(script);
     let gateway = start(&Config::default(), Some(Arc::new(engine.clone()))).await;
@@ -420,6 +435,19 @@ async fn chromium_shows_a_tool_call_and_an_engine_hand_off() {
     };
     assert_eq!(id, "call-7");
     assert_eq!(answer["error"], "unavailable");
+
+    // The second reply was cut: marked so, and its unplayed audio dropped
+    // (3 s of it arrived; about 0.3 s played before `interrupted`).
+    let lines = result["transcript"].as_array().unwrap();
+    let cut: Vec<_> = lines.iter().filter(|l| l["cut"] == true).collect();
+    assert_eq!(cut.len(), 1, "{result:#}");
+    assert!(cut[0]["text"].as_str().unwrap().contains("cafetería"));
+    assert_eq!(cut[0]["mark"], "interrupted", "{result:#}");
+    let received = result["receivedSamples"].as_f64().unwrap();
+    assert!(
+        result["playedSamples"].as_f64().unwrap() < received - 24_000.0,
+        "{result:#}"
+    );
 
     // The reply played, timed from the typed question; the conversation
     // ended, and the player was closed.

@@ -40,7 +40,8 @@ function setStatus(text, isError = false) {
 
 function applyLanguage() {
   translatePage();
-  $('ui-lang').setAttribute('aria-label', t('other'));
+  // The button names the other language, in that language.
+  $('ui-lang').lang = language() === 'es' ? 'en' : 'es';
   updateButton();
   scheduleRender();
 }
@@ -112,6 +113,15 @@ function showTranscript(role, turn, text, stage) {
   li.dataset.stage = stage;
   li.dataset.turn = turn;
   scrollTranscript();
+}
+
+/** Barge-in: the reply on `li` was cut short. */
+function markCut(li) {
+  if (!li || li.classList.contains('cut')) return;
+  li.classList.add('cut');
+  const mark = label(document.createElement('span'), 'interrupted');
+  mark.className = 'mark';
+  li.insertBefore(mark, li.lastChild);
 }
 
 /** A line about the conversation rather than in it (a tool call, an engine hand-off). */
@@ -236,7 +246,7 @@ function conversationHandlers(connection, listening) {
     },
     interrupted: (m) => {
       player?.flush();
-      lines.get(`${state.conversation}:${m.turn}:assistant`)?.classList.add('cut');
+      markCut(lines.get(`${state.conversation}:${m.turn}:assistant`));
     },
     usage: (m) => { state.usage = m.total; },
     stats: (m) => { state.stats = m; },
@@ -263,6 +273,7 @@ function conversationHandlers(connection, listening) {
     },
     close: (event) => {
       if (event.code === 1013) setStatus(event.reason || t('busy'), true);
+      else if (!state.ended && connection().stopped) setStatus(t('ended'));
       else if (!state.ended && event.code !== 1000) setStatus(event.reason || t('socket-failed'), true);
       state.capture?.stop();
       player?.finish(TAIL_LIMIT_MS).then(scheduleRender);

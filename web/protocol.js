@@ -72,6 +72,7 @@ export class Connection {
     this.dropOldest = dropOldest;
     this.pending = [];
     this.ready = false;
+    this.stopped = false; // `stop` was called
     this.socket = new WebSocket(url);
     this.socket.binaryType = 'arraybuffer';
     this.socket.onopen = () => this.socket.send(JSON.stringify(greeting));
@@ -127,6 +128,7 @@ export class Connection {
 
   /** Asks the server to end the conversation; a socket still connecting is just closed. */
   stop() {
+    this.stopped = true;
     if (this.open) this.sendJson({ type: 'stop' });
     else if (this.socket.readyState === WebSocket.CONNECTING) this.socket.close();
   }

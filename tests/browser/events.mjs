@@ -1,8 +1,9 @@
 // Drives Debian's Chromium through one typed conversation with a gateway
 // whose engine asks the client for a tool and hands its upstream connection
 // over: the page must show both (in Spanish, then in English after the
-// language button), answer the tool call, play the reply and, once the talk
-// button stops the conversation, close its AudioContext.
+// language button), answer the tool call, play the reply, drop a second
+// reply the engine says was interrupted and, once the talk button stops the
+// conversation, close its AudioContext.
 // Usage: node events.mjs URL QUESTION SCREENSHOT.png
 // Prints one JSON line with what the page showed; exits 1 on failure.
 import { openPage, snapshot, waitClosed } from './page.mjs';
@@ -27,7 +28,8 @@ try {
     const kinds = [...document.querySelectorAll('[data-testid="transcript"] li[data-role="note"]')].map((li) => li.dataset.kind);
     const answered = document.querySelector('[data-testid="transcript"] li[data-role="assistant"][data-stage="final"]');
     const shown = document.querySelector('[data-testid="rotations"]').textContent !== '—';
-    return kinds.includes('tool') && kinds.includes('rotated') && answered && shown && f.playedSamples > 0;
+    const cut = document.querySelector('[data-testid="transcript"] li.cut');
+    return kinds.includes('tool') && kinds.includes('rotated') && answered && shown && cut && f.playedSamples > 0;
   }, null, { timeout: 30000, polling: 100 });
   const spanish = { notes: await notes(page), talkLabel: (await snapshot(page)).talkLabel };
   const during = await page.evaluate(() => window.sonora.facts().audio);

@@ -46,6 +46,8 @@ export function snapshot(page) {
       role: li.dataset.role,
       kind: li.dataset.kind ?? null,
       stage: li.dataset.stage ?? null,
+      cut: li.classList.contains('cut'),
+      mark: li.querySelector('.mark')?.textContent ?? null,
       who: li.firstChild.textContent,
       text: li.lastChild.textContent,
     }));
