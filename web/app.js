@@ -166,6 +166,7 @@ async function start({ withMicrophone = true } = {}) {
   state.engine = null;
   state.stats = null;
   state.speechEndAt = null;
+  state.toolCalls = 0;
   state.rotations = 0;
   state.lastGapMs = null;
   state.player?.close(); // a previous reply's tail, if it is still playing
@@ -292,8 +293,9 @@ function stop() {
   state.connection?.stop();
 }
 
+// The button's name says what it does next; its colour shows a conversation running.
 function updateButton() {
-  $('talk').setAttribute('aria-pressed', String(state.running));
+  $('talk').dataset.running = String(state.running);
   label($('talk-label'), state.running ? 'stop' : 'start');
 }
 
