@@ -3,14 +3,16 @@
 //! spoken Spanish, against a gateway running the real local engine: a
 //! question about the library through the AudioWorklet capture path, and
 //! the recorded-fixture sentence forced through MediaRecorder (WebM Opus).
-//! A typed conversation with a scripted engine shows a client-side tool call
-//! and an engine hand-off. Every run checks that each of the page's modules
-//! loaded and that the conversation closed what it opened (the player's
-//! AudioContext, the capture's context, stream and recorder).
-//! Screenshots land in target/browser/.
+//! A typed conversation with a scripted engine shows a client-side tool call,
+//! an engine hand-off and a barge-in. Every run checks that each of the
+//! page's modules loaded and that the conversation closed what it opened
+//! (the player's AudioContext, the capture's context, stream and recorder).
+//! Screenshots land in target/browser/. Two more tests run page modules
+//! under Node alone: the capture worklet, and the protocol and text modules.
 //!
 //! Needs chromium, node with tests/browser/node_modules, the speech model
-//! and espeak-ng (scripts/setup --browser installs them). Without them the
+//! and espeak-ng (scripts/setup --browser installs them; the scripted run
+//! needs no model). Without them the
 //! test says so loudly and skips, unless REQUIRE_BROWSER_TEST=1 (set by
 //! scripts/test), which makes a missing piece a failure.
 
@@ -518,4 +520,30 @@ fn the_capture_worklet_resamples_into_a_fixed_pool() {
             assert_eq!(run["reports"], json!([]), "{run}");
         }
     }
+}
+
+/// The page's modules that need no browser, under Node
+/// (tests/browser/modules.mjs): server messages read or ignored by shape,
+/// the hello, the language choice, and every word in both languages.
+#[test]
+fn the_protocol_and_text_modules_hold_under_node() {
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        assert!(!required, "the module test cannot run: node is missing");
+        eprintln!("\n\n*** SKIPPED: the module test needs node ***\n");
+        return;
+    }
+    let out = Command::new("node")
+        .arg(root().join("tests/browser/modules.mjs"))
+        .arg(root().join("web"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }

@@ -2,7 +2,7 @@
 // shown in. Elements carry `data-i18n` (text), `data-i18n-args` (JSON values
 // for `{name}` slots) and `data-i18n-placeholder`; `translatePage` fills them.
 
-const TEXT = {
+export const TEXT = Object.freeze({
   es: {
     start: 'Hablar', stop: 'Detener', language: 'Idioma', voice: 'Voz', 'voice-default': 'Predeterminada',
     'low-bandwidth': 'Bajo ancho de banda (Opus)', transcript: 'Transcripción', type: 'Escribe un mensaje',
@@ -45,9 +45,7 @@ const TEXT = {
     rotation: 'Connection',
     rotated: 'The engine renewed its connection (generation {generation}); your audio waited {gap} and none was lost.',
   },
-};
-
-export const LANGUAGES = Object.freeze(Object.keys(TEXT));
+});
 
 let current = 'es';
 
