@@ -1,12 +1,18 @@
 //! A real browser talks to Sonora: Debian's Chromium, driven by
-//! playwright-core (tests/browser/talk.mjs), with a fake microphone playing
+//! playwright-core (tests/browser/*.mjs), with a fake microphone playing
 //! spoken Spanish, against a gateway running the real local engine: a
 //! question about the library through the AudioWorklet capture path, and
 //! the recorded-fixture sentence forced through MediaRecorder (WebM Opus).
-//! Screenshots land in target/browser/.
+//! A typed conversation with a scripted engine shows a client-side tool call,
+//! an engine hand-off and a barge-in. Every run checks that each of the
+//! page's modules loaded and that the conversation closed what it opened
+//! (the player's AudioContext, the capture's context, stream and recorder).
+//! Screenshots land in target/browser/. Two more tests run page modules
+//! under Node alone: the capture worklet, and the protocol and text modules.
 //!
 //! Needs chromium, node with tests/browser/node_modules, the speech model
-//! and espeak-ng (scripts/setup --browser installs them). Without them the
+//! and espeak-ng (scripts/setup --browser installs them; the scripted run
+//! needs no model). Without them the
 //! test says so loudly and skips, unless REQUIRE_BROWSER_TEST=1 (set by
 //! scripts/test), which makes a missing piece a failure.
 
@@ -20,11 +26,28 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::gateway::start;
 use common::{folded, model_present, root, spoken_at};
+use serde_json::json;
 use sonora::config::Config;
 use sonora::engine::local::{LocalEngine, LocalSettings};
+use sonora::engine::scripted::{ScriptedEngine, Step};
+use sonora::engine::{EngineEvent, Pcm, Role, Stage, TurnEndReason};
+
+/// One Chromium at a time: two on these cores starve the fake microphone.
+static CHROMIUM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The page's ES modules. (Worklet fetches are not seen by playwright; that
+/// they loaded shows in the capture mode and the playback path.)
+const MODULES: [&str; 5] = [
+    "/app.js",
+    "/text.js",
+    "/protocol.js",
+    "/player.js",
+    "/capture.js",
+];
 
 fn browser_present() -> Result<(), String> {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -99,20 +122,16 @@ fn questions(dir: &Path) -> [(&'static str, Question); 2] {
     ]
 }
 
-/// One conversation in Chromium: the page's final state, or what went
-/// wrong with the page's last state.
-fn run_browser(url: &str, wav: &Path, mode: &str) -> Result<serde_json::Value, String> {
+/// One run of a script in tests/browser/ against the page: the page's final
+/// state, or what went wrong with the page's last state.
+fn run_node(script: &str, args: &[&str], shot: &str) -> Result<serde_json::Value, String> {
     let shots = root().join("target/browser");
     std::fs::create_dir_all(&shots).unwrap();
-    let screenshot = shots.join(format!("{mode}.png"));
+    let screenshot = shots.join(format!("{shot}.png"));
     let out = Command::new("node")
-        .arg(root().join("tests/browser/talk.mjs"))
-        .args([
-            url,
-            wav.to_str().unwrap(),
-            mode,
-            screenshot.to_str().unwrap(),
-        ])
+        .arg(root().join("tests/browser").join(script))
+        .args(args)
+        .arg(&screenshot)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -120,16 +139,56 @@ fn run_browser(url: &str, wav: &Path, mode: &str) -> Result<serde_json::Value, S
     let last = stdout.lines().last().unwrap_or_default();
     let Ok(result) = serde_json::from_str::<serde_json::Value>(last) else {
         return Err(format!(
-            "{mode}: no result\nstdout: {stdout}\nstderr: {stderr}"
+            "{shot}: no result\nstdout: {stdout}\nstderr: {stderr}"
         ));
     };
     if !out.status.success() {
         return Err(format!(
-            "{mode}: the browser run failed: {result:#}\nstderr: {stderr}"
+            "{shot}: the browser run failed: {result:#}\nstderr: {stderr}"
         ));
     }
     assert!(screenshot.is_file());
     Ok(result)
+}
+
+/// One spoken conversation in Chromium.
+fn run_browser(url: &str, wav: &Path, mode: &str) -> Result<serde_json::Value, String> {
+    run_node("talk.mjs", &[url, wav.to_str().unwrap(), mode], mode)
+}
+
+/// Every module loaded, as JavaScript, with no page error; automation sees
+/// the narrow hook only.
+fn check_page(result: &serde_json::Value) {
+    let scripts = result["scripts"].as_array().unwrap();
+    for module in MODULES {
+        let loads: Vec<_> = scripts.iter().filter(|s| s["path"] == *module).collect();
+        assert!(!loads.is_empty(), "{module} never loaded: {result:#}");
+        for load in loads {
+            assert_eq!(load["status"], 200, "{module}: {load}");
+            let kind = load["type"].as_str().unwrap_or_default();
+            assert!(kind.starts_with("text/javascript"), "{module}: {load}");
+        }
+    }
+    assert_eq!(result["pageErrors"], json!([]), "{result:#}");
+    assert_eq!(result["hook"], json!(["facts"]), "{result:#}");
+    assert_eq!(result["hookFrozen"], true);
+}
+
+/// Open while the conversation ran; closed once it ended.
+fn check_closed(result: &serde_json::Value, captured: bool) {
+    assert_eq!(result["during"]["player"], "running", "{result:#}");
+    assert_eq!(result["audio"]["playback"], "worklet", "{result:#}");
+    let audio = &result["audio"];
+    assert_eq!(audio["player"], "closed", "{result:#}");
+    assert_eq!(result["running"], false);
+    if captured {
+        assert_eq!(result["during"]["capture"], "running", "{result:#}");
+        assert_eq!(result["during"]["tracks"], "live", "{result:#}");
+        assert_eq!(audio["capture"], "closed", "{result:#}");
+        assert_eq!(audio["tracks"], "ended", "{result:#}");
+    } else {
+        assert_eq!(audio["capture"], serde_json::Value::Null, "{result:#}");
+    }
 }
 
 /// The final text of one role on the page, folded.
@@ -174,6 +233,11 @@ fn check(result: &serde_json::Value, mode: &str, question: &Question) {
     // The worklet sends 16 kHz PCM; the recorder sends Opus in WebM.
     let format = if mode == "worklet" { "pcm16" } else { "webm" };
     assert_eq!(result["end"]["summary"]["decoder"]["format"], format);
+    check_page(result);
+    check_closed(result, true);
+    if mode == "recorder" {
+        assert_eq!(result["audio"]["recorder"], "inactive", "{result:#}");
+    }
     let fatal: Vec<_> = result["errors"]
         .as_array()
         .unwrap()
@@ -194,6 +258,7 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
         eprintln!("\n\n*** SKIPPED: the browser test needs {missing} ***\n");
         return;
     }
+    let _one_browser = CHROMIUM.lock().await;
     let config = sonora::config::LocalConfig {
         model_dir: root().join("models/whisper-base").display().to_string(),
         knowledge_dir: root().join("knowledge").display().to_string(),
@@ -236,4 +301,249 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     let sessions = common::gateway::metric(&metrics, "sonora_sessions_total");
     assert_eq!(sessions, conversations);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// 100 ms of a quiet 440 Hz tone at 24 kHz.
+fn tone_frame() -> EngineEvent {
+    let samples = (0..2_400)
+        .map(|i| {
+            let phase = i as f32 * 440.0 * std::f32::consts::TAU / 24_000.0;
+            (phase.sin() * 6_000.0) as i16
+        })
+        .collect();
+    EngineEvent::Audio(Pcm {
+        rate_hz: 24_000,
+        samples,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_a_tool_call_an_engine_hand_off_and_a_barge_in() {
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
+    if let Err(missing) = browser_present() {
+        assert!(!required, "the browser test cannot run: {missing}");
+        eprintln!("\n\n*** SKIPPED: the browser test needs {missing} ***\n");
+        return;
+    }
+    let _one_browser = CHROMIUM.lock().await;
+    let question = "¿Me muestras el mapa de la biblioteca?";
+    let transcript = |role, text: &str| {
+        Step::Emit(EngineEvent::Transcript {
+            role,
+            text: text.into(),
+            stage: Stage::Final,
+            turn_id: 1,
+        })
+    };
+    let mut script = vec![
+        Step::Emit(EngineEvent::Ready {
+            engine: "scripted".into(),
+            model: "script".into(),
+            voice: "tone".into(),
+        }),
+        Step::AwaitText,
+        transcript(Role::User, question),
+        Step::Emit(EngineEvent::ToolCall {
+            id: "call-7".into(),
+            name: "abrir_mapa".into(),
+            json: json!({"edificio": "biblioteca"}),
+        }),
+        Step::Sleep(Duration::from_millis(300)),
+        Step::Emit(EngineEvent::Rotated {
+            generation: 2,
+            gap_ms: 40.0,
+        }),
+        transcript(Role::Assistant, "La biblioteca está junto a la plaza."),
+    ];
+    script.extend((0..8).map(|_| Step::Emit(tone_frame())));
+    script.push(Step::Emit(EngineEvent::TurnEnd {
+        turn_id: 1,
+        reason: TurnEndReason::Completed,
+    }));
+    // A second reply, cut short by the user (barge-in) once it started.
+    script.push(Step::Sleep(Duration::from_secs(1)));
+    script.push(Step::Emit(EngineEvent::Transcript {
+        role: Role::Assistant,
+        text: "Y además, la cafetería abre a las siete.".into(),
+        stage: Stage::Final,
+        turn_id: 2,
+    }));
+    script.extend((0..30).map(|_| Step::Emit(tone_frame())));
+    script.push(Step::Sleep(Duration::from_millis(300)));
+    script.push(Step::Emit(EngineEvent::Interrupted { turn_id: 2 }));
+    script.push(Step::Emit(EngineEvent::TurnEnd {
+        turn_id: 2,
+        reason: TurnEndReason::Interrupted,
+    }));
+    let engine = ScriptedEngine::new(script);
+    let gateway = start(&Config::default(), Some(Arc::new(engine.clone()))).await;
+    let url = gateway.url("");
+    let run = tokio::task::spawn_blocking(move || {
+        run_node("events.mjs", &[&url, question], "tool-and-hand-off")
+    });
+    let result = match run.await.unwrap() {
+        Ok(result) => result,
+        Err(failure) => panic!("{failure}\nserver metrics:\n{}", gateway.metrics().await),
+    };
+    eprintln!("tool and hand-off: {result}");
+
+    // Shown as notes in the transcript, in Spanish, then in English.
+    let notes = |language: &str| -> Vec<(String, String, String)> {
+        result[language]["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let field = |name: &str| n[name].as_str().unwrap().to_owned();
+                (field("kind"), field("who"), field("text"))
+            })
+            .collect()
+    };
+    let spanish = notes("spanish");
+    let english = notes("english");
+    assert_eq!(spanish.len(), 2, "{result:#}");
+    assert_eq!(english.len(), 2, "{result:#}");
+    let (kind, who, text) = &spanish[0];
+    assert_eq!((kind.as_str(), who.as_str()), ("tool", "Herramienta"));
+    assert!(text.contains("«abrir_mapa»"), "{text}");
+    assert!(text.contains(r#"{"edificio":"biblioteca"}"#), "{text}");
+    let (kind, who, text) = &spanish[1];
+    assert_eq!((kind.as_str(), who.as_str()), ("rotated", "Conexión"));
+    assert!(
+        text.contains("generación 2") && text.contains("40 ms"),
+        "{text}"
+    );
+    let (_, who, text) = &english[0];
+    assert_eq!(who, "Tool");
+    assert!(text.contains("“abrir_mapa”"), "{text}");
+    let (_, who, text) = &english[1];
+    assert_eq!(who, "Connection");
+    assert!(
+        text.contains("generation 2") && text.contains("40 ms"),
+        "{text}"
+    );
+    assert_eq!(result["spanish"]["talkLabel"], "Detener");
+    assert_eq!(result["english"]["talkLabel"], "Stop");
+    assert_eq!(result["talkLabel"], "Talk", "{result:#}");
+    assert_eq!(result["rotationsShown"], "1 (last: 40 ms)");
+    assert_eq!(result["toolCalls"], 1);
+    assert_eq!(result["rotations"], 1);
+
+    // The page answered the tool call: it runs no tools.
+    let received = engine.received();
+    assert_eq!(received.texts, [question]);
+    let [(id, answer)] = received.tool_results.as_slice() else {
+        panic!("tool results: {:?}", received.tool_results);
+    };
+    assert_eq!(id, "call-7");
+    assert_eq!(answer["error"], "unavailable");
+
+    // The second reply was cut: marked so, and its unplayed audio dropped
+    // (3 s of it arrived; about 0.3 s played before `interrupted`).
+    let lines = result["transcript"].as_array().unwrap();
+    let cut: Vec<_> = lines.iter().filter(|l| l["cut"] == true).collect();
+    assert_eq!(cut.len(), 1, "{result:#}");
+    assert!(cut[0]["text"].as_str().unwrap().contains("cafetería"));
+    assert_eq!(cut[0]["mark"], "interrupted", "{result:#}");
+    let received = result["receivedSamples"].as_f64().unwrap();
+    assert!(
+        result["playedSamples"].as_f64().unwrap() < received - 24_000.0,
+        "{result:#}"
+    );
+
+    // The reply played, timed from the typed question; the conversation
+    // ended, and the player was closed.
+    assert!(result["playedSamples"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        result["latenciesMs"].as_array().unwrap().len(),
+        1,
+        "{result:#}"
+    );
+    assert_ne!(result["latencyShown"], "—");
+    assert_eq!(result["end"]["reason"], "client_stopped", "{result:#}");
+    assert_eq!(result["mode"], "text-only");
+    check_page(&result);
+    check_closed(&result, false);
+}
+
+/// The capture worklet outside a browser (tests/browser/worklet.mjs): it
+/// resamples a 1 kHz tone to 16 kHz from 48, 44.1 and 16 kHz contexts,
+/// reuses two frame buffers when the page hands each back, drops and counts
+/// frames once the page hands none back, and constructs no array in
+/// `process()`.
+#[test]
+fn the_capture_worklet_resamples_into_a_fixed_pool() {
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        assert!(!required, "the worklet test cannot run: node is missing");
+        eprintln!("\n\n*** SKIPPED: the worklet test needs node ***\n");
+        return;
+    }
+    let out = Command::new("node")
+        .arg(root().join("tests/browser/worklet.mjs"))
+        .arg(root().join("web/capture-worklet.js"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    for (name, count) in result["allocations"].as_object().unwrap() {
+        assert_eq!(count, 0, "{name} constructed in process(): {result}");
+    }
+    let runs = result["runs"].as_array().unwrap();
+    for run in runs {
+        // 2 s in: 32,000 samples at 16 kHz, 100 frames of 320 (44.1 kHz
+        // ends 8 input samples short of the last one).
+        let rate = run["rate"].as_u64().unwrap();
+        let whole = run["inputSamples"].as_u64().unwrap() * 16_000 / rate / 320;
+        assert_eq!(run["frameSamples"], 320, "{run}");
+        // The tone keeps its pitch (2 zero crossings a cycle) and, through
+        // the anti-alias low-pass, nearly all its level (0.5 peak, 0.354 RMS).
+        let crossings = run["crossingsPerSecond"].as_f64().unwrap();
+        assert!((1_990.0..2_010.0).contains(&crossings), "{run}");
+        let rms = run["rms"].as_f64().unwrap();
+        assert!((0.33..0.36).contains(&rms), "{run}");
+        if run == &runs[3] {
+            // Nothing handed back: the 50 pooled frames go out, the next 50
+            // are dropped, and the count is reported once a frame comes back.
+            assert_eq!(run["frames"], 50, "{run}");
+            assert_eq!(run["distinctBuffers"], 50, "{run}");
+            assert_eq!(run["reports"], json!([{"dropped": whole - 50}]), "{run}");
+        } else {
+            assert_eq!(run["frames"], whole, "{run}");
+            assert!(run["distinctBuffers"].as_u64().unwrap() <= 2, "{run}");
+            assert_eq!(run["reports"], json!([]), "{run}");
+        }
+    }
+}
+
+/// The page's modules that need no browser, under Node
+/// (tests/browser/modules.mjs): server messages read or ignored by shape,
+/// the hello, the language choice, and every word in both languages.
+#[test]
+fn the_protocol_and_text_modules_hold_under_node() {
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
+    let node = Command::new("node").arg("--version").output();
+    if !node.is_ok_and(|o| o.status.success()) {
+        assert!(!required, "the module test cannot run: node is missing");
+        eprintln!("\n\n*** SKIPPED: the module test needs node ***\n");
+        return;
+    }
+    let out = Command::new("node")
+        .arg(root().join("tests/browser/modules.mjs"))
+        .arg(root().join("web"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }

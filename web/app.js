@@ -1,40 +1,13 @@
-// Sonora web client: microphone → /ws → engine → reply audio, transcripts,
-// usage and latency. No build step, no network use but this server.
+// Sonora web client, the page itself: the talk button and the text box
+// start a conversation over /ws (protocol.js) that captures the microphone
+// (capture.js), plays the reply (player.js) and shows transcripts, tool
+// calls, engine hand-offs, usage and latency in the page's language
+// (text.js). No build step, no network use but this server.
 
-const TEXT = {
-  es: {
-    start: 'Hablar', stop: 'Detener', language: 'Idioma', voice: 'Voz', 'voice-default': 'Predeterminada',
-    'low-bandwidth': 'Bajo ancho de banda (Opus)', transcript: 'Transcripción', type: 'Escribe un mensaje',
-    send: 'Enviar', metrics: 'Uso y rendimiento', controls: 'Conversación',
-    'm-latency': 'Latencia (fin de voz → audio)', 'm-server-latency': 'Latencia en el servidor', 'm-cost': 'Coste',
-    'm-speech': 'Tokens de voz (entrada / salida)', 'm-text': 'Tokens de texto (entrada / salida)',
-    'm-audio': 'Audio (enviado / reproducido)', 'm-decoder': 'Decodificador', 'm-queues': 'Colas',
-    'm-capture': 'Captura', 'm-engine': 'Motor',
-    you: 'Tú', assistant: 'Sonora', connecting: 'Conectando…', listening: 'Te escucho. Habla cuando quieras.',
-    ended: 'Conversación terminada.', 'mic-denied': 'No hay permiso para usar el micrófono. Actívalo en el navegador o escribe tu pregunta.',
-    'no-capture': 'Este navegador no puede capturar audio (ni AudioWorklet ni MediaRecorder con Opus). Escribe tu pregunta.',
-    'no-mic': 'No se encontró ningún micrófono. Escribe tu pregunta.',
-    'socket-failed': 'No se pudo conectar con el servidor.', busy: 'El servidor está ocupado; inténtalo de nuevo en un momento.',
-    interrupted: 'interrumpida', worklet: 'AudioWorklet PCM 16 kHz', recorder: 'MediaRecorder', 'text-only': 'solo texto',
-    concealed: 'ocultados', refused: 'rechazados', dropped: 'descartados', other: 'English',
-  },
-  en: {
-    start: 'Talk', stop: 'Stop', language: 'Language', voice: 'Voice', 'voice-default': 'Default',
-    'low-bandwidth': 'Low bandwidth (Opus)', transcript: 'Transcript', type: 'Type a message',
-    send: 'Send', metrics: 'Usage and performance', controls: 'Conversation',
-    'm-latency': 'Latency (end of speech → audio)', 'm-server-latency': 'Server latency', 'm-cost': 'Cost',
-    'm-speech': 'Speech tokens (in / out)', 'm-text': 'Text tokens (in / out)',
-    'm-audio': 'Audio (sent / played)', 'm-decoder': 'Decoder', 'm-queues': 'Queues',
-    'm-capture': 'Capture', 'm-engine': 'Engine',
-    you: 'You', assistant: 'Sonora', connecting: 'Connecting…', listening: 'Listening. Speak whenever you like.',
-    ended: 'Conversation ended.', 'mic-denied': 'Microphone permission was denied. Allow it in the browser, or type your question.',
-    'no-capture': 'This browser cannot capture audio (no AudioWorklet, no MediaRecorder with Opus). Type your question.',
-    'no-mic': 'No microphone was found. Type your question.',
-    'socket-failed': 'Could not connect to the server.', busy: 'The server is busy; try again in a moment.',
-    interrupted: 'interrupted', worklet: 'AudioWorklet PCM 16 kHz', recorder: 'MediaRecorder', 'text-only': 'text only',
-    concealed: 'concealed', refused: 'refused', dropped: 'dropped', other: 'Español',
-  },
-};
+import { openMicrophone, pickRecorderType, startRecorderCapture, startWorkletCapture, workletsAvailable } from '/capture.js';
+import { Player } from '/player.js';
+import { Connection, hello, socketUrl } from '/protocol.js';
+import { chooseLanguage, label, language, setLanguage, t, translatePage } from '/text.js';
 
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
@@ -45,19 +18,19 @@ const MAX_PENDING_FRAMES = 1250; // 20 ms frames queued before `ready`
 // kbit/s the recogniser misheard test questions it heard right from PCM; at
 // 96 kbit/s it did not (still well under the 256 kbit/s of 16 kHz PCM).
 const RECORDER_KBPS = 96;
+const TAIL_LIMIT_MS = 30000; // longest reply tail played after the conversation ends
+const TOOL_INPUT_SHOWN_CHARS = 160;
+// What this page answers a tool call with: it runs no client-side tools.
+const NO_TOOLS = { error: 'unavailable', message: 'This client runs no tools.' };
 
-let ui = params.get('ui') || ((navigator.language || 'es').toLowerCase().startsWith('es') ? 'es' : 'en');
-if (!TEXT[ui]) ui = 'es';
-const t = (key) => TEXT[ui][key] ?? key;
+setLanguage(chooseLanguage(params.get('ui'), navigator.language));
 
-// Everything the page knows; `window.sonora` exposes it to automation.
 const state = {
-  socket: null, capture: null, player: null, mode: null, running: false,
-  sentMs: 0, receivedSamples: 0, playedSamples: 0,
-  lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
-  usage: null, stats: null, engine: null, ended: null, errors: [], conversation: 0,
+  connection: null, capture: null, player: null, mode: null, running: false, conversation: 0,
+  sentMs: 0, lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
+  usage: null, stats: null, engine: null, ended: null, errors: [], pendingText: null,
+  toolCalls: 0, rotations: 0, lastGapMs: null,
 };
-window.sonora = state;
 
 function setStatus(text, isError = false) {
   const status = $('status');
@@ -66,12 +39,10 @@ function setStatus(text, isError = false) {
 }
 
 function applyLanguage() {
-  document.documentElement.lang = ui;
-  for (const el of document.querySelectorAll('[data-i18n]')) el.textContent = t(el.dataset.i18n);
-  for (const el of document.querySelectorAll('[data-i18n-placeholder]')) el.placeholder = t(el.dataset.i18nPlaceholder);
-  $('ui-lang').textContent = t('other');
-  $('ui-lang').setAttribute('aria-label', t('other'));
-  $('talk-label').textContent = state.running ? t('stop') : t('start');
+  translatePage();
+  // The button names the other language, in that language.
+  $('ui-lang').lang = language() === 'es' ? 'en' : 'es';
+  updateButton();
   scheduleRender();
 }
 
@@ -97,7 +68,7 @@ function render() {
   $('m-cost').textContent = u ? `$${(u.cost_micro_usd / 1e6).toFixed(6)}` : '—';
   $('m-speech').textContent = u ? `${u.speech_in_tokens} / ${u.speech_out_tokens}` : '—';
   $('m-text').textContent = u ? `${u.text_in_tokens} / ${u.text_out_tokens}` : '—';
-  const played = state.player ? state.playedSamples / state.player.rate * 1000 : 0;
+  const played = state.player ? state.player.playedSamples / state.player.rate * 1000 : 0;
   $('m-audio').textContent = `${fmtSeconds(state.sentMs)} / ${fmtSeconds(played)}`;
   if (s) {
     const d = s.decoder;
@@ -105,184 +76,86 @@ function render() {
     const q = s.queues;
     $('m-queues').textContent = `↑ ${fmtMs(q.uplink_ms)} (${fmtMs(q.uplink_dropped_ms)} ${t('dropped')}) · ↓ ${fmtMs(q.downlink_ms)}`;
   }
-  $('m-capture').textContent = state.mode ? t(state.mode) : '—';
+  const dropped = state.capture?.facts().droppedFrames || 0;
+  $('m-capture').textContent = !state.mode ? '—'
+    : dropped > 0 ? `${t(state.mode)} (${t('frames-dropped', { count: dropped })})` : t(state.mode);
   $('m-engine').textContent = state.engine ? `${state.engine.engine} · ${state.engine.voice || '—'}` : '—';
+  $('m-rotations').textContent = state.rotations === 0 ? '—' : `${state.rotations} (${t('last')}: ${fmtMs(state.lastGapMs)})`;
 }
 
 // ---- transcript ----
-const lines = new Map(); // `${turn}:${role}` → <li>
+const lines = new Map(); // `${conversation}:${turn}:${role}` → <li>
+
+function addLine(role, whoKey) {
+  const li = document.createElement('li');
+  li.className = role;
+  li.dataset.role = role;
+  const who = label(document.createElement('span'), whoKey);
+  who.className = 'who';
+  li.append(who, document.createElement('span'));
+  $('transcript').append(li);
+  return li;
+}
+
+function scrollTranscript() {
+  $('transcript').scrollTop = $('transcript').scrollHeight;
+}
+
 function showTranscript(role, turn, text, stage) {
   const key = `${state.conversation}:${turn}:${role}`;
   let li = lines.get(key);
   if (!li) {
-    li = document.createElement('li');
-    li.className = role;
-    const who = document.createElement('span');
-    who.className = 'who';
-    who.textContent = role === 'user' ? t('you') : t('assistant');
-    li.append(who, document.createElement('span'));
+    li = addLine(role, role === 'user' ? 'you' : 'assistant');
     lines.set(key, li);
-    $('transcript').append(li);
   }
   li.lastChild.textContent = text;
   li.classList.toggle('speculative', stage === 'speculative');
   li.dataset.stage = stage;
   li.dataset.turn = turn;
-  $('transcript').scrollTop = $('transcript').scrollHeight;
+  scrollTranscript();
 }
 
-// ---- playback ----
-async function startPlayer() {
-  let context;
-  try { context = new AudioContext({ sampleRate: 24000, latencyHint: 'interactive' }); } catch { context = new AudioContext(); }
-  await context.resume();
-  const player = { context, rate: context.sampleRate, node: null, queue: [] };
-  if (context.audioWorklet) {
-    await context.audioWorklet.addModule('/playback-worklet.js');
-    player.node = new AudioWorkletNode(context, 'sonora-playback', { outputChannelCount: [1] });
-    player.node.connect(context.destination);
-    player.node.port.onmessage = (event) => onPlayer(event.data);
-  }
-  state.player = player;
-  return player;
+/** Barge-in: the reply on `li` was cut short. */
+function markCut(li) {
+  if (!li || li.classList.contains('cut')) return;
+  li.classList.add('cut');
+  const mark = label(document.createElement('span'), 'interrupted');
+  mark.className = 'mark';
+  li.insertBefore(mark, li.lastChild);
 }
 
-function onPlayer(message) {
-  if (message.played != null) state.playedSamples = message.played;
-  if (message.type === 'started' && state.speechEndAt != null) {
-    const outputMs = (state.player.context.outputLatency || 0) * 1000;
-    state.latencies.push(performance.now() + outputMs - state.speechEndAt);
-    state.speechEndAt = null;
-  }
-  scheduleRender();
+/** A line about the conversation rather than in it (a tool call, an engine hand-off). */
+function showNote(kind, whoKey, textKey, args) {
+  const li = addLine('note', whoKey);
+  li.dataset.kind = kind;
+  label(li.lastChild, textKey, args);
+  scrollTranscript();
 }
 
-function playPcm(bytes, rate) {
-  const player = state.player;
-  if (!player) return;
-  const pcm = new Int16Array(bytes);
-  state.receivedSamples += pcm.length;
-  let samples = new Float32Array(pcm.length);
-  for (let i = 0; i < pcm.length; i++) samples[i] = pcm[i] / 32768;
-  if (player.rate !== rate) samples = resampleLinear(samples, rate, player.rate);
-  if (player.node) {
-    player.node.port.postMessage({ type: 'push', samples }, [samples.buffer]);
-  } else {
-    // No worklets: schedule buffers back to back.
-    const buffer = player.context.createBuffer(1, samples.length, player.rate);
-    buffer.copyToChannel(samples, 0);
-    const source = player.context.createBufferSource();
-    source.buffer = buffer;
-    source.connect(player.context.destination);
-    const at = Math.max(player.context.currentTime + 0.03, player.next || 0);
-    source.start(at);
-    player.next = at + buffer.duration;
-    player.queue.push(source);
-    source.onended = () => { player.queue.shift(); state.playedSamples += samples.length; scheduleRender(); };
-    if (state.speechEndAt != null) {
-      state.latencies.push(performance.now() + (at - player.context.currentTime) * 1000 - state.speechEndAt);
-      state.speechEndAt = null;
-    }
-  }
+function preview(value) {
+  const text = JSON.stringify(value ?? null);
+  return text.length > TOOL_INPUT_SHOWN_CHARS ? `${text.slice(0, TOOL_INPUT_SHOWN_CHARS - 1)}…` : text;
 }
 
-function resampleLinear(input, from, to) {
-  const out = new Float32Array(Math.floor(input.length * to / from));
-  const step = from / to;
-  for (let i = 0; i < out.length; i++) {
-    const x = i * step;
-    const j = Math.floor(x);
-    const f = x - j;
-    out[i] = input[j] * (1 - f) + (input[j + 1] ?? input[j]) * f;
-  }
-  return out;
-}
-
-function flushPlayback() {
-  const player = state.player;
-  if (!player) return;
-  if (player.node) player.node.port.postMessage({ type: 'flush' });
-  for (const source of player.queue.splice(0)) { try { source.stop(); } catch { /* already ended */ } }
-  player.next = 0;
-}
-
-// ---- capture ----
-function pickRecorderType() {
-  if (typeof MediaRecorder === 'undefined') return null;
-  for (const [mime, format] of [['audio/webm;codecs=opus', 'webm'], ['audio/ogg;codecs=opus', 'ogg']]) {
-    if (MediaRecorder.isTypeSupported(mime)) return { mime, format };
-  }
-  return null;
-}
-
-async function openMicrophone() {
-  if (!navigator.mediaDevices?.getUserMedia) throw Object.assign(new Error('no getUserMedia'), { name: 'NotSupportedError' });
-  return navigator.mediaDevices.getUserMedia({
-    audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 },
-  });
-}
-
+// ---- the conversation ----
 function noteLevel(rms) {
   if (rms > VOICE_LEVEL) state.lastVoiceAt = performance.now();
 }
 
-async function startWorkletCapture(stream, send) {
-  let context;
-  try { context = new AudioContext({ sampleRate: 16000 }); } catch { context = new AudioContext(); }
-  let source;
-  try { source = context.createMediaStreamSource(stream); } catch {
-    await context.close();
-    context = new AudioContext();
-    source = context.createMediaStreamSource(stream);
-  }
-  await context.audioWorklet.addModule('/capture-worklet.js');
-  const node = new AudioWorkletNode(context, 'sonora-capture', { numberOfInputs: 1, numberOfOutputs: 0, channelCount: 1 });
-  node.port.onmessage = (event) => {
-    noteLevel(event.data.rms);
-    state.sentMs += 20;
-    send(event.data.pcm);
-  };
-  source.connect(node);
-  await context.resume();
-  return { stop: () => { source.disconnect(); node.port.onmessage = null; stream.getTracks().forEach((tr) => tr.stop()); context.close(); } };
+function onReplyStarted(atMs) {
+  if (state.speechEndAt == null) return;
+  state.latencies.push(atMs - state.speechEndAt);
+  state.speechEndAt = null;
 }
 
-async function startRecorderCapture(stream, type, send) {
-  // A level meter beside the recorder, for the latency measurement.
-  const context = new AudioContext();
-  const source = context.createMediaStreamSource(stream);
-  const analyser = context.createAnalyser();
-  analyser.fftSize = 512;
-  source.connect(analyser);
-  const frame = new Float32Array(analyser.fftSize);
-  const meter = setInterval(() => {
-    analyser.getFloatTimeDomainData(frame);
-    let sum = 0;
-    for (const s of frame) sum += s * s;
-    noteLevel(Math.sqrt(sum / frame.length));
-  }, 20);
-  const kbps = Number(params.get('kbps')) || RECORDER_KBPS;
-  const recorder = new MediaRecorder(stream, { mimeType: type.mime, audioBitsPerSecond: kbps * 1000 });
-  let chain = Promise.resolve();
-  recorder.ondataavailable = (event) => {
-    if (!event.data || event.data.size === 0) return;
-    // Blobs are read in order, so the container stays contiguous.
-    chain = chain.then(() => event.data.arrayBuffer()).then((bytes) => { state.sentMs += 100; send(bytes); });
-  };
-  recorder.start(100);
-  return {
-    stop: () => {
-      clearInterval(meter);
-      if (recorder.state !== 'inactive') recorder.stop();
-      stream.getTracks().forEach((tr) => tr.stop());
-      context.close();
-    },
-  };
-}
-
-// ---- the conversation ----
-function socketUrl() {
-  return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+/** Decides how to capture: the worklet, the recorder (asked for, or the only way), or nothing. */
+function captureChoice(withMicrophone) {
+  if (!withMicrophone) return { mode: 'text-only', recorderType: null };
+  const forceRecorder = params.get('capture') === 'recorder' || $('low-bandwidth').checked;
+  const recorderType = forceRecorder || !workletsAvailable() ? pickRecorderType() : null;
+  if (recorderType) return { mode: 'recorder', recorderType };
+  if (workletsAvailable()) return { mode: 'worklet', recorderType: null };
+  throw Object.assign(new Error('no capture'), { name: 'NoCapture' });
 }
 
 async function start({ withMicrophone = true } = {}) {
@@ -293,28 +166,21 @@ async function start({ withMicrophone = true } = {}) {
   state.engine = null;
   state.stats = null;
   state.speechEndAt = null;
+  state.toolCalls = 0;
+  state.rotations = 0;
+  state.lastGapMs = null;
+  state.player?.close(); // a previous reply's tail, if it is still playing
   updateButton();
   setStatus(t('connecting'));
   let stream = null;
-  let recorderType = null;
   let mode = 'text-only';
-  const forceRecorder = params.get('capture') === 'recorder' || $('low-bandwidth').checked;
+  let recorderType = null;
+  state.player = null;
   try {
-    await startPlayer();
-    if (withMicrophone) {
-      const worklets = typeof AudioWorkletNode !== 'undefined' && !forceRecorder;
-      recorderType = worklets ? null : pickRecorderType();
-      if (!worklets && !recorderType) {
-        if (typeof AudioWorkletNode !== 'undefined') {
-          mode = 'worklet';
-        } else {
-          throw Object.assign(new Error('no capture'), { name: 'NoCapture' });
-        }
-      } else {
-        mode = worklets ? 'worklet' : 'recorder';
-      }
-      stream = await openMicrophone();
-    }
+    // First, inside the click: browsers let a context made here play.
+    state.player = await Player.open({ onStarted: onReplyStarted, onProgress: scheduleRender });
+    ({ mode, recorderType } = captureChoice(withMicrophone));
+    if (mode !== 'text-only') stream = await openMicrophone();
   } catch (error) {
     const key = error.name === 'NotAllowedError' || error.name === 'SecurityError' ? 'mic-denied'
       : error.name === 'NotFoundError' ? 'no-mic'
@@ -324,109 +190,113 @@ async function start({ withMicrophone = true } = {}) {
     stream = null;
   }
   state.mode = mode;
-  const format = mode === 'recorder' ? recorderType.format : 'pcm16';
   // Capture starts now, not when the server is ready: what the user says
   // right after pressing the button is queued, then sent on `ready`.
-  let socket = null;
-  let live = false;
-  const pending = [];
-  const send = (bytes) => {
-    if (live) {
-      if (socket.readyState === WebSocket.OPEN) socket.send(bytes);
-      return;
-    }
-    pending.push(bytes);
-    // PCM frames may be dropped from the front (25 s at most); a recorder's
-    // blobs may not, since the first one holds the stream header.
-    if (mode === 'worklet' && pending.length > MAX_PENDING_FRAMES) pending.shift();
+  let connection = null;
+  const early = [];
+  const onAudio = (bytes, ms) => {
+    state.sentMs += ms;
+    if (connection) connection.sendAudio(bytes);
+    else early.push(bytes.slice(0));
   };
+  state.capture = null;
   if (stream) {
     try {
       state.capture = mode === 'recorder'
-        ? await startRecorderCapture(stream, recorderType, send)
-        : await startWorkletCapture(stream, send);
+        ? await startRecorderCapture(stream, recorderType, Number(params.get('kbps')) || RECORDER_KBPS, { onAudio, onLevel: noteLevel })
+        : await startWorkletCapture(stream, { onAudio, onLevel: noteLevel });
     } catch (error) {
       setStatus(`${t('no-capture')} (${error.message})`, true);
-      stream.getTracks().forEach((tr) => tr.stop());
+      for (const track of stream.getTracks()) track.stop();
       stream = null;
       state.mode = mode = 'text-only';
     }
   }
-  socket = new WebSocket(socketUrl());
-  socket.binaryType = 'arraybuffer';
-  state.socket = socket;
-  let outputRate = 24000;
-  socket.onopen = () => {
-    const audio = format === 'pcm16' ? { format, rate: 16000 } : { format };
-    const hello = { type: 'hello', version: 1, audio, language: $('language').value, voice: $('voice').value };
-    const token = params.get('token');
-    if (token) hello.token = token;
-    socket.send(JSON.stringify(hello));
-  };
-  socket.onmessage = (event) => {
-    if (typeof event.data !== 'string') { playPcm(event.data, outputRate); return; }
-    const message = JSON.parse(event.data);
-    switch (message.type) {
-      case 'ready':
-        outputRate = message.output.rate;
-        state.engine = message;
-        for (const bytes of pending.splice(0)) socket.send(bytes);
-        live = true;
-        if (stream) {
-          setStatus(t('listening'));
-        } else if (mode === 'text-only' && !$('status').classList.contains('error')) {
-          setStatus('');
-        }
-        if (state.pendingText) { socket.send(JSON.stringify({ type: 'text', text: state.pendingText })); state.pendingText = null; }
-        break;
-      case 'transcript': showTranscript(message.role, message.turn, message.text, message.stage); break;
-      case 'speech':
-        if (message.state === 'ended') state.speechEndAt = state.lastVoiceAt || performance.now();
-        break;
-      case 'interrupted': {
-        flushPlayback();
-        const li = lines.get(`${state.conversation}:${message.turn}:assistant`);
-        if (li) li.classList.add('cut');
-        break;
-      }
-      case 'usage': state.usage = message.total; break;
-      case 'stats': state.stats = message; break;
-      case 'latency': state.serverLatencyMs = message.ms; break;
-      case 'turn_end': if (state.player?.node) state.player.node.port.postMessage({ type: 'end' }); break;
-      case 'error':
-        state.errors.push(message);
-        if (message.fatal) setStatus(message.message, true);
-        break;
-      case 'end':
-        state.ended = message;
-        setStatus(message.reason === 'client_stopped' ? t('ended') : `${t('ended')} ${message.message}`, message.reason !== 'client_stopped');
-        break;
-      default: break;
-    }
-    scheduleRender();
-  };
-  socket.onclose = (event) => {
-    if (event.code === 1013) setStatus(event.reason || t('busy'), true);
-    else if (!state.ended && event.code !== 1000) setStatus(event.reason || t('socket-failed'), true);
-    stopCapture();
-    state.running = false;
-    state.socket = null;
-    updateButton();
-  };
+  const format = mode === 'recorder' ? recorderType.format : 'pcm16';
+  connection = new Connection({
+    url: socketUrl(),
+    greeting: hello({ format, language: $('language').value, voice: $('voice').value, token: params.get('token') }),
+    handlers: conversationHandlers(() => connection, stream != null),
+    queueLimit: MAX_PENDING_FRAMES,
+    dropOldest: mode === 'worklet',
+  });
+  for (const bytes of early.splice(0)) connection.sendAudio(bytes);
+  state.connection = connection;
+  scheduleRender();
 }
 
-function stopCapture() {
-  if (state.capture) { state.capture.stop(); state.capture = null; }
+/** What one conversation does with each server message. */
+function conversationHandlers(connection, listening) {
+  let outputRate = 24000;
+  const player = state.player;
+  return {
+    audio: (bytes) => player?.push(bytes, outputRate),
+    ready: (message) => {
+      outputRate = message.output.rate;
+      state.engine = message;
+      if (listening) setStatus(t('listening'));
+      else if (!$('status').classList.contains('error')) setStatus('');
+      if (state.pendingText) {
+        connection().sendText(state.pendingText);
+        state.pendingText = null;
+      }
+    },
+    transcript: (m) => showTranscript(m.role, m.turn, m.text, m.stage),
+    speech: (m) => {
+      if (m.state === 'ended') state.speechEndAt = state.lastVoiceAt || performance.now();
+    },
+    interrupted: (m) => {
+      player?.flush();
+      markCut(lines.get(`${state.conversation}:${m.turn}:assistant`));
+    },
+    usage: (m) => { state.usage = m.total; },
+    stats: (m) => { state.stats = m; },
+    latency: (m) => { state.serverLatencyMs = m.ms; },
+    turn_end: () => player?.endOfTurn(),
+    tool: (m) => {
+      state.toolCalls += 1;
+      showNote('tool', 'tool', 'tool-call', { name: m.name, input: preview(m.input) });
+      connection().sendToolResult(m.id, NO_TOOLS);
+    },
+    rotated: (m) => {
+      state.rotations += 1;
+      state.lastGapMs = m.gap_ms;
+      showNote('rotated', 'rotation', 'rotated', { generation: m.generation, gap: fmtMs(m.gap_ms) });
+    },
+    error: (m) => {
+      state.errors.push(m);
+      if (m.fatal) setStatus(m.message, true);
+    },
+    end: (m) => {
+      state.ended = m;
+      const stopped = m.reason === 'client_stopped';
+      setStatus(stopped ? t('ended') : `${t('ended')} ${m.message ?? ''}`.trim(), !stopped);
+    },
+    close: (event) => {
+      if (event.code === 1013) setStatus(event.reason || t('busy'), true);
+      else if (!state.ended && connection().stopped) setStatus(t('ended'));
+      else if (!state.ended && event.code !== 1000) setStatus(event.reason || t('socket-failed'), true);
+      state.capture?.stop();
+      player?.finish(TAIL_LIMIT_MS).then(scheduleRender);
+      if (state.connection === connection()) {
+        state.connection = null;
+        state.running = false;
+        updateButton();
+      }
+      scheduleRender();
+    },
+  };
 }
 
 function stop() {
-  stopCapture();
-  if (state.socket?.readyState === WebSocket.OPEN) state.socket.send(JSON.stringify({ type: 'stop' }));
+  state.capture?.stop();
+  state.connection?.stop();
 }
 
+// The button's name says what it does next; its colour shows a conversation running.
 function updateButton() {
-  $('talk').setAttribute('aria-pressed', String(state.running));
-  $('talk-label').textContent = state.running ? t('stop') : t('start');
+  $('talk').dataset.running = String(state.running);
+  label($('talk-label'), state.running ? 'stop' : 'start');
 }
 
 async function loadVoices() {
@@ -442,21 +312,66 @@ async function loadVoices() {
   } catch { /* the default voice still works */ }
 }
 
+/** `?lang=` picks the conversation's language, added to the list when it is not there. */
+function applyLanguageParameter() {
+  const lang = params.get('lang');
+  if (!lang) return;
+  const select = $('language');
+  if (![...select.options].some((option) => option.value === lang)) {
+    const option = document.createElement('option');
+    option.value = option.textContent = lang;
+    select.append(option);
+  }
+  select.value = lang;
+}
+
+// The narrow view automation gets: a fresh copy of a few facts, nothing to change.
+function facts() {
+  const capture = state.capture?.facts() ?? null;
+  return structuredClone({
+    running: state.running,
+    conversation: state.conversation,
+    mode: state.mode,
+    ready: state.engine != null,
+    playbackRate: state.player?.rate ?? null,
+    receivedSamples: state.player?.receivedSamples ?? 0,
+    playedSamples: state.player?.playedSamples ?? 0,
+    latenciesMs: state.latencies,
+    serverLatencyMs: state.serverLatencyMs,
+    toolCalls: state.toolCalls,
+    rotations: state.rotations,
+    errors: state.errors,
+    end: state.ended,
+    audio: {
+      player: state.player?.state ?? null,
+      playback: state.player?.path ?? null,
+      capture: capture?.context ?? null,
+      tracks: capture?.tracks ?? null,
+      recorder: capture?.recorder ?? null,
+    },
+  });
+}
+Object.defineProperty(window, 'sonora', { value: Object.freeze({ facts }), enumerable: true });
+
 $('talk').addEventListener('click', () => (state.running ? stop() : start()));
-$('ui-lang').addEventListener('click', () => { ui = ui === 'es' ? 'en' : 'es'; applyLanguage(); });
+$('ui-lang').addEventListener('click', () => {
+  setLanguage(language() === 'es' ? 'en' : 'es');
+  applyLanguage();
+});
 $('text-form').addEventListener('submit', (event) => {
   event.preventDefault();
   const text = $('text').value.trim();
   if (!text) return;
   $('text').value = '';
-  state.speechEndAt = performance.now();
-  if (state.socket?.readyState === WebSocket.OPEN && state.engine) {
-    state.socket.send(JSON.stringify({ type: 'text', text }));
+  if (state.connection?.ready && state.engine) {
+    state.connection.sendText(text);
   } else {
     state.pendingText = text;
     start({ withMicrophone: false });
   }
+  // After `start`, which forgets an earlier conversation's speech end.
+  state.speechEndAt = performance.now();
 });
-if (params.get('lang')) $('language').value = params.get('lang');
+applyLanguageParameter();
 applyLanguage();
 loadVoices();

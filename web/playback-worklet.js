@@ -1,6 +1,8 @@
 // Reply playback: a ring buffer of mono samples at the context's rate with
 // a small jitter buffer. Posts `started` when sound begins after silence,
-// and the running count of samples played.
+// the running count of samples played, and `finished` once the ring is
+// empty after a `finish` (the conversation is over: the page then closes
+// the context).
 const CAPACITY_SECONDS = 30;
 const JITTER_SECONDS = 0.06;
 
@@ -17,6 +19,7 @@ class Playback extends AudioWorkletProcessor {
     this.dropped = 0;
     this.lastReport = 0;
     this.ending = false; // the reply is complete: play the tail without waiting
+    this.finishing = false; // the conversation is over: say when the ring is empty
     this.port.onmessage = (event) => this.onMessage(event.data);
   }
 
@@ -39,9 +42,19 @@ class Playback extends AudioWorkletProcessor {
       this.read = this.write = this.size = 0;
       this.playing = false;
       this.port.postMessage({ type: 'flushed', played: this.played });
+      if (this.finishing) this.finished();
     } else if (message.type === 'end') {
       this.ending = true;
+    } else if (message.type === 'finish') {
+      this.ending = true;
+      this.finishing = true;
+      if (this.size === 0) this.finished();
     }
+  }
+
+  finished() {
+    this.finishing = false;
+    this.port.postMessage({ type: 'finished', played: this.played });
   }
 
   process(_inputs, outputs) {
@@ -63,6 +76,7 @@ class Playback extends AudioWorkletProcessor {
       if (this.size === 0) {
         this.playing = false;
         this.port.postMessage({ type: 'drained', played: this.played });
+        if (this.finishing) this.finished();
       }
     }
     for (let i = n; i < channel.length; i++) channel[i] = 0;
