@@ -26,7 +26,10 @@ const LAYERS: &[(&str, u8)] = &[
 const ENGINES: &[&str] = &["local", "nova_sonic", "scripted"];
 
 fn rank(module: &str) -> Option<u8> {
-    LAYERS.iter().find(|(name, _)| *name == module).map(|&(_, r)| r)
+    LAYERS
+        .iter()
+        .find(|(name, _)| *name == module)
+        .map(|&(_, r)| r)
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -101,7 +104,10 @@ fn dependencies_run_one_way() {
             continue;
         }
         let Some(own) = rank(module) else {
-            wrong.insert(format!("{}: module {module} has no layer", relative.display()));
+            wrong.insert(format!(
+                "{}: module {module} has no layer",
+                relative.display()
+            ));
             continue;
         };
         let own_engine = (module == "engine" && parts.len() > 1)

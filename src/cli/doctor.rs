@@ -5,7 +5,7 @@ use std::process::Command;
 
 use super::Failure;
 use crate::config::Config;
-use crate::engine::local::asr::MODEL_FILES;
+use crate::engine::local::MODEL_FILES;
 use crate::knowledge::KnowledgeBase;
 
 struct Check {

@@ -32,7 +32,7 @@ impl Default for AsrConfig {
 }
 
 /// A loaded Whisper model.
-pub struct Asr {
+pub(super) struct Asr {
     whisper: ct2rs::Whisper,
     config: AsrConfig,
 }
@@ -47,7 +47,7 @@ impl std::fmt::Debug for Asr {
 
 impl Asr {
     /// Loads the model in `dir`, naming what is missing when it cannot.
-    pub fn load(dir: &Path, config: AsrConfig) -> Result<Self, String> {
+    pub(super) fn load(dir: &Path, config: AsrConfig) -> Result<Self, String> {
         let missing: Vec<&str> = MODEL_FILES
             .iter()
             .copied()
@@ -71,7 +71,7 @@ impl Asr {
     }
 
     /// Transcribes 16 kHz mono speech in `language` (e.g. `es`, `en`).
-    pub fn transcribe(&self, pcm: &[i16], language: &str) -> Result<String, String> {
+    pub(super) fn transcribe(&self, pcm: &[i16], language: &str) -> Result<String, String> {
         if pcm.is_empty() {
             return Ok(String::new());
         }
@@ -98,6 +98,6 @@ impl Asr {
 }
 
 /// Whisper's language code for a BCP-47 tag: `es-419` → `es`.
-pub fn whisper_language(tag: &str) -> &str {
+pub(super) fn whisper_language(tag: &str) -> &str {
     tag.split(['-', '_']).next().unwrap_or(tag)
 }

@@ -6,11 +6,11 @@
 //! transcripts, speculative then final reply text, reply audio, barge-in when
 //! the user talks over the reply, and usage in seconds and characters.
 
-pub mod asr;
+mod asr;
 pub mod chat;
 mod reply;
 pub mod tts;
-pub mod vad;
+mod vad;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -20,13 +20,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use self::asr::{Asr, AsrConfig};
+pub use self::asr::{AsrConfig, MODEL_FILES};
+pub use self::vad::VadConfig;
+
+use self::asr::Asr;
 use self::chat::{ChatClient, ChatConfig};
 use self::reply::{
     EarlyRecognition, History, ReplyJob, ReplyProgress, Turn, TurnInput, recognise, remember,
 };
 use self::tts::TtsConfig;
-use self::vad::{Segmenter, VadConfig, VadEvent};
+use self::vad::{Segmenter, VadEvent};
 use super::{
     ConversationOptions, Engine, EngineEvent, EngineInput, EngineSession, ErrorKind, TurnEndReason,
     Voice,

@@ -48,7 +48,7 @@ impl Default for VadConfig {
 
 /// What the segmenter saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VadEvent {
+pub(super) enum VadEvent {
     /// Speech began.
     Started,
     /// A pause within speech, long enough to start recognising: the audio
@@ -63,7 +63,7 @@ pub enum VadEvent {
 }
 
 /// Streaming segmenter around one earshot detector.
-pub struct Segmenter {
+pub(super) struct Segmenter {
     config: VadConfig,
     detector: Box<earshot::Detector>,
     frame: Vec<i16>,
@@ -91,7 +91,7 @@ impl std::fmt::Debug for Segmenter {
 }
 
 impl Segmenter {
-    pub fn new(config: VadConfig) -> Self {
+    pub(super) fn new(config: VadConfig) -> Self {
         Self {
             config,
             detector: earshot::Detector::default_boxed(),
@@ -108,12 +108,8 @@ impl Segmenter {
         }
     }
 
-    pub fn in_speech(&self) -> bool {
-        self.in_speech
-    }
-
     /// Feeds 16 kHz mono samples; events are appended to `events`.
-    pub fn push(&mut self, samples: &[i16], events: &mut Vec<VadEvent>) {
+    pub(super) fn push(&mut self, samples: &[i16], events: &mut Vec<VadEvent>) {
         for &s in samples {
             self.frame.push(s);
             if self.frame.len() == FRAME_SAMPLES {
@@ -124,7 +120,7 @@ impl Segmenter {
     }
 
     /// End of input: closes an open segment.
-    pub fn flush(&mut self, events: &mut Vec<VadEvent>) {
+    pub(super) fn flush(&mut self, events: &mut Vec<VadEvent>) {
         if self.in_speech {
             let frame = std::mem::take(&mut self.frame);
             self.speech.extend_from_slice(&frame);
