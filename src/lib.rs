@@ -12,7 +12,8 @@
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
-//! Planned beside them: `store` (the ledger).
+//! Dependencies run one way, from `redact`/`usage` and `config` at the bottom up to `cli`
+//! (`tests/layers.rs` checks it).
 
 pub mod audio;
 pub mod cli;
