@@ -473,18 +473,9 @@ async fn chromium_shows_a_tool_call_an_engine_hand_off_and_a_barge_in() {
 /// `process()`.
 #[test]
 fn the_capture_worklet_resamples_into_a_fixed_pool() {
-    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        assert!(!required, "the worklet test cannot run: node is missing");
-        eprintln!("\n\n*** SKIPPED: the worklet test needs node ***\n");
+    let Some(out) = node("worklet.mjs", &root().join("web/capture-worklet.js")) else {
         return;
-    }
-    let out = Command::new("node")
-        .arg(root().join("tests/browser/worklet.mjs"))
-        .arg(root().join("web/capture-worklet.js"))
-        .output()
-        .unwrap();
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -527,18 +518,9 @@ fn the_capture_worklet_resamples_into_a_fixed_pool() {
 /// the hello, the language choice, and every word in both languages.
 #[test]
 fn the_protocol_and_text_modules_hold_under_node() {
-    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        assert!(!required, "the module test cannot run: node is missing");
-        eprintln!("\n\n*** SKIPPED: the module test needs node ***\n");
+    let Some(out) = node("modules.mjs", &root().join("web")) else {
         return;
-    }
-    let out = Command::new("node")
-        .arg(root().join("tests/browser/modules.mjs"))
-        .arg(root().join("web"))
-        .output()
-        .unwrap();
+    };
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -546,4 +528,22 @@ fn the_protocol_and_text_modules_hold_under_node() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// Runs `tests/browser/SCRIPT ARG` under Node; `None` (the test skipped)
+/// when Node is missing, unless `REQUIRE_BROWSER_TEST=1`.
+fn node(script: &str, arg: &Path) -> Option<std::process::Output> {
+    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
+    let version = Command::new("node").arg("--version").output();
+    if !version.is_ok_and(|o| o.status.success()) {
+        assert!(!required, "{script} cannot run: node is missing");
+        eprintln!("\n\n*** SKIPPED: {script} needs node ***\n");
+        return None;
+    }
+    let out = Command::new("node")
+        .arg(root().join("tests/browser").join(script))
+        .arg(arg)
+        .output()
+        .unwrap();
+    Some(out)
 }

@@ -6,7 +6,7 @@
 // conversation, close its AudioContext.
 // Usage: node events.mjs URL QUESTION SCREENSHOT.png
 // Prints one JSON line with what the page showed; exits 1 on failure.
-import { openPage, snapshot, waitClosed } from './page.mjs';
+import { runCheck, snapshot, waitClosed } from './page.mjs';
 
 const [url, question, screenshot] = process.argv.slice(2);
 if (!url || !question || !screenshot) {
@@ -17,9 +17,7 @@ if (!url || !question || !screenshot) {
 const notes = (page) => page.evaluate(() => [...document.querySelectorAll('[data-testid="transcript"] li[data-role="note"]')]
   .map((li) => ({ kind: li.dataset.kind, who: li.firstChild.textContent, text: li.lastChild.textContent })));
 
-const { page, log, pageErrors, scripts, close } = await openPage(null);
-let code = 0;
-try {
+await runCheck(null, screenshot, async (page) => {
   await page.goto(`${url}/`);
   await page.getByLabel('Escribe un mensaje').fill(question);
   await page.getByLabel('Escribe un mensaje').press('Enter');
@@ -38,13 +36,5 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   await page.getByTestId('talk').click();
   await waitClosed(page, 30000);
-  console.log(JSON.stringify({ ...await snapshot(page), spanish, english, during, scripts, pageErrors }));
-} catch (error) {
-  code = 1;
-  await page.screenshot({ path: screenshot, fullPage: true }).catch(() => {});
-  const state = await snapshot(page).catch((e) => ({ snapshot: String(e) }));
-  console.log(JSON.stringify({ failure: String(error), ...state, scripts, pageErrors, log }));
-} finally {
-  await close();
-}
-process.exit(code);
+  return { spanish, english, during };
+});

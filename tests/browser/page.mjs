@@ -74,3 +74,26 @@ export async function waitClosed(page, timeout) {
       && f.audio.tracks !== 'live' && f.audio.recorder !== 'recording';
   }, null, { timeout, polling: 100 });
 }
+
+/**
+ * Runs one browser check: opens the page (a fake microphone playing `wav`
+ * when given), runs `body(page)`, and prints one JSON line: the page's final
+ * snapshot with what `body` returned, or the failure with the page's log.
+ * Exits 0 on success, 1 on failure.
+ */
+export async function runCheck(wav, screenshot, body) {
+  const { page, log, pageErrors, scripts, close } = await openPage(wav);
+  let code = 0;
+  try {
+    const extra = await body(page);
+    console.log(JSON.stringify({ ...await snapshot(page), ...extra, scripts, pageErrors }));
+  } catch (error) {
+    code = 1;
+    await page.screenshot({ path: screenshot, fullPage: true }).catch(() => {});
+    const state = await snapshot(page).catch((e) => ({ snapshot: String(e) }));
+    console.log(JSON.stringify({ failure: String(error), ...state, scripts, pageErrors, log }));
+  } finally {
+    await close();
+  }
+  process.exit(code);
+}

@@ -5,7 +5,7 @@
 // and closed its audio contexts, streams and recorder.
 // Usage: node talk.mjs URL QUESTION.wav worklet|recorder SCREENSHOT.png
 // Prints one JSON line with what the page showed; exits 1 on failure.
-import { openPage, snapshot, waitClosed } from './page.mjs';
+import { runCheck, snapshot, waitClosed } from './page.mjs';
 
 const [url, wav, mode, screenshot] = process.argv.slice(2);
 if (!url || !wav || !['worklet', 'recorder'].includes(mode) || !screenshot) {
@@ -13,9 +13,7 @@ if (!url || !wav || !['worklet', 'recorder'].includes(mode) || !screenshot) {
   process.exit(2);
 }
 
-const { page, log, pageErrors, scripts, close } = await openPage(wav);
-let code = 0;
-try {
+await runCheck(wav, screenshot, async (page) => {
   await page.goto(`${url}/${mode === 'recorder' ? '?capture=recorder' : ''}`);
   await page.getByTestId('talk').click();
   await page.waitForFunction(() => {
@@ -31,13 +29,5 @@ try {
   await page.screenshot({ path: screenshot, fullPage: true });
   await page.getByTestId('talk').click();
   await waitClosed(page, 60000);
-  console.log(JSON.stringify({ ...await snapshot(page), during, scripts, pageErrors }));
-} catch (error) {
-  code = 1;
-  await page.screenshot({ path: screenshot, fullPage: true }).catch(() => {});
-  const state = await snapshot(page).catch((e) => ({ snapshot: String(e) }));
-  console.log(JSON.stringify({ failure: String(error), ...state, scripts, pageErrors, log }));
-} finally {
-  await close();
-}
-process.exit(code);
+  return { during };
+});
