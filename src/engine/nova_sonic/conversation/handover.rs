@@ -4,7 +4,7 @@
 //! a reconnection past the cap ends the conversation, a rotation past it (or
 //! whose next stream failed) is put off while the current stream serves.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -197,7 +197,7 @@ impl Driver {
         if self.closing_since.is_some() {
             return Step::Stop;
         }
-        if !failure.retry {
+        if !failure.retry() {
             let message = format!("Nova Sonic refused the conversation: {failure}");
             self.emit(EngineEvent::Error {
                 kind: ErrorKind::Fatal,
