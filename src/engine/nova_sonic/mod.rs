@@ -33,7 +33,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_config::Region;
-use aws_sdk_bedrockruntime::Client;
 use tokio::time::Instant;
 
 pub use self::client::{
@@ -42,6 +41,7 @@ pub use self::client::{
 pub use self::input::{Endpointing, Inference};
 pub use self::models::{DEFAULT_MODEL, MODEL_2, MODEL_V1, builtin_prices, rates_confirmed};
 use self::policy::{Breaker, Count, OpenStats};
+use self::stream::Service;
 use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
 use crate::config::NovaSonicConfig;
 use crate::tools::Tools;
@@ -161,7 +161,7 @@ impl NovaSonicSettings {
 #[derive(Debug)]
 struct Shared {
     settings: NovaSonicSettings,
-    client: Client,
+    service: Service,
     region: Region,
     region_source: RegionSource,
     tools: Option<Tools>,
@@ -190,7 +190,7 @@ impl NovaSonicEngine {
             shared: Arc::new(Shared {
                 breaker: Breaker::new(settings.breaker_cooldown),
                 settings,
-                client: connected.client,
+                service: Service::Bedrock(connected.client),
                 region: connected.region,
                 region_source: connected.region_source,
                 tools,
@@ -206,6 +206,29 @@ impl NovaSonicEngine {
     /// The Region the engine calls, and where that came from.
     pub fn region(&self) -> (&str, RegionSource) {
         (self.shared.region.as_ref(), self.shared.region_source)
+    }
+}
+
+#[cfg(test)]
+impl NovaSonicEngine {
+    /// An engine whose streams go to the test, which plays the service.
+    fn fake(
+        settings: NovaSonicSettings,
+        tools: Option<Tools>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<stream::FakeCall>) {
+        let (calls, opened) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Self {
+            shared: Arc::new(Shared {
+                breaker: Breaker::new(settings.breaker_cooldown),
+                settings,
+                service: Service::Fake(calls),
+                region: Region::from_static(FALLBACK_REGION),
+                region_source: RegionSource::Fallback,
+                tools,
+                stats: OpenStats::default(),
+            }),
+        };
+        (engine, opened)
     }
 }
 

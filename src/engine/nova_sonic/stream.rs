@@ -129,6 +129,52 @@ pub(crate) enum SendError {
     Closed,
 }
 
+/// Where streams are opened: Bedrock through the SDK or, in tests, a
+/// service the test plays.
+#[derive(Debug)]
+pub(crate) enum Service {
+    Bedrock(Client),
+    #[cfg(test)]
+    Fake(mpsc::UnboundedSender<FakeCall>),
+}
+
+impl Service {
+    /// Opens a stream whose first events are `setup`; see [`Upstream::open`].
+    pub(crate) fn open(&self, model: &str, setup: &[Input]) -> Upstream {
+        match self {
+            Self::Bedrock(client) => Upstream::open(client, model, setup),
+            #[cfg(test)]
+            Self::Fake(calls) => {
+                let (upstream, call) = Upstream::fake(setup);
+                let _ = calls.send(call);
+                upstream
+            }
+        }
+    }
+}
+
+/// One call to a service played by a test.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct FakeCall {
+    /// What the conversation sends, in order, from `sessionStart` on.
+    pub(crate) sent: mpsc::Receiver<Result<SdkInput, InputError>>,
+    /// What the service answers; `Ended` or `Failed` closes the stream.
+    pub(crate) answer: mpsc::UnboundedSender<StreamItem>,
+}
+
+/// The JSON event inside an input the conversation sent.
+#[cfg(test)]
+pub(crate) fn sent_json(input: &SdkInput) -> serde_json::Value {
+    match input {
+        SdkInput::Chunk(part) => part
+            .bytes()
+            .and_then(|blob| serde_json::from_slice(blob.as_ref()).ok())
+            .unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// One open stream.
 #[derive(Debug)]
 pub(crate) struct Upstream {
@@ -207,6 +253,39 @@ impl Upstream {
         }
     }
 
+    /// A stream answered by a test instead of the SDK: the same channels,
+    /// the same closing rules.
+    #[cfg(test)]
+    fn fake(setup: &[Input]) -> (Self, FakeCall) {
+        let (input, sent) = mpsc::channel(INPUT_CAPACITY + setup.len());
+        for event in setup {
+            let _ = input.try_send(chunk(event));
+        }
+        let (events_tx, events) = mpsc::channel(OUTPUT_CAPACITY);
+        let (answer, mut answers) = mpsc::unbounded_channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = answers.recv().await {
+                let last = matches!(item, StreamItem::Ended | StreamItem::Failed(_));
+                if last {
+                    flag.store(true, Ordering::Release);
+                }
+                if events_tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let upstream = Self {
+            input: Some(input),
+            closed,
+            events,
+            task,
+            opened_at: Instant::now(),
+        };
+        (upstream, FakeCall { sent, answer })
+    }
+
     /// True once the service ended or failed the stream.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -246,9 +325,9 @@ impl Upstream {
         drain: Option<mpsc::Sender<StreamItem>>,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + wait;
+            let deadline = Instant::now() + wait;
             for event in &closing {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let left = deadline.saturating_duration_since(Instant::now());
                 if self.send(event, left).await.is_err() {
                     break;
                 }

@@ -4,18 +4,16 @@
 //! a reconnection past the cap ends the conversation, a rotation past it (or
 //! whose next stream failed) is put off while the current stream serves.
 
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use tokio::sync::mpsc;
-
-use super::{
-    CONTROL_WAIT, Driver, END_WAIT, FRAME_SAMPLES, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream,
-};
+use super::pump::FRAME_SAMPLES;
+use super::{CONTROL_WAIT, Driver, END_WAIT, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream};
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
 use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::output::Output;
 use crate::engine::nova_sonic::policy::{Count, Gate};
-use crate::engine::nova_sonic::stream::{Failure, StreamItem, Upstream};
+use crate::engine::nova_sonic::stream::{Failure, StreamItem};
 use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
 
@@ -55,17 +53,9 @@ impl Driver {
             && !self.shared.settings.model.contains(MODEL_V1)
         {
             events.extend(builder.text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES));
-            self.awaiting_reply = Some(Instant::now());
+            self.stall.expect_reply(Instant::now());
         }
-        let unheard = self.samples_in.saturating_sub(self.heard_upto);
-        let replay = (unheard as usize).min(self.recent.len());
-        let samples: Vec<i16> = self
-            .recent
-            .iter()
-            .skip(self.recent.len() - replay)
-            .copied()
-            .collect();
-        for frame in samples.chunks(FRAME_SAMPLES) {
+        for frame in self.pump.unheard().chunks(FRAME_SAMPLES) {
             events.push(builder.audio_input(&audio, frame));
         }
         (events, audio)
@@ -98,7 +88,10 @@ impl Driver {
             events.extend(more);
             audio = Some(name);
         }
-        let up = Upstream::open(&self.shared.client, &self.shared.settings.model, &events);
+        let up = self
+            .shared
+            .service
+            .open(&self.shared.settings.model, &events);
         Stream {
             up,
             builder,
@@ -220,10 +213,10 @@ impl Driver {
             .await;
             return Step::Stop;
         }
-        if self.awaiting_reply.is_some() {
+        if self.stall.reply_due() {
             // The user's last message was heard but not answered: ask again.
             self.unanswered = self.history.last_user().map(str::to_owned);
-            self.awaiting_reply = None;
+            self.stall.answered();
         }
         let backoff = self.policy.backoff(self.retries);
         let mut message = format!(
@@ -318,10 +311,32 @@ impl Driver {
         self.next = Some(stream);
     }
 
+    /// Rotation: armed once the current stream is `rotate_after` old; the
+    /// next stream is prepared when the assistant starts speaking (see
+    /// `on_output`) or `handoff_wait` after that.
+    pub(super) fn rotation_tick(&mut self, now: Instant) {
+        let settings = &self.shared.settings;
+        let (rotate_after, handoff_wait) = (settings.rotate_after, settings.handoff_wait);
+        let Some(current) = &self.current else {
+            return;
+        };
+        if current.audio.is_none() {
+            return;
+        }
+        let age = now.duration_since(current.up.opened_at);
+        if self.rotation.armed_at.is_none() && age >= rotate_after && self.closing_since.is_none() {
+            self.rotation.armed_at = Some(now);
+        }
+        if let Some(armed) = self.rotation.armed_at
+            && self.next.is_none()
+            && now.duration_since(armed) >= handoff_wait
+        {
+            self.prepare_next();
+        }
+    }
+
     pub(super) fn assistant_done(&self) -> bool {
-        !self.translator.turn_open()
-            && self.tools_pending.is_empty()
-            && self.awaiting_reply.is_none()
+        !self.translator.turn_open() && self.tools.idle() && !self.stall.reply_due()
     }
 
     pub(super) async fn maybe_hand_off(&mut self) {
