@@ -17,6 +17,19 @@ use crate::engine::nova_sonic::stream::{Failure, StreamItem};
 use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
 
+impl Stream {
+    /// The closing events: the audio block's end (once it is open), then
+    /// `promptEnd` and `sessionEnd`.
+    fn closing(&self) -> Vec<Input> {
+        let mut closing = Vec::new();
+        if let Some(audio) = &self.audio {
+            closing.push(self.builder.content_end(audio));
+        }
+        closing.extend(self.builder.prompt_and_session_end());
+        closing
+    }
+}
+
 impl Driver {
     /// The events that open a stream: session, prompt (voice, tools), system.
     pub(super) fn setup(&self, builder: &mut Builder) -> Vec<Input> {
@@ -375,13 +388,7 @@ impl Driver {
         self.prepare_failures = 0;
         self.translator.begin_overlapping_stream();
         if let Some(old) = old {
-            let mut closing = Vec::new();
-            if let Some(audio) = &old.audio {
-                closing.push(old.builder.content_end(audio));
-            }
-            closing.extend(old.builder.prompt_and_session_end());
-            old.up
-                .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
+            self.close_in_background(old);
         }
         self.emit(EngineEvent::Rotated {
             generation: self.generation,
@@ -398,11 +405,7 @@ impl Driver {
     /// The closing triple (when the stream still takes events), then its
     /// last events, in the background; late usage is still counted.
     pub(super) fn close_in_background(&self, stream: Stream) {
-        let mut closing = Vec::new();
-        if let Some(audio) = &stream.audio {
-            closing.push(stream.builder.content_end(audio));
-        }
-        closing.extend(stream.builder.prompt_and_session_end());
+        let closing = stream.closing();
         stream
             .up
             .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
@@ -415,11 +418,7 @@ impl Driver {
         let Some(mut stream) = self.current.take() else {
             return;
         };
-        let mut closing = Vec::new();
-        if let Some(audio) = &stream.audio {
-            closing.push(stream.builder.content_end(audio));
-        }
-        closing.extend(stream.builder.prompt_and_session_end());
+        let closing = stream.closing();
         // Events that already arrived come first.
         let mut early = Vec::new();
         while let Ok(item) = stream.up.events.try_recv() {
@@ -427,27 +426,24 @@ impl Driver {
         }
         let (tx, mut rx) = mpsc::channel(64);
         let finishing = stream.up.finish(closing, END_WAIT, Some(tx));
-        let mut items = early;
-        while let Some(item) = rx.recv().await {
-            items.push(item);
-            for item in items.drain(..) {
-                if let StreamItem::Output(output) = item {
-                    for event in self.translator.on_output(output) {
-                        self.emit(event).await;
-                    }
-                }
-            }
+        for item in early {
+            self.on_last_item(item).await;
         }
-        for item in items {
-            if let StreamItem::Output(output) = item {
-                for event in self.translator.on_output(output) {
-                    self.emit(event).await;
-                }
-            }
+        while let Some(item) = rx.recv().await {
+            self.on_last_item(item).await;
         }
         let _ = finishing.await;
         if let Some(event) = self.translator.end_open_turn(TurnEndReason::Completed) {
             self.emit(event).await;
+        }
+    }
+
+    /// An event from the stream being finished: translated, nothing else.
+    async fn on_last_item(&mut self, item: StreamItem) {
+        if let StreamItem::Output(output) = item {
+            for event in self.translator.on_output(output) {
+                self.emit(event).await;
+            }
         }
     }
 }
