@@ -58,6 +58,9 @@ async fn run(warm: bool) -> Outcome {
     let config = NovaSonicConfig {
         endpoint_url: endpoint.url.clone(),
         ca_file: endpoint.ca_file.display().to_string(),
+        // Named, so no lookup along the AWS chain (the instance metadata
+        // service) slows the test down.
+        region: "us-east-1".into(),
         ..NovaSonicConfig::default()
     };
     let mut settings = NovaSonicSettings::from_config(&config);

@@ -7,7 +7,7 @@
 //! - [`knowledge`]: the FAQ knowledge base (Markdown files, BM25 retrieval, answer policy).
 //! - [`tools`]: the tools an engine offers its model: knowledge search, date and time, HTTP calls.
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
-//! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
+//! - [`usage`]: usage deltas, token counts, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).

@@ -18,10 +18,10 @@ use sonora::config::NovaSonicConfig;
 use sonora::config::ToolsConfig;
 use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
 use sonora::engine::{
-    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
+    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, StartError,
+    TurnEndReason,
 };
 use sonora::tools::Tools;
-use sonora::usage::PriceTable;
 use tokio::sync::mpsc;
 
 const GUARD: Duration = Duration::from_secs(120);
@@ -34,6 +34,9 @@ async fn engine(
     let config = NovaSonicConfig {
         endpoint_url: endpoint.url.clone(),
         ca_file: endpoint.ca_file.display().to_string(),
+        // Named, so no lookup along the AWS chain (the instance metadata
+        // service) slows the test down.
+        region: "us-east-1".into(),
         ..NovaSonicConfig::default()
     };
     let mut settings = NovaSonicSettings::from_config(&config);
@@ -289,7 +292,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         (sent.speech_in, sent.speech_out, sent.text_in, sent.text_out)
     );
     assert!(sent.speech_in > 0 && sent.speech_out > 0 && sent.text_in > 0 && sent.text_out > 0);
-    let rates = *PriceTable::builtin()
+    let rates = *sonora::engine::nova_sonic::builtin_prices()
         .rates("amazon.nova-2-sonic-v1:0")
         .unwrap();
     assert_eq!(counted.cost_micro_usd, sent.cost_micro_usd(&rates));
@@ -904,7 +907,15 @@ async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldow
         language: "es".into(),
         voice: String::new(),
     });
-    let message = refused.expect_err("refused while busy");
+    let error = refused.expect_err("refused while busy");
+    let StartError::Busy {
+        retry_after,
+        message,
+    } = &error
+    else {
+        panic!("refused as busy, not {error:?}");
+    };
+    assert!(*retry_after <= cooldown, "{retry_after:?}");
     assert!(message.contains("throttling"), "{message}");
     assert_eq!(stat(&engine, "breaker_trips_total"), 1);
     assert_eq!(stat(&engine, "breaker_open"), 1);

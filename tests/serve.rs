@@ -17,7 +17,7 @@ use serde_json::json;
 use sonora::config::Config;
 use sonora::engine::scripted::{ScriptedEngine, Step};
 use sonora::engine::{
-    ConversationOptions, Engine, EngineEvent, EngineSession, ErrorKind, Pcm, Voice,
+    ConversationOptions, Engine, EngineEvent, EngineSession, ErrorKind, Pcm, StartError, Voice,
 };
 
 fn echo() -> Option<Arc<dyn Engine>> {
@@ -42,7 +42,7 @@ impl Engine for Voiced {
     fn voices(&self) -> Vec<Voice> {
         vec![Voice::new("a", "A", "es"), Voice::new("b", "B", "en")]
     }
-    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, StartError> {
         self.0.start(options)
     }
 }
@@ -54,8 +54,8 @@ impl Engine for Broken {
     fn name(&self) -> &'static str {
         "broken"
     }
-    fn start(&self, _: ConversationOptions) -> Result<EngineSession, String> {
-        Err("no capacity left upstream".into())
+    fn start(&self, _: ConversationOptions) -> Result<EngineSession, StartError> {
+        Err(StartError::Unavailable("no capacity left upstream".into()))
     }
 }
 

@@ -1,12 +1,21 @@
 //! `sonora doctor`: what is installed, and what each missing piece disables.
+//! It fails only when the configured engine is missing a part.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use aws_credential_types::provider::ProvideCredentials;
 
 use super::Failure;
-use crate::config::Config;
+use crate::config::{Config, EngineKind};
 use crate::engine::local::MODEL_FILES;
+use crate::engine::nova_sonic::resolve_region;
 use crate::knowledge::KnowledgeBase;
+
+/// The longest wait for the AWS credential chain (the instance metadata
+/// service answers in milliseconds where there is one).
+const CREDENTIALS_WAIT: Duration = Duration::from_secs(3);
 
 struct Check {
     name: &'static str,
@@ -18,6 +27,14 @@ struct Check {
 
 pub(crate) fn run(config: &Config) -> Result<(), Failure> {
     let local = &config.local;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let (aws, region) = runtime.block_on(async {
+        let region = resolve_region(&config.nova_sonic.region).await;
+        (aws_check(&region.0).await, region)
+    });
     let checks = [
         model_check(Path::new(&local.model_dir)),
         program_check(
@@ -33,7 +50,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             &["-hide_banner", "-version"],
             "only the baseline of `sonora bench decode` (apt-get install ffmpeg)",
         ),
-        aws_check(),
+        aws,
     ];
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for check in &checks {
@@ -43,7 +60,14 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             println!("        {:<width$}  disables: {}", "", check.disables);
         }
     }
+    let (region, source) = region;
+    println!(
+        "        {:<width$}  Nova Sonic calls {region} (from {})",
+        "AWS Region",
+        source.describe()
+    );
     let local_ready = checks[..3].iter().all(|c| c.ok);
+    let nova_ready = checks[4].ok;
     println!(
         "local engine: {}",
         if local_ready {
@@ -52,10 +76,24 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             "not ready (see above; scripts/setup installs everything)"
         }
     );
-    if local_ready {
-        Ok(())
-    } else {
-        Err(anyhow::anyhow!("the local engine is missing parts").into())
+    println!(
+        "nova-sonic engine: {}",
+        if nova_ready {
+            "ready"
+        } else {
+            "not ready (no AWS credentials)"
+        }
+    );
+    // Only the configured engine's parts decide the exit code.
+    let kind = config.engine.kind;
+    match kind {
+        EngineKind::Local if !local_ready => {
+            Err(anyhow::anyhow!("the configured local engine is missing parts").into())
+        }
+        EngineKind::NovaSonic if !nova_ready => {
+            Err(anyhow::anyhow!("the configured nova-sonic engine has no AWS credentials").into())
+        }
+        EngineKind::Local | EngineKind::NovaSonic => Ok(()),
     }
 }
 
@@ -120,24 +158,42 @@ fn knowledge_check(dir: &Path) -> Check {
     }
 }
 
-fn aws_check() -> Check {
-    let env = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
-    let files = home
-        .is_some_and(|h| h.join(".aws/credentials").is_file() || h.join(".aws/config").is_file());
-    let source = if env("AWS_ACCESS_KEY_ID") && env("AWS_SECRET_ACCESS_KEY") {
-        Some("environment variables")
-    } else if env("AWS_PROFILE") || files {
-        Some("~/.aws profile")
-    } else if env("AWS_WEB_IDENTITY_TOKEN_FILE") || env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
-        Some("web identity / container role")
-    } else {
-        None
+/// Credentials from the AWS SDK's default chain, as the engine gets them:
+/// environment, profile (SSO, a process, a role to assume), web identity,
+/// the container's or the instance's role.
+async fn aws_check(region: &aws_config::Region) -> Check {
+    let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+        .region(region.clone())
+        .build()
+        .await;
+    let found = tokio::time::timeout(CREDENTIALS_WAIT, chain.provide_credentials()).await;
+    let (ok, detail) = match found {
+        Ok(Ok(credentials)) => {
+            let key = credentials.access_key_id();
+            let shown = key.get(key.len().saturating_sub(4)..).unwrap_or("");
+            let lifetime = if credentials.expiry().is_some() {
+                "temporary"
+            } else {
+                "long-term"
+            };
+            (true, format!("found (access key …{shown}, {lifetime})"))
+        }
+        Ok(Err(e)) => (
+            false,
+            format!(
+                "none found ({})",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            ),
+        ),
+        Err(_) => (
+            false,
+            format!("none found within {} s", CREDENTIALS_WAIT.as_secs()),
+        ),
     };
     Check {
         name: "AWS credentials",
-        ok: source.is_some(),
-        detail: source.map_or_else(|| "none found".to_owned(), |s| format!("found ({s})")),
+        ok,
+        detail,
         disables: "only the nova-sonic engine (the local engine needs no account)",
     }
 }

@@ -76,18 +76,17 @@ pub(crate) async fn engine(config: &Config) -> anyhow::Result<NovaSonicEngine> {
     let tools = Tools::new(&config.tools, knowledge).map_err(|e| anyhow!(e))?;
     let settings = NovaSonicSettings::from_config(&config.nova_sonic);
     let names: Vec<String> = tools.specs().into_iter().map(|s| s.name).collect();
+    let engine = NovaSonicEngine::connect(settings, Some(tools))
+        .await
+        .map_err(|e| anyhow!(e))?;
+    let settings = engine.settings();
+    let (region, source) = engine.region();
     eprintln!(
-        "sonora: Nova Sonic {} in {} via {} (tools: {})",
+        "sonora: Nova Sonic {} in {region} (from {}) via {} (tools: {})",
         settings.model,
-        if settings.client.region.is_empty() {
-            "the default Region"
-        } else {
-            &settings.client.region
-        },
+        source.describe(),
         settings.client.endpoint_url.as_deref().unwrap_or("Bedrock"),
         names.join(", ")
     );
-    NovaSonicEngine::connect(settings, Some(tools))
-        .await
-        .map_err(|e| anyhow!(e))
+    Ok(engine)
 }

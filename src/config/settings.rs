@@ -32,7 +32,7 @@ pub struct Config {
 pub struct NovaSonicConfig {
     /// Bedrock model id, `amazon.nova-2-sonic-v1:0` or `amazon.nova-sonic-v1:0` (no unit).
     pub model: String,
-    /// AWS Region; empty takes `AWS_REGION` or the profile's (no unit).
+    /// AWS Region; empty (the default) takes the AWS chain's: `AWS_REGION`, the profile's, the instance's; us-east-1 if none (no unit).
     pub region: String,
     /// Voice when the client asks for none, e.g. `lupe`, `carlos` (no unit).
     pub voice: String,
@@ -82,7 +82,7 @@ impl Default for NovaSonicConfig {
     fn default() -> Self {
         Self {
             model: "amazon.nova-2-sonic-v1:0".into(),
-            region: "us-east-1".into(),
+            region: String::new(),
             voice: "lupe".into(),
             output_rate_hz: 24_000,
             system_prompt: String::new(),

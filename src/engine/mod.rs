@@ -216,10 +216,36 @@ pub struct EngineStat {
     pub value: u64,
 }
 
+/// Why an engine did not start a conversation. Each kind says what the
+/// caller does: tell the client to come back later, or close the
+/// connection as a server fault, or as a request the engine cannot honour.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// The engine sheds load (its service throttles): refuse like a full
+    /// server and let the client try again after `retry_after`.
+    #[error("{message}")]
+    Busy {
+        retry_after: Duration,
+        message: String,
+    },
+    /// The engine or its service cannot be reached or has no capacity just
+    /// now: close as a server fault; a later conversation may work.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The engine's configuration keeps it from serving anyone (a missing
+    /// model, no credentials): close as a server fault and fix the setup.
+    #[error("{0}")]
+    Misconfigured(String),
+    /// The conversation asked for something this engine does not offer (a
+    /// voice it lacks): the same request will fail again.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
 /// A speech-to-speech engine. `start` is called inside a Tokio runtime and
-/// spawns whatever tasks the conversation needs; it fails when the engine
-/// cannot serve any conversation (e.g. its model is missing), or while it is
-/// [`busy`](Engine::busy).
+/// spawns whatever tasks the conversation needs; it fails with a
+/// [`StartError`] when the engine cannot serve this conversation, for
+/// example while it is [`busy`](Engine::busy).
 pub trait Engine: Send + Sync {
     /// Short name: `local`, `nova-sonic`.
     fn name(&self) -> &'static str;
@@ -227,7 +253,7 @@ pub trait Engine: Send + Sync {
     fn voices(&self) -> Vec<Voice> {
         Vec::new()
     }
-    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String>;
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, StartError>;
     /// `Some(wait)` while the engine refuses new conversations to shed load
     /// (its service is throttling): how long until it takes them again.
     /// Running conversations go on.

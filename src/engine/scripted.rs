@@ -116,7 +116,7 @@ impl Engine for ScriptedEngine {
         "scripted"
     }
 
-    fn start(&self, _options: ConversationOptions) -> Result<EngineSession, String> {
+    fn start(&self, _options: ConversationOptions) -> Result<EngineSession, super::StartError> {
         let (session, input, events) = EngineSession::channel();
         let keep_log = matches!(self.behaviour, Behaviour::Script(_));
         let inbox = Inbox {

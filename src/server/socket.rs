@@ -18,7 +18,7 @@ use super::protocol::{
 };
 use super::{OUTPUT_RATE_HZ, Shared};
 use crate::audio::{AudioFormat, StreamDecoder, StreamResampler};
-use crate::engine::{ConversationOptions, EngineEvent, ErrorKind};
+use crate::engine::{ConversationOptions, EngineEvent, ErrorKind, StartError};
 use crate::session::{
     ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle, ConversationSummary,
 };
@@ -233,7 +233,7 @@ impl Connection {
         };
         let session = match engine.start(options) {
             Ok(session) => session,
-            Err(message) if engine.busy().is_some() => {
+            Err(StartError::Busy { message, .. }) => {
                 // Shedding load: a refusal like a full server, not a failure.
                 self.shared
                     .metrics

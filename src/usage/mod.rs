@@ -4,16 +4,15 @@
 //! micro-dollars so sums never drift.
 //!
 //! Prices are integer nano-dollars per token, which is exact for every
-//! published Nova Sonic rate. A [`UsageMeter`] turns Nova Sonic
-//! `usageEvent`s into deltas, keeps the exact running cost in nano-dollars
-//! and hands out micro-dollar cost shares whose sum always equals the
-//! rounded total.
+//! published rate. A [`UsageMeter`] counts [`Tokens`] as an engine reads
+//! them from its service, keeps the exact running cost in nano-dollars and
+//! hands out micro-dollar cost shares whose sum always equals the rounded
+//! total. Reading a service's own usage reports is the engine's business.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// What one engine event added to a conversation's usage. Always a delta.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,11 +66,6 @@ impl UsageDelta {
     }
 }
 
-/// Nova Sonic v1 model id.
-pub const NOVA_SONIC_V1: &str = "amazon.nova-sonic-v1:0";
-/// Nova 2 Sonic model id.
-pub const NOVA_2_SONIC: &str = "amazon.nova-2-sonic-v1:0";
-
 /// Nano-dollars in one micro-dollar.
 const NANO_PER_MICRO: u128 = 1_000;
 /// Largest accepted configured rate, in USD per 1,000 tokens.
@@ -95,17 +89,12 @@ pub enum Direction {
     Output,
 }
 
-/// The four token kinds, with their names in a `usageEvent`.
-const KINDS: [(Modality, Direction, &str, &str); 4] = [
-    (Modality::Speech, Direction::Input, "input", "speechTokens"),
-    (Modality::Text, Direction::Input, "input", "textTokens"),
-    (
-        Modality::Speech,
-        Direction::Output,
-        "output",
-        "speechTokens",
-    ),
-    (Modality::Text, Direction::Output, "output", "textTokens"),
+/// The four token kinds.
+pub const KINDS: [(Modality, Direction); 4] = [
+    (Modality::Speech, Direction::Input),
+    (Modality::Text, Direction::Input),
+    (Modality::Speech, Direction::Output),
+    (Modality::Text, Direction::Output),
 ];
 
 /// Prices of one model, in nano-dollars per token.
@@ -136,44 +125,6 @@ pub struct PriceTable {
 }
 
 impl PriceTable {
-    /// The built-in on-demand rates.
-    ///
-    /// - `amazon.nova-sonic-v1:0`: $0.0034 / $0.0136 / $0.00006 / $0.00024 per
-    ///   1K speech-in / speech-out / text-in / text-out tokens, as hard-coded in
-    ///   the AWS workshop sample meter (`meter.jsx`). Confirmed.
-    /// - `amazon.nova-2-sonic-v1:0`: $0.003 / $0.012 / $0.00033 / $0.00275 per
-    ///   1K tokens. **UNCONFIRMED**: third-party sources only; the AWS pricing
-    ///   page copies available lacked the Sonic table. Override from config
-    ///   once confirmed (see [`PriceTable::is_confirmed`]).
-    pub fn builtin() -> Self {
-        Self::default()
-            .with_override(
-                NOVA_SONIC_V1,
-                Rates {
-                    speech_in: 3_400,
-                    speech_out: 13_600,
-                    text_in: 60,
-                    text_out: 240,
-                },
-            )
-            .with_override(
-                NOVA_2_SONIC,
-                Rates {
-                    speech_in: 3_000,
-                    speech_out: 12_000,
-                    text_in: 330,
-                    text_out: 2_750,
-                },
-            )
-    }
-
-    /// Whether the built-in rates for `model` come from an AWS source.
-    /// False for Nova 2 Sonic (unconfirmed rates) and for models without
-    /// built-in rates.
-    pub fn is_confirmed(model: &str) -> bool {
-        model == NOVA_SONIC_V1
-    }
-
     /// Sets (or replaces) the rates of `model`.
     #[must_use]
     pub fn with_override(mut self, model: &str, rates: Rates) -> Self {
@@ -233,15 +184,15 @@ fn nano_per_token(what: &str, usd_per_1k: f64) -> Result<u64, String> {
 
 /// Token counts of the four kinds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Tokens {
-    speech_in: u64,
-    speech_out: u64,
-    text_in: u64,
-    text_out: u64,
+pub struct Tokens {
+    pub speech_in: u64,
+    pub speech_out: u64,
+    pub text_in: u64,
+    pub text_out: u64,
 }
 
 impl Tokens {
-    fn get(&self, modality: Modality, direction: Direction) -> u64 {
+    pub fn get(&self, modality: Modality, direction: Direction) -> u64 {
         match (modality, direction) {
             (Modality::Speech, Direction::Input) => self.speech_in,
             (Modality::Speech, Direction::Output) => self.speech_out,
@@ -250,7 +201,7 @@ impl Tokens {
         }
     }
 
-    fn slot(&mut self, modality: Modality, direction: Direction) -> &mut u64 {
+    pub fn slot(&mut self, modality: Modality, direction: Direction) -> &mut u64 {
         match (modality, direction) {
             (Modality::Speech, Direction::Input) => &mut self.speech_in,
             (Modality::Speech, Direction::Output) => &mut self.speech_out,
@@ -259,9 +210,9 @@ impl Tokens {
         }
     }
 
-    fn saturating_add(&self, other: &Self) -> Self {
+    pub fn saturating_add(&self, other: &Self) -> Self {
         let mut out = *self;
-        for (m, d, _, _) in KINDS {
+        for (m, d) in KINDS {
             let slot = out.slot(m, d);
             *slot = slot.saturating_add(other.get(m, d));
         }
@@ -269,19 +220,19 @@ impl Tokens {
     }
 
     /// `self - earlier` per field, or `None` if any field went down.
-    fn checked_sub(&self, earlier: &Self) -> Option<Self> {
+    pub fn checked_sub(&self, earlier: &Self) -> Option<Self> {
         let mut out = Self::default();
-        for (m, d, _, _) in KINDS {
+        for (m, d) in KINDS {
             *out.slot(m, d) = self.get(m, d).checked_sub(earlier.get(m, d))?;
         }
         Some(out)
     }
 
     /// Exact cost in nano-dollars.
-    fn cost_nano(&self, rates: &Rates) -> u128 {
+    pub fn cost_nano(&self, rates: &Rates) -> u128 {
         KINDS
             .iter()
-            .map(|&(m, d, _, _)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
+            .map(|&(m, d)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
             .fold(0u128, u128::saturating_add)
     }
 
@@ -289,8 +240,8 @@ impl Tokens {
     fn modality_cost_nano(&self, rates: &Rates, modality: Modality) -> u128 {
         KINDS
             .iter()
-            .filter(|&&(m, _, _, _)| m == modality)
-            .map(|&(m, d, _, _)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
+            .filter(|&&(m, _)| m == modality)
+            .map(|&(m, d)| u128::from(self.get(m, d)) * u128::from(rates.per_token(m, d)))
             .fold(0u128, u128::saturating_add)
     }
 }
@@ -305,40 +256,7 @@ impl fmt::Display for Tokens {
     }
 }
 
-/// What [`UsageMeter::ingest`] made of one `usageEvent`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ingested {
-    /// Tokens of this event, with its share of the cost in `cost_micro_usd`.
-    Delta(UsageDelta),
-    /// Counted like [`Ingested::Delta`], but the event's deltas and running
-    /// totals disagree (or the totals went backwards); the deltas were
-    /// trusted and `warning` says by how much they disagree.
-    Mismatch { delta: UsageDelta, warning: String },
-    /// No recognisable token fields: nothing was counted.
-    Unknown { reason: String },
-}
-
-impl Ingested {
-    /// The counted delta, if anything was counted.
-    pub fn delta(&self) -> Option<&UsageDelta> {
-        match self {
-            Self::Delta(delta) | Self::Mismatch { delta, .. } => Some(delta),
-            Self::Unknown { .. } => None,
-        }
-    }
-}
-
-/// Per-stream bookkeeping: the engine's running totals restart with each
-/// upstream stream.
-#[derive(Debug, Clone, Copy, Default)]
-struct StreamState {
-    /// Sum of the deltas counted on this stream.
-    summed: Tokens,
-    /// The last running total the engine reported on this stream.
-    last_total: Option<Tokens>,
-}
-
-/// Usage and cost of one conversation, across all its upstream streams.
+/// Usage and cost of one conversation.
 #[derive(Debug, Clone)]
 pub struct UsageMeter {
     model: String,
@@ -350,9 +268,6 @@ pub struct UsageMeter {
     /// Exact cost per modality (speech, text) and what was handed out of each.
     modality_nano: [u128; 2],
     modality_reported: [u64; 2],
-    stream: StreamState,
-    /// The stream before `stream` while it is still closing (rotation).
-    previous: Option<StreamState>,
 }
 
 impl UsageMeter {
@@ -367,8 +282,6 @@ impl UsageMeter {
             reported_micro: 0,
             modality_nano: [0; 2],
             modality_reported: [0; 2],
-            stream: StreamState::default(),
-            previous: None,
         }
     }
 
@@ -376,98 +289,9 @@ impl UsageMeter {
         &self.model
     }
 
-    /// A new upstream stream began (rotation or reconnect): the engine's
-    /// running totals restart at zero. The meter's own totals carry on.
-    pub fn begin_stream(&mut self) {
-        self.stream = StreamState::default();
-    }
-
-    /// A new stream began while the current one is still closing (a warm
-    /// hand-off): the closing stream's late events go to
-    /// [`UsageMeter::ingest_previous`] and are checked against its own totals.
-    pub fn begin_overlapping_stream(&mut self) {
-        self.previous = Some(std::mem::take(&mut self.stream));
-    }
-
-    /// [`UsageMeter::ingest`] for the stream that was current before
-    /// [`UsageMeter::begin_overlapping_stream`].
-    pub fn ingest_previous(&mut self, usage_event: &Value) -> Ingested {
-        let previous = self.previous.take().unwrap_or_default();
-        let current = std::mem::replace(&mut self.stream, previous);
-        let ingested = self.ingest(usage_event);
-        self.previous = Some(std::mem::replace(&mut self.stream, current));
-        ingested
-    }
-
-    /// Counts one `usageEvent` (the object inside
-    /// `{"event":{"usageEvent": …}}`).
-    ///
-    /// `details.delta` is what gets counted. When `details.total` is present
-    /// too, this stream's summed deltas must equal it field by field;
-    /// otherwise the deltas are still counted and a [`Ingested::Mismatch`]
-    /// says by how much they differ. An event with totals but no delta is
-    /// counted as the growth since this stream's previous total. Running
-    /// totals that go down mean a new stream began without
-    /// [`UsageMeter::begin_stream`]: the stream restarts, the totals count
-    /// from zero, and the result is a [`Ingested::Mismatch`] saying so.
-    pub fn ingest(&mut self, usage_event: &Value) -> Ingested {
-        let details = usage_event.get("details");
-        let delta = parse_tokens(details.and_then(|d| d.get("delta")), "delta");
-        let total = parse_tokens(details.and_then(|d| d.get("total")), "total");
-        let (delta, total) = match (delta, total) {
-            (Ok(delta), Ok(total)) => (delta, total),
-            (Err(reason), _) | (_, Err(reason)) => return Ingested::Unknown { reason },
-        };
-        if delta.is_none() && total.is_none() {
-            return Ingested::Unknown {
-                reason: unrecognised(usage_event),
-            };
-        }
-
-        let mut warnings = Vec::new();
-        if let (Some(total), Some(previous)) = (total, self.stream.last_total)
-            && total.checked_sub(&previous).is_none()
-        {
-            warnings.push(format!(
-                "running totals went down ({previous} -> {total}): a new upstream stream \
-                 began without begin_stream; counting its totals from zero"
-            ));
-            self.begin_stream();
-        }
-
-        let counted = match (delta, total) {
-            (Some(delta), _) => delta,
-            (None, Some(total)) => {
-                let previous = self.stream.last_total.unwrap_or_default();
-                // Cannot fail: a decrease restarted the stream above.
-                total.checked_sub(&previous).unwrap_or(total)
-            }
-            (None, None) => Tokens::default(),
-        };
-        self.stream.summed = self.stream.summed.saturating_add(&counted);
-        if let Some(total) = total {
-            if let Some(diff) = describe_difference(&self.stream.summed, &total) {
-                warnings.push(format!(
-                    "deltas disagree with running totals on this stream ({diff}); deltas trusted"
-                ));
-            }
-            self.stream.last_total = Some(total);
-        }
-
-        let delta = self.count(&counted);
-        if warnings.is_empty() {
-            Ingested::Delta(delta)
-        } else {
-            Ingested::Mismatch {
-                delta,
-                warning: warnings.join("; "),
-            }
-        }
-    }
-
     /// Adds `counted` to the conversation and returns it as a delta carrying
     /// its share of the rounded cost.
-    fn count(&mut self, counted: &Tokens) -> UsageDelta {
+    pub fn count(&mut self, counted: &Tokens) -> UsageDelta {
         self.tokens = self.tokens.saturating_add(counted);
         let mut modality_share = [0u64; 2];
         if let Some(rates) = &self.rates {
@@ -500,7 +324,7 @@ impl UsageMeter {
         u64::try_from(round_micro(self.cost_nano)).unwrap_or(u64::MAX)
     }
 
-    /// Sum over all streams, with the rounded cost in `cost_micro_usd`.
+    /// Sum so far, with the rounded cost in `cost_micro_usd`.
     pub fn totals(&self) -> UsageDelta {
         UsageDelta {
             speech_in_tokens: self.tokens.speech_in,
@@ -514,7 +338,7 @@ impl UsageMeter {
         }
     }
 
-    /// Tokens of one kind over all streams.
+    /// Tokens of one kind so far.
     pub fn tokens(&self, modality: Modality, direction: Direction) -> u64 {
         self.tokens.get(modality, direction)
     }
@@ -533,93 +357,6 @@ impl UsageMeter {
 /// Nano-dollars rounded half-up to micro-dollars.
 fn round_micro(nano: u128) -> u128 {
     (nano + NANO_PER_MICRO / 2) / NANO_PER_MICRO
-}
-
-/// Reads `details.delta` or `details.total`. `Ok(None)` when absent or when
-/// it holds none of the documented fields; `Err` when a documented field
-/// holds something other than a non-negative integer.
-fn parse_tokens(block: Option<&Value>, name: &str) -> Result<Option<Tokens>, String> {
-    let Some(block) = block else {
-        return Ok(None);
-    };
-    let Some(block) = block.as_object() else {
-        return Err(format!("details.{name} is not an object: {block}"));
-    };
-    let mut tokens = Tokens::default();
-    let mut seen = false;
-    for (modality, direction, side, field) in KINDS {
-        let Some(side_value) = block.get(side) else {
-            continue;
-        };
-        let Some(side_object) = side_value.as_object() else {
-            return Err(format!(
-                "details.{name}.{side} is not an object: {side_value}"
-            ));
-        };
-        let Some(value) = side_object.get(field) else {
-            continue;
-        };
-        let Some(count) = value.as_u64() else {
-            return Err(format!(
-                "details.{name}.{side}.{field} is not a non-negative integer: {value}"
-            ));
-        };
-        *tokens.slot(modality, direction) = count;
-        seen = true;
-    }
-    Ok(seen.then_some(tokens))
-}
-
-/// Per-field differences between summed deltas and running totals, if any.
-fn describe_difference(summed: &Tokens, total: &Tokens) -> Option<String> {
-    let parts: Vec<String> = KINDS
-        .iter()
-        .filter(|&&(m, d, _, _)| summed.get(m, d) != total.get(m, d))
-        .map(|&(m, d, side, field)| {
-            let (sum, tot) = (summed.get(m, d), total.get(m, d));
-            let off = i128::from(sum) - i128::from(tot);
-            format!("{side}.{field}: deltas sum to {sum}, total says {tot}, off by {off:+}")
-        })
-        .collect();
-    (!parts.is_empty()).then(|| parts.join(", "))
-}
-
-/// Why an event without documented token fields was not counted, naming
-/// the fields it did have.
-fn unrecognised(event: &Value) -> String {
-    let mut seen = Vec::new();
-    collect_fields(event, "", &mut seen);
-    let seen = if seen.is_empty() {
-        "none".to_owned()
-    } else {
-        seen.join(", ")
-    };
-    format!(
-        "no details.delta/details.total speechTokens or textTokens; nothing counted; fields seen: {seen}"
-    )
-}
-
-/// Dotted paths of the leaf fields of `value`, ids left out.
-fn collect_fields(value: &Value, prefix: &str, out: &mut Vec<String>) {
-    let Some(object) = value.as_object() else {
-        return;
-    };
-    for (key, child) in object {
-        if prefix.is_empty() && matches!(key.as_str(), "sessionId" | "promptName" | "completionId")
-        {
-            continue;
-        }
-        let path = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        if child.is_object() {
-            collect_fields(child, &path, out);
-        } else {
-            out.push(path);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,39 +1,19 @@
 use super::*;
-use serde_json::json;
 
-fn event(delta: [u64; 4], total: [u64; 4]) -> Value {
-    json!({
-        "sessionId": "s", "promptName": "P", "completionId": "c",
-        "details": {
-            "delta": { "input": { "speechTokens": delta[0], "textTokens": delta[1] },
-                       "output": { "speechTokens": delta[2], "textTokens": delta[3] } },
-            "total": { "input": { "speechTokens": total[0], "textTokens": total[1] },
-                       "output": { "speechTokens": total[2], "textTokens": total[3] } }
-        },
-        "totalInputTokens": total[0] + total[1],
-        "totalOutputTokens": total[2] + total[3],
-        "totalTokens": total.iter().sum::<u64>()
-    })
-}
+const V1: Rates = Rates {
+    speech_in: 3_400,
+    speech_out: 13_600,
+    text_in: 60,
+    text_out: 240,
+};
 
-fn totals_only(total: [u64; 4]) -> Value {
-    json!({ "details": { "total": {
-        "input": { "speechTokens": total[0], "textTokens": total[1] },
-        "output": { "speechTokens": total[2], "textTokens": total[3] } } } })
-}
-
-fn delta_of(ingested: &Ingested) -> UsageDelta {
-    match ingested {
-        Ingested::Delta(d) => *d,
-        other => panic!("expected a clean delta, got {other:?}"),
+fn tokens(speech_in: u64, text_in: u64, speech_out: u64, text_out: u64) -> Tokens {
+    Tokens {
+        speech_in,
+        speech_out,
+        text_in,
+        text_out,
     }
-}
-
-/// The 3.9 worked example, split into two events.
-fn worked_example(meter: &mut UsageMeter) -> u64 {
-    let a = meter.ingest(&event([209, 408, 137, 66], [209, 408, 137, 66]));
-    let b = meter.ingest(&event([0, 0, 12, 3], [209, 408, 149, 69]));
-    delta_of(&a).cost_micro_usd + delta_of(&b).cost_micro_usd
 }
 
 #[test]
@@ -54,43 +34,6 @@ fn deltas_add_up() {
 }
 
 #[test]
-fn worked_example_on_v1() {
-    let exact: u128 = 209 * 3_400 + 408 * 60 + 149 * 13_600 + 69 * 240;
-    assert_eq!(exact, 2_778_040);
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    let shares = worked_example(&mut meter);
-    assert!(meter.priced());
-    assert_eq!(meter.cost_nano_usd(), exact);
-    let totals = meter.totals();
-    assert_eq!(totals.cost_micro_usd, 2_778); // $0.0028
-    assert_eq!(shares, 2_778);
-    assert_eq!(
-        (
-            totals.speech_in_tokens,
-            totals.text_in_tokens,
-            totals.speech_out_tokens,
-            totals.text_out_tokens
-        ),
-        (209, 408, 149, 69)
-    );
-    assert_eq!(meter.tokens(Modality::Speech, Direction::Output), 149);
-}
-
-#[test]
-fn worked_example_on_nova_2() {
-    let exact: u128 = 209 * 3_000 + 408 * 330 + 149 * 12_000 + 69 * 2_750;
-    assert_eq!(exact, 2_739_390);
-    let mut meter = UsageMeter::new(NOVA_2_SONIC, &PriceTable::builtin());
-    let shares = worked_example(&mut meter);
-    assert_eq!(meter.cost_nano_usd(), exact);
-    assert_eq!(meter.totals().cost_micro_usd, 2_739); // $0.0027
-    assert_eq!(shares, 2_739);
-    assert!(PriceTable::is_confirmed(NOVA_SONIC_V1));
-    assert!(!PriceTable::is_confirmed(NOVA_2_SONIC));
-    assert!(!PriceTable::is_confirmed("other"));
-}
-
-#[test]
 fn rounding_is_half_up() {
     let prices = PriceTable::default().with_override(
         "m",
@@ -100,157 +43,24 @@ fn rounding_is_half_up() {
         },
     );
     let mut meter = UsageMeter::new("m", &prices);
-    let d = delta_of(&meter.ingest(&event([1, 0, 0, 0], [1, 0, 0, 0])));
-    assert_eq!(d.cost_micro_usd, 1); // 500 n$ -> 1 µ$
-    let d = delta_of(&meter.ingest(&event([1, 0, 0, 0], [2, 0, 0, 0])));
-    assert_eq!(d.cost_micro_usd, 0); // 1000 n$ -> still 1 µ$
-    let d = delta_of(&meter.ingest(&event([1, 0, 0, 0], [3, 0, 0, 0])));
-    assert_eq!(d.cost_micro_usd, 1); // 1500 n$ -> 2 µ$
+    let one = tokens(1, 0, 0, 0);
+    assert_eq!(meter.count(&one).cost_micro_usd, 1); // 500 n$ -> 1 µ$
+    assert_eq!(meter.count(&one).cost_micro_usd, 0); // 1000 n$ -> still 1 µ$
+    assert_eq!(meter.count(&one).cost_micro_usd, 1); // 1500 n$ -> 2 µ$
     assert_eq!(meter.totals().cost_micro_usd, 2);
 }
 
 #[test]
-fn stream_restart_does_not_double_count() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    delta_of(&meter.ingest(&event([10, 20, 30, 4], [10, 20, 30, 4])));
-    meter.begin_stream();
-    // The new stream's totals restart; its first delta equals its total.
-    let d = delta_of(&meter.ingest(&event([5, 100, 6, 1], [5, 100, 6, 1])));
-    assert_eq!(d.speech_in_tokens, 5);
-    delta_of(&meter.ingest(&totals_only([7, 100, 9, 1])));
-    let t = meter.totals();
-    assert_eq!(
-        (
-            t.speech_in_tokens,
-            t.text_in_tokens,
-            t.speech_out_tokens,
-            t.text_out_tokens
-        ),
-        (17, 120, 39, 5)
-    );
-}
-
-#[test]
-fn totals_only_events_count_growth() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    let a = delta_of(&meter.ingest(&totals_only([100, 50, 0, 0])));
-    assert_eq!((a.speech_in_tokens, a.text_in_tokens), (100, 50));
-    let b = delta_of(&meter.ingest(&totals_only([100, 50, 40, 8])));
-    assert_eq!(
-        (b.speech_in_tokens, b.speech_out_tokens, b.text_out_tokens),
-        (0, 40, 8)
-    );
-    // A repeated total adds nothing.
-    let c = delta_of(&meter.ingest(&totals_only([100, 50, 40, 8])));
-    assert!(c.is_empty());
-    // A delta-carrying event keeps agreeing with the totals seen so far.
-    delta_of(&meter.ingest(&event([1, 0, 0, 0], [101, 50, 40, 8])));
-    let t = meter.totals();
-    assert_eq!((t.speech_in_tokens, t.speech_out_tokens), (101, 40));
-    let exact: u128 = 101 * 3_400 + 50 * 60 + 40 * 13_600 + 8 * 240;
-    assert_eq!(meter.cost_nano_usd(), exact);
-}
-
-#[test]
-fn decreasing_totals_without_begin_stream_warn_and_restart() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    delta_of(&meter.ingest(&totals_only([100, 50, 40, 8])));
-    match meter.ingest(&totals_only([3, 60, 2, 0])) {
-        Ingested::Mismatch { delta, warning } => {
-            assert_eq!((delta.speech_in_tokens, delta.text_in_tokens), (3, 60));
-            assert!(warning.contains("begin_stream"), "{warning}");
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
-    // The restarted stream continues cleanly.
-    let d = delta_of(&meter.ingest(&totals_only([4, 60, 2, 0])));
-    assert_eq!(d.speech_in_tokens, 1);
-    assert_eq!(meter.totals().speech_in_tokens, 104);
-
-    // With deltas present the delta is counted and the stream restarts.
-    match meter.ingest(&event([1, 1, 0, 0], [1, 1, 0, 0])) {
-        Ingested::Mismatch { delta, warning } => {
-            assert_eq!(delta.speech_in_tokens, 1);
-            assert!(warning.contains("went down"), "{warning}");
-            assert!(!warning.contains("disagree"), "{warning}");
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
-    assert_eq!(meter.totals().speech_in_tokens, 105);
-}
-
-#[test]
-fn mismatch_trusts_deltas_and_says_by_how_much() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    delta_of(&meter.ingest(&event([10, 0, 0, 0], [10, 0, 0, 0])));
-    match meter.ingest(&event([5, 0, 3, 0], [17, 0, 3, 0])) {
-        Ingested::Mismatch { delta, warning } => {
-            assert_eq!(delta.speech_in_tokens, 5);
-            assert_eq!(delta.speech_out_tokens, 3);
-            assert!(
-                warning.contains("input.speechTokens: deltas sum to 15, total says 17, off by -2"),
-                "{warning}"
-            );
-            assert!(!warning.contains("output"), "{warning}");
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
-    assert_eq!(meter.totals().speech_in_tokens, 15);
-    assert_eq!(meter.cost_nano_usd(), 15 * 3_400 + 3 * 13_600);
-}
-
-#[test]
-fn old_style_fields_are_unknown_and_not_counted() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    let old = json!({
-        "sessionId": "s",
-        "inputTokenCount": 120, "outputTokenCount": 40,
-        "inputTextTokenCount": 20, "inputTokens": 3, "outputTokens": 4
-    });
-    match meter.ingest(&old) {
-        Ingested::Unknown { reason } => {
-            for field in [
-                "inputTokenCount",
-                "outputTokenCount",
-                "inputTextTokenCount",
-                "inputTokens",
-                "outputTokens",
-            ] {
-                assert!(reason.contains(field), "{reason}");
-            }
-            assert!(!reason.contains("sessionId"), "{reason}");
-        }
-        other => panic!("expected unknown, got {other:?}"),
-    }
-    // Other field names inside details are not guessed at either.
-    let nested = json!({ "details": { "delta": { "input": { "tokens": 9 } } } });
-    match meter.ingest(&nested) {
-        Ingested::Unknown { reason } => {
-            assert!(reason.contains("details.delta.input.tokens"), "{reason}");
-        }
-        other => panic!("expected unknown, got {other:?}"),
-    }
-    // A documented field holding garbage is refused, not guessed.
-    let bad = json!({ "details": { "delta": { "input": { "speechTokens": -3 } } } });
-    assert!(matches!(meter.ingest(&bad), Ingested::Unknown { .. }));
-    assert!(matches!(
-        meter.ingest(&json!(null)),
-        Ingested::Unknown { .. }
-    ));
-    assert!(meter.totals().is_empty());
-    assert_eq!(meter.cost_nano_usd(), 0);
-}
-
-#[test]
 fn unknown_model_counts_tokens_but_no_cost() {
-    let mut meter = UsageMeter::new("amazon.nova-9-sonic", &PriceTable::builtin());
+    let mut meter = UsageMeter::new("m9", &PriceTable::default().with_override("m", V1));
     assert!(!meter.priced());
-    assert_eq!(meter.model(), "amazon.nova-9-sonic");
-    let d = delta_of(&meter.ingest(&event([209, 408, 149, 69], [209, 408, 149, 69])));
+    assert_eq!(meter.model(), "m9");
+    let d = meter.count(&tokens(209, 408, 149, 69));
     assert_eq!(d.cost_micro_usd, 0);
     assert_eq!(meter.cost_nano_usd(), 0);
     assert_eq!(meter.totals().cost_micro_usd, 0);
     assert_eq!(meter.totals().speech_in_tokens, 209);
+    assert_eq!(meter.tokens(Modality::Text, Direction::Input), 408);
 }
 
 #[test]
@@ -265,18 +75,15 @@ fn overrides_replace_and_add_models() {
             text_out: 3_000
         }
     );
-    let table = PriceTable::builtin()
-        .with_override(NOVA_2_SONIC, rates)
+    let table = PriceTable::default()
+        .with_override("a", V1)
+        .with_override("a", rates)
         .with_override("custom", Rates::default());
-    assert_eq!(table.rates(NOVA_2_SONIC), Some(&rates));
-    assert_eq!(
-        table.rates(NOVA_SONIC_V1).map(|r| r.speech_out),
-        Some(13_600)
-    );
+    assert_eq!(table.rates("a"), Some(&rates));
     assert_eq!(table.rates("custom"), Some(&Rates::default()));
     assert_eq!(table.rates("missing"), None);
-    let mut meter = UsageMeter::new(NOVA_2_SONIC, &table);
-    meter.ingest(&event([0, 10, 0, 0], [0, 10, 0, 0]));
+    let mut meter = UsageMeter::new("a", &table);
+    meter.count(&tokens(0, 10, 0, 0));
     assert_eq!(meter.cost_nano_usd(), 4_000);
     assert!(UsageMeter::new("custom", &table).priced());
     assert_eq!(rates.per_token(Modality::Text, Direction::Input), 400);
@@ -286,11 +93,7 @@ fn overrides_replace_and_add_models() {
 fn from_usd_per_1k_validates() {
     assert_eq!(
         PriceTable::from_usd_per_1k(0.0034, 0.0136, 0.00006, 0.00024),
-        Ok(*PriceTable::builtin().rates(NOVA_SONIC_V1).unwrap())
-    );
-    assert_eq!(
-        PriceTable::from_usd_per_1k(0.003, 0.012, 0.00033, 0.00275),
-        Ok(*PriceTable::builtin().rates(NOVA_2_SONIC).unwrap())
+        Ok(V1)
     );
     assert_eq!(
         PriceTable::from_usd_per_1k(0.0, 1.0, 0.000001, 0.0),
@@ -319,72 +122,14 @@ fn from_usd_per_1k_validates() {
 }
 
 #[test]
-fn cost_shares_sum_to_the_rounded_total() {
-    let prices = PriceTable::builtin().with_override(
-        "odd",
-        Rates {
-            speech_in: 777,
-            speech_out: 1_333,
-            text_in: 1,
-            text_out: 499,
-        },
-    );
-    for model in [NOVA_SONIC_V1, NOVA_2_SONIC, "odd"] {
-        let rates = *prices.rates(model).unwrap();
-        let mut meter = UsageMeter::new(model, &prices);
-        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = |bound: u64| {
-            state = state
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            (state >> 33) % bound
-        };
-        let mut stream_total = [0u64; 4];
-        let mut expected = Tokens::default();
-        let mut shares = 0u64;
-        for i in 0..2_000 {
-            if next(50) == 0 {
-                meter.begin_stream();
-                stream_total = [0; 4];
-            }
-            let delta = [next(40), next(300), next(60), next(20)];
-            for (t, d) in stream_total.iter_mut().zip(delta) {
-                *t += d;
-            }
-            let ev = if i % 3 == 0 {
-                totals_only(stream_total)
-            } else {
-                event(delta, stream_total)
-            };
-            let d = delta_of(&meter.ingest(&ev));
-            expected = expected.saturating_add(&Tokens {
-                speech_in: delta[0],
-                text_in: delta[1],
-                speech_out: delta[2],
-                text_out: delta[3],
-            });
-            shares += d.cost_micro_usd;
-            assert_eq!(shares, meter.totals().cost_micro_usd);
-        }
-        let exact = expected.cost_nano(&rates);
-        assert_eq!(meter.cost_nano_usd(), exact);
-        assert_eq!(
-            u128::from(meter.totals().cost_micro_usd),
-            (exact + 500) / 1_000
-        );
-        assert_eq!(meter.totals().speech_in_tokens, expected.speech_in);
-        assert_eq!(meter.totals().text_out_tokens, expected.text_out);
-    }
-}
-
-#[test]
 fn cost_is_split_by_modality() {
-    let mut meter = UsageMeter::new(NOVA_SONIC_V1, &PriceTable::builtin());
-    let a = delta_of(&meter.ingest(&event([209, 408, 137, 66], [209, 408, 137, 66])));
-    let b = delta_of(&meter.ingest(&event([0, 0, 12, 3], [209, 408, 149, 69])));
-    // v1: speech 209 × 3.4 µ$ + 149 × 13.6 µ$; text 408 × 0.06 µ$ + 69 × 0.24 µ$.
+    let mut meter = UsageMeter::new("v1", &PriceTable::default().with_override("v1", V1));
+    let a = meter.count(&tokens(209, 408, 137, 66));
+    let b = meter.count(&tokens(0, 0, 12, 3));
+    // speech 209 × 3.4 µ$ + 149 × 13.6 µ$; text 408 × 0.06 µ$ + 69 × 0.24 µ$.
     let speech_nano: u128 = 209 * 3_400 + 149 * 13_600;
     let text_nano: u128 = 408 * 60 + 69 * 240;
+    assert_eq!(meter.cost_nano_usd(), speech_nano + text_nano);
     let speech = a.speech_cost_micro_usd + b.speech_cost_micro_usd;
     let text = a.text_cost_micro_usd + b.text_cost_micro_usd;
     assert_eq!(u128::from(speech), (speech_nano + 500) / 1_000);
@@ -392,25 +137,14 @@ fn cost_is_split_by_modality() {
     assert_eq!(meter.totals().speech_cost_micro_usd, speech);
     assert_eq!(meter.totals().text_cost_micro_usd, text);
     let total = a.cost_micro_usd + b.cost_micro_usd;
+    assert_eq!(total, meter.totals().cost_micro_usd);
     assert!(
         total.abs_diff(speech + text) <= 1,
         "{total} vs {speech} + {text}"
     );
-    assert!(speech > 50 * text, "speech is priced far above text");
-}
-
-#[test]
-fn a_closing_stream_is_checked_against_its_own_totals() {
-    let mut meter = UsageMeter::new(NOVA_2_SONIC, &PriceTable::builtin());
-    delta_of(&meter.ingest(&event([100, 50, 0, 0], [100, 50, 0, 0])));
-    meter.begin_overlapping_stream();
-    // The new stream's totals start at zero …
-    delta_of(&meter.ingest(&event([10, 400, 0, 0], [10, 400, 0, 0])));
-    // … while the old one's late event continues its own totals: no warning.
-    delta_of(&meter.ingest_previous(&event([0, 0, 80, 20], [100, 50, 80, 20])));
-    delta_of(&meter.ingest(&event([0, 0, 5, 1], [10, 400, 5, 1])));
-    assert_eq!(meter.totals().speech_in_tokens, 110);
-    assert_eq!(meter.totals().speech_out_tokens, 85);
-    assert_eq!(meter.totals().text_in_tokens, 450);
-    assert_eq!(meter.totals().text_out_tokens, 21);
+    assert_eq!(
+        tokens(1, 2, 3, 4).checked_sub(&tokens(1, 1, 1, 1)),
+        Some(tokens(0, 1, 2, 3))
+    );
+    assert_eq!(tokens(1, 2, 3, 4).checked_sub(&tokens(2, 0, 0, 0)), None);
 }

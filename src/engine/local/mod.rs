@@ -179,7 +179,7 @@ impl Engine for LocalEngine {
         voices
     }
 
-    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, super::StartError> {
         let (session, input, events) = EngineSession::channel();
         let conversation = Conversation::new(Arc::clone(&self.shared), options, events);
         tokio::spawn(conversation.run(input));

@@ -1,6 +1,11 @@
 //! The Bedrock Runtime client: region and credentials from the standard AWS
 //! chain (or given), and optionally another endpoint (a VPC endpoint, a
 //! proxy, a compatible test server) trusted through a PEM file.
+//!
+//! The Region is `nova_sonic.region` when set; otherwise the AWS chain's
+//! (`AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region`, the
+//! instance metadata service), and [`FALLBACK_REGION`] only when none has
+//! one.
 
 use std::path::PathBuf;
 
@@ -12,7 +17,7 @@ use aws_smithy_http_client::tls::{self, TlsContext, TrustStore, rustls_provider:
 /// Where and as whom to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientSettings {
-    /// AWS Region, e.g. `us-east-1`; empty takes the chain's (`AWS_REGION`, profile).
+    /// AWS Region, e.g. `us-east-1`; empty takes the chain's (see [`resolve_region`]).
     pub region: String,
     /// Endpoint URL replacing `https://bedrock-runtime.{region}.amazonaws.com`.
     pub endpoint_url: Option<String>,
@@ -46,17 +51,59 @@ pub enum ClientError {
     CaFile { path: String, reason: String },
     #[error("the CA file {path} holds no usable PEM certificate: {reason}")]
     BadCa { path: String, reason: String },
-    #[error("no AWS Region: set nova_sonic.region or AWS_REGION")]
-    NoRegion,
+}
+
+/// The Region used when neither the configuration nor the AWS chain names one.
+pub const FALLBACK_REGION: &str = "us-east-1";
+
+/// Where the Region in use came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionSource {
+    /// `nova_sonic.region` (or `--region`).
+    Configured,
+    /// The AWS chain: environment, profile or instance metadata.
+    Chain,
+    /// Nothing named one: [`FALLBACK_REGION`].
+    Fallback,
+}
+
+impl RegionSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Configured => "nova_sonic.region",
+            Self::Chain => "the AWS environment, profile or instance metadata",
+            Self::Fallback => "the built-in default",
+        }
+    }
+}
+
+/// The Region to call: the configured one, else the AWS chain's, else
+/// [`FALLBACK_REGION`].
+pub async fn resolve_region(configured: &str) -> (Region, RegionSource) {
+    let configured = configured.trim();
+    if !configured.is_empty() {
+        return (Region::new(configured.to_owned()), RegionSource::Configured);
+    }
+    let chain = aws_config::default_provider::region::DefaultRegionChain::builder().build();
+    match chain.region().await {
+        Some(region) => (region, RegionSource::Chain),
+        None => (Region::from_static(FALLBACK_REGION), RegionSource::Fallback),
+    }
+}
+
+/// A client and the Region it calls.
+#[derive(Debug, Clone)]
+pub(crate) struct Connected {
+    pub(crate) client: Client,
+    pub(crate) region: Region,
+    pub(crate) region_source: RegionSource,
 }
 
 /// Builds the client (reads the AWS config files and environment; call once
 /// per engine and share it: it pools HTTP/2 connections).
-pub async fn connect(settings: &ClientSettings) -> Result<Client, ClientError> {
-    let mut loader = aws_config::defaults(BehaviorVersion::latest());
-    if !settings.region.is_empty() {
-        loader = loader.region(Region::new(settings.region.clone()));
-    }
+pub(crate) async fn connect(settings: &ClientSettings) -> Result<Connected, ClientError> {
+    let (region, region_source) = resolve_region(&settings.region).await;
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).region(region.clone());
     if let Some(c) = &settings.credentials {
         loader = loader.credentials_provider(Credentials::new(
             c.access_key_id.clone(),
@@ -99,8 +146,9 @@ pub async fn connect(settings: &ClientSettings) -> Result<Client, ClientError> {
         loader = loader.endpoint_url(url.clone());
     }
     let shared = loader.load().await;
-    if shared.region().is_none() {
-        return Err(ClientError::NoRegion);
-    }
-    Ok(Client::new(&shared))
+    Ok(Connected {
+        client: Client::new(&shared),
+        region,
+        region_source,
+    })
 }

@@ -6,27 +6,27 @@
 use super::input::BlockRole;
 
 /// Most bytes in one `textInput` event.
-pub const MAX_PIECE_BYTES: usize = 1024;
+pub(crate) const MAX_PIECE_BYTES: usize = 1024;
 /// Most bytes of history sent to a new stream.
-pub const MAX_TOTAL_BYTES: usize = 40 * 1024;
+pub(crate) const MAX_TOTAL_BYTES: usize = 40 * 1024;
 /// Most bytes kept of one message (longer ones keep their end: the most
 /// recent words matter most when a reply was cut).
 const MAX_MESSAGE_BYTES: usize = 4 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    pub role: BlockRole,
-    pub text: String,
+pub(crate) struct Message {
+    pub(crate) role: BlockRole,
+    pub(crate) text: String,
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct History {
+pub(crate) struct History {
     messages: Vec<Message>,
 }
 
 impl History {
     /// Records a final transcript; same-role runs become one message.
-    pub fn push(&mut self, role: BlockRole, text: &str) {
+    pub(crate) fn push(&mut self, role: BlockRole, text: &str) {
         let text = text.trim();
         if text.is_empty() || !matches!(role, BlockRole::User | BlockRole::Assistant) {
             return;
@@ -51,26 +51,18 @@ impl History {
     }
 
     /// The last message if it is the user's.
-    pub fn last_user(&self) -> Option<&str> {
+    pub(crate) fn last_user(&self) -> Option<&str> {
         self.messages
             .last()
             .filter(|m| m.role == BlockRole::User)
             .map(|m| m.text.as_str())
     }
 
-    pub fn len(&self) -> usize {
-        self.messages.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-    }
-
     /// The messages to send: newest first kept within [`MAX_TOTAL_BYTES`],
     /// leading ASSISTANT messages dropped, and a trailing USER message
     /// dropped when `replaying_audio` (its audio is replayed, so the model
     /// would otherwise answer it twice).
-    pub fn shaped(&self, replaying_audio: bool) -> Vec<Message> {
+    pub(crate) fn shaped(&self, replaying_audio: bool) -> Vec<Message> {
         let mut messages = self.messages.clone();
         if replaying_audio && messages.last().is_some_and(|m| m.role == BlockRole::User) {
             messages.pop();

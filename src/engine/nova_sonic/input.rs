@@ -12,18 +12,19 @@ const SAMPLE_BITS: u32 = 16;
 
 /// One input event, serialized as `{"event": {"<name>": body}}`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Input {
+pub(crate) struct Input {
     event: InputEvent,
 }
 
 impl Input {
     /// The UTF-8 JSON bytes that go in one `chunk`.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         // Serializing these plain structs cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    pub fn name(&self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn name(&self) -> &'static str {
         match &self.event {
             InputEvent::SessionStart(_) => "sessionStart",
             InputEvent::PromptStart(_) => "promptStart",
@@ -133,7 +134,7 @@ impl AudioConfiguration {
 
 /// A tool the model may call.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Tool {
+pub(crate) struct Tool {
     #[serde(rename = "toolSpec")]
     spec: ToolSpec,
 }
@@ -153,7 +154,7 @@ struct ToolSchema {
 }
 
 impl Tool {
-    pub fn new(name: &str, description: &str, schema: &Value) -> Self {
+    pub(crate) fn new(name: &str, description: &str, schema: &Value) -> Self {
         Self {
             spec: ToolSpec {
                 name: name.to_owned(),
@@ -188,7 +189,7 @@ struct ToolConfiguration {
 /// Who a content block speaks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum BlockRole {
+pub(crate) enum BlockRole {
     System,
     SystemSpeech,
     User,
@@ -248,31 +249,31 @@ struct Empty {}
 
 /// Builds the input events of one stream: one prompt, unique content names.
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub(crate) struct Builder {
     prompt: String,
     next_content: u64,
 }
 
 impl Builder {
     /// `prompt` must be unique per stream (a UUID in practice).
-    pub fn new(prompt: &str) -> Self {
+    pub(crate) fn new(prompt: &str) -> Self {
         Self {
             prompt: prompt.to_owned(),
             next_content: 0,
         }
     }
 
-    pub fn prompt_name(&self) -> &str {
-        &self.prompt
-    }
-
     /// A fresh content name: never reused within the stream.
-    pub fn content_name(&mut self, what: &str) -> String {
+    pub(crate) fn content_name(&mut self, what: &str) -> String {
         self.next_content += 1;
         format!("{}-{what}-{}", self.prompt, self.next_content)
     }
 
-    pub fn session_start(&self, inference: Inference, endpointing: Option<Endpointing>) -> Input {
+    pub(crate) fn session_start(
+        &self,
+        inference: Inference,
+        endpointing: Option<Endpointing>,
+    ) -> Input {
         Input {
             event: InputEvent::SessionStart(SessionStart {
                 inference_configuration: inference,
@@ -285,7 +286,7 @@ impl Builder {
 
     /// The prompt, with the reply voice and rate and the tools (none: no
     /// tool configuration at all).
-    pub fn prompt_start(&self, voice: &str, output_rate_hz: u32, tools: &[Tool]) -> Input {
+    pub(crate) fn prompt_start(&self, voice: &str, output_rate_hz: u32, tools: &[Tool]) -> Input {
         let tooling = (!tools.is_empty()).then(|| ToolConfiguration {
             tools: tools.to_vec(),
             tool_choice: serde_json::json!({"auto": {}}),
@@ -305,7 +306,7 @@ impl Builder {
 
     /// A whole text block: start, the text in pieces of at most
     /// `max_piece_bytes` (cut at character boundaries), end.
-    pub fn text_block(
+    pub(crate) fn text_block(
         &mut self,
         role: BlockRole,
         interactive: bool,
@@ -340,7 +341,7 @@ impl Builder {
 
     /// Opens the user's audio block (kept open for the whole stream);
     /// returns the event and the block's name.
-    pub fn audio_start(&mut self, input_rate_hz: u32) -> (Input, String) {
+    pub(crate) fn audio_start(&mut self, input_rate_hz: u32) -> (Input, String) {
         let name = self.content_name("audio");
         let event = Input {
             event: InputEvent::ContentStart(ContentStart {
@@ -358,7 +359,7 @@ impl Builder {
     }
 
     /// One frame of user audio for the block `audio`.
-    pub fn audio_input(&self, audio: &str, samples: &[i16]) -> Input {
+    pub(crate) fn audio_input(&self, audio: &str, samples: &[i16]) -> Input {
         let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
         Input {
             event: InputEvent::AudioInput(ContentChunk {
@@ -370,7 +371,7 @@ impl Builder {
     }
 
     /// A tool result: start, the result (always a JSON object), end.
-    pub fn tool_result(&mut self, tool_use_id: &str, result: &Value) -> Vec<Input> {
+    pub(crate) fn tool_result(&mut self, tool_use_id: &str, result: &Value) -> Vec<Input> {
         let name = self.content_name("tool");
         let result = match result {
             Value::Object(_) => result.clone(),
@@ -404,7 +405,7 @@ impl Builder {
         ]
     }
 
-    pub fn content_end(&self, name: &str) -> Input {
+    pub(crate) fn content_end(&self, name: &str) -> Input {
         Input {
             event: InputEvent::ContentEnd(ContentRef {
                 prompt_name: self.prompt.clone(),
@@ -414,7 +415,7 @@ impl Builder {
     }
 
     /// The closing pair after the audio block's `contentEnd`.
-    pub fn prompt_and_session_end(&self) -> [Input; 2] {
+    pub(crate) fn prompt_and_session_end(&self) -> [Input; 2] {
         [
             Input {
                 event: InputEvent::PromptEnd(PromptRef {

@@ -1,47 +1,52 @@
 //! Amazon Nova Sonic (Bedrock bidirectional streaming).
 //!
-//! [`input`] builds every input event with serde types, [`output`] parses
-//! every output event, [`translate`] turns them into `EngineEvent`s (turns,
+//! `input` builds every input event with serde types, `output` parses
+//! every output event, `translate` turns them into `EngineEvent`s (turns,
 //! transcripts by stage, audio, one barge-in per turn, tool calls, usage
-//! through `usage::UsageMeter`). [`stream`] is one SDK call, [`client`] the
-//! SDK client (endpoint override, CA file), [`history`] the text replayed
-//! into new streams, and [`conversation`] drives one conversation across
-//! streams: silence while the user is mute, tools, warm rotation before the
-//! connection limit, retries. [`policy`] paces every stream open: backoff
-//! with jitter and a cap per conversation, and one circuit breaker per
-//! engine that sheds load while Bedrock throttles. Nova Sonic's types never
-//! leave this module.
+//! through `usage_event`, which reads `usageEvent`s into the engine-neutral
+//! `usage::UsageMeter`). `stream` is one SDK call and decides what kind of
+//! failure each SDK error is, `client` the SDK client (Region, endpoint
+//! override, CA file), `history` the text replayed into new streams, and
+//! `conversation` drives one conversation across streams: silence while
+//! the user is mute, tools, warm rotation before the connection limit,
+//! retries. `policy` paces every stream open: backoff with jitter and a cap
+//! per conversation, and one circuit breaker per engine that sheds load
+//! while Bedrock throttles. `models` names the models and their prices.
+//! Nova Sonic's wire types never leave this module.
 
-pub mod base64;
-pub mod client;
+mod base64;
+mod client;
 mod conversation;
-pub mod history;
-pub mod input;
-pub mod output;
-pub mod policy;
-pub mod stream;
-pub mod translate;
+mod history;
+mod input;
+mod models;
+mod output;
+mod policy;
+mod stream;
+mod translate;
+mod usage_event;
 
 #[cfg(test)]
 mod tests;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aws_sdk_bedrockruntime::Client;
+use aws_config::Region;
+use tokio::time::Instant;
 
-pub use self::client::{ClientSettings, StaticCredentials};
-use self::input::{Endpointing, Inference};
+pub use self::client::{
+    ClientError, ClientSettings, FALLBACK_REGION, RegionSource, StaticCredentials, resolve_region,
+};
+pub use self::input::{Endpointing, Inference};
+pub use self::models::{DEFAULT_MODEL, MODEL_2, MODEL_V1, builtin_prices, rates_confirmed};
 use self::policy::{Breaker, Count, OpenStats};
-use super::{ConversationOptions, Engine, EngineSession, EngineStat, StatKind, Voice};
+use self::stream::Service;
+use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
 use crate::config::NovaSonicConfig;
 use crate::tools::Tools;
 use crate::usage::{PriceTable, Rates};
 
-/// The default model: Nova 2 Sonic.
-pub const DEFAULT_MODEL: &str = "amazon.nova-2-sonic-v1:0";
-/// Nova Sonic v1, still accepted.
-pub const MODEL_V1: &str = "amazon.nova-sonic-v1:0";
 /// User audio goes up at 16 kHz.
 pub const INPUT_RATE_HZ: u32 = 16_000;
 
@@ -96,7 +101,7 @@ impl NovaSonicSettings {
             "MEDIUM" => Some(Endpointing::Medium),
             _ => None,
         };
-        let mut prices = PriceTable::builtin();
+        let mut prices = builtin_prices();
         let usd = [
             config.speech_in_usd_per_1k,
             config.speech_out_usd_per_1k,
@@ -156,7 +161,9 @@ impl NovaSonicSettings {
 #[derive(Debug)]
 struct Shared {
     settings: NovaSonicSettings,
-    client: Client,
+    service: Service,
+    region: Region,
+    region_source: RegionSource,
     tools: Option<Tools>,
     /// Shared by every conversation: throttling anywhere holds back all.
     breaker: Breaker,
@@ -170,20 +177,22 @@ pub struct NovaSonicEngine {
 }
 
 impl NovaSonicEngine {
-    /// Builds the client (reads the AWS configuration; no network call yet:
-    /// bad credentials show on the first conversation, as a fatal error).
+    /// Builds the client (reads the AWS configuration and, when none is
+    /// configured, looks the Region up along the AWS chain; no call to
+    /// Bedrock yet: bad credentials show on the first conversation, as a
+    /// fatal error).
     pub async fn connect(
         settings: NovaSonicSettings,
         tools: Option<Tools>,
-    ) -> Result<Self, String> {
-        let client = client::connect(&settings.client)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Self, ClientError> {
+        let connected = client::connect(&settings.client).await?;
         Ok(Self {
             shared: Arc::new(Shared {
                 breaker: Breaker::new(settings.breaker_cooldown),
                 settings,
-                client,
+                service: Service::Bedrock(connected.client),
+                region: connected.region,
+                region_source: connected.region_source,
                 tools,
                 stats: OpenStats::default(),
             }),
@@ -192,6 +201,34 @@ impl NovaSonicEngine {
 
     pub fn settings(&self) -> &NovaSonicSettings {
         &self.shared.settings
+    }
+
+    /// The Region the engine calls, and where that came from.
+    pub fn region(&self) -> (&str, RegionSource) {
+        (self.shared.region.as_ref(), self.shared.region_source)
+    }
+}
+
+#[cfg(test)]
+impl NovaSonicEngine {
+    /// An engine whose streams go to the test, which plays the service.
+    fn fake(
+        settings: NovaSonicSettings,
+        tools: Option<Tools>,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<stream::FakeCall>) {
+        let (calls, opened) = tokio::sync::mpsc::unbounded_channel();
+        let engine = Self {
+            shared: Arc::new(Shared {
+                breaker: Breaker::new(settings.breaker_cooldown),
+                settings,
+                service: Service::Fake(calls),
+                region: Region::from_static(FALLBACK_REGION),
+                region_source: RegionSource::Fallback,
+                tools,
+                stats: OpenStats::default(),
+            }),
+        };
+        (engine, opened)
     }
 }
 
@@ -229,7 +266,7 @@ impl Engine for NovaSonicEngine {
         voices
     }
 
-    fn start(&self, options: ConversationOptions) -> Result<EngineSession, String> {
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, StartError> {
         let voices = self.voices();
         let voice = if options.voice.is_empty() {
             // The configured voice, unless the conversation's language is
@@ -251,14 +288,19 @@ impl Engine for NovaSonicEngine {
             options.voice.to_ascii_lowercase()
         };
         if !voices.iter().any(|v| v.id == voice) {
-            return Err(format!("Nova Sonic has no voice {voice:?}"));
+            return Err(StartError::Unsupported(format!(
+                "Nova Sonic has no voice {voice:?}"
+            )));
         }
         if let Some(wait) = self.busy() {
             self.shared.stats.add(Count::Refused);
-            return Err(format!(
-                "Bedrock is throttling: no new Nova Sonic conversations for {:.1} s",
-                wait.as_secs_f64()
-            ));
+            return Err(StartError::Busy {
+                retry_after: wait,
+                message: format!(
+                    "Bedrock is throttling: no new Nova Sonic conversations for {:.1} s",
+                    wait.as_secs_f64()
+                ),
+            });
         }
         let (session, input, events) = EngineSession::channel();
         tokio::spawn(conversation::run(self.shared.clone(), voice, input, events));

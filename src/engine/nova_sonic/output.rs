@@ -8,7 +8,11 @@ use super::input::BlockRole;
 
 /// One output event, parsed.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Output {
+#[allow(
+    clippy::enum_variant_names,
+    reason = "named after the wire events textOutput and audioOutput"
+)]
+pub(crate) enum Output {
     CompletionStart,
     ContentStart {
         content_id: String,
@@ -48,7 +52,7 @@ pub enum Output {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum BlockKind {
+pub(crate) enum BlockKind {
     Text,
     Audio,
     Tool,
@@ -56,7 +60,7 @@ pub enum BlockKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
-pub enum GenerationStage {
+pub(crate) enum GenerationStage {
     Speculative,
     Final,
 }
@@ -116,7 +120,7 @@ struct Stage {
 
 /// Parses one output chunk's JSON. An error means the chunk is not an
 /// event at all (or a known event with a broken body).
-pub fn parse_output(bytes: &[u8]) -> Result<Output, String> {
+pub(crate) fn parse_output(bytes: &[u8]) -> Result<Output, String> {
     let value: Value =
         serde_json::from_slice(bytes).map_err(|e| format!("event is not JSON: {e}"))?;
     let Some(Value::Object(event)) = value.get("event") else {
@@ -204,7 +208,7 @@ pub fn parse_output(bytes: &[u8]) -> Result<Output, String> {
 }
 
 /// Whether an assistant text is the barge-in marker `{ "interrupted" : true }`.
-pub fn is_interruption_marker(text: &str) -> bool {
+pub(crate) fn is_interruption_marker(text: &str) -> bool {
     serde_json::from_str::<Value>(text)
         .ok()
         .and_then(|v| v.get("interrupted").and_then(Value::as_bool))

@@ -12,14 +12,16 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// The window of the per-conversation cap on opens.
-pub const OPEN_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const OPEN_WINDOW: Duration = Duration::from_secs(60);
 /// Jitter on the first reopen after a failure (otherwise immediate).
 const FIRST_TRY_JITTER: Duration = Duration::from_millis(250);
 /// Repeated trips double the cool-down at most this many times.
-pub const MAX_DOUBLINGS: u32 = 3;
+pub(crate) const MAX_DOUBLINGS: u32 = 3;
 /// Running conversations spread their opens after a cool-down over up to a
 /// quarter of it, at most this long.
 const MAX_BREAKER_JITTER: Duration = Duration::from_secs(10);
@@ -28,12 +30,12 @@ const ORDER: Ordering = Ordering::Relaxed;
 
 /// A small generator for jitter (splitmix64); no need for more.
 #[derive(Debug, Clone)]
-pub struct Jitter(u64);
+pub(crate) struct Jitter(u64);
 
 impl Jitter {
     /// Seeded from the clock and a process-wide counter, so conversations
     /// started together still spread out.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -41,7 +43,7 @@ impl Jitter {
         Self::seeded(nanos ^ NEXT.fetch_add(0x9E37_79B9_7F4A_7C15, ORDER))
     }
 
-    pub fn seeded(seed: u64) -> Self {
+    pub(crate) fn seeded(seed: u64) -> Self {
         Self(seed)
     }
 
@@ -54,7 +56,7 @@ impl Jitter {
     }
 
     /// Uniform in `[0, span]`, to the microsecond.
-    pub fn upto(&mut self, span: Duration) -> Duration {
+    pub(crate) fn upto(&mut self, span: Duration) -> Duration {
         let micros = span.as_micros().min(u128::from(u64::MAX)) as u64;
         if micros == 0 {
             return Duration::ZERO;
@@ -82,14 +84,14 @@ struct BreakerState {
 
 /// The circuit breaker shared by every conversation of one engine.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     base: Duration,
     state: Mutex<BreakerState>,
     trips: AtomicU64,
 }
 
 impl Breaker {
-    pub fn new(cooldown: Duration) -> Self {
+    pub(crate) fn new(cooldown: Duration) -> Self {
         Self {
             base: cooldown,
             state: Mutex::new(BreakerState::default()),
@@ -105,7 +107,7 @@ impl Breaker {
     /// unless it is already cooling down (one refusal storm is one trip);
     /// a trip after a cool-down that no success followed doubles it.
     /// Returns the new cool-down when this call tripped it.
-    pub fn trip(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn trip(&self, now: Instant) -> Option<Duration> {
         let mut state = self.lock();
         if state.open_until.is_some_and(|until| now < until) {
             return None;
@@ -126,7 +128,7 @@ impl Breaker {
     }
 
     /// How long the cool-down still lasts, if it does.
-    pub fn wait(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn wait(&self, now: Instant) -> Option<Duration> {
         let state = self.lock();
         state
             .open_until
@@ -136,7 +138,7 @@ impl Breaker {
 
     /// The spread of opens after a cool-down: a quarter of it, at most
     /// [`MAX_BREAKER_JITTER`].
-    pub fn jitter_span(&self) -> Duration {
+    pub(crate) fn jitter_span(&self) -> Duration {
         let cooldown = self.lock().cooldown.max(self.base);
         (cooldown / 4).min(MAX_BREAKER_JITTER)
     }
@@ -144,7 +146,7 @@ impl Breaker {
     /// A stream opened at `opened_at` settled (the service sent something,
     /// or it stayed up). After the cool-down, one that was opened after the
     /// trip closes the breaker.
-    pub fn success(&self, opened_at: Instant, now: Instant) {
+    pub(crate) fn success(&self, opened_at: Instant, now: Instant) {
         let mut state = self.lock();
         let (Some(tripped), Some(until)) = (state.tripped_at, state.open_until) else {
             return;
@@ -154,14 +156,14 @@ impl Breaker {
         }
     }
 
-    pub fn trips(&self) -> u64 {
+    pub(crate) fn trips(&self) -> u64 {
         self.trips.load(ORDER)
     }
 }
 
 /// Counts of opens, for `/metrics`; one set per engine.
 #[derive(Debug, Default)]
-pub struct OpenStats {
+pub(crate) struct OpenStats {
     /// Streams opened.
     opens: AtomicU64,
     /// Opens put off by the backoff or the breaker.
@@ -174,7 +176,7 @@ pub struct OpenStats {
 
 /// One of the [`OpenStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Count {
+pub(crate) enum Count {
     Opened,
     Postponed,
     Capped,
@@ -191,18 +193,18 @@ impl OpenStats {
         }
     }
 
-    pub fn add(&self, which: Count) {
+    pub(crate) fn add(&self, which: Count) {
         self.counter(which).fetch_add(1, ORDER);
     }
 
-    pub fn get(&self, which: Count) -> u64 {
+    pub(crate) fn get(&self, which: Count) -> u64 {
         self.counter(which).load(ORDER)
     }
 }
 
 /// What the policy says about opening a stream now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gate {
+pub(crate) enum Gate {
     Open,
     /// The breaker is cooling down: try again after this long.
     Wait(Duration),
@@ -213,7 +215,7 @@ pub enum Gate {
 
 /// The open policy of one conversation.
 #[derive(Debug)]
-pub struct OpenPolicy {
+pub(crate) struct OpenPolicy {
     /// The wait before the second try; each later one is three times longer.
     base: Duration,
     /// The longest wait before jitter.
@@ -224,7 +226,7 @@ pub struct OpenPolicy {
 }
 
 impl OpenPolicy {
-    pub fn new(base: Duration, cap: Duration, per_minute: u32) -> Self {
+    pub(crate) fn new(base: Duration, cap: Duration, per_minute: u32) -> Self {
         Self {
             base,
             cap: cap.max(base),
@@ -237,7 +239,7 @@ impl OpenPolicy {
     /// The wait before try `attempt` after a failure (1: the first reopen):
     /// 0, base, 3·base, 9·base… at most the cap, plus up to half again as
     /// jitter (up to 250 ms on the first).
-    pub fn backoff(&mut self, attempt: u32) -> Duration {
+    pub(crate) fn backoff(&mut self, attempt: u32) -> Duration {
         if attempt <= 1 {
             return self.jitter.upto(FIRST_TRY_JITTER);
         }
@@ -247,7 +249,7 @@ impl OpenPolicy {
     }
 
     /// Whether a stream may open at `now`: the breaker first, then the cap.
-    pub fn gate(&mut self, breaker: &Breaker, now: Instant) -> Gate {
+    pub(crate) fn gate(&mut self, breaker: &Breaker, now: Instant) -> Gate {
         if let Some(wait) = breaker.wait(now) {
             let span = breaker.jitter_span();
             return Gate::Wait(wait + self.jitter.upto(span));
@@ -268,12 +270,12 @@ impl OpenPolicy {
     }
 
     /// A stream was opened at `now`.
-    pub fn opened(&mut self, now: Instant) {
+    pub(crate) fn opened(&mut self, now: Instant) {
         self.opens.push_back(now);
     }
 
     /// Opens counted in the window.
-    pub fn recent_opens(&self) -> usize {
+    pub(crate) fn recent_opens(&self) -> usize {
         self.opens.len()
     }
 }

@@ -8,8 +8,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_bedrockruntime::Client;
 use aws_sdk_bedrockruntime::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_bedrockruntime::operation::invoke_model_with_bidirectional_stream::InvokeModelWithBidirectionalStreamError as CallError;
@@ -40,7 +43,7 @@ const OUTPUT_CAPACITY: usize = 256;
 
 /// What the output side reports.
 #[derive(Debug)]
-pub enum StreamItem {
+pub(crate) enum StreamItem {
     /// The service answered the call: events now flow.
     Opened,
     Output(Output),
@@ -54,45 +57,60 @@ pub enum StreamItem {
 
 /// A failed stream, classified.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// The exception name (`throttlingException`, `AccessDeniedException`…)
-    /// or the transport failure kind.
-    pub code: String,
-    pub message: String,
-    /// Transient (throttling, timeouts, resets, service faults): reopen with
-    /// history. Otherwise (auth, access, bad input): fatal, never retried.
-    pub retry: bool,
-    /// Whether the service is shedding load (throttling, quota).
-    pub load: Load,
+    /// or the transport failure kind, for messages.
+    pub(crate) code: String,
+    pub(crate) message: String,
+    pub(crate) kind: FailureKind,
 }
 
-/// What a failure says about the service's load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Load {
-    /// Nothing: a fault, a timeout, a refusal of this request.
-    #[default]
-    Normal,
-    /// `ThrottlingException`: too many requests or streams just now.
+/// What a failure means for the conversation, decided where the SDK's
+/// error variant is matched (never from a message's wording).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// `ThrottlingException`: too many requests or streams just now. Reopen
+    /// after a backoff; the engine's breaker trips.
     Throttled,
-    /// `ServiceQuotaExceededException`: the account is at a quota.
+    /// `ServiceQuotaExceededException`: the account is at a quota. The
+    /// conversation ends; the engine's breaker trips.
     QuotaExceeded,
+    /// A passing fault (service errors, model timeouts, resets, transport
+    /// failures, a stall found here, an in-stream validation error on a
+    /// stream that had been answering): reopen with the history.
+    Transient,
+    /// The service refused the request as invalid before the stream
+    /// answered anything: the same request would fail again. Fatal.
+    Invalid,
+    /// Credentials, access or the model refused: fatal, never retried.
+    Refused,
+    /// The request could not be made here (no credentials, a request the
+    /// client cannot build): fatal until the setup is fixed.
+    Misconfigured,
 }
 
 impl Failure {
     /// A transient failure found here (a stall, an ended stream), not
     /// reported by the service.
-    pub fn transient(code: &str, message: String) -> Self {
+    pub(crate) fn transient(code: &str, message: String) -> Self {
         Self {
             code: code.to_owned(),
             message,
-            retry: true,
-            load: Load::Normal,
+            kind: FailureKind::Transient,
         }
     }
 
+    /// Whether a new stream may help.
+    pub(crate) fn retry(&self) -> bool {
+        matches!(self.kind, FailureKind::Throttled | FailureKind::Transient)
+    }
+
     /// Throttling or a quota refusal: the engine's breaker trips.
-    pub fn overload(&self) -> bool {
-        self.load != Load::Normal
+    pub(crate) fn overload(&self) -> bool {
+        matches!(
+            self.kind,
+            FailureKind::Throttled | FailureKind::QuotaExceeded
+        )
     }
 }
 
@@ -104,22 +122,68 @@ impl std::fmt::Display for Failure {
 
 /// Why an input event was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// The network is not taking events (a stall): drop audio and count it.
     Full,
     /// The stream has ended: write nothing more.
     Closed,
 }
 
+/// Where streams are opened: Bedrock through the SDK or, in tests, a
+/// service the test plays.
+#[derive(Debug)]
+pub(crate) enum Service {
+    Bedrock(Client),
+    #[cfg(test)]
+    Fake(mpsc::UnboundedSender<FakeCall>),
+}
+
+impl Service {
+    /// Opens a stream whose first events are `setup`; see [`Upstream::open`].
+    pub(crate) fn open(&self, model: &str, setup: &[Input]) -> Upstream {
+        match self {
+            Self::Bedrock(client) => Upstream::open(client, model, setup),
+            #[cfg(test)]
+            Self::Fake(calls) => {
+                let (upstream, call) = Upstream::fake(setup);
+                let _ = calls.send(call);
+                upstream
+            }
+        }
+    }
+}
+
+/// One call to a service played by a test.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct FakeCall {
+    /// What the conversation sends, in order, from `sessionStart` on.
+    pub(crate) sent: mpsc::Receiver<Result<SdkInput, InputError>>,
+    /// What the service answers; `Ended` or `Failed` closes the stream.
+    pub(crate) answer: mpsc::UnboundedSender<StreamItem>,
+}
+
+/// The JSON event inside an input the conversation sent.
+#[cfg(test)]
+pub(crate) fn sent_json(input: &SdkInput) -> serde_json::Value {
+    match input {
+        SdkInput::Chunk(part) => part
+            .bytes()
+            .and_then(|blob| serde_json::from_slice(blob.as_ref()).ok())
+            .unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// One open stream.
 #[derive(Debug)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     /// `None` once the input side is finished.
     input: Option<mpsc::Sender<Result<SdkInput, InputError>>>,
     closed: Arc<AtomicBool>,
-    pub events: mpsc::Receiver<StreamItem>,
+    pub(crate) events: mpsc::Receiver<StreamItem>,
     task: JoinHandle<()>,
-    pub opened_at: Instant,
+    pub(crate) opened_at: Instant,
 }
 
 fn chunk(input: &Input) -> Result<SdkInput, InputError> {
@@ -132,7 +196,7 @@ fn chunk(input: &Input) -> Result<SdkInput, InputError> {
 impl Upstream {
     /// Opens a stream whose first events are `setup` (from `sessionStart`
     /// on). Returns at once; failures arrive as [`StreamItem::Failed`].
-    pub fn open(client: &Client, model: &str, setup: &[Input]) -> Self {
+    pub(crate) fn open(client: &Client, model: &str, setup: &[Input]) -> Self {
         let capacity = INPUT_CAPACITY + setup.len();
         let (input, mut input_rx) = mpsc::channel(capacity);
         for event in setup {
@@ -149,6 +213,7 @@ impl Upstream {
         let flag = closed.clone();
         let task = tokio::spawn(async move {
             let mut opened = false;
+            let mut answered = false;
             let item = match call.send().await {
                 Err(e) => StreamItem::Failed(call_failure(&e)),
                 Ok(mut output) => loop {
@@ -168,8 +233,9 @@ impl Upstream {
                         },
                         Ok(Some(_)) => StreamItem::Malformed("an unknown output member".into()),
                         Ok(None) => break StreamItem::Ended,
-                        Err(e) => break StreamItem::Failed(stream_failure(&e)),
+                        Err(e) => break StreamItem::Failed(stream_failure(&e, answered)),
                     };
+                    answered = true;
                     if events_tx.send(item).await.is_err() {
                         break StreamItem::Ended;
                     }
@@ -187,13 +253,46 @@ impl Upstream {
         }
     }
 
+    /// A stream answered by a test instead of the SDK: the same channels,
+    /// the same closing rules.
+    #[cfg(test)]
+    fn fake(setup: &[Input]) -> (Self, FakeCall) {
+        let (input, sent) = mpsc::channel(INPUT_CAPACITY + setup.len());
+        for event in setup {
+            let _ = input.try_send(chunk(event));
+        }
+        let (events_tx, events) = mpsc::channel(OUTPUT_CAPACITY);
+        let (answer, mut answers) = mpsc::unbounded_channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = closed.clone();
+        let task = tokio::spawn(async move {
+            while let Some(item) = answers.recv().await {
+                let last = matches!(item, StreamItem::Ended | StreamItem::Failed(_));
+                if last {
+                    flag.store(true, Ordering::Release);
+                }
+                if events_tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let upstream = Self {
+            input: Some(input),
+            closed,
+            events,
+            task,
+            opened_at: Instant::now(),
+        };
+        (upstream, FakeCall { sent, answer })
+    }
+
     /// True once the service ended or failed the stream.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
     /// Queues an event without waiting (audio: a full queue is a stall).
-    pub fn try_send(&self, input: &Input) -> Result<(), SendError> {
+    pub(crate) fn try_send(&self, input: &Input) -> Result<(), SendError> {
         let Some(sender) = self.input.as_ref().filter(|_| !self.is_closed()) else {
             return Err(SendError::Closed);
         };
@@ -205,7 +304,7 @@ impl Upstream {
 
     /// Queues an event that must not be dropped (block boundaries, tool
     /// results, text), waiting at most `wait` for room.
-    pub async fn send(&self, input: &Input, wait: Duration) -> Result<(), SendError> {
+    pub(crate) async fn send(&self, input: &Input, wait: Duration) -> Result<(), SendError> {
         let Some(sender) = self.input.as_ref().filter(|_| !self.is_closed()) else {
             return Err(SendError::Closed);
         };
@@ -219,16 +318,16 @@ impl Upstream {
     /// Ends the stream in the background: the closing events (unless the
     /// service already ended it), then up to `wait` for the service to end
     /// it, reading (and handing to `drain`) whatever still arrives.
-    pub fn finish(
+    pub(crate) fn finish(
         mut self,
         closing: Vec<Input>,
         wait: Duration,
         drain: Option<mpsc::Sender<StreamItem>>,
     ) -> JoinHandle<()> {
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + wait;
+            let deadline = Instant::now() + wait;
             for event in &closing {
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let left = deadline.saturating_duration_since(Instant::now());
                 if self.send(event, left).await.is_err() {
                     break;
                 }
@@ -262,24 +361,38 @@ fn call_failure(
     match error {
         SdkError::ServiceError(service) => {
             let e = service.err();
-            let code = match e {
-                CallError::ThrottlingException(_) => "ThrottlingException",
-                CallError::ServiceUnavailableException(_) => "ServiceUnavailableException",
-                CallError::InternalServerException(_) => "InternalServerException",
-                CallError::ModelStreamErrorException(_) => "ModelStreamErrorException",
-                CallError::ModelTimeoutException(_) => "ModelTimeoutException",
-                CallError::ModelNotReadyException(_) => "ModelNotReadyException",
-                CallError::ModelErrorException(_) => "ModelErrorException",
-                CallError::ValidationException(_) => "ValidationException",
-                CallError::AccessDeniedException(_) => "AccessDeniedException",
-                CallError::ResourceNotFoundException(_) => "ResourceNotFoundException",
-                CallError::ServiceQuotaExceededException(_) => "ServiceQuotaExceededException",
-                other => other.code().unwrap_or("UnknownError"),
-            };
+            let (code, kind) = call_kind(e);
             let message = e.message().unwrap_or("no message").to_owned();
-            classified(code, message)
+            Failure {
+                code: code.to_owned(),
+                message,
+                kind,
+            }
         }
         other => transport_failure(other),
+    }
+}
+
+/// The name and kind of an error the service returned for the call.
+pub(crate) fn call_kind(error: &CallError) -> (&str, FailureKind) {
+    use FailureKind::{Invalid, QuotaExceeded, Refused, Throttled, Transient};
+    match error {
+        CallError::ThrottlingException(_) => ("ThrottlingException", Throttled),
+        CallError::ServiceUnavailableException(_) => ("ServiceUnavailableException", Transient),
+        CallError::InternalServerException(_) => ("InternalServerException", Transient),
+        CallError::ModelStreamErrorException(_) => ("ModelStreamErrorException", Transient),
+        CallError::ModelTimeoutException(_) => ("ModelTimeoutException", Transient),
+        CallError::ModelNotReadyException(_) => ("ModelNotReadyException", Transient),
+        CallError::ModelErrorException(_) => ("ModelErrorException", Transient),
+        CallError::ValidationException(_) => ("ValidationException", Invalid),
+        CallError::AccessDeniedException(_) => ("AccessDeniedException", Refused),
+        CallError::ResourceNotFoundException(_) => ("ResourceNotFoundException", Refused),
+        CallError::ServiceQuotaExceededException(_) => {
+            ("ServiceQuotaExceededException", QuotaExceeded)
+        }
+        // Errors the model does not list (`UnrecognizedClientException`,
+        // `ExpiredTokenException`…) are about who is calling.
+        other => (other.code().unwrap_or("UnknownError"), Refused),
     }
 }
 
@@ -287,80 +400,77 @@ fn call_failure(
 /// carry no error code, so the variant names them.
 fn stream_failure(
     error: &SdkError<OutputError, aws_smithy_types::event_stream::RawMessage>,
+    answered: bool,
 ) -> Failure {
     match error {
         SdkError::ServiceError(service) => {
             let e = service.err();
-            let code = match e {
-                OutputError::ThrottlingException(_) => "throttlingException",
-                OutputError::ServiceUnavailableException(_) => "serviceUnavailableException",
-                OutputError::InternalServerException(_) => "internalServerException",
-                OutputError::ModelStreamErrorException(_) => "modelStreamErrorException",
-                OutputError::ModelTimeoutException(_) => "modelTimeoutException",
-                OutputError::ValidationException(_) => "validationException",
-                other => other.code().unwrap_or("unknownException"),
-            };
+            let (code, kind) = stream_kind(e, answered);
             let message = e.message().unwrap_or("no message").to_owned();
-            classified(code, message)
+            Failure {
+                code: code.to_owned(),
+                message,
+                kind,
+            }
         }
         other => transport_failure(other),
     }
 }
 
-fn transport_failure<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    error: &SdkError<E, R>,
-) -> Failure {
-    let message = DisplayErrorContext(error).to_string();
-    let (code, retry) = match error {
-        SdkError::ConstructionFailure(_) => ("ConstructionFailure", false),
-        SdkError::TimeoutError(_) => ("Timeout", true),
-        SdkError::DispatchFailure(_) => ("DispatchFailure", true),
-        SdkError::ResponseError(_) => ("ResponseError", true),
-        _ => ("UnknownError", true),
-    };
-    // Missing credentials surface as a dispatch failure; retrying cannot help.
-    let retry = retry && !message.to_ascii_lowercase().contains("credentials");
-    Failure {
-        code: code.to_owned(),
-        message,
-        retry,
-        load: Load::Normal,
+/// The name and kind of an exception inside a running stream; `answered`
+/// says whether the stream had sent anything before it.
+///
+/// A validation error on a stream that had been answering is the service
+/// dropping a conversation it was serving (its idle timeout, an
+/// `RST_STREAM`, "system instability"): a new stream with the history helps.
+/// Before the first answer, it is the request (setup, history, voice) that
+/// the service refused, and it would refuse it again.
+pub(crate) fn stream_kind(error: &OutputError, answered: bool) -> (&str, FailureKind) {
+    use FailureKind::{Invalid, Refused, Throttled, Transient};
+    match error {
+        OutputError::ThrottlingException(_) => ("throttlingException", Throttled),
+        OutputError::ServiceUnavailableException(_) => ("serviceUnavailableException", Transient),
+        OutputError::InternalServerException(_) => ("internalServerException", Transient),
+        OutputError::ModelStreamErrorException(_) => ("modelStreamErrorException", Transient),
+        OutputError::ModelTimeoutException(_) => ("modelTimeoutException", Transient),
+        OutputError::ValidationException(_) if answered => ("validationException", Transient),
+        OutputError::ValidationException(_) => ("validationException", Invalid),
+        other => (other.code().unwrap_or("unknownException"), Refused),
     }
 }
 
-/// The retry policy: transient service faults and the idle/instability
-/// validation messages are retried; auth, access and input errors are not.
-/// Throttling and quota refusals are also marked as load ([`Load`]).
-pub fn classified(code: &str, message: String) -> Failure {
-    let lower = code.to_ascii_lowercase();
-    let retry = match lower.as_str() {
-        "throttlingexception"
-        | "serviceunavailableexception"
-        | "internalserverexception"
-        | "modelstreamerrorexception"
-        | "modeltimeoutexception"
-        | "modelnotreadyexception"
-        | "modelerrorexception" => true,
-        "validationexception" => {
-            const TRANSIENT: [&str; 4] = [
-                "Timed out waiting for input events",
-                "RST_STREAM",
-                "System instability",
-                "unexpected error during processing",
-            ];
-            TRANSIENT.iter().any(|t| message.contains(t))
+/// A failure before any answer from the service, or of the connection.
+fn transport_failure<E: std::error::Error + 'static, R: std::fmt::Debug + 'static>(
+    error: &SdkError<E, R>,
+) -> Failure {
+    let message = DisplayErrorContext(error).to_string();
+    let (code, kind) = match error {
+        SdkError::ConstructionFailure(_) => ("ConstructionFailure", FailureKind::Misconfigured),
+        SdkError::TimeoutError(_) => ("Timeout", FailureKind::Transient),
+        // No credentials surface as a dispatch failure caused by the
+        // credentials provider: retrying cannot help.
+        SdkError::DispatchFailure(_) if caused_by_credentials(error) => {
+            ("NoCredentials", FailureKind::Misconfigured)
         }
-        _ => false,
-    };
-    let load = match lower.as_str() {
-        "throttlingexception" => Load::Throttled,
-        "servicequotaexceededexception" => Load::QuotaExceeded,
-        _ => Load::Normal,
+        SdkError::DispatchFailure(_) => ("DispatchFailure", FailureKind::Transient),
+        SdkError::ResponseError(_) => ("ResponseError", FailureKind::Transient),
+        _ => ("UnknownError", FailureKind::Transient),
     };
     Failure {
         code: code.to_owned(),
         message,
-        retry,
-        load,
+        kind,
     }
+}
+
+/// Whether a credentials provider's error is among the causes of `error`.
+fn caused_by_credentials(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<CredentialsError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }

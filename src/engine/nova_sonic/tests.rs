@@ -2,10 +2,11 @@ use serde_json::{Value, json};
 
 use super::base64::{decode as base64_decode, encode as base64_encode};
 use super::input::{BlockRole, Builder, Endpointing, Inference, Tool};
+use super::models::{MODEL_2, builtin_prices};
 use super::output::{Output, is_interruption_marker, parse_output};
 use super::translate::Translator;
 use crate::engine::{EngineEvent, Role, Stage, TurnEndReason};
-use crate::usage::{NOVA_2_SONIC, PriceTable, UsageMeter};
+use crate::usage::UsageMeter;
 
 fn json_of(input: &super::input::Input) -> Value {
     serde_json::from_slice(&input.to_bytes()).expect("valid JSON")
@@ -16,10 +17,7 @@ fn output(event: Value) -> Output {
 }
 
 fn translator() -> Translator {
-    Translator::new(
-        24_000,
-        UsageMeter::new(NOVA_2_SONIC, &PriceTable::builtin()),
-    )
+    Translator::new(24_000, UsageMeter::new(MODEL_2, &builtin_prices()))
 }
 
 #[test]
@@ -396,67 +394,128 @@ fn broken_and_unknown_events() {
 }
 
 #[test]
-fn failures_are_classified_as_the_service_documents_them() {
-    use super::stream::classified;
-    let retry = |code: &str, message: &str| classified(code, message.to_owned()).retry;
-    for code in [
-        "throttlingException",
-        "ThrottlingException",
-        "serviceUnavailableException",
-        "internalServerException",
-        "modelStreamErrorException",
-        "modelTimeoutException",
-        "ModelNotReadyException",
-        "ModelErrorException",
-    ] {
-        assert!(retry(code, "x"), "{code} is transient");
-    }
-    assert!(retry(
-        "validationException",
-        "Timed out waiting for input events"
-    ));
-    assert!(retry(
-        "ValidationException",
-        "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR"
-    ));
-    assert!(retry(
-        "validationException",
-        "System instability detected. Please retry your request."
-    ));
-    for (code, message) in [
+fn call_errors_are_classified_by_their_variant() {
+    use aws_sdk_bedrockruntime::operation::invoke_model_with_bidirectional_stream::InvokeModelWithBidirectionalStreamError as E;
+    use aws_sdk_bedrockruntime::types::error as x;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    use super::stream::{FailureKind as K, call_kind};
+    let cases = [
         (
-            "validationException",
-            "First message in chat history should not be Assistant",
+            E::ThrottlingException(x::ThrottlingException::builder().build()),
+            K::Throttled,
         ),
-        ("validationException", "Invalid input request"),
-        ("ValidationException", "Received invalid voiceId"),
-        ("AccessDeniedException", "not authorized"),
         (
-            "UnrecognizedClientException",
-            "The security token included in the request is invalid.",
+            E::ServiceUnavailableException(x::ServiceUnavailableException::builder().build()),
+            K::Transient,
         ),
-        ("ResourceNotFoundException", "model not found"),
-        ("ServiceQuotaExceededException", "quota"),
-    ] {
-        assert!(!retry(code, message), "{code}: {message} is not retried");
+        (
+            E::InternalServerException(x::InternalServerException::builder().build()),
+            K::Transient,
+        ),
+        (
+            E::ModelStreamErrorException(x::ModelStreamErrorException::builder().build()),
+            K::Transient,
+        ),
+        (
+            E::ModelTimeoutException(x::ModelTimeoutException::builder().build()),
+            K::Transient,
+        ),
+        (
+            E::ModelNotReadyException(x::ModelNotReadyException::builder().build()),
+            K::Transient,
+        ),
+        (
+            E::ModelErrorException(x::ModelErrorException::builder().build()),
+            K::Transient,
+        ),
+        (
+            E::ValidationException(x::ValidationException::builder().build()),
+            K::Invalid,
+        ),
+        (
+            E::AccessDeniedException(x::AccessDeniedException::builder().build()),
+            K::Refused,
+        ),
+        (
+            E::ResourceNotFoundException(x::ResourceNotFoundException::builder().build()),
+            K::Refused,
+        ),
+        (
+            E::ServiceQuotaExceededException(x::ServiceQuotaExceededException::builder().build()),
+            K::QuotaExceeded,
+        ),
+    ];
+    for (error, kind) in &cases {
+        assert_eq!(call_kind(error).1, *kind, "{error:?}");
     }
+    let unlisted = E::generic(
+        ErrorMetadata::builder()
+            .code("UnrecognizedClientException")
+            .message("The security token included in the request is invalid.")
+            .build(),
+    );
+    assert_eq!(
+        call_kind(&unlisted),
+        ("UnrecognizedClientException", K::Refused)
+    );
 }
 
 #[test]
-fn throttling_and_quotas_are_load_and_nothing_else_is() {
-    use super::stream::{Load, classified};
-    let load = |code: &str| classified(code, "x".to_owned()).load;
-    assert_eq!(load("throttlingException"), Load::Throttled);
-    assert_eq!(load("ThrottlingException"), Load::Throttled);
-    assert_eq!(load("ServiceQuotaExceededException"), Load::QuotaExceeded);
-    for code in [
-        "serviceUnavailableException",
-        "modelTimeoutException",
-        "validationException",
-        "AccessDeniedException",
+fn stream_errors_are_classified_by_their_variant_and_whether_it_had_answered() {
+    use aws_sdk_bedrockruntime::types::error::{
+        self as x, InvokeModelWithBidirectionalStreamOutputError as E,
+    };
+
+    use super::stream::{FailureKind as K, stream_kind};
+    let throttled = E::ThrottlingException(x::ThrottlingException::builder().build());
+    assert_eq!(
+        stream_kind(&throttled, false),
+        ("throttlingException", K::Throttled)
+    );
+    for error in [
+        E::ServiceUnavailableException(x::ServiceUnavailableException::builder().build()),
+        E::InternalServerException(x::InternalServerException::builder().build()),
+        E::ModelStreamErrorException(x::ModelStreamErrorException::builder().build()),
+        E::ModelTimeoutException(x::ModelTimeoutException::builder().build()),
     ] {
-        assert_eq!(load(code), Load::Normal, "{code}");
+        for answered in [false, true] {
+            assert_eq!(stream_kind(&error, answered).1, K::Transient, "{error:?}");
+        }
     }
-    assert!(classified("ThrottlingException", "x".into()).overload());
-    assert!(!classified("ModelTimeoutException", "x".into()).overload());
+    // The service dropping a conversation it served (idle timeout, reset,
+    // instability) is passing; refusing a stream's setup is not.
+    let validation = E::ValidationException(x::ValidationException::builder().build());
+    assert_eq!(
+        stream_kind(&validation, true),
+        ("validationException", K::Transient)
+    );
+    assert_eq!(
+        stream_kind(&validation, false),
+        ("validationException", K::Invalid)
+    );
+}
+
+#[test]
+fn only_throttling_and_passing_faults_are_retried_and_only_load_trips_the_breaker() {
+    use super::stream::{Failure, FailureKind as K};
+    let failure = |kind| Failure {
+        code: "c".into(),
+        message: "m".into(),
+        kind,
+    };
+    let table = [
+        (K::Throttled, true, true),
+        (K::QuotaExceeded, false, true),
+        (K::Transient, true, false),
+        (K::Invalid, false, false),
+        (K::Refused, false, false),
+        (K::Misconfigured, false, false),
+    ];
+    for (kind, retry, overload) in table {
+        assert_eq!(failure(kind).retry(), retry, "{kind:?}");
+        assert_eq!(failure(kind).overload(), overload, "{kind:?}");
+    }
+    assert!(Failure::transient("Stalled", "m".into()).retry());
+    assert_eq!(failure(K::Refused).to_string(), "c: m");
 }

@@ -4,15 +4,16 @@
 //! which also marks the end of their speech); assistant blocks that follow
 //! belong to it. Barge-in arrives as the `{ "interrupted" : true }` text, as
 //! a text block ending `INTERRUPTED`, or both: it is reported once. Usage
-//! goes through [`UsageMeter`], so running totals are cross-checked and a
+//! goes through [`UsageEvents`], so running totals are cross-checked and a
 //! new stream never counts twice.
 
 use std::collections::HashMap;
 
 use super::input::BlockRole;
 use super::output::{BlockKind, GenerationStage, Output, is_interruption_marker};
+use super::usage_event::{Ingested, UsageEvents};
 use crate::engine::{EngineEvent, Pcm, Role, Stage, TurnEndReason};
-use crate::usage::{Ingested, UsageMeter};
+use crate::usage::UsageMeter;
 
 #[derive(Debug, Clone, Copy)]
 struct Block {
@@ -23,9 +24,9 @@ struct Block {
 
 /// The translation state of one conversation (across its streams).
 #[derive(Debug)]
-pub struct Translator {
+pub(crate) struct Translator {
     output_rate_hz: u32,
-    meter: UsageMeter,
+    usage: UsageEvents,
     blocks: HashMap<String, Block>,
     last_turn: u64,
     /// The turn assistant output belongs to, while it is open.
@@ -33,14 +34,14 @@ pub struct Translator {
     /// The last turn reported as interrupted.
     interrupted: Option<u64>,
     /// Notes for the log: usage that did not add up, unknown events.
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Translator {
-    pub fn new(output_rate_hz: u32, meter: UsageMeter) -> Self {
+    pub(crate) fn new(output_rate_hz: u32, meter: UsageMeter) -> Self {
         Self {
             output_rate_hz,
-            meter,
+            usage: UsageEvents::new(meter),
             blocks: HashMap::new(),
             last_turn: 0,
             open_turn: None,
@@ -49,39 +50,41 @@ impl Translator {
         }
     }
 
-    pub fn meter(&self) -> &UsageMeter {
-        &self.meter
+    #[cfg(test)]
+    pub(crate) fn meter(&self) -> &UsageMeter {
+        self.usage.meter()
     }
 
     /// A new upstream stream begins (reconnect): block ids and the engine's
     /// running totals start over; turns go on.
-    pub fn begin_stream(&mut self) {
+    #[cfg(test)]
+    pub(crate) fn begin_stream(&mut self) {
         self.blocks.clear();
-        self.meter.begin_stream();
+        self.usage.begin_stream();
     }
 
     /// A new stream takes over while the old one closes (rotation): the old
     /// one's late usage goes through [`Translator::on_previous_usage`].
-    pub fn begin_overlapping_stream(&mut self) {
+    pub(crate) fn begin_overlapping_stream(&mut self) {
         self.blocks.clear();
-        self.meter.begin_overlapping_stream();
+        self.usage.begin_overlapping_stream();
     }
 
     /// Usage reported by the stream being closed after a rotation.
-    pub fn on_previous_usage(&mut self, event: &serde_json::Value) -> Vec<EngineEvent> {
-        let ingested = self.meter.ingest_previous(event);
+    pub(crate) fn on_previous_usage(&mut self, event: &serde_json::Value) -> Vec<EngineEvent> {
+        let ingested = self.usage.ingest_previous(event);
         let mut out = Vec::new();
         self.usage_events(ingested, &mut out);
         out
     }
 
     /// Whether an assistant reply is under way (or awaited after the user's turn).
-    pub fn turn_open(&self) -> bool {
+    pub(crate) fn turn_open(&self) -> bool {
         self.open_turn.is_some()
     }
 
     /// Ends the open turn, if any (its stream failed): `TurnEnd` with `reason`.
-    pub fn end_open_turn(&mut self, reason: TurnEndReason) -> Option<EngineEvent> {
+    pub(crate) fn end_open_turn(&mut self, reason: TurnEndReason) -> Option<EngineEvent> {
         let turn = self.open_turn.take()?;
         Some(EngineEvent::TurnEnd {
             turn_id: turn,
@@ -90,7 +93,7 @@ impl Translator {
     }
 
     /// Typed user text starts a turn: its transcript is the text itself.
-    pub fn user_text(&mut self, text: &str) -> Vec<EngineEvent> {
+    pub(crate) fn user_text(&mut self, text: &str) -> Vec<EngineEvent> {
         let turn = self.new_turn();
         vec![EngineEvent::Transcript {
             role: Role::User,
@@ -140,7 +143,7 @@ impl Translator {
         }
     }
 
-    pub fn on_output(&mut self, output: Output) -> Vec<EngineEvent> {
+    pub(crate) fn on_output(&mut self, output: Output) -> Vec<EngineEvent> {
         let mut out = Vec::new();
         match output {
             Output::ContentStart {
@@ -246,7 +249,7 @@ impl Translator {
                 }
             }
             Output::Usage(event) => {
-                let ingested = self.meter.ingest(&event);
+                let ingested = self.usage.ingest(&event);
                 self.usage_events(ingested, &mut out);
             }
             Output::CompletionStart | Output::CompletionEnd { .. } => {}

@@ -4,20 +4,31 @@
 //! a reconnection past the cap ends the conversation, a rotation past it (or
 //! whose next stream failed) is put off while the current stream serves.
 
-use std::time::Instant;
-
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use super::{
-    CONTROL_WAIT, Driver, END_WAIT, FRAME_SAMPLES, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream,
-};
+use super::pump::FRAME_SAMPLES;
+use super::{CONTROL_WAIT, Driver, END_WAIT, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream};
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
 use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::output::Output;
 use crate::engine::nova_sonic::policy::{Count, Gate};
-use crate::engine::nova_sonic::stream::{Failure, StreamItem, Upstream};
+use crate::engine::nova_sonic::stream::{Failure, StreamItem};
 use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
+
+impl Stream {
+    /// The closing events: the audio block's end (once it is open), then
+    /// `promptEnd` and `sessionEnd`.
+    fn closing(&self) -> Vec<Input> {
+        let mut closing = Vec::new();
+        if let Some(audio) = &self.audio {
+            closing.push(self.builder.content_end(audio));
+        }
+        closing.extend(self.builder.prompt_and_session_end());
+        closing
+    }
+}
 
 impl Driver {
     /// The events that open a stream: session, prompt (voice, tools), system.
@@ -55,17 +66,9 @@ impl Driver {
             && !self.shared.settings.model.contains(MODEL_V1)
         {
             events.extend(builder.text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES));
-            self.awaiting_reply = Some(Instant::now());
+            self.stall.expect_reply(Instant::now());
         }
-        let unheard = self.samples_in.saturating_sub(self.heard_upto);
-        let replay = (unheard as usize).min(self.recent.len());
-        let samples: Vec<i16> = self
-            .recent
-            .iter()
-            .skip(self.recent.len() - replay)
-            .copied()
-            .collect();
-        for frame in samples.chunks(FRAME_SAMPLES) {
+        for frame in self.pump.unheard().chunks(FRAME_SAMPLES) {
             events.push(builder.audio_input(&audio, frame));
         }
         (events, audio)
@@ -98,7 +101,10 @@ impl Driver {
             events.extend(more);
             audio = Some(name);
         }
-        let up = Upstream::open(&self.shared.client, &self.shared.settings.model, &events);
+        let up = self
+            .shared
+            .service
+            .open(&self.shared.settings.model, &events);
         Stream {
             up,
             builder,
@@ -197,7 +203,7 @@ impl Driver {
         if self.closing_since.is_some() {
             return Step::Stop;
         }
-        if !failure.retry {
+        if !failure.retry() {
             let message = format!("Nova Sonic refused the conversation: {failure}");
             self.emit(EngineEvent::Error {
                 kind: ErrorKind::Fatal,
@@ -220,10 +226,10 @@ impl Driver {
             .await;
             return Step::Stop;
         }
-        if self.awaiting_reply.is_some() {
+        if self.stall.reply_due() {
             // The user's last message was heard but not answered: ask again.
             self.unanswered = self.history.last_user().map(str::to_owned);
-            self.awaiting_reply = None;
+            self.stall.answered();
         }
         let backoff = self.policy.backoff(self.retries);
         let mut message = format!(
@@ -318,10 +324,32 @@ impl Driver {
         self.next = Some(stream);
     }
 
+    /// Rotation: armed once the current stream is `rotate_after` old; the
+    /// next stream is prepared when the assistant starts speaking (see
+    /// `on_output`) or `handoff_wait` after that.
+    pub(super) fn rotation_tick(&mut self, now: Instant) {
+        let settings = &self.shared.settings;
+        let (rotate_after, handoff_wait) = (settings.rotate_after, settings.handoff_wait);
+        let Some(current) = &self.current else {
+            return;
+        };
+        if current.audio.is_none() {
+            return;
+        }
+        let age = now.duration_since(current.up.opened_at);
+        if self.rotation.armed_at.is_none() && age >= rotate_after && self.closing_since.is_none() {
+            self.rotation.armed_at = Some(now);
+        }
+        if let Some(armed) = self.rotation.armed_at
+            && self.next.is_none()
+            && now.duration_since(armed) >= handoff_wait
+        {
+            self.prepare_next();
+        }
+    }
+
     pub(super) fn assistant_done(&self) -> bool {
-        !self.translator.turn_open()
-            && self.tools_pending.is_empty()
-            && self.awaiting_reply.is_none()
+        !self.translator.turn_open() && self.tools.idle() && !self.stall.reply_due()
     }
 
     pub(super) async fn maybe_hand_off(&mut self) {
@@ -360,13 +388,7 @@ impl Driver {
         self.prepare_failures = 0;
         self.translator.begin_overlapping_stream();
         if let Some(old) = old {
-            let mut closing = Vec::new();
-            if let Some(audio) = &old.audio {
-                closing.push(old.builder.content_end(audio));
-            }
-            closing.extend(old.builder.prompt_and_session_end());
-            old.up
-                .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
+            self.close_in_background(old);
         }
         self.emit(EngineEvent::Rotated {
             generation: self.generation,
@@ -383,11 +405,7 @@ impl Driver {
     /// The closing triple (when the stream still takes events), then its
     /// last events, in the background; late usage is still counted.
     pub(super) fn close_in_background(&self, stream: Stream) {
-        let mut closing = Vec::new();
-        if let Some(audio) = &stream.audio {
-            closing.push(stream.builder.content_end(audio));
-        }
-        closing.extend(stream.builder.prompt_and_session_end());
+        let closing = stream.closing();
         stream
             .up
             .finish(closing, END_WAIT, Some(self.drain_tx.clone()));
@@ -400,11 +418,7 @@ impl Driver {
         let Some(mut stream) = self.current.take() else {
             return;
         };
-        let mut closing = Vec::new();
-        if let Some(audio) = &stream.audio {
-            closing.push(stream.builder.content_end(audio));
-        }
-        closing.extend(stream.builder.prompt_and_session_end());
+        let closing = stream.closing();
         // Events that already arrived come first.
         let mut early = Vec::new();
         while let Ok(item) = stream.up.events.try_recv() {
@@ -412,27 +426,24 @@ impl Driver {
         }
         let (tx, mut rx) = mpsc::channel(64);
         let finishing = stream.up.finish(closing, END_WAIT, Some(tx));
-        let mut items = early;
-        while let Some(item) = rx.recv().await {
-            items.push(item);
-            for item in items.drain(..) {
-                if let StreamItem::Output(output) = item {
-                    for event in self.translator.on_output(output) {
-                        self.emit(event).await;
-                    }
-                }
-            }
+        for item in early {
+            self.on_last_item(item).await;
         }
-        for item in items {
-            if let StreamItem::Output(output) = item {
-                for event in self.translator.on_output(output) {
-                    self.emit(event).await;
-                }
-            }
+        while let Some(item) = rx.recv().await {
+            self.on_last_item(item).await;
         }
         let _ = finishing.await;
         if let Some(event) = self.translator.end_open_turn(TurnEndReason::Completed) {
             self.emit(event).await;
+        }
+    }
+
+    /// An event from the stream being finished: translated, nothing else.
+    async fn on_last_item(&mut self, item: StreamItem) {
+        if let StreamItem::Output(output) = item {
+            for event in self.translator.on_output(output) {
+                self.emit(event).await;
+            }
         }
     }
 }

@@ -1,39 +1,41 @@
 //! One Nova Sonic conversation across upstream streams.
 //!
-//! User audio goes up in 32 ms frames; while the user is mute, silence does,
-//! so the service's idle timeouts never fire. Tools run off the loop. Before
-//! a stream reaches its age limit, the next one is opened in the background
-//! (once the assistant starts speaking, or after a wait), and the hand-off
-//! happens when the assistant has finished: history as text, then the user
-//! audio the old stream had not yet turned into a transcript. A failed or
-//! stalled stream is replaced the same way. Every open goes through the
-//! conversation's [`OpenPolicy`] and the engine's breaker.
+//! The driver here owns the loop and hands each concern to its part: the
+//! [`pump`] (user audio in 32 ms frames, silence while the user is mute,
+//! the replay buffer), the [`stall`] watch, the [`tools`] runner (tools off
+//! the loop) and the [`handover`] (opening streams, the warm hand-off
+//! before a stream's age limit, reconnection, closing). Every open goes
+//! through the conversation's [`OpenPolicy`] and the engine's breaker. All
+//! timing is on Tokio's clock, so tests run it under paused time.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use self::pump::{AudioPump, SILENCE};
+use self::stall::StallWatch;
+use self::tools::{ToolDone, ToolRunner};
 use super::history::{History, MAX_PIECE_BYTES};
 use super::input::{BlockRole, Builder};
 use super::output::{BlockKind, Output};
 use super::policy::OpenPolicy;
 use super::stream::{Failure, SendError, StreamItem, Upstream};
 use super::translate::Translator;
-use super::{INPUT_RATE_HZ, MODEL_V1, Shared};
+use super::{MODEL_V1, Shared};
 use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, Stage};
 use crate::usage::UsageMeter;
 
 mod handover;
+mod pump;
+mod stall;
+#[cfg(test)]
+mod tests;
+mod tools;
 
-/// Samples per `audioInput`: 32 ms at 16 kHz.
-const FRAME_SAMPLES: usize = 512;
+/// The loop's tick: one audio frame.
 const FRAME: Duration = Duration::from_millis(32);
-/// Silence starts after this long without user audio.
-const MUTE_AFTER: Duration = Duration::from_millis(200);
-/// User audio kept for replay into a new stream.
-const REPLAY_SAMPLES: usize = 3 * INPUT_RATE_HZ as usize;
 /// Wait for room for a control event (block boundaries, text, tool results).
 const CONTROL_WAIT: Duration = Duration::from_secs(2);
 /// After `Close`, how long with nothing happening before the stream is ended.
@@ -78,7 +80,7 @@ pub(super) async fn run(
 ) {
     let settings = &shared.settings;
     let meter = UsageMeter::new(&settings.model, &settings.prices);
-    let (tool_tx, tool_rx) = mpsc::channel(16);
+    let (tools, tool_rx) = ToolRunner::new(shared.tools.clone());
     let (drain_tx, drain_rx) = mpsc::channel(64);
     let now = Instant::now();
     let mut driver = Driver {
@@ -91,14 +93,8 @@ pub(super) async fn run(
         next: None,
         generation: 0,
         rotation: Rotation::default(),
-        recent: VecDeque::with_capacity(REPLAY_SAMPLES),
-        samples_in: 0,
-        heard_upto: 0,
-        pending: Vec::with_capacity(FRAME_SAMPLES * 2),
-        last_user_audio: now,
-        last_output: now,
-        awaiting_reply: None,
-        full_since: None,
+        pump: AudioPump::new(now),
+        stall: StallWatch::new(settings.stall_timeout, now),
         retries: 0,
         reconnect_at: None,
         policy: OpenPolicy::new(
@@ -111,8 +107,7 @@ pub(super) async fn run(
         unanswered: None,
         closing_since: None,
         turn_ended_after_close: false,
-        tools_pending: HashMap::new(),
-        tool_tx,
+        tools,
         drain_tx,
         dropped_frames: 0,
     };
@@ -129,21 +124,8 @@ struct Driver {
     next: Option<Stream>,
     generation: u32,
     rotation: Rotation,
-    /// The last [`REPLAY_SAMPLES`] of user audio.
-    recent: VecDeque<i16>,
-    /// User samples received in all.
-    samples_in: u64,
-    /// `samples_in` when the last user transcript arrived: audio before it
-    /// was heard and is never replayed.
-    heard_upto: u64,
-    /// User audio short of a whole frame.
-    pending: Vec<i16>,
-    last_user_audio: Instant,
-    last_output: Instant,
-    /// Since when a reply is due (user turn heard, text or tool result sent).
-    awaiting_reply: Option<Instant>,
-    /// Since when the current stream refuses audio.
-    full_since: Option<Instant>,
+    pump: AudioPump,
+    stall: StallWatch,
     /// Reconnections in the current turn.
     retries: u32,
     /// A reconnection (or the first open) is due at this time.
@@ -159,9 +141,7 @@ struct Driver {
     unanswered: Option<String>,
     closing_since: Option<Instant>,
     turn_ended_after_close: bool,
-    /// Tool calls running here, by id, with the generation that asked.
-    tools_pending: HashMap<String, u32>,
-    tool_tx: mpsc::Sender<(String, u32, serde_json::Value)>,
+    tools: ToolRunner,
     drain_tx: mpsc::Sender<StreamItem>,
     dropped_frames: u64,
 }
@@ -191,7 +171,7 @@ impl Driver {
     async fn main(
         &mut self,
         mut input: mpsc::Receiver<EngineInput>,
-        mut tool_rx: mpsc::Receiver<(String, u32, serde_json::Value)>,
+        mut tool_rx: mpsc::Receiver<ToolDone>,
         mut drain_rx: mpsc::Receiver<StreamItem>,
     ) {
         self.emit(EngineEvent::Ready {
@@ -218,8 +198,8 @@ impl Driver {
                     self.on_next_item(item);
                     Step::Go
                 }
-                Some((id, generation, result)) = tool_rx.recv() => {
-                    self.on_tool_result(&id, generation, &result).await
+                Some(done) = tool_rx.recv() => {
+                    self.on_tool_result(&done.id, done.generation, &done.result).await
                 }
                 Some(item) = drain_rx.recv() => {
                     self.on_drained(item).await;
@@ -230,7 +210,7 @@ impl Driver {
             stopped = matches!(step, Step::Stop);
         }
         // Late usage from streams still closing.
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        let deadline = Instant::now() + Duration::from_millis(300);
         while let Ok(Some(item)) = tokio::time::timeout_at(deadline, drain_rx.recv()).await {
             self.on_drained(item).await;
         }
@@ -273,7 +253,7 @@ impl Driver {
                     self.emit(event).await;
                 }
                 self.history.push(BlockRole::User, &text);
-                self.heard_upto = self.samples_in;
+                self.pump.heard();
                 if let Some(stream) = self.current.as_mut()
                     && stream.audio.is_some()
                 {
@@ -285,7 +265,7 @@ impl Driver {
                         let _ = stream.up.send(event, CONTROL_WAIT).await;
                     }
                 }
-                self.awaiting_reply = Some(Instant::now());
+                self.stall.expect_reply(Instant::now());
             }
             EngineInput::ToolResult { id, json } => {
                 // A client-side tool answered.
@@ -302,14 +282,8 @@ impl Driver {
     }
 
     fn on_audio(&mut self, samples: &[i16]) {
-        self.last_user_audio = Instant::now();
-        self.samples_in += samples.len() as u64;
-        self.recent.extend(samples.iter().copied());
-        let excess = self.recent.len().saturating_sub(REPLAY_SAMPLES);
-        self.recent.drain(..excess);
-        self.pending.extend_from_slice(samples);
-        while self.pending.len() >= FRAME_SAMPLES {
-            let frame: Vec<i16> = self.pending.drain(..FRAME_SAMPLES).collect();
+        self.pump.push(samples, Instant::now());
+        while let Some(frame) = self.pump.next_frame() {
             self.send_frame(&frame);
         }
     }
@@ -325,10 +299,10 @@ impl Driver {
         };
         let event = stream.builder.audio_input(audio, frame);
         match stream.up.try_send(&event) {
-            Ok(()) => self.full_since = None,
+            Ok(()) => self.stall.accepted(),
             Err(SendError::Full) => {
                 self.dropped_frames += 1;
-                self.full_since.get_or_insert_with(Instant::now);
+                self.stall.refused(Instant::now());
             }
             Err(SendError::Closed) => {}
         }
@@ -375,7 +349,7 @@ impl Driver {
 
     async fn on_output(&mut self, output: Output) {
         let now = Instant::now();
-        self.last_output = now;
+        self.stall.output(now);
         if let Output::ContentStart {
             kind: BlockKind::Audio,
             ..
@@ -399,8 +373,8 @@ impl Driver {
                     ..
                 } => {
                     self.history.push(BlockRole::User, text);
-                    self.heard_upto = self.samples_in;
-                    self.awaiting_reply = Some(now);
+                    self.pump.heard();
+                    self.stall.expect_reply(now);
                 }
                 EngineEvent::Transcript {
                     role: Role::Assistant,
@@ -411,31 +385,22 @@ impl Driver {
                     if *stage == Stage::Final {
                         self.history.push(BlockRole::Assistant, text);
                     }
-                    self.awaiting_reply = None;
+                    self.stall.answered();
                 }
                 EngineEvent::Audio(_) | EngineEvent::Interrupted { .. } => {
-                    self.awaiting_reply = None;
+                    self.stall.answered();
                 }
                 EngineEvent::TurnEnd { .. } => {
-                    self.awaiting_reply = None;
+                    self.stall.answered();
                     self.retries = 0;
                     if self.closing_since.is_some() {
                         self.turn_ended_after_close = true;
                     }
                 }
                 EngineEvent::ToolCall { id, name, json } => {
-                    self.awaiting_reply = None;
-                    if let Some(tools) = &self.shared.tools
-                        && tools.specs().iter().any(|s| &s.name == name)
-                    {
-                        let generation = self.current.as_ref().map_or(0, |s| s.generation);
-                        self.tools_pending.insert(id.clone(), generation);
-                        let (tools, tx) = (tools.clone(), self.tool_tx.clone());
-                        let (id, name, json) = (id.clone(), name.clone(), json.clone());
-                        tokio::spawn(async move {
-                            let result = tools.call(&name, &json).await;
-                            let _ = tx.send((id, generation, result)).await;
-                        });
+                    self.stall.answered();
+                    let generation = self.current.as_ref().map_or(0, |s| s.generation);
+                    if self.tools.run(id, name, json, generation) {
                         continue;
                     }
                 }
@@ -451,7 +416,7 @@ impl Driver {
         generation: u32,
         result: &serde_json::Value,
     ) -> Step {
-        self.tools_pending.remove(id);
+        self.tools.finished(id);
         let Some(stream) = self.current.as_mut() else {
             return Step::Go;
         };
@@ -466,7 +431,7 @@ impl Driver {
                 break;
             }
         }
-        self.awaiting_reply = Some(Instant::now());
+        self.stall.expect_reply(Instant::now());
         Step::Go
     }
 
@@ -480,49 +445,22 @@ impl Driver {
         }
         self.check_settled(now);
         // Silence while the user is mute.
-        if now.duration_since(self.last_user_audio) >= MUTE_AFTER {
-            self.pending.clear();
-            self.send_frame(&[0; FRAME_SAMPLES]);
+        if self.pump.mute(now) {
+            self.send_frame(&SILENCE);
         }
-        let settings = &self.shared.settings;
         // A stalled stream: no reply when one is due, or audio refused.
-        let stalled_reply = self.awaiting_reply.is_some_and(|t| {
-            now.duration_since(t) >= settings.stall_timeout
-                && now.duration_since(self.last_output) >= settings.stall_timeout
-        });
-        let stalled_input = self
-            .full_since
-            .is_some_and(|t| now.duration_since(t) >= settings.stall_timeout);
-        if self.current.is_some() && (stalled_reply || stalled_input) {
-            self.full_since = None;
-            let ms = settings.stall_timeout.as_millis();
+        if self.current.is_some() && self.stall.stalled(now) {
+            let ms = self.stall.timeout().as_millis();
             let message = format!("nothing from the service for {ms} ms while a reply was due");
             return self
                 .on_failure(Failure::transient("Stalled", message))
                 .await;
         }
-        // Rotation: arm at the threshold, prepare early or after a wait.
-        if let Some(current) = &self.current
-            && current.audio.is_some()
-        {
-            let age = now.duration_since(current.up.opened_at);
-            if self.rotation.armed_at.is_none()
-                && age >= settings.rotate_after
-                && self.closing_since.is_none()
-            {
-                self.rotation.armed_at = Some(now);
-            }
-            if let Some(armed) = self.rotation.armed_at
-                && self.next.is_none()
-                && now.duration_since(armed) >= settings.handoff_wait
-            {
-                self.prepare_next();
-            }
-        }
+        self.rotation_tick(now);
         self.maybe_hand_off().await;
         // Closing: once the last reply is done and things are quiet.
         if let Some(since) = self.closing_since {
-            let quiet = now.duration_since(self.last_output) >= CLOSE_QUIET
+            let quiet = self.stall.quiet_for(now) >= CLOSE_QUIET
                 && now.duration_since(since) >= CLOSE_QUIET;
             let done = self.assistant_done() && (self.turn_ended_after_close || quiet);
             if done || now.duration_since(since) >= CLOSE_LIMIT || self.current.is_none() {
