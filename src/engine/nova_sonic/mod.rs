@@ -39,7 +39,7 @@ pub use self::client::{
     ClientError, ClientSettings, FALLBACK_REGION, RegionSource, StaticCredentials, resolve_region,
 };
 pub use self::input::{Endpointing, Inference};
-pub use self::models::{DEFAULT_MODEL, MODEL_2, MODEL_V1, builtin_prices, rates_confirmed};
+pub use self::models::{DEFAULT_MODEL, MODEL_2, MODEL_V1, builtin_prices, is_v1, rates_confirmed};
 use self::policy::{Breaker, Count, OpenStats};
 use self::stream::Service;
 use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
@@ -140,7 +140,7 @@ impl NovaSonicSettings {
                 top_p: config.top_p as f32,
                 temperature: config.temperature as f32,
             },
-            endpointing: if config.model.contains(MODEL_V1) {
+            endpointing: if is_v1(&config.model) {
                 None
             } else {
                 endpointing
@@ -238,7 +238,7 @@ impl Engine for NovaSonicEngine {
     }
 
     fn voices(&self) -> Vec<Voice> {
-        let v1 = self.shared.settings.model.contains(MODEL_V1);
+        let v1 = is_v1(&self.shared.settings.model);
         let mut voices = vec![
             Voice::new("lupe", "Lupe", "es-US"),
             Voice::new("carlos", "Carlos", "es-US"),

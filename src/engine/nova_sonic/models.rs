@@ -9,6 +9,12 @@ pub const DEFAULT_MODEL: &str = MODEL_2;
 /// Nova Sonic v1, still accepted.
 pub const MODEL_V1: &str = "amazon.nova-sonic-v1:0";
 
+/// Whether `model` (an id or an ARN) is Nova Sonic v1, which takes no typed
+/// text and no turn-detection setting.
+pub fn is_v1(model: &str) -> bool {
+    model.contains(MODEL_V1)
+}
+
 /// The built-in on-demand rates.
 ///
 /// - `amazon.nova-sonic-v1:0`: $0.0034 / $0.0136 / $0.00006 / $0.00024 per

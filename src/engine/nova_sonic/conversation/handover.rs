@@ -14,7 +14,7 @@ use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::output::Output;
 use crate::engine::nova_sonic::policy::{Count, Gate};
 use crate::engine::nova_sonic::stream::{Failure, StreamItem};
-use crate::engine::nova_sonic::{INPUT_RATE_HZ, MODEL_V1};
+use crate::engine::nova_sonic::{INPUT_RATE_HZ, is_v1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
 
 impl Stream {
@@ -63,7 +63,7 @@ impl Driver {
         let (start, audio) = builder.audio_start(INPUT_RATE_HZ);
         events.push(start);
         if let Some(text) = self.unanswered.take()
-            && !self.shared.settings.model.contains(MODEL_V1)
+            && !is_v1(&self.shared.settings.model)
         {
             events.extend(builder.text_block(BlockRole::User, true, &text, MAX_PIECE_BYTES));
             self.stall.expect_reply(Instant::now());
@@ -95,8 +95,7 @@ impl Driver {
         let mut audio = None;
         if !prepare_only {
             // v1 takes no typed text: the question stays in the history.
-            let ask_again =
-                self.unanswered.is_some() && !self.shared.settings.model.contains(MODEL_V1);
+            let ask_again = self.unanswered.is_some() && !is_v1(&self.shared.settings.model);
             let (more, name) = self.takeover(&mut builder, ask_again);
             events.extend(more);
             audio = Some(name);

@@ -23,7 +23,7 @@ use super::output::{BlockKind, Output};
 use super::policy::OpenPolicy;
 use super::stream::{Failure, SendError, StreamItem, Upstream};
 use super::translate::Translator;
-use super::{MODEL_V1, Shared};
+use super::{Shared, is_v1};
 use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, Stage};
 use crate::usage::UsageMeter;
 
@@ -238,7 +238,7 @@ impl Driver {
                 if text.is_empty() {
                     return Step::Go;
                 }
-                if self.shared.settings.model.contains(MODEL_V1) {
+                if is_v1(&self.shared.settings.model) {
                     let message =
                         "Nova Sonic v1 takes no typed text; speak, or use amazon.nova-2-sonic-v1:0"
                             .into();
