@@ -375,7 +375,7 @@ fn call_failure(
 
 /// The name and kind of an error the service returned for the call.
 pub(crate) fn call_kind(error: &CallError) -> (&str, FailureKind) {
-    use FailureKind::{Invalid, QuotaExceeded, Refused, Throttled, Transient};
+    use FailureKind::{QuotaExceeded, Refused, Throttled, Transient};
     match error {
         CallError::ThrottlingException(_) => ("ThrottlingException", Throttled),
         CallError::ServiceUnavailableException(_) => ("ServiceUnavailableException", Transient),
@@ -384,7 +384,9 @@ pub(crate) fn call_kind(error: &CallError) -> (&str, FailureKind) {
         CallError::ModelTimeoutException(_) => ("ModelTimeoutException", Transient),
         CallError::ModelNotReadyException(_) => ("ModelNotReadyException", Transient),
         CallError::ModelErrorException(_) => ("ModelErrorException", Transient),
-        CallError::ValidationException(_) => ("ValidationException", Invalid),
+        CallError::ValidationException(e) => {
+            ("ValidationException", validation_kind(e.message(), false))
+        }
         CallError::AccessDeniedException(_) => ("AccessDeniedException", Refused),
         CallError::ResourceNotFoundException(_) => ("ResourceNotFoundException", Refused),
         CallError::ServiceQuotaExceededException(_) => {
@@ -426,16 +428,40 @@ fn stream_failure(
 /// Before the first answer, it is the request (setup, history, voice) that
 /// the service refused, and it would refuse it again.
 pub(crate) fn stream_kind(error: &OutputError, answered: bool) -> (&str, FailureKind) {
-    use FailureKind::{Invalid, Refused, Throttled, Transient};
+    use FailureKind::{Refused, Throttled, Transient};
     match error {
         OutputError::ThrottlingException(_) => ("throttlingException", Throttled),
         OutputError::ServiceUnavailableException(_) => ("serviceUnavailableException", Transient),
         OutputError::InternalServerException(_) => ("internalServerException", Transient),
         OutputError::ModelStreamErrorException(_) => ("modelStreamErrorException", Transient),
         OutputError::ModelTimeoutException(_) => ("modelTimeoutException", Transient),
-        OutputError::ValidationException(_) if answered => ("validationException", Transient),
-        OutputError::ValidationException(_) => ("validationException", Invalid),
+        OutputError::ValidationException(e) => (
+            "validationException",
+            validation_kind(e.message(), answered),
+        ),
         other => (other.code().unwrap_or("unknownException"), Refused),
+    }
+}
+
+/// The runtime conditions the service reports as a validation exception,
+/// told apart only by its message: its idle timeout, a reset stream and
+/// "System instability detected. Please retry your request." A new stream
+/// (with the history) helps with each, even before the first answer.
+const TRANSIENT_VALIDATION: [&str; 3] = [
+    "Timed out waiting for input events",
+    "RST_STREAM",
+    "System instability",
+];
+
+/// A validation exception is transient when the stream had been answering
+/// or when its message names one of [`TRANSIENT_VALIDATION`]; otherwise the
+/// request itself was refused and would be again.
+fn validation_kind(message: Option<&str>, answered: bool) -> FailureKind {
+    let transient = message.is_some_and(|m| TRANSIENT_VALIDATION.iter().any(|t| m.contains(t)));
+    if answered || transient {
+        FailureKind::Transient
+    } else {
+        FailureKind::Invalid
     }
 }
 

@@ -494,6 +494,25 @@ fn stream_errors_are_classified_by_their_variant_and_whether_it_had_answered() {
         stream_kind(&validation, false),
         ("validationException", K::Invalid)
     );
+    // The conditions the service names only in a validation message are
+    // passing even before the first answer; other refusals are not.
+    let with = |message: &str| {
+        E::ValidationException(x::ValidationException::builder().message(message).build())
+    };
+    for message in [
+        "System instability detected. Please retry your request.",
+        "Timed out waiting for input events",
+        "InternalErrorCode=531::RST_STREAM closed stream. HTTP/2 error code: NO_ERROR",
+    ] {
+        assert_eq!(
+            stream_kind(&with(message), false).1,
+            K::Transient,
+            "{message}"
+        );
+    }
+    let history = with("First message in chat history should not be Assistant");
+    assert_eq!(stream_kind(&history, false).1, K::Invalid);
+    assert_eq!(stream_kind(&history, true).1, K::Transient);
 }
 
 #[test]
