@@ -9,6 +9,7 @@
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
+//! - [`telemetry`]: log lines, connection/conversation/turn spans, OTLP export of the turns.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
 //! Planned beside them: `store` (the ledger).
@@ -20,5 +21,6 @@ pub mod engine;
 pub mod redact;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod tools;
 pub mod usage;

@@ -11,16 +11,18 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 mod settings;
+mod telemetry;
 
 pub use settings::{
     AudioConfig, Config, EngineConfig, EngineKind, LocalConfig, NovaSonicConfig, ServerConfig,
 };
+pub use telemetry::{LogConfig, LogFormat, TelemetryConfig};
 
 /// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
 pub const EXIT_CODE: i32 = 64;
 /// Environment variable naming the config file when no `--config` path is given.
 pub const CONFIG_ENV: &str = "SONORA_CONFIG";
-/// Environment variable read by the logging setup and ignored here.
+/// Environment variable holding the log filter (`crate::telemetry`), ignored here.
 pub const LOG_ENV: &str = "SONORA_LOG";
 
 pub(crate) const DEFAULT_LISTEN: SocketAddr =
@@ -234,6 +236,9 @@ impl Config {
             ));
         }
         self.validate_nova_sonic(&bad)?;
+        if let Err((key, value, reason)) = self.telemetry.check() {
+            return Err(bad(key, value, &reason));
+        }
         if let Err(reason) = self.tools.validate() {
             // The reason reads `tools.key = value: why`.
             let parts = reason.split_once(" = ").and_then(|(key, rest)| {
