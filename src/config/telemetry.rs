@@ -52,9 +52,8 @@ impl TelemetryConfig {
     /// The first bad setting as (dotted key, value shown, reason).
     pub(super) fn check(&self) -> Result<(), (&'static str, String, String)> {
         let endpoint = &self.otlp_endpoint;
-        if !endpoint.is_empty()
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        {
+        let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !is_url {
             let reason = "must be an http:// or https:// URL, like http://127.0.0.1:4318".into();
             let shown = toml::Value::from(crate::redact::url(endpoint)).to_string();
             return Err(("telemetry.otlp_endpoint", shown, reason));
