@@ -236,9 +236,7 @@ impl Config {
             ));
         }
         self.validate_nova_sonic(&bad)?;
-        if let Err((key, value, reason)) = self.telemetry.check() {
-            return Err(bad(key, value, &reason));
-        }
+        self.telemetry.check(&bad)?;
         if let Err(reason) = self.tools.validate() {
             // The reason reads `tools.key = value: why`.
             let parts = reason.split_once(" = ").and_then(|(key, rest)| {

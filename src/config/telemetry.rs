@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::ConfigError;
+
 /// Log lines on stderr.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -49,42 +51,28 @@ impl Default for TelemetryConfig {
 }
 
 impl TelemetryConfig {
-    /// The first bad setting as (dotted key, value shown, reason).
-    pub(super) fn check(&self) -> Result<(), (&'static str, String, String)> {
+    /// The first bad setting, made into an error by `bad(key, value shown, reason)`.
+    pub(super) fn check(
+        &self,
+        bad: &dyn Fn(&str, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
         let endpoint = &self.otlp_endpoint;
         let is_url = endpoint.starts_with("http://") || endpoint.starts_with("https://");
         if !endpoint.is_empty() && !is_url {
-            let reason = "must be an http:// or https:// URL, like http://127.0.0.1:4318".into();
+            let reason = "must be an http:// or https:// URL, like http://127.0.0.1:4318";
             let shown = toml::Value::from(crate::redact::url(endpoint)).to_string();
-            return Err(("telemetry.otlp_endpoint", shown, reason));
+            return Err(bad("telemetry.otlp_endpoint", shown, reason));
         }
+        #[rustfmt::skip]
         let ranges = [
-            (
-                "telemetry.otlp_timeout_ms",
-                self.otlp_timeout_ms,
-                100,
-                120_000,
-                "ms",
-            ),
-            (
-                "telemetry.otlp_batch_ms",
-                self.otlp_batch_ms,
-                10,
-                60_000,
-                "ms",
-            ),
-            (
-                "telemetry.otlp_queue_spans",
-                self.otlp_queue_spans,
-                1,
-                1_000_000,
-                "spans",
-            ),
+            ("telemetry.otlp_timeout_ms", self.otlp_timeout_ms, 100, 120_000, "ms"),
+            ("telemetry.otlp_batch_ms", self.otlp_batch_ms, 10, 60_000, "ms"),
+            ("telemetry.otlp_queue_spans", self.otlp_queue_spans, 1, 1_000_000, "spans"),
         ];
         for (key, value, min, max, unit) in ranges {
             if !(min..=max).contains(&value) {
                 let reason = format!("must be between {min} and {max} {unit}");
-                return Err((key, value.to_string(), reason));
+                return Err(bad(key, value.to_string(), &reason));
             }
         }
         Ok(())
