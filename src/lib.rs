@@ -10,6 +10,7 @@
 //! - [`usage`]: usage deltas, token counts, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
+//! - [`telemetry`]: log lines, connection/conversation/turn spans, OTLP export of the turns.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
 //! Dependencies run one way, from `redact`/`usage` and `config` at the bottom up to `cli`
@@ -23,5 +24,6 @@ pub mod knowledge;
 pub mod redact;
 pub mod server;
 pub mod session;
+pub mod telemetry;
 pub mod tools;
 pub mod usage;

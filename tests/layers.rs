@@ -14,12 +14,12 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("audio", 2),
     ("knowledge", 2),
-    ("telemetry", 2),
     ("tools", 3),
     ("engine", 4),
-    ("session", 5),
-    ("server", 6),
-    ("cli", 7),
+    ("telemetry", 5),
+    ("session", 6),
+    ("server", 7),
+    ("cli", 8),
 ];
 
 /// The engines, by their directory or file under `src/engine/`.

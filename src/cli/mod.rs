@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, LoadOptions};
+use crate::telemetry;
 use crate::{server, tools};
 
 /// Sonora, a real-time voice gateway.
@@ -30,6 +31,10 @@ pub struct Cli {
     /// Override one setting, e.g. `--set audio.uplink_queue_ms=3000`.
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Log lines on stderr as `text` or `json` (setting `log.format`); `SONORA_LOG`
+    /// filters them, e.g. `SONORA_LOG=debug`.
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,8 +109,24 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Runs the command, then flushes the span export.
 fn run(cli: Cli) -> Result<(), Failure> {
-    let overrides = cli
+    let mut telemetry = None;
+    let result = dispatch(cli, &mut telemetry);
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    result
+}
+
+fn dispatch(cli: Cli, telemetry: &mut Option<telemetry::Telemetry>) -> Result<(), Failure> {
+    // The gateway logs what it does; other commands' own output is what the
+    // user reads, so they log only warnings unless `SONORA_LOG` says more.
+    let default_filter = match cli.command {
+        Command::Serve(_) => telemetry::SERVER_FILTER,
+        _ => telemetry::COMMAND_FILTER,
+    };
+    let mut overrides = cli
         .set
         .iter()
         .map(|kv| {
@@ -119,16 +140,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let load = |extra: Vec<(String, String)>| -> Result<Config, Failure> {
+    if let Some(format) = &cli.log_format {
+        overrides.push(("log.format".to_owned(), format.clone()));
+    }
+    // Loads the configuration and, the first time, starts logging with it.
+    let mut load = |extra: Vec<(String, String)>| -> Result<Config, Failure> {
         let mut all = overrides.clone();
         all.extend(extra);
+        let env: Vec<(String, String)> = std::env::vars().collect();
         let options = LoadOptions {
             file: cli.config.clone(),
             default_file: PathBuf::from("sonora.toml"),
-            env: std::env::vars().collect(),
+            env: env.clone(),
             overrides: all,
         };
-        Ok(config::load(&options, &SETTING_CHECKS)?)
+        let config = config::load(&options, &SETTING_CHECKS)?;
+        if telemetry.is_none() {
+            *telemetry = Some(telemetry::init(&config, &env, default_filter)?);
+        }
+        Ok(config)
     };
     match cli.command {
         Command::Serve(args) => serve::run(&load(args.overrides())?, &args),

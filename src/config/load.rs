@@ -264,7 +264,7 @@ fn set_leaf(table: &mut Table, key: &str, value: Value) {
 fn redact_urls(table: &mut Table) {
     for (key, value) in table.iter_mut() {
         match value {
-            Value::String(text) if key.to_ascii_lowercase().ends_with("url") => {
+            Value::String(text) if is_url_key(key) => {
                 *text = crate::redact::url(text);
             }
             Value::Table(inner) => redact_urls(inner),
@@ -278,6 +278,13 @@ fn redact_urls(table: &mut Table) {
             _ => {}
         }
     }
+}
+
+/// Keys whose values are URLs, which may carry credentials or keys in
+/// their query: `…url`, `…endpoint`.
+fn is_url_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key.ends_with("url") || key.ends_with("endpoint")
 }
 
 pub(super) fn is_secret(key: &str) -> bool {
@@ -298,9 +305,7 @@ fn redact(value: &Value) -> Value {
 fn render(key: &str, value: &Value) -> String {
     let shown = match value {
         _ if is_secret(key) => redact(value),
-        Value::String(text) if key.to_ascii_lowercase().ends_with("url") => {
-            Value::from(crate::redact::url(text))
-        }
+        Value::String(text) if is_url_key(key) => Value::from(crate::redact::url(text)),
         _ => value.clone(),
     };
     shown.to_string()

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 mod load;
 mod settings;
+mod telemetry;
 mod validate;
 
 pub use load::{LoadOptions, env_name, keys, load};
@@ -15,12 +16,13 @@ pub use settings::{
     AudioConfig, Config, EngineConfig, EngineKind, HttpToolConfig, LocalConfig, NovaSonicConfig,
     ServerConfig, ToolsConfig,
 };
+pub use telemetry::{LogConfig, LogFormat, TelemetryConfig};
 
 /// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
 pub const EXIT_CODE: i32 = 64;
 /// Environment variable naming the config file when no `--config` path is given.
 pub const CONFIG_ENV: &str = "SONORA_CONFIG";
-/// Environment variable read by the logging setup and ignored here.
+/// Environment variable holding the log filter (`crate::telemetry`), ignored here.
 pub const LOG_ENV: &str = "SONORA_LOG";
 
 pub(crate) const DEFAULT_LISTEN: SocketAddr =

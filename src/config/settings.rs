@@ -23,6 +23,10 @@ pub struct Config {
     pub nova_sonic: NovaSonicConfig,
     /// Tools a speech model may call (section, no unit).
     pub tools: ToolsConfig,
+    /// Log lines (section, no unit).
+    pub log: super::LogConfig,
+    /// Span export (section, no unit).
+    pub telemetry: super::TelemetryConfig,
 }
 
 /// Amazon Nova Sonic over Bedrock's bidirectional stream. Credentials come
@@ -267,6 +271,8 @@ impl Default for Config {
             local: LocalConfig::default(),
             nova_sonic: NovaSonicConfig::default(),
             tools: ToolsConfig::default(),
+            log: super::LogConfig::default(),
+            telemetry: super::TelemetryConfig::default(),
         }
     }
 }

@@ -34,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::Engine;
@@ -469,9 +470,11 @@ async fn upgrade(
         _client: client,
     };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = crate::telemetry::connection_span(id, caller.client);
     ws.on_upgrade(move |socket| async move {
         socket::Connection::new(socket, shared, id, peer)
             .run()
+            .instrument(span)
             .await;
         // The conversation is over: its places are free.
         drop(admitted);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde_json::Value;
 use tokio::time::{Instant, timeout};
+use tracing::Instrument;
 
 use super::protocol::{
     self, ClientMessage, ErrorCode, Hello, MAX_OPEN_TOOL_CALLS, MAX_TEXT_MESSAGE_BYTES,
@@ -104,12 +105,19 @@ impl Connection {
         let Some(hello) = self.await_hello().await else {
             return;
         };
-        let Some(mut running) = self.start(hello).await else {
+        // Named by the session id its `ready` gives the client.
+        let language = match hello.language.as_str() {
+            "" => self.shared.config.engine.language.as_str(),
+            language => language,
+        };
+        let id = format!("{}-{}", self.id, self.peer.port());
+        let span = crate::telemetry::conversation_span(&id, language);
+        let Some(mut running) = self.start(hello).instrument(span.clone()).await else {
             return;
         };
         let counters = Arc::clone(&running.handle.counters);
         self.shared.metrics.opened(self.id, counters);
-        let exit = self.converse(&mut running).await;
+        let exit = self.converse(&mut running).instrument(span).await;
         let reason = match exit {
             Exit::Ended(reason) => Some(reason),
             Exit::Lost(reason) => reason,
@@ -268,15 +276,12 @@ impl Connection {
         })
     }
 
-    /// A line in the server log about this connection. Full texts (an
-    /// engine's own error messages) go here, never to the client.
+    /// A warning in the server log about this connection (its spans name
+    /// it). Full texts (an engine's own error messages) go here, never to
+    /// the client.
     fn log(&self, what: &str) {
         let what = crate::redact::urls_in(what);
-        eprintln!(
-            "sonora: conversation {} from {}: {what}",
-            self.id,
-            self.peer.ip()
-        );
+        tracing::warn!("{what}");
     }
 
     async fn converse(&mut self, running: &mut Running) -> Exit {

@@ -401,7 +401,8 @@ impl Conversation {
             output: output_rx,
             counters,
             shutdown,
-            task: tokio::spawn(task.run()),
+            // The conversation's span (the caller's) follows the task.
+            task: tokio::spawn(tracing::Instrument::in_current_span(task.run())),
             engine_ended: ended_rx,
         }
     }

@@ -131,6 +131,8 @@ struct State {
     turns: u32,
     latency_ms: Vec<u64>,
     usage: UsageDelta,
+    /// Turn spans, latency and usage per turn for logs and traces.
+    trace: crate::telemetry::ConversationTrace,
 }
 
 /// What woke the loop.
@@ -195,6 +197,7 @@ impl Task {
             turns: 0,
             latency_ms: Vec::new(),
             usage: UsageDelta::default(),
+            trace: crate::telemetry::ConversationTrace::new(),
         };
         Self { io, state }
     }
@@ -299,6 +302,8 @@ impl Task {
             state.publish_downlink();
         }
         let summary = state.summary();
+        let reason = ending.reason.code();
+        state.trace.ended(reason, summary.turns, &summary.usage);
         // The slot kept free by `output_slot` takes it without waiting; it
         // fails only when the client has dropped its receiver.
         let _ = output.try_send(ClientOutput::Closed {
@@ -469,6 +474,9 @@ impl State {
     }
 
     fn on_event(&mut self, event: Option<EngineEvent>, now: Instant) -> Option<Ending> {
+        if let Some(event) = &event {
+            self.trace.on_event(event, now);
+        }
         let Some(event) = event else {
             self.engine_open = false;
             return match &self.closing {

@@ -303,7 +303,9 @@ impl Engine for NovaSonicEngine {
             });
         }
         let (session, input, events) = EngineSession::channel();
-        tokio::spawn(conversation::run(self.shared.clone(), voice, input, events));
+        // The caller's span (the conversation's) follows the driver.
+        let driver = conversation::run(self.shared.clone(), voice, input, events);
+        tokio::spawn(tracing::Instrument::in_current_span(driver));
         Ok(session)
     }
 

@@ -145,9 +145,10 @@ impl Driver {
         let wait = self.policy.backoff(self.prepare_failures + 1);
         self.prepare_at = Some(now + wait);
         self.shared.stats.add(Count::Postponed);
-        eprintln!(
-            "nova-sonic: the next stream failed ({why}); the hand-off is put off {:.1} s, the current stream goes on",
-            wait.as_secs_f64()
+        tracing::warn!(
+            reason = why,
+            wait_ms = wait.as_millis() as u64,
+            "nova-sonic: the next stream failed; the hand-off is put off, the current stream goes on"
         );
     }
 
@@ -156,9 +157,10 @@ impl Driver {
         if failure.overload()
             && let Some(cooldown) = self.shared.breaker.trip(now)
         {
-            eprintln!(
-                "nova-sonic: Bedrock is shedding load ({failure}): no new conversations and no new streams for {:.1} s",
-                cooldown.as_secs_f64()
+            tracing::warn!(
+                failure = %failure,
+                cooldown_ms = cooldown.as_millis() as u64,
+                "nova-sonic: Bedrock is shedding load: no new conversations and no new streams"
             );
         }
     }
@@ -311,9 +313,9 @@ impl Driver {
             Gate::Capped(room) => {
                 self.shared.stats.add(Count::Capped);
                 self.prepare_at = Some(now + room);
-                eprintln!(
-                    "nova-sonic: at nova_sonic.max_opens_per_minute; the hand-off is put off {:.1} s",
-                    room.as_secs_f64()
+                tracing::warn!(
+                    wait_ms = room.as_millis() as u64,
+                    "nova-sonic: at nova_sonic.max_opens_per_minute; the hand-off is put off"
                 );
                 return;
             }

@@ -215,12 +215,12 @@ impl Driver {
             self.on_drained(item).await;
         }
         for note in self.translator.notes.drain(..) {
-            eprintln!("nova-sonic: {note}");
+            tracing::warn!("nova-sonic: {note}");
         }
         if self.dropped_frames > 0 {
-            eprintln!(
-                "nova-sonic: {} audio frames refused by a stalled stream",
-                self.dropped_frames
+            tracing::warn!(
+                dropped_frames = self.dropped_frames,
+                "nova-sonic: audio frames refused by a stalled stream"
             );
         }
         self.emit(EngineEvent::Closed).await;
@@ -363,7 +363,7 @@ impl Driver {
         }
         let events = self.translator.on_output(output);
         for note in self.translator.notes.drain(..) {
-            eprintln!("nova-sonic: {note}");
+            tracing::warn!("nova-sonic: {note}");
         }
         for event in events {
             match &event {
