@@ -47,9 +47,6 @@ use crate::config::NovaSonicConfig;
 use crate::tools::Tools;
 use crate::usage::{PriceTable, Rates};
 
-/// User audio goes up at 16 kHz.
-pub const INPUT_RATE_HZ: u32 = 16_000;
-
 /// The system prompt when none is configured: a Spanish-first help desk.
 pub const DEFAULT_SYSTEM_PROMPT: &str = "Eres el asistente de voz de la mesa de ayuda de una \
 universidad. Responde en el idioma en que te hablen (por defecto, en español), con frases \

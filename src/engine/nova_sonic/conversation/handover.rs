@@ -9,12 +9,13 @@ use tokio::time::Instant;
 
 use super::pump::FRAME_SAMPLES;
 use super::{CONTROL_WAIT, Driver, END_WAIT, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream};
+use crate::audio::OUTPUT_RATE_HZ as INPUT_RATE_HZ;
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
 use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
+use crate::engine::nova_sonic::is_v1;
 use crate::engine::nova_sonic::output::Output;
 use crate::engine::nova_sonic::policy::{Count, Gate};
 use crate::engine::nova_sonic::stream::{Failure, StreamItem};
-use crate::engine::nova_sonic::{INPUT_RATE_HZ, is_v1};
 use crate::engine::{EngineEvent, ErrorKind, TurnEndReason};
 
 impl Stream {

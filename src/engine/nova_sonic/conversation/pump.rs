@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::super::INPUT_RATE_HZ;
+use crate::audio::OUTPUT_RATE_HZ as INPUT_RATE_HZ;
 
 /// Samples per `audioInput`: 32 ms at 16 kHz.
 pub(super) const FRAME_SAMPLES: usize = 512;
