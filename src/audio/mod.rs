@@ -13,6 +13,7 @@ mod format;
 pub mod fuzzing;
 mod ogg;
 mod opus;
+mod pace;
 mod resample;
 pub mod wav;
 mod webm;
@@ -22,11 +23,13 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 pub use format::{AudioFormat, PCM_RATES_HZ, pcm_rates_list};
+pub use pace::RealtimeLimit;
 pub use resample::StreamResampler;
 
 use format::SNIFF_BYTES;
 use ogg::OggDemuxer;
 use opus::{OpusHead, OpusStage};
+use pace::AudioBudget;
 use webm::WebmDemuxer;
 
 /// The rate every decoded stream comes out at.
@@ -126,77 +129,6 @@ impl Default for DecoderLimits {
             max_block_bytes: 256 * 1024,
             realtime: None,
         }
-    }
-}
-
-/// A live stream's pace: a token bucket in audio time. It starts full with
-/// `burst_ms` of audio and refills at `speed_permille` / 1000 audio seconds
-/// per wall-clock second, so decoded audio can never outrun the clock by
-/// more than the burst, and one pushed chunk never decodes more than it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RealtimeLimit {
-    /// Sustained audio speed in thousandths of real time (2000: 2×).
-    pub speed_permille: u32,
-    /// Audio that may arrive at once beyond that, in milliseconds.
-    pub burst_ms: u32,
-}
-
-impl Default for RealtimeLimit {
-    /// 2× real time with a 10 s burst: far beyond what a browser or a phone
-    /// sends after a network stall, far below what a flood needs.
-    fn default() -> Self {
-        Self {
-            speed_permille: 2_000,
-            burst_ms: 10_000,
-        }
-    }
-}
-
-/// The token bucket of a [`RealtimeLimit`], in microseconds of audio.
-#[derive(Debug)]
-struct AudioBudget {
-    limit: RealtimeLimit,
-    tokens_us: u64,
-    refilled_at: Instant,
-    started_at: Instant,
-    audio_us: u64,
-}
-
-impl AudioBudget {
-    fn new(limit: RealtimeLimit) -> Self {
-        let now = Instant::now();
-        Self {
-            limit,
-            tokens_us: u64::from(limit.burst_ms) * 1000,
-            refilled_at: now,
-            started_at: now,
-            audio_us: 0,
-        }
-    }
-
-    /// Takes `audio_us` of audio from the bucket, or says how far ahead of
-    /// the clock the stream would be.
-    fn take(&mut self, audio_us: u64) -> Result<(), DecodeError> {
-        if audio_us > self.tokens_us {
-            let now = Instant::now();
-            let elapsed_us = now.duration_since(self.refilled_at).as_micros() as u64;
-            let earned = elapsed_us.saturating_mul(u64::from(self.limit.speed_permille)) / 1000;
-            self.tokens_us = self
-                .tokens_us
-                .saturating_add(earned)
-                .min(u64::from(self.limit.burst_ms) * 1000);
-            self.refilled_at = now;
-        }
-        if audio_us > self.tokens_us {
-            return Err(DecodeError::TooFast {
-                audio_ms: (self.audio_us + audio_us) / 1000,
-                wall_ms: self.started_at.elapsed().as_millis() as u64,
-                limit: self.limit,
-            });
-        }
-        self.tokens_us -= audio_us;
-        self.audio_us += audio_us;
-        Ok(())
     }
 }
 

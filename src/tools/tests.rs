@@ -1,3 +1,5 @@
+//! Every tool rule and call path, each with its test: over 600 lines because the rules are many.
+
 use std::error::Error;
 use std::net::SocketAddr;
 
