@@ -8,6 +8,7 @@
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, `usageEvent` parsing, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
+//! - `names`: `named_enum!`, enums with stable names (`ALL`, `as_str`, serde) from one list.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
 //!
@@ -17,6 +18,7 @@ pub mod audio;
 pub mod cli;
 pub mod config;
 pub mod engine;
+mod names;
 pub mod redact;
 pub mod server;
 pub mod session;
