@@ -9,6 +9,7 @@
 //! - [`session`]: one conversation: client ⇄ decoder ⇄ engine, bounded queues, barge-in, watchdogs.
 //! - [`usage`]: usage deltas, token counts, price tables, cost in integer micro-dollars.
 //! - [`server`]: the web gateway: embedded UI, `/ws` conversations, health, readiness, metrics.
+//! - `names`: `named_enum!`, enums with stable names (`ALL`, `as_str`, serde) from one list.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`telemetry`]: log lines, connection/conversation/turn spans, OTLP export of the turns.
 //! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod knowledge;
+mod names;
 pub mod redact;
 pub mod server;
 pub mod session;

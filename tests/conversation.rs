@@ -106,7 +106,7 @@ fn warnings(outputs: &[ClientOutput]) -> Vec<&'static str> {
     outputs
         .iter()
         .filter_map(|o| match o {
-            ClientOutput::Warning { code, .. } => Some(*code),
+            ClientOutput::Warning { code, .. } => Some(code.as_str()),
             _ => None,
         })
         .collect()
@@ -389,7 +389,7 @@ async fn bytes_that_never_complete_a_packet_trip_the_watchdog() {
         &bytes[third..2 * third],
         &bytes[2 * third..silent],
     ] {
-        send(&handle, ClientInput::Audio(piece.to_vec())).await;
+        send(&handle, ClientInput::Audio(piece.to_vec().into())).await;
         sleep(Duration::from_secs(1)).await;
     }
     let (outputs, reason, message, summary) = read_to_end(&mut handle).await;
@@ -430,13 +430,16 @@ async fn a_client_that_does_not_read_is_closed_with_bounded_memory() {
     script.extend((0..400).map(|_| Step::Emit(reply(40, 1))));
     let (_engine, mut handle) = start(script, None, SessionLimits::default());
 
-    // The client reads nothing until the conversation is over.
-    sleep(Duration::from_secs(1)).await;
+    // The client reads nothing: reply audio waiting less than the limit is
+    // no fault, waiting the limit is.
+    sleep(Duration::from_millis(9_990)).await;
+    assert!(!handle.task.is_finished(), "closed before the limit");
+    sleep(Duration::from_millis(20)).await;
     assert!(handle.task.is_finished());
     let (outputs, reason, message, summary) = read_to_end(&mut handle).await;
     assert_eq!(reason, CloseReason::SlowClient);
     assert!(
-        message.contains("ms of reply audio waiting (limit 10000 ms)"),
+        message.contains("reply audio waited 10000 ms (limit 10000 ms)"),
         "{message}"
     );
     assert_eq!(
@@ -447,11 +450,81 @@ async fn a_client_that_does_not_read_is_closed_with_bounded_memory() {
         ]
     );
     let counters = &summary.counters;
-    assert!(
-        (10_001..=10_040).contains(&counters.downlink_high_water_ms),
-        "{counters:?}"
-    );
+    assert_eq!(counters.downlink_high_water_ms, 16_000, "{counters:?}");
     assert_eq!((counters.downlink_queued_ms, counters.audio_out_ms), (0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn reply_audio_past_the_memory_cap_closes_at_once() {
+    let mut script = vec![Step::Emit(EngineEvent::SpeechEnded { turn_id: 1 })];
+    script.extend((0..400).map(|_| Step::Emit(reply(40, 1))));
+    // 100 KB: a little over 2 s of 24 kHz audio.
+    let limits = SessionLimits {
+        downlink_max_bytes: 100_000,
+        ..SessionLimits::default()
+    };
+    let (_engine, mut handle) = start(script, None, limits);
+
+    sleep(Duration::from_millis(10)).await;
+    assert!(handle.task.is_finished(), "the cap does not wait");
+    let (_, reason, message, summary) = read_to_end(&mut handle).await;
+    assert_eq!(reason, CloseReason::SlowClient);
+    assert!(message.ends_with("over the 100000-byte limit"), "{message}");
+    let high_water = summary.counters.downlink_high_water_ms;
+    assert!((2_040..=2_120).contains(&high_water), "{high_water}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reading_client_takes_a_long_reply_made_all_at_once() {
+    // Twenty seconds of reply at once, twice the time audio may wait.
+    let mut script = vec![
+        Step::AwaitAudioMs(200),
+        Step::Emit(EngineEvent::SpeechEnded { turn_id: 1 }),
+    ];
+    script.extend((0..500).map(|_| Step::Emit(reply(40, 1))));
+    let (_engine, mut handle) = start(script, None, SessionLimits::default());
+
+    send(&handle, ClientInput::Pcm(pcm(200, 0))).await;
+    let mut audio_ms = 0;
+    while audio_ms < 20_000 {
+        match handle.output.recv().await.unwrap() {
+            ClientOutput::Event(EngineEvent::Audio(pcm)) => audio_ms += pcm.duration_ms(),
+            ClientOutput::Closed {
+                reason, message, ..
+            } => panic!("{reason:?}: {message}"),
+            _ => {}
+        }
+    }
+    send(&handle, ClientInput::Stop).await;
+    let (_, reason, _, summary) = read_to_end(&mut handle).await;
+    assert_eq!(reason, CloseReason::ClientStopped);
+    assert_eq!(summary.counters.audio_out_ms, 20_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reply_audio_goes_out_in_batches_of_at_most_200_ms() {
+    let mut script = vec![
+        Step::AwaitAudioMs(200),
+        Step::Emit(EngineEvent::SpeechEnded { turn_id: 1 }),
+    ];
+    script.extend((0..10).map(|_| Step::Emit(reply(40, 1))));
+    script.push(Step::Sleep(Duration::from_secs(1)));
+    script.push(Step::Emit(EngineEvent::Interrupted { turn_id: 1 }));
+    script.extend((0..2).map(|_| Step::Emit(reply(40, 2))));
+    let (_engine, mut handle) = start(script, None, SessionLimits::default());
+
+    send(&handle, ClientInput::Pcm(pcm(200, 0))).await;
+    // The client takes the turn's start, then stops reading while the
+    // engine is interrupted: only the batch handed over before is heard.
+    for _ in 0..2 {
+        handle.output.recv().await.unwrap();
+    }
+    sleep(Duration::from_secs(2)).await;
+    send(&handle, ClientInput::Stop).await;
+    let (outputs, reason, _, summary) = read_to_end(&mut handle).await;
+    assert_eq!(reason, CloseReason::ClientStopped);
+    assert_eq!(audio_marks(&outputs), [1, 1, 1, 1, 1, 2, 2]);
+    assert_eq!(summary.counters.downlink_cleared_ms, 200);
 }
 
 #[tokio::test(start_paused = true)]
@@ -606,10 +679,10 @@ async fn a_refused_chunk_is_a_warning_and_the_conversation_goes_on() {
     let decoder = StreamDecoder::for_mime("audio/pcm;rate=16000", limits).unwrap();
     let (engine, mut handle) = start(vec![], Some(decoder), SessionLimits::default());
 
-    send(&handle, ClientInput::Audio(vec![0; 8_000])).await;
+    send(&handle, ClientInput::Audio(vec![0; 8_000].into())).await;
     for _ in 0..5 {
         // 100 ms of 16 kHz s16le.
-        send(&handle, ClientInput::Audio(vec![1; 3_200])).await;
+        send(&handle, ClientInput::Audio(vec![1; 3_200].into())).await;
     }
     send(&handle, ClientInput::Stop).await;
     let (outputs, reason, _, summary) = read_to_end(&mut handle).await;
@@ -629,7 +702,7 @@ async fn a_refused_chunk_is_a_warning_and_the_conversation_goes_on() {
 #[tokio::test(start_paused = true)]
 async fn audio_bytes_without_a_decoder_are_refused() {
     let (engine, mut handle) = start(vec![], None, SessionLimits::default());
-    send(&handle, ClientInput::Audio(vec![0; 100])).await;
+    send(&handle, ClientInput::Audio(vec![0; 100].into())).await;
     send(&handle, ClientInput::Pcm(pcm(80, 3))).await;
     send(&handle, ClientInput::Stop).await;
     let (outputs, reason, _, summary) = read_to_end(&mut handle).await;
@@ -645,7 +718,7 @@ async fn undecodable_audio_closes_with_the_decoder_message() {
     let (_engine, mut handle) = start(vec![], Some(webm_decoder()), SessionLimits::default());
     send(
         &handle,
-        ClientInput::Audio(b"RIFF this is no WebM".to_vec()),
+        ClientInput::Audio(b"RIFF this is no WebM".to_vec().into()),
     )
     .await;
     let (_, reason, message, _) = read_to_end(&mut handle).await;
@@ -662,9 +735,13 @@ async fn a_stream_cut_inside_a_packet_still_ends_normally() {
     let chunks = chrome_chunks();
     let (engine, mut handle) = start(vec![], Some(webm_decoder()), SessionLimits::default());
     for chunk in &chunks[..10] {
-        send(&handle, ClientInput::Audio(chunk.clone())).await;
+        send(&handle, ClientInput::Audio(chunk.clone().into())).await;
     }
-    send(&handle, ClientInput::Audio(chunks[10][..100].to_vec())).await;
+    send(
+        &handle,
+        ClientInput::Audio(chunks[10][..100].to_vec().into()),
+    )
+    .await;
     send(&handle, ClientInput::Stop).await;
     let (_, reason, message, summary) = read_to_end(&mut handle).await;
 
@@ -682,7 +759,7 @@ async fn a_stream_cut_inside_a_packet_still_ends_normally() {
 async fn chrome_webm_reaches_the_engine_through_the_decoder() {
     let (engine, mut handle) = start(vec![], Some(webm_decoder()), SessionLimits::default());
     for chunk in chrome_chunks() {
-        send(&handle, ClientInput::Audio(chunk)).await;
+        send(&handle, ClientInput::Audio(chunk.into())).await;
         sleep(Duration::from_millis(120)).await;
     }
     send(&handle, ClientInput::Stop).await;
@@ -706,7 +783,11 @@ async fn a_whole_recording_in_one_chunk_decodes_the_same() {
         ..SessionLimits::default()
     };
     let (engine, mut handle) = start(vec![], Some(webm_decoder()), limits);
-    send(&handle, ClientInput::Audio(fixture("chrome_5s.webm"))).await;
+    send(
+        &handle,
+        ClientInput::Audio(fixture("chrome_5s.webm").into()),
+    )
+    .await;
     send(&handle, ClientInput::Stop).await;
     let (_, reason, _, summary) = read_to_end(&mut handle).await;
 

@@ -298,6 +298,24 @@ async fn oversized_messages_close_with_1009() {
 }
 
 #[tokio::test]
+async fn frames_the_socket_library_refuses_are_still_told_and_closed_with_1009() {
+    let mut config = Config::default();
+    config.server.max_message_bytes = 16 * 1024;
+    let gateway = start(&config, echo()).await;
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    client.until(|f| f.is("ready")).await;
+    // Over twice the limit: the socket library itself refuses the frame.
+    client.send_binary(vec![0u8; 40 * 1024]).await;
+    assert_eq!(client.error_code().await, "message_too_large");
+    let closed = client.until(|f| matches!(f, Frame::Closed(_))).await;
+    assert!(
+        matches!(closed.last(), Some(Frame::Closed(Some((1009, _))))),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
 async fn hello_timeout_and_auth_close_with_1008() {
     let mut config = Config::default();
     config.server.hello_timeout_ms = 300;

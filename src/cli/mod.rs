@@ -1,9 +1,6 @@
 //! The `sonora` command line: one subcommand per job, errors as one line.
 
 mod bench;
-mod bench_hostile;
-mod bench_local;
-mod bench_serve;
 mod decode;
 mod doctor;
 mod engines;

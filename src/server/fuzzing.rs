@@ -69,7 +69,7 @@ pub fn frames(data: &[u8]) {
                     Ok(ClientMessage::Stop) => Some(ClientInput::Stop),
                     Ok(ClientMessage::Hello(_)) | Err(_) => None,
                 },
-                1 => Some(ClientInput::Audio(payload.to_vec())),
+                1 => Some(ClientInput::Audio(bytes::Bytes::copy_from_slice(payload))),
                 2 => Some(ClientInput::Pcm(
                     payload
                         .chunks_exact(2)

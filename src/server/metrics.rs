@@ -1,3 +1,4 @@
+// Over 600 lines: every metric and its Prometheus rendering stay together, a third of it tests.
 //! Server-wide counters, rendered in the Prometheus text format at
 //! `/metrics`. Traffic totals are exact and live: finished conversations
 //! are folded into a running total, and the counters of the ones still
@@ -19,78 +20,39 @@ const LATENCY_BUCKETS_S: [f64; 12] = [
     0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
 ];
 
-/// Why a connection was refused before its conversation started.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// At `server.max_sessions`.
-    Busy,
-    /// The server is shutting down.
-    ShuttingDown,
-    /// A browser origin not allowed.
-    Origin,
-    /// A missing or wrong token.
-    Unauthorized,
-    /// The engine is still loading.
-    NotReady,
-    /// The engine sheds load: its service throttles.
-    EngineBusy,
-    /// The client address is at `server.max_sessions_per_client`.
-    ClientBusy,
-    /// The client address is over `server.connections_per_minute_per_client`.
-    RateLimited,
-    /// A `Host` not in `server.allowed_hosts` (HTTP 421).
-    Host,
-    /// A TCP connection past `server.max_connections`, closed at once.
-    MaxConnections,
-}
-
-impl Refusal {
-    const ALL: [Self; 10] = [
-        Self::Busy,
-        Self::ShuttingDown,
-        Self::Origin,
-        Self::Unauthorized,
-        Self::NotReady,
-        Self::EngineBusy,
-        Self::ClientBusy,
-        Self::RateLimited,
-        Self::Host,
-        Self::MaxConnections,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Busy => "busy",
-            Self::ShuttingDown => "shutting_down",
-            Self::Origin => "origin",
-            Self::Unauthorized => "unauthorized",
-            Self::NotReady => "not_ready",
-            Self::EngineBusy => "engine_busy",
-            Self::ClientBusy => "client_busy",
-            Self::RateLimited => "rate_limited",
-            Self::Host => "host",
-            Self::MaxConnections => "max_connections",
-        }
+crate::names::named_enum! {
+    /// Why a connection was refused before its conversation started.
+    pub enum Refusal {
+        /// At `server.max_sessions`.
+        Busy = "busy",
+        /// The server is shutting down.
+        ShuttingDown = "shutting_down",
+        /// A browser origin not allowed.
+        Origin = "origin",
+        /// A missing or wrong token.
+        Unauthorized = "unauthorized",
+        /// The engine is still loading.
+        NotReady = "not_ready",
+        /// The engine sheds load: its service throttles.
+        EngineBusy = "engine_busy",
+        /// The client address is at `server.max_sessions_per_client`.
+        ClientBusy = "client_busy",
+        /// The client address is over `server.connections_per_minute_per_client`.
+        RateLimited = "rate_limited",
+        /// A `Host` not in `server.allowed_hosts` (HTTP 421).
+        Host = "host",
+        /// A TCP connection past `server.max_connections`, closed at once.
+        MaxConnections = "max_connections",
     }
 }
 
-/// Why the server closed an HTTP connection that was not a WebSocket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpTimeout {
-    /// A request head took longer than `server.header_read_timeout_ms`.
-    Header,
-    /// Idle between requests longer than `server.keepalive_timeout_ms`.
-    Idle,
-}
-
-impl HttpTimeout {
-    const ALL: [Self; 2] = [Self::Header, Self::Idle];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Header => "header_timeout",
-            Self::Idle => "idle",
-        }
+crate::names::named_enum! {
+    /// Why the server closed an HTTP connection that was not a WebSocket.
+    pub enum HttpTimeout {
+        /// A request head took longer than `server.header_read_timeout_ms`.
+        Header = "header_timeout",
+        /// Idle between requests longer than `server.keepalive_timeout_ms`.
+        Idle = "idle",
     }
 }
 
@@ -124,6 +86,8 @@ pub struct Metrics {
     latency_sum_ms: AtomicU64,
     usage: Mutex<UsageDelta>,
     traffic: Mutex<Traffic>,
+    /// Told when the last running conversation closes.
+    all_closed: tokio::sync::Notify,
 }
 
 impl Metrics {
@@ -161,7 +125,7 @@ impl Metrics {
         self.connection_timeouts[at].fetch_add(1, ORDER);
     }
 
-    pub fn error(&self, code: ErrorCode) {
+    pub(crate) fn error(&self, code: ErrorCode) {
         let at = ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
         self.errors[at].fetch_add(1, ORDER);
     }
@@ -180,7 +144,7 @@ impl Metrics {
     /// A conversation ended; `reason` is `None` when the connection was
     /// lost before the conversation could say why.
     pub fn closed(&self, id: u64, reason: Option<CloseReason>) {
-        self.active.fetch_sub(1, ORDER);
+        let last = self.active.fetch_sub(1, ORDER) == 1;
         if let Some(reason) = reason {
             let at = CloseReason::ALL
                 .iter()
@@ -191,6 +155,24 @@ impl Metrics {
         let mut traffic = self.lock_traffic();
         if let Some(counters) = traffic.live.remove(&id) {
             add_cumulative(&mut traffic.finished, &counters.snapshot());
+        }
+        drop(traffic);
+        if last {
+            self.all_closed.notify_waiters();
+        }
+    }
+
+    /// Completes once no conversation is running (at once if none is).
+    pub async fn all_closed(&self) {
+        loop {
+            let closed = self.all_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the check, so a close in between is seen.
+            closed.as_mut().enable();
+            if self.active() == 0 {
+                return;
+            }
+            closed.await;
         }
     }
 
@@ -525,6 +507,27 @@ mod tests {
             .next()
             .unwrap_or_default()
             .to_owned()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_closed_waits_for_the_last_conversation_only() {
+        let metrics = Arc::new(Metrics::default());
+        metrics.all_closed().await;
+        for id in [1, 2] {
+            metrics.opened(id, Arc::new(Counters::default()));
+        }
+        let waiter = tokio::spawn({
+            let metrics = Arc::clone(&metrics);
+            async move { metrics.all_closed().await }
+        });
+        metrics.closed(1, Some(CloseReason::ClientStopped));
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "one conversation still runs");
+        metrics.closed(2, None);
+        tokio::time::timeout(std::time::Duration::from_millis(10), waiter)
+            .await
+            .expect("told at once")
+            .expect("no panic");
     }
 
     #[test]

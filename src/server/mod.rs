@@ -16,7 +16,7 @@ pub mod fuzzing;
 mod http;
 pub mod metrics;
 pub(crate) mod net;
-pub mod protocol;
+mod protocol;
 mod socket;
 
 use std::future::Future;
@@ -243,10 +243,7 @@ impl Server {
         );
         // Upgraded sockets outlive their HTTP connections: wait for them.
         let grace = Duration::from_millis(u64::from(config.shutdown_grace_ms));
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.shared.metrics.active() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _ = tokio::time::timeout(grace, self.shared.metrics.all_closed()).await;
         stopping.abort();
         Ok(())
     }

@@ -1,152 +1,101 @@
 //! The `/ws` wire protocol, version 1 (docs/protocol.md): JSON text frames
-//! both ways, binary frames for audio both ways. These types never leave
-//! `server`.
+//! both ways, binary frames for audio both ways. Client frames are parsed
+//! here; the server's are in `outgoing`. These types never leave `server`.
 
-use serde::Serialize;
-use serde_json::{Value, json};
+mod outgoing;
 
+use serde_json::Value;
+
+pub(crate) use self::outgoing::{OutputFormat, ServerMessage, Stats};
 use crate::audio::AudioFormat;
-use crate::engine::{EngineEvent, Role, Stage};
-use crate::session::{ConversationSummary, CountersSnapshot};
-use crate::usage::UsageDelta;
+use crate::session::Warning;
 
 /// The protocol version this server speaks.
-pub const VERSION: u64 = 1;
+pub(crate) const VERSION: u64 = 1;
 
 use crate::audio::PCM_RATES_HZ;
 
 /// Longest typed text accepted, in characters.
-pub const MAX_TEXT_CHARS: usize = 4_000;
+pub(crate) const MAX_TEXT_CHARS: usize = 4_000;
 
 /// Largest text frame (JSON) accepted, in bytes: a `tool_result` included.
 /// Audio frames may be larger, up to `server.max_message_bytes`.
-pub const MAX_TEXT_MESSAGE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_TEXT_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Most tool calls a client may have open at once; past it, a call's
 /// result is refused as unknown.
-pub const MAX_OPEN_TOOL_CALLS: usize = 16;
+pub(crate) const MAX_OPEN_TOOL_CALLS: usize = 16;
 
-/// Every error code the server sends, with whether the session goes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// A text frame that is not JSON, or JSON that is not an object.
-    BadJson,
-    /// A JSON object without a string `type`, or a field of the wrong type.
-    BadMessage,
-    /// A `type` this version does not know.
-    UnknownType,
-    /// `hello` with a version other than [`VERSION`].
-    UnsupportedVersion,
-    /// `hello` with an audio format or rate the server does not take.
-    UnsupportedAudio,
-    /// `hello` with a voice the engine does not offer.
-    UnknownVoice,
-    /// Audio, text or stop before a `hello` was accepted.
-    HelloFirst,
-    /// A second `hello` on a session that already has one.
-    DuplicateHello,
-    /// `hello` without a valid token while tokens are required (closes, 1008).
-    Unauthorized,
-    /// No `hello` within the hello timeout (closes, 1008).
-    HelloTimeout,
-    /// A frame over the size limit (closes, 1009).
-    MessageTooLarge,
-    /// Typed text that is empty or too long.
-    BadText,
-    /// An audio chunk the decoder refused (its input cap): the chunk is lost.
-    ChunkRefused,
-    /// User audio dropped, oldest first, because the engine fell behind.
-    UplinkDropped,
-    /// The engine was slow to accept audio.
-    EngineStall,
-    /// The engine could not start a conversation (closes, 1011).
-    EngineUnavailable,
-    /// The engine is shedding load (its service throttles): try again
-    /// later (closes, 1013).
-    EngineBusy,
-    /// An error the engine reported; `fatal` says whether the session ends.
-    EngineError,
-    /// The audio could not be decoded: the session ends with `bad_audio`.
-    BadAudio,
-    /// The engine is still answering earlier turns and refused this one.
-    Busy,
-    /// A `tool_result` for an id this conversation did not send, or sent
-    /// twice.
-    UnknownToolCall,
+crate::names::named_enum! {
+    /// Every error code the server sends, with whether the session goes on.
+    pub(crate) enum ErrorCode {
+        /// A text frame that is not JSON, or JSON that is not an object.
+        BadJson = "bad_json",
+        /// A JSON object without a string `type`, or a field of the wrong type.
+        BadMessage = "bad_message",
+        /// A `type` this version does not know.
+        UnknownType = "unknown_type",
+        /// `hello` with a version other than [`VERSION`].
+        UnsupportedVersion = "unsupported_version",
+        /// `hello` with an audio format or rate the server does not take.
+        UnsupportedAudio = "unsupported_audio",
+        /// `hello` with a voice the engine does not offer.
+        UnknownVoice = "unknown_voice",
+        /// Audio, text or stop before a `hello` was accepted.
+        HelloFirst = "hello_first",
+        /// A second `hello` on a session that already has one.
+        DuplicateHello = "duplicate_hello",
+        /// `hello` without a valid token while tokens are required (closes, 1008).
+        Unauthorized = "unauthorized",
+        /// No `hello` within the hello timeout (closes, 1008).
+        HelloTimeout = "hello_timeout",
+        /// A frame over the size limit (closes, 1009).
+        MessageTooLarge = "message_too_large",
+        /// Typed text that is empty or too long.
+        BadText = "bad_text",
+        /// An audio chunk the decoder refused (its input cap): the chunk is lost.
+        ChunkRefused = "chunk_refused",
+        /// User audio dropped, oldest first, because the engine fell behind.
+        UplinkDropped = "uplink_dropped",
+        /// The engine was slow to accept audio.
+        EngineStall = "engine_stall",
+        /// The engine could not start a conversation (closes, 1011).
+        EngineUnavailable = "engine_unavailable",
+        /// The engine is shedding load (its service throttles): try again
+        /// later (closes, 1013).
+        EngineBusy = "engine_busy",
+        /// An error the engine reported; `fatal` says whether the session ends.
+        EngineError = "engine_error",
+        /// The audio could not be decoded: the session ends with `bad_audio`.
+        BadAudio = "bad_audio",
+        /// The engine is still answering earlier turns and refused this one.
+        Busy = "busy",
+        /// A `tool_result` for an id this conversation did not send, or sent
+        /// twice.
+        UnknownToolCall = "unknown_tool_call",
+    }
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::BadJson => "bad_json",
-            Self::BadMessage => "bad_message",
-            Self::UnknownType => "unknown_type",
-            Self::UnsupportedVersion => "unsupported_version",
-            Self::UnsupportedAudio => "unsupported_audio",
-            Self::UnknownVoice => "unknown_voice",
-            Self::HelloFirst => "hello_first",
-            Self::DuplicateHello => "duplicate_hello",
-            Self::Unauthorized => "unauthorized",
-            Self::HelloTimeout => "hello_timeout",
-            Self::MessageTooLarge => "message_too_large",
-            Self::BadText => "bad_text",
-            Self::ChunkRefused => "chunk_refused",
-            Self::UplinkDropped => "uplink_dropped",
-            Self::EngineStall => "engine_stall",
-            Self::EngineUnavailable => "engine_unavailable",
-            Self::EngineBusy => "engine_busy",
-            Self::EngineError => "engine_error",
-            Self::BadAudio => "bad_audio",
-            Self::Busy => "busy",
-            Self::UnknownToolCall => "unknown_tool_call",
-        }
-    }
-
-    /// Every code, for metrics and documentation tests.
-    pub const ALL: [Self; 21] = [
-        Self::BadJson,
-        Self::BadMessage,
-        Self::UnknownType,
-        Self::UnsupportedVersion,
-        Self::UnsupportedAudio,
-        Self::UnknownVoice,
-        Self::HelloFirst,
-        Self::DuplicateHello,
-        Self::Unauthorized,
-        Self::HelloTimeout,
-        Self::MessageTooLarge,
-        Self::BadText,
-        Self::ChunkRefused,
-        Self::UplinkDropped,
-        Self::EngineStall,
-        Self::EngineUnavailable,
-        Self::EngineBusy,
-        Self::EngineError,
-        Self::BadAudio,
-        Self::Busy,
-        Self::UnknownToolCall,
-    ];
-
-    /// The code a session warning maps to.
-    pub fn for_warning(code: &str) -> Self {
-        match code {
-            "chunk_refused" => Self::ChunkRefused,
-            "uplink_dropped" => Self::UplinkDropped,
-            _ => Self::EngineStall,
+    /// The code a session warning is sent with.
+    pub(crate) fn for_warning(warning: Warning) -> Self {
+        match warning {
+            Warning::ChunkRefused => Self::ChunkRefused,
+            Warning::UplinkDropped => Self::UplinkDropped,
+            Warning::EngineStall => Self::EngineStall,
         }
     }
 }
 
 /// A protocol error: a code and a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProtocolError {
-    pub code: ErrorCode,
-    pub message: String,
+pub(crate) struct ProtocolError {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
 }
 
 impl ProtocolError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -156,16 +105,16 @@ impl ProtocolError {
 
 /// A client's `hello`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hello {
-    pub audio: AudioFormat,
-    pub voice: String,
-    pub language: String,
-    pub token: String,
+pub(crate) struct Hello {
+    pub(crate) audio: AudioFormat,
+    pub(crate) voice: String,
+    pub(crate) language: String,
+    pub(crate) token: String,
 }
 
 /// A client text frame, parsed.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ClientMessage {
+pub(crate) enum ClientMessage {
     Hello(Hello),
     Text(String),
     ToolResult { id: String, result: Value },
@@ -173,7 +122,7 @@ pub enum ClientMessage {
 }
 
 /// Parses one client text frame.
-pub fn parse_client(text: &str) -> Result<ClientMessage, ProtocolError> {
+pub(crate) fn parse_client(text: &str) -> Result<ClientMessage, ProtocolError> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         ProtocolError::new(ErrorCode::BadJson, format!("the message is not JSON: {e}"))
     })?;
@@ -298,128 +247,6 @@ fn parse_hello(object: &serde_json::Map<String, Value>) -> Result<Hello, Protoco
         language: text("language")?,
         token: text("token")?,
     })
-}
-
-/// The server's text frames.
-pub mod out {
-    use super::*;
-
-    pub fn error(code: ErrorCode, message: &str, fatal: bool) -> Value {
-        json!({"type": "error", "code": code.as_str(), "message": message, "fatal": fatal})
-    }
-
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one field each of the ready message"
-    )]
-    pub fn ready(
-        session: &str,
-        engine: &str,
-        model: &str,
-        voice: &str,
-        language: &str,
-        input: &str,
-        output_rate_hz: u32,
-    ) -> Value {
-        json!({
-            "type": "ready",
-            "version": VERSION,
-            "session": session,
-            "engine": engine,
-            "model": model,
-            "voice": voice,
-            "language": language,
-            "input": input,
-            "output": {"format": "pcm16", "rate": output_rate_hz},
-        })
-    }
-
-    pub fn usage(delta: &UsageDelta, total: &UsageDelta) -> Value {
-        json!({"type": "usage", "delta": delta, "total": total})
-    }
-
-    pub fn stats(counters: &CountersSnapshot, turns: u32, latency_ms: &[u64]) -> Value {
-        json!({
-            "type": "stats",
-            "turns": turns,
-            "latency_ms": latency_ms.last(),
-            "queues": {
-                "uplink_ms": counters.uplink_queued_ms,
-                "uplink_high_water_ms": counters.uplink_high_water_ms,
-                "uplink_dropped_ms": counters.uplink_dropped_ms,
-                "downlink_ms": counters.downlink_queued_ms,
-                "downlink_high_water_ms": counters.downlink_high_water_ms,
-                "downlink_cleared_ms": counters.downlink_cleared_ms,
-                "engine_send_stalls": counters.engine_send_stalls,
-            },
-            "decoder": {
-                "bytes_in": counters.decoder_bytes_in,
-                "bytes_refused": counters.decoder_bytes_refused,
-                "chunks_refused": counters.chunks_refused,
-                "packets_decoded": counters.packets_decoded,
-                "packets_concealed": counters.packets_concealed,
-                "packets_corrupt": counters.packets_corrupt,
-                "too_fast": counters.audio_too_fast,
-            },
-            "audio_in_ms": counters.audio_in_ms,
-            "audio_out_ms": counters.audio_out_ms,
-            "interruptions": counters.interruptions,
-        })
-    }
-
-    pub fn end(reason: &str, message: &str, summary: &ConversationSummary) -> Value {
-        json!({"type": "end", "reason": reason, "message": message, "summary": summary})
-    }
-
-    /// The text frame for an engine event, or `None` for audio (a binary
-    /// frame), `Ready` (sent as `ready`) and `Closed` (sent as `end`).
-    pub fn event(event: &EngineEvent) -> Option<Value> {
-        let value = match event {
-            EngineEvent::Transcript {
-                role,
-                text,
-                stage,
-                turn_id,
-            } => json!({
-                "type": "transcript",
-                "role": match role { Role::User => "user", Role::Assistant => "assistant" },
-                "stage": match stage { Stage::Speculative => "speculative", Stage::Final => "final" },
-                "text": text,
-                "turn": turn_id,
-            }),
-            EngineEvent::Interrupted { turn_id } => json!({"type": "interrupted", "turn": turn_id}),
-            EngineEvent::ToolCall { id, name, json } => {
-                json!({"type": "tool", "id": id, "name": name, "input": json})
-            }
-            EngineEvent::TurnEnd { turn_id, reason } => {
-                json!({"type": "turn_end", "turn": turn_id, "reason": reason})
-            }
-            EngineEvent::SpeechStarted { turn_id } => {
-                json!({"type": "speech", "state": "started", "turn": turn_id})
-            }
-            EngineEvent::SpeechEnded { turn_id } => {
-                json!({"type": "speech", "state": "ended", "turn": turn_id})
-            }
-            EngineEvent::Rotated { generation, gap_ms } => {
-                json!({"type": "rotated", "generation": generation, "gap_ms": gap_ms})
-            }
-            EngineEvent::Error { kind, message } => json!({
-                "type": "error",
-                "code": match kind {
-                    crate::engine::ErrorKind::Busy => ErrorCode::Busy,
-                    _ => ErrorCode::EngineError,
-                }.as_str(),
-                "kind": kind,
-                "message": message,
-                "fatal": matches!(kind, crate::engine::ErrorKind::Fatal),
-            }),
-            EngineEvent::Ready { .. }
-            | EngineEvent::Audio(_)
-            | EngineEvent::Usage(_)
-            | EngineEvent::Closed => return None,
-        };
-        Some(value)
-    }
 }
 
 #[cfg(test)]

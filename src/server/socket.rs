@@ -1,6 +1,13 @@
-//! One `/ws` connection: waits for `hello`, runs a conversation, and
-//! translates between the wire protocol and `session`.
+//! One `/ws` connection: waits for `hello` (`handshake`), runs a
+//! conversation (`conversing`: the loop between the socket and the
+//! conversation) and turns what the conversation says into frames
+//! (`downlink`: messages, and reply audio batched into binary frames).
+//!
+//! Writes are fed to the socket and flushed once per batch: everything the
+//! conversation has ready when the connection wakes goes out in one write.
 
+mod conversing;
+mod downlink;
 mod handshake;
 
 use std::collections::HashSet;
@@ -9,20 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use serde_json::Value;
-use tokio::time::{Instant, timeout};
+use bytes::BytesMut;
+use futures_util::SinkExt;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite;
 use tracing::Instrument;
 
-use super::protocol::{
-    self, ClientMessage, ErrorCode, Hello, MAX_OPEN_TOOL_CALLS, MAX_TEXT_MESSAGE_BYTES,
-    ProtocolError, out,
-};
-use super::{OUTPUT_RATE_HZ, Shared};
-use crate::audio::{AudioFormat, StreamDecoder, StreamResampler};
-use crate::engine::{ConversationOptions, EngineEvent, ErrorKind, StartError};
-use crate::session::{
-    ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle, ConversationSummary,
-};
+use super::Shared;
+use super::protocol::{ErrorCode, Hello, MAX_TEXT_MESSAGE_BYTES, ProtocolError, ServerMessage};
+use crate::audio::{StreamDecoder, StreamResampler};
+use crate::engine::{ConversationOptions, StartError};
+use crate::session::{CloseReason, Conversation, ConversationHandle};
 use crate::usage::UsageDelta;
 
 pub(super) const CLOSE_NORMAL: u16 = 1000;
@@ -38,9 +42,6 @@ pub(super) const ENGINE_BUSY_REASON: &str =
 
 /// How long a closing server waits for the client's close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-/// How often a running conversation gets a `stats` message.
-const STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// A refusal after the upgrade: close code and reason, nothing else.
 pub(super) async fn refuse(mut socket: WebSocket, code: u16, reason: &'static str) {
@@ -69,6 +70,10 @@ pub(super) struct Connection {
     id: u64,
     peer: SocketAddr,
     write_timeout: Duration,
+    /// Reply audio not yet handed to the socket: consecutive audio goes
+    /// out as one binary frame. Its allocation is reused once the socket
+    /// has copied the frame out.
+    audio: BytesMut,
 }
 
 /// A running conversation and what the connection tracks of it.
@@ -79,6 +84,8 @@ struct Running {
     turns: u32,
     latency_ms: Vec<u64>,
     resampler: Option<(u32, StreamResampler)>,
+    /// Resampled reply audio, reused from frame to frame.
+    resampled: Vec<i16>,
     /// The client closed its side: outputs are drained, not written.
     client_gone: bool,
     /// `ready` went out.
@@ -98,6 +105,7 @@ impl Connection {
             id,
             peer,
             write_timeout,
+            audio: BytesMut::new(),
         }
     }
 
@@ -142,10 +150,40 @@ impl Connection {
         self.shared.metrics.closed(self.id, reason);
     }
 
-    /// Sends one message within the write timeout; `false` when the client
-    /// is gone or too slow.
-    async fn send(&mut self, message: Message) -> bool {
-        match timeout(self.write_timeout, self.socket.send(message)).await {
+    /// Hands one message to the socket, behind any pending reply audio,
+    /// without flushing; `false` when the client is gone or too slow.
+    async fn feed(&mut self, message: Message) -> bool {
+        self.feed_audio().await && self.feed_now(message).await
+    }
+
+    /// Hands the pending reply audio to the socket as one binary frame.
+    async fn feed_audio(&mut self) -> bool {
+        if self.audio.is_empty() {
+            return true;
+        }
+        let audio = self.audio.split().freeze();
+        self.feed_now(Message::Binary(audio)).await
+    }
+
+    async fn feed_now(&mut self, message: Message) -> bool {
+        let fed = timeout(self.write_timeout, self.socket.feed(message)).await;
+        self.written(fed)
+    }
+
+    /// Writes out everything fed so far, pending reply audio included.
+    async fn flush(&mut self) -> bool {
+        if !self.feed_audio().await {
+            return false;
+        }
+        let flushed = timeout(self.write_timeout, SinkExt::flush(&mut self.socket)).await;
+        self.written(flushed)
+    }
+
+    fn written(
+        &self,
+        result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> bool {
+        match result {
             Ok(Ok(())) => true,
             Ok(Err(_)) => false,
             Err(_) => {
@@ -155,14 +193,20 @@ impl Connection {
         }
     }
 
-    async fn send_json(&mut self, value: &Value) -> bool {
-        self.send(Message::Text(value.to_string().into())).await
+    /// Sends one message and everything before it; `false` when the client
+    /// is gone or too slow.
+    async fn send(&mut self, message: Message) -> bool {
+        self.feed(message).await && self.flush().await
+    }
+
+    async fn send_message(&mut self, message: &ServerMessage<'_>) -> bool {
+        self.send(Message::Text(message.to_text().into())).await
     }
 
     async fn send_error(&mut self, error: &ProtocolError, fatal: bool) -> bool {
         self.shared.metrics.error(error.code);
-        self.send_json(&out::error(error.code, &error.message, fatal))
-            .await
+        let message = ServerMessage::error(error.code, &error.message, fatal);
+        self.send_message(&message).await
     }
 
     async fn close(&mut self, code: u16, reason: &str) {
@@ -209,8 +253,7 @@ impl Connection {
 
     /// A read error: an oversized frame is told before the close.
     async fn read_failed(&mut self, error: &axum::Error) {
-        let text = error.to_string();
-        if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
+        if is_too_large(error) {
             let limit = self.shared.config.server.max_message_bytes;
             let message = format!("a message was larger than the {limit}-byte limit");
             let error = ProtocolError::new(ErrorCode::MessageTooLarge, message.clone());
@@ -269,6 +312,7 @@ impl Connection {
             turns: 0,
             latency_ms: Vec::new(),
             resampler: None,
+            resampled: Vec::new(),
             client_gone: false,
             ready: false,
             stopped: false,
@@ -283,265 +327,21 @@ impl Connection {
         let what = crate::redact::urls_in(what);
         tracing::warn!("{what}");
     }
+}
 
-    async fn converse(&mut self, running: &mut Running) -> Exit {
-        let mut shutdown = self.shared.shutdown.clone();
-        let mut shutdown_sent = false;
-        let mut stats = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
-        stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                output = running.handle.output.recv() => {
-                    let Some(output) = output else {
-                        return Exit::Lost(None);
-                    };
-                    if let Some(exit) = self.on_output(running, output).await {
-                        return exit;
-                    }
-                }
-                frame = self.socket.recv(), if !running.client_gone => {
-                    if !self.on_frame(running, frame).await {
-                        running.client_gone = true;
-                        let _ = running.handle.input.try_send(ClientInput::Stop);
-                    }
-                }
-                // `stats` only once the client has its `ready`.
-                _ = stats.tick(), if !running.client_gone && running.ready => {
-                    let snapshot = running.handle.counters.snapshot();
-                    let message = out::stats(&snapshot, running.turns, &running.latency_ms);
-                    if !self.send_json(&message).await {
-                        return Exit::Lost(Some(CloseReason::SlowClient));
-                    }
-                }
-                () = shutting_down(&mut shutdown), if !shutdown_sent => {
-                    shutdown_sent = true;
-                    running.handle.shutdown();
-                }
-            }
-        }
-    }
-
-    /// One client frame; `false` when the client is gone.
-    async fn on_frame(
-        &mut self,
-        running: &mut Running,
-        frame: Option<Result<Message, axum::Error>>,
-    ) -> bool {
-        if !self.size_ok(&frame).await {
-            return false;
-        }
-        let input = match frame {
-            // After `stop` the conversation reads no more input: what the
-            // client still sends is dropped, and its `end` still comes.
-            Some(Ok(Message::Binary(_) | Message::Text(_))) if running.stopped => return true,
-            Some(Ok(Message::Binary(bytes))) => ClientInput::Audio(bytes.to_vec()),
-            Some(Ok(Message::Text(text))) => match protocol::parse_client(&text) {
-                Ok(ClientMessage::Text(text)) => ClientInput::Text(text),
-                Ok(ClientMessage::ToolResult { id, result }) => {
-                    if !running.tool_calls.remove(&id) {
-                        let shown: String = id.chars().take(64).collect();
-                        let error = ProtocolError::new(
-                            ErrorCode::UnknownToolCall,
-                            format!(
-                                "no open tool call has the id {shown:?}: a result is taken once, for a call this conversation sent"
-                            ),
-                        );
-                        return self.send_error(&error, false).await;
-                    }
-                    ClientInput::ToolResult { id, json: result }
-                }
-                Ok(ClientMessage::Stop) => {
-                    running.stopped = true;
-                    ClientInput::Stop
-                }
-                Ok(ClientMessage::Hello(_)) => {
-                    let error = ProtocolError::new(
-                        ErrorCode::DuplicateHello,
-                        "this conversation already has its hello; open a new socket for another",
-                    );
-                    return self.send_error(&error, false).await;
-                }
-                Err(error) => return self.send_error(&error, false).await,
-            },
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return true,
-            Some(Ok(Message::Close(_))) | None => return false,
-            Some(Err(e)) => {
-                self.read_failed(&e).await;
-                return false;
-            }
-        };
-        // A full input channel holds this client back: that is the point.
-        // A conversation that has ended takes no more input; its `end` is
-        // on the way, so the client is not gone: the frame is dropped.
-        let _ = running.handle.input.send(input).await;
-        true
-    }
-
-    /// One conversation output; `Some` when the connection is done.
-    async fn on_output(&mut self, running: &mut Running, output: ClientOutput) -> Option<Exit> {
-        let message = match output {
-            ClientOutput::Event(EngineEvent::Audio(pcm)) => {
-                let samples = match &mut running.resampler {
-                    _ if pcm.rate_hz == OUTPUT_RATE_HZ => pcm.samples,
-                    Some((rate, resampler)) if *rate == pcm.rate_hz => {
-                        let mut out = Vec::with_capacity(pcm.samples.len() * 2);
-                        resampler.push(&pcm.samples, &mut out);
-                        out
-                    }
-                    slot => {
-                        let mut out = Vec::new();
-                        if let Ok(mut resampler) = StreamResampler::new(pcm.rate_hz, OUTPUT_RATE_HZ)
-                        {
-                            resampler.push(&pcm.samples, &mut out);
-                            *slot = Some((pcm.rate_hz, resampler));
-                        }
-                        out
-                    }
-                };
-                let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
-                Message::Binary(bytes.into())
-            }
-            ClientOutput::Event(EngineEvent::Ready {
-                engine,
-                model,
-                voice,
-            }) => {
-                let session = format!("{}-{}", self.id, self.peer.port());
-                let language = if running.hello.language.is_empty() {
-                    self.shared.config.engine.language.clone()
-                } else {
-                    running.hello.language.clone()
-                };
-                let input = format_name(&running.hello.audio);
-                running.ready = true;
-                let ready = out::ready(
-                    &session,
-                    &engine,
-                    &model,
-                    &voice,
-                    &language,
-                    &input,
-                    OUTPUT_RATE_HZ,
-                );
-                Message::Text(ready.to_string().into())
-            }
-            ClientOutput::Event(EngineEvent::Usage(delta)) => {
-                running.usage.add(&delta);
-                self.shared.metrics.usage(&delta);
-                Message::Text(out::usage(&delta, &running.usage).to_string().into())
-            }
-            ClientOutput::Event(mut event) => {
-                match &mut event {
-                    EngineEvent::TurnEnd { .. } => {
-                        running.turns = running.turns.saturating_add(1);
-                    }
-                    EngineEvent::ToolCall { id, .. }
-                        if running.tool_calls.len() < MAX_OPEN_TOOL_CALLS =>
-                    {
-                        running.tool_calls.insert(id.clone());
-                    }
-                    EngineEvent::Error { kind, message } => {
-                        self.shared.metrics.error(match kind {
-                            ErrorKind::Busy => ErrorCode::Busy,
-                            _ => ErrorCode::EngineError,
-                        });
-                        self.log(&format!("engine error ({kind:?}): {message}"));
-                        *message = safe_engine_message(*kind, message);
-                    }
-                    _ => {}
-                }
-                let value = out::event(&event)?;
-                Message::Text(value.to_string().into())
-            }
-            ClientOutput::Latency { turn_id, ms } => {
-                running.latency_ms.push(ms);
-                self.shared.metrics.latency(ms);
-                let value = serde_json::json!({"type": "latency", "turn": turn_id, "ms": ms});
-                Message::Text(value.to_string().into())
-            }
-            ClientOutput::Warning { code, message } => {
-                let code = ErrorCode::for_warning(code);
-                self.shared.metrics.error(code);
-                Message::Text(out::error(code, &message, false).to_string().into())
-            }
-            ClientOutput::Closed {
-                reason,
-                message,
-                summary,
-            } => {
-                let message = match reason {
-                    CloseReason::EngineError => {
-                        self.log(&format!("ended by the engine: {message}"));
-                        "the speech engine failed; the conversation cannot go on".to_owned()
-                    }
-                    _ => crate::redact::urls_in(&message),
-                };
-                return Some(self.end(running, reason, &message, &summary).await);
-            }
-        };
-        if running.client_gone {
-            return None;
-        }
-        if self.send(message).await {
-            None
-        } else {
-            // The client cannot be written to: stop the conversation now.
-            running.client_gone = true;
-            running.handle.shutdown();
-            Some(Exit::Lost(Some(CloseReason::SlowClient)))
-        }
-    }
-
-    /// The conversation closed: `error` for bad audio, `end`, close frame.
-    async fn end(
-        &mut self,
-        running: &Running,
-        reason: CloseReason,
-        message: &str,
-        summary: &ConversationSummary,
-    ) -> Exit {
-        if running.client_gone {
-            return Exit::Ended(reason);
-        }
-        if reason == CloseReason::BadAudio {
-            let error = ProtocolError::new(ErrorCode::BadAudio, message);
-            self.send_error(&error, true).await;
-        }
-        self.send_json(&out::end(reason.code(), message, summary))
-            .await;
-        let code = match reason {
-            CloseReason::Shutdown => CLOSE_GOING_AWAY,
-            CloseReason::EngineError | CloseReason::EngineStalled => CLOSE_INTERNAL,
-            _ => CLOSE_NORMAL,
-        };
-        self.close(code, reason.code()).await;
-        Exit::Ended(reason)
-    }
+/// Whether a read failed on a frame or message over the socket library's
+/// size limits (a message or frame over twice `server.max_message_bytes`,
+/// or a control frame over 125 bytes).
+fn is_too_large(error: &axum::Error) -> bool {
+    use std::error::Error as _;
+    use tungstenite::error::{Error, ProtocolError};
+    matches!(
+        error.source().and_then(|e| e.downcast_ref::<Error>()),
+        Some(Error::Capacity(_) | Error::Protocol(ProtocolError::ControlFrameTooBig))
+    )
 }
 
 /// Completes once the server shuts down.
 async fn shutting_down(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|down| *down).await;
-}
-
-/// What a client is told of an engine error: the engine's own words only
-/// for input it refused (they speak of the client's input); otherwise a
-/// short safe message, since the full text (in the server log) may name an
-/// account, a role or an internal address.
-fn safe_engine_message(kind: ErrorKind, message: &str) -> String {
-    match kind {
-        ErrorKind::BadInput | ErrorKind::Busy => crate::redact::urls_in(message),
-        ErrorKind::Transient => {
-            "the speech engine had a passing fault and is recovering; the conversation goes on"
-                .to_owned()
-        }
-        ErrorKind::Fatal => "the speech engine failed; the conversation cannot go on".to_owned(),
-    }
-}
-
-fn format_name(format: &AudioFormat) -> String {
-    match format {
-        AudioFormat::Pcm16 { rate_hz, .. } => format!("pcm16/{rate_hz}"),
-        other => other.name().to_owned(),
-    }
 }

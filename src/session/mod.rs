@@ -2,8 +2,9 @@
 //!
 //! [`Conversation::spawn`] starts a task that decodes client audio, queues it
 //! for the engine (bounded in time, oldest dropped first), forwards engine
-//! events to the client (bounded in time, cleared on barge-in, slow clients
-//! closed), watches for silence, idleness and stalled engines, measures
+//! events to the client (cleared on barge-in; a client that lets reply
+//! audio wait too long, or pile up past a memory cap, is closed), watches
+//! for silence, idleness and stalled engines, measures
 //! per-turn latency, and always ends with one [`ClientOutput::Closed`].
 
 mod counters;
@@ -12,6 +13,7 @@ mod task;
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -33,7 +35,8 @@ pub const ENGINE_LINGER_MS: u64 = 30_000;
 
 /// Capacity of [`ConversationHandle::output`], in messages. The last slot is
 /// kept for [`ClientOutput::Closed`], and reply audio is handed over only
-/// when the channel is empty, so barge-in can still clear it.
+/// when the channel is empty (then up to 200 ms of it at once), so barge-in
+/// can still clear the rest.
 pub const OUTPUT_CAPACITY: usize = 32;
 
 /// Bounds and timeouts of one conversation.
@@ -41,9 +44,13 @@ pub const OUTPUT_CAPACITY: usize = 32;
 pub struct SessionLimits {
     /// User audio waiting to go to the engine; the oldest is dropped past it.
     pub uplink_queue_ms: u64,
-    /// Reply audio waiting to go to the client; past it the client is too
-    /// slow and the conversation closes.
+    /// How long reply audio may wait for the client; past it the client is
+    /// too slow and the conversation closes. A healthy client takes a long
+    /// reply as fast as the engine makes it, so waiting, not length, counts.
     pub downlink_queue_ms: u64,
+    /// Reply audio waiting for the client, in bytes: past it the client is
+    /// too slow, however recent the audio (the memory bound).
+    pub downlink_max_bytes: usize,
     /// The client sent audio bytes but no PCM came out for this long: close.
     pub no_audio_timeout_ms: u64,
     /// No client input at all for this long: close.
@@ -66,6 +73,8 @@ impl Default for SessionLimits {
         Self {
             uplink_queue_ms: 5_000,
             downlink_queue_ms: 10_000,
+            // 87 s of 24 kHz reply audio: a long reply made all at once fits.
+            downlink_max_bytes: 4 * 1024 * 1024,
             no_audio_timeout_ms: 5_000,
             idle_timeout_ms: 120_000,
             engine_send_timeout_ms: 200,
@@ -104,8 +113,9 @@ impl SessionLimits {
 /// Something the client sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientInput {
-    /// Bytes in the format the conversation's decoder was built for.
-    Audio(Vec<u8>),
+    /// Bytes in the format the conversation's decoder was built for, as
+    /// the socket read them (no copy on the way to the decoder).
+    Audio(Bytes),
     /// 16 kHz mono samples (terminal clients).
     Pcm(Vec<i16>),
     Text(String),
@@ -186,6 +196,9 @@ impl InputSender {
         let permits = self.permits(&input);
         let bytes = if permits == 0 {
             None
+        } else if let Ok(permit) = Arc::clone(&self.bytes).try_acquire_many_owned(permits) {
+            // The usual case, without a future to wait on.
+            Some(permit)
         } else {
             match Arc::clone(&self.bytes).acquire_many_owned(permits).await {
                 Ok(permit) => Some(permit),
@@ -234,9 +247,8 @@ impl InputSender {
 pub enum ClientOutput {
     /// Every engine event except `Closed`, in order.
     Event(EngineEvent),
-    /// A non-fatal problem: `chunk_refused`, `engine_stall` or
-    /// `uplink_dropped`.
-    Warning { code: &'static str, message: String },
+    /// A non-fatal problem.
+    Warning { code: Warning, message: String },
     /// A user turn's latency as the conversation saw it: from the engine's
     /// `SpeechEnded` to the first reply audio after it. Comes just before
     /// that audio.
@@ -250,61 +262,49 @@ pub enum ClientOutput {
     },
 }
 
-/// Why a conversation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CloseReason {
-    /// The client sent Stop or closed its input.
-    ClientStopped,
-    /// The engine closed the conversation on its own.
-    EngineClosed,
-    /// The engine failed.
-    EngineError,
-    /// The client's audio could not be decoded.
-    BadAudio,
-    /// The client sent audio bytes that decoded to no audio for too long.
-    NoAudio,
-    /// The client sent nothing for too long.
-    Idle,
-    /// The client did not read reply audio fast enough.
-    SlowClient,
-    /// The engine accepted no input for too long.
-    EngineStalled,
-    /// The server is shutting down.
-    Shutdown,
-    /// The conversation reached `server.max_conversation_s`.
-    MaxDuration,
+crate::names::named_enum! {
+    /// Why a conversation ended.
+    pub enum CloseReason {
+        /// The client sent Stop or closed its input.
+        ClientStopped = "client_stopped",
+        /// The engine closed the conversation on its own.
+        EngineClosed = "engine_closed",
+        /// The engine failed.
+        EngineError = "engine_error",
+        /// The client's audio could not be decoded.
+        BadAudio = "bad_audio",
+        /// The client sent audio bytes that decoded to no audio for too long.
+        NoAudio = "no_audio",
+        /// The client sent nothing for too long.
+        Idle = "idle",
+        /// The client did not read reply audio fast enough.
+        SlowClient = "slow_client",
+        /// The engine accepted no input for too long.
+        EngineStalled = "engine_stalled",
+        /// The server is shutting down.
+        Shutdown = "shutdown",
+        /// The conversation reached `server.max_conversation_s`.
+        MaxDuration = "max_duration",
+    }
 }
 
 impl CloseReason {
-    /// Every reason, in declaration order.
-    pub const ALL: [Self; 10] = [
-        Self::ClientStopped,
-        Self::EngineClosed,
-        Self::EngineError,
-        Self::BadAudio,
-        Self::NoAudio,
-        Self::Idle,
-        Self::SlowClient,
-        Self::EngineStalled,
-        Self::Shutdown,
-        Self::MaxDuration,
-    ];
-
-    /// Stable snake_case code, used on the wire.
+    /// Stable snake_case code, used on the wire (the same as `as_str`).
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::ClientStopped => "client_stopped",
-            Self::EngineClosed => "engine_closed",
-            Self::EngineError => "engine_error",
-            Self::BadAudio => "bad_audio",
-            Self::NoAudio => "no_audio",
-            Self::Idle => "idle",
-            Self::SlowClient => "slow_client",
-            Self::EngineStalled => "engine_stalled",
-            Self::Shutdown => "shutdown",
-            Self::MaxDuration => "max_duration",
-        }
+        self.as_str()
+    }
+}
+
+crate::names::named_enum! {
+    /// A non-fatal problem the conversation reports to the client; it goes on.
+    pub enum Warning {
+        /// An audio chunk was refused (the decoder's input cap, or no
+        /// decoder): the chunk is lost.
+        ChunkRefused = "chunk_refused",
+        /// The engine fell behind: the oldest user audio was dropped.
+        UplinkDropped = "uplink_dropped",
+        /// The engine was slow to accept input.
+        EngineStall = "engine_stall",
     }
 }
 

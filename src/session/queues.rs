@@ -1,9 +1,12 @@
 //! The two bounded queues of a conversation, accounted in time: the uplink
 //! (user audio and messages waiting for the engine, oldest audio dropped
 //! first) and the downlink (events waiting for the client, reply audio
-//! cleared at once on barge-in).
+//! cleared at once on barge-in, each audio item with the time it was
+//! queued, by which a slow client is judged).
 
 use std::collections::VecDeque;
+
+use tokio::time::Instant;
 
 use super::ClientOutput;
 use crate::audio::OUTPUT_RATE_HZ;
@@ -52,10 +55,13 @@ impl Uplink {
             last.extend_from_slice(&pcm[..take]);
             pcm = &pcm[take..];
         }
-        self.items.extend(
-            pcm.chunks(FRAME_SAMPLES)
-                .map(|frame| EngineInput::Audio(frame.to_vec())),
-        );
+        // Each frame is allocated once, whole: a client's 20 ms frame tops
+        // up the 40 ms frame the one before it started, without growing it.
+        self.items.extend(pcm.chunks(FRAME_SAMPLES).map(|chunk| {
+            let mut frame = Vec::with_capacity(FRAME_SAMPLES);
+            frame.extend_from_slice(chunk);
+            EngineInput::Audio(frame)
+        }));
         let mut dropped = false;
         while self.queued_samples > self.limit_samples {
             let Some(oldest) = self
@@ -133,8 +139,11 @@ fn message_bytes(input: &EngineInput) -> usize {
 #[derive(Debug, Default)]
 pub(super) struct Downlink {
     items: VecDeque<ClientOutput>,
-    /// Reply audio queued, in microseconds.
+    /// When each queued reply audio item was queued, oldest first.
+    audio_queued_at: VecDeque<Instant>,
+    /// Reply audio queued, in microseconds and in bytes of samples.
     queued_us: u64,
+    queued_bytes: usize,
     cleared_us: u64,
     sent_us: u64,
 }
@@ -148,9 +157,20 @@ fn audio_us(output: &ClientOutput) -> Option<u64> {
     }
 }
 
+fn audio_bytes(output: &ClientOutput) -> usize {
+    match output {
+        ClientOutput::Event(EngineEvent::Audio(pcm)) => 2 * pcm.samples.len(),
+        _ => 0,
+    }
+}
+
 impl Downlink {
-    pub(super) fn push(&mut self, output: ClientOutput) {
-        self.queued_us += audio_us(&output).unwrap_or(0);
+    pub(super) fn push(&mut self, output: ClientOutput, now: Instant) {
+        if let Some(us) = audio_us(&output) {
+            self.queued_us += us;
+            self.queued_bytes += audio_bytes(&output);
+            self.audio_queued_at.push_back(now);
+        }
         self.items.push_back(output);
     }
 
@@ -158,11 +178,19 @@ impl Downlink {
         self.items.front().and_then(audio_us).is_some()
     }
 
+    /// The front item's reply audio, in microseconds (0 for other items).
+    pub(super) fn front_audio_us(&self) -> u64 {
+        self.items.front().and_then(audio_us).unwrap_or(0)
+    }
+
     pub(super) fn pop(&mut self) -> Option<ClientOutput> {
         let item = self.items.pop_front()?;
-        let us = audio_us(&item).unwrap_or(0);
-        self.queued_us -= us;
-        self.sent_us += us;
+        if let Some(us) = audio_us(&item) {
+            self.queued_us -= us;
+            self.queued_bytes -= audio_bytes(&item);
+            self.sent_us += us;
+            self.audio_queued_at.pop_front();
+        }
         Some(item)
     }
 
@@ -172,12 +200,16 @@ impl Downlink {
         self.items.retain(|item| audio_us(item).is_none());
         self.cleared_us += self.queued_us;
         self.queued_us = 0;
+        self.queued_bytes = 0;
+        self.audio_queued_at.clear();
     }
 
     /// Drops everything (the client is gone or too slow).
     pub(super) fn clear(&mut self) {
         self.items.clear();
         self.queued_us = 0;
+        self.queued_bytes = 0;
+        self.audio_queued_at.clear();
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -188,8 +220,17 @@ impl Downlink {
         self.items.len()
     }
 
+    /// When the oldest reply audio still queued was queued.
+    pub(super) fn oldest_audio(&self) -> Option<Instant> {
+        self.audio_queued_at.front().copied()
+    }
+
     pub(super) fn queued_ms(&self) -> u64 {
         self.queued_us / 1000
+    }
+
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
 
     pub(super) fn cleared_ms(&self) -> u64 {
@@ -266,24 +307,36 @@ mod tests {
     #[test]
     fn downlink_barge_in_clears_audio_and_keeps_other_items() {
         let mut downlink = Downlink::default();
+        let now = Instant::now();
         let end = ClientOutput::Event(EngineEvent::SpeechEnded { turn_id: 1 });
-        downlink.push(end.clone());
-        downlink.push(audio(40));
-        downlink.push(ClientOutput::Event(EngineEvent::Rotated {
-            generation: 2,
-            gap_ms: 1.0,
-        }));
-        downlink.push(audio(60));
+        downlink.push(end.clone(), now);
+        downlink.push(audio(40), now);
+        downlink.push(
+            ClientOutput::Event(EngineEvent::Rotated {
+                generation: 2,
+                gap_ms: 1.0,
+            }),
+            now,
+        );
+        let later = now + std::time::Duration::from_millis(5);
+        downlink.push(audio(60), later);
         assert_eq!(downlink.queued_ms(), 100);
+        assert_eq!(downlink.queued_bytes(), 2 * 100 * 24);
+        assert_eq!(downlink.oldest_audio(), Some(now));
         assert!(!downlink.front_is_audio());
         assert_eq!(downlink.pop(), Some(end));
         assert!(downlink.front_is_audio());
         assert_eq!(downlink.pop(), Some(audio(40)));
         assert_eq!((downlink.queued_ms(), downlink.sent_ms()), (60, 40));
-        downlink.push(audio(20));
+        assert_eq!(downlink.oldest_audio(), Some(later), "the next oldest");
+        downlink.push(audio(20), later);
         downlink.clear_audio();
         assert_eq!((downlink.queued_ms(), downlink.cleared_ms()), (0, 80));
         assert_eq!(downlink.len(), 1);
+        assert_eq!(
+            (downlink.oldest_audio(), downlink.queued_bytes()),
+            (None, 0)
+        );
         let rotated = ClientOutput::Event(EngineEvent::Rotated {
             generation: 2,
             gap_ms: 1.0,

@@ -7,25 +7,32 @@
 //! client and the engine (they drain the queues), then engine events, and
 //! client input last, so a burst from the client is queued, and trimmed, as
 //! a whole before it goes out.
+//!
+//! A wake-up for the engine's events takes all it has said by then, and one
+//! for the client's channel hands over a batch of reply audio, so a busy
+//! gateway wakes once for several frames rather than once a frame.
 
 mod decode;
+mod downlink;
 mod watchdog;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::sync::mpsc::error::SendError;
-use tokio::sync::mpsc::{self, Permit};
+use tokio::sync::mpsc::error::{SendError, TryRecvError};
+use tokio::sync::mpsc::{self, Permit, PermitIterator};
 use tokio::time::Instant;
+
+use self::watchdog::{Watchdog, after};
 
 use super::queues::{Downlink, SAMPLES_PER_MS, Uplink};
 use super::{
     ClientInput, ClientOutput, CloseReason, ConversationSummary, Counters, ENGINE_LINGER_MS,
-    Queued, SessionLimits,
+    Queued, SessionLimits, Warning,
 };
 use crate::audio::StreamDecoder;
-use crate::engine::{EngineEvent, EngineInput, EngineSession, ErrorKind};
+use crate::engine::{EngineEvent, EngineInput, EngineSession};
 use crate::usage::UsageDelta;
 
 /// Raw PCM chunks at least this big (half a second at 16 kHz) are converted
@@ -39,6 +46,12 @@ const MAX_UPLINK_MESSAGES: usize = 256;
 const MAX_UPLINK_MESSAGE_BYTES: usize = 64 * 1024;
 /// Most items waiting for the client, whatever their kind.
 const MAX_DOWNLINK_ITEMS: usize = 1024;
+/// Most reply audio handed to the client at once: the client's channel
+/// holds at most this much that barge-in can no longer clear.
+const AUDIO_BATCH_MS: u64 = 200;
+/// Most engine events taken in one wake-up. Client input is taken one
+/// message a wake-up: each goes to the engine as soon as it can.
+const EVENT_BATCH: usize = 32;
 
 pub(super) struct Io {
     pub(super) input: mpsc::Receiver<Queued>,
@@ -69,13 +82,21 @@ impl Ending {
     }
 }
 
-/// A close in progress: the uplink is flushed, then the engine's `Closed`
-/// is awaited until `deadline`.
+/// Where the conversation is.
+enum Phase {
+    /// Client input is read and passed on.
+    Talking,
+    /// Stop, end of input, shutdown or the maximum length: client input is
+    /// no longer read, the uplink is flushed, then the engine's `Closed` is
+    /// awaited until the watchdog's close grace passes.
+    Closing(Closing),
+}
+
+/// Why a conversation is closing.
 struct Closing {
     reason: CloseReason,
     /// A decoder complaint about the end of the stream, kept for the message.
     note: Option<String>,
-    deadline: Instant,
 }
 
 impl Closing {
@@ -93,10 +114,15 @@ impl Closing {
     }
 }
 
-/// Client audio bytes that have not produced any PCM yet.
-struct Starving {
-    since: Instant,
-    bytes: u64,
+/// How far the engine's input has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EngineInputState {
+    /// The engine takes input.
+    Accepting,
+    /// `Close` went to the engine: nothing follows it.
+    CloseSent,
+    /// The engine dropped its input: nothing more can reach it.
+    Refused,
 }
 
 struct State {
@@ -107,25 +133,14 @@ struct State {
     pcm: Vec<i16>,
     uplink: Uplink,
     downlink: Downlink,
-    audio_in_samples: u64,
-    /// The last speech, typed text, tool result or reply: what keeps a
-    /// conversation from being idle (bytes alone do not).
-    last_activity: Instant,
-    /// When the conversation reaches its maximum length.
-    ends_at: Instant,
-    starving: Option<Starving>,
-    /// Since when the head of the uplink has waited for the engine.
-    send_waiting_since: Option<Instant>,
-    /// Whether the current send wait was already counted as a stall.
-    stall_counted: bool,
-    closing: Option<Closing>,
-    /// The engine still takes input.
-    engine_accepts: bool,
-    close_sent: bool,
+    watchdog: Watchdog,
+    phase: Phase,
+    engine_input: EngineInputState,
     /// The engine's event stream is still open.
     engine_open: bool,
     /// The client still reads its output.
     client_open: bool,
+    audio_in_samples: u64,
     /// The turn whose speech ended last, and when.
     speech_ended_at: Option<(u64, Instant)>,
     turns: u32,
@@ -139,33 +154,22 @@ struct State {
 enum Wake<'a> {
     Timer,
     Shutdown,
-    Output(Result<Permit<'a, ClientOutput>, SendError<()>>),
+    Output(Result<PermitIterator<'a, ClientOutput>, SendError<()>>),
     EngineSend(Result<Permit<'a, EngineInput>, SendError<()>>),
     Event(Option<EngineEvent>),
     Input(Option<Queued>),
 }
 
-/// A slot in the client's channel. One slot is always left for `Closed`,
-/// and reply audio goes only into an empty channel: queued audio stays in
-/// the downlink, where barge-in can still clear it.
-async fn output_slot(
+/// Slots in the client's channel. One slot is always left for `Closed`,
+/// and reply audio goes only into an empty channel (then a batch of it, up
+/// to [`AUDIO_BATCH_MS`]): queued audio stays in the downlink, where
+/// barge-in can still clear it.
+async fn output_slots(
     output: &mpsc::Sender<ClientOutput>,
     audio: bool,
-) -> Result<Permit<'_, ClientOutput>, SendError<()>> {
+) -> Result<PermitIterator<'_, ClientOutput>, SendError<()>> {
     let wanted = if audio { output.max_capacity() } else { 2 };
-    let mut permits = output.reserve_many(wanted).await?;
-    permits.next().ok_or(SendError(()))
-}
-
-fn after(start: Instant, ms: u64) -> Instant {
-    // Limits are plain integers; an absurd one means "never".
-    start
-        .checked_add(Duration::from_millis(ms))
-        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 86_400))
-}
-
-fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
-    Some(a.map_or(b, |a| a.min(b)))
+    output.reserve_many(wanted).await
 }
 
 impl Task {
@@ -182,17 +186,12 @@ impl Task {
             pcm: Vec::new(),
             uplink: Uplink::new(limits.uplink_queue_ms),
             downlink: Downlink::default(),
-            audio_in_samples: 0,
-            last_activity: Instant::now(),
-            ends_at: after(Instant::now(), limits.max_duration_ms),
-            starving: None,
-            send_waiting_since: None,
-            stall_counted: false,
-            closing: None,
-            engine_accepts: true,
-            close_sent: false,
+            watchdog: Watchdog::new(limits, Instant::now()),
+            phase: Phase::Talking,
+            engine_input: EngineInputState::Accepting,
             engine_open: true,
             client_open: true,
+            audio_in_samples: 0,
             speech_ended_at: None,
             turns: 0,
             latency_ms: Vec::new(),
@@ -212,32 +211,31 @@ impl Task {
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
         loop {
-            let deadline = state.next_deadline();
+            let deadline = state.watchdog.next_deadline(state.downlink.oldest_audio());
             if let Some(deadline) = deadline
                 && timer.deadline() != deadline
             {
                 timer.as_mut().reset(deadline);
             }
+            let talking = matches!(state.phase, Phase::Talking);
+            let accepting = state.engine_input == EngineInputState::Accepting;
             let wake = tokio::select! {
                 biased;
                 () = &mut timer, if deadline.is_some() => Wake::Timer,
-                () = io.shutdown.notified(), if state.closing.is_none() => Wake::Shutdown,
-                permit = output_slot(&io.output, state.downlink.front_is_audio()),
-                    if state.client_open && !state.downlink.is_empty() => Wake::Output(permit),
+                () = io.shutdown.notified(), if talking => Wake::Shutdown,
+                permits = output_slots(&io.output, state.downlink.front_is_audio()),
+                    if state.client_open && !state.downlink.is_empty() => Wake::Output(permits),
                 permit = io.engine.input.reserve(),
-                    if state.engine_accepts && !state.uplink.is_empty() => Wake::EngineSend(permit),
+                    if accepting && !state.uplink.is_empty() => Wake::EngineSend(permit),
                 event = io.engine.events.recv(), if state.engine_open => Wake::Event(event),
-                input = io.input.recv(), if state.closing.is_none() => Wake::Input(input),
+                input = io.input.recv(), if talking => Wake::Input(input),
             };
             let now = Instant::now();
             let ending = match wake {
                 Wake::Timer => state.on_timer(now),
                 Wake::Shutdown => state.begin_close(CloseReason::Shutdown, now),
-                Wake::Output(Ok(permit)) => {
-                    if let Some(item) = state.downlink.pop() {
-                        permit.send(item);
-                    }
-                    state.publish_downlink();
+                Wake::Output(Ok(permits)) => {
+                    state.hand_over(permits);
                     None
                 }
                 Wake::Output(Err(_)) => state.client_gone(now),
@@ -249,13 +247,23 @@ impl Task {
                     state.engine_refuses();
                     None
                 }
-                Wake::Event(event) => state.on_event(event, now),
-                Wake::Input(None) => state.begin_close(CloseReason::ClientStopped, now),
-                Wake::Input(Some(queued)) => {
-                    // Its share of the input budget is released once taken in.
-                    let Queued { input, _bytes } = queued;
-                    state.on_input(input, now).await
+                Wake::Event(event) => {
+                    // With whatever else the engine has said by now.
+                    let mut ending = state.on_event(event, now);
+                    for _ in 1..EVENT_BATCH {
+                        if ending.is_some() || !state.engine_open {
+                            break;
+                        }
+                        match io.engine.events.try_recv() {
+                            Ok(event) => ending = state.on_event(Some(event), now),
+                            Err(TryRecvError::Disconnected) => ending = state.on_event(None, now),
+                            Err(TryRecvError::Empty) => break,
+                        }
+                    }
+                    ending
                 }
+                Wake::Input(None) => state.begin_close(CloseReason::ClientStopped, now),
+                Wake::Input(Some(queued)) => state.take_input(queued, now).await,
             };
             if let Some(ending) = ending {
                 return ending;
@@ -274,7 +282,7 @@ impl Task {
             engine_ended,
             ..
         } = io;
-        if !state.close_sent && state.engine_open {
+        if state.engine_input != EngineInputState::CloseSent && state.engine_open {
             // Best effort: an engine that is gone or stalled is dropped anyway.
             let _ = engine.input.try_send(EngineInput::Close);
         }
@@ -291,20 +299,18 @@ impl Task {
         let deadline = after(Instant::now(), state.limits.close_grace_ms);
         while !state.downlink.is_empty() {
             let audio = state.downlink.front_is_audio();
-            match tokio::time::timeout_at(deadline, output_slot(&output, audio)).await {
-                Ok(Ok(permit)) => {
-                    if let Some(item) = state.downlink.pop() {
-                        permit.send(item);
-                    }
+            match tokio::time::timeout_at(deadline, output_slots(&output, audio)).await {
+                Ok(Ok(permits)) => state.hand_over(permits),
+                Ok(Err(_)) | Err(_) => {
+                    state.downlink.clear();
+                    state.publish_downlink();
                 }
-                Ok(Err(_)) | Err(_) => state.downlink.clear(),
             }
-            state.publish_downlink();
         }
         let summary = state.summary();
         let reason = ending.reason.code();
         state.trace.ended(reason, summary.turns, &summary.usage);
-        // The slot kept free by `output_slot` takes it without waiting; it
+        // The slot kept free by `output_slots` takes it without waiting; it
         // fails only when the client has dropped its receiver.
         let _ = output.try_send(ClientOutput::Closed {
             reason: ending.reason,
@@ -332,16 +338,23 @@ impl Task {
 }
 
 impl State {
+    /// One queued input; its share of the input budget is released once
+    /// it has been taken in.
+    async fn take_input(&mut self, queued: Queued, now: Instant) -> Option<Ending> {
+        let Queued { input, _bytes } = queued;
+        self.on_input(input, now).await
+    }
+
     async fn on_input(&mut self, input: ClientInput, now: Instant) -> Option<Ending> {
         match input {
             ClientInput::Audio(bytes) => self.on_audio(bytes, now).await,
             ClientInput::Pcm(samples) => self.accept_pcm(&samples, now),
             ClientInput::Text(text) => {
-                self.last_activity = now;
+                self.watchdog.activity(now);
                 self.queue_message(EngineInput::Text(text), now)
             }
             ClientInput::ToolResult { id, json } => {
-                self.last_activity = now;
+                self.watchdog.activity(now);
                 self.queue_message(EngineInput::ToolResult { id, json }, now)
             }
             ClientInput::Stop => self.begin_close(CloseReason::ClientStopped, now),
@@ -355,11 +368,11 @@ impl State {
         if pcm.is_empty() {
             return None;
         }
-        self.starving = None;
+        self.watchdog.fed();
         self.audio_in_samples += pcm.len() as u64;
         self.counters
             .set_audio_in(self.audio_in_samples / SAMPLES_PER_MS);
-        if !self.engine_accepts {
+        if self.engine_input != EngineInputState::Accepting {
             return None;
         }
         let overflow = self.uplink.push_pcm(pcm);
@@ -371,11 +384,11 @@ impl State {
             "the engine is behind: dropping the oldest audio beyond {} ms",
             self.limits.uplink_queue_ms
         );
-        self.warn("uplink_dropped", message)
+        self.warn(Warning::UplinkDropped, message, now)
     }
 
     fn queue_message(&mut self, input: EngineInput, now: Instant) -> Option<Ending> {
-        if !self.engine_accepts {
+        if self.engine_input != EngineInputState::Accepting {
             return None;
         }
         if self.uplink.messages() >= MAX_UPLINK_MESSAGES {
@@ -399,11 +412,7 @@ impl State {
 
     /// Starts the send-wait clock when the uplink stops being empty.
     fn uplink_changed(&mut self, now: Instant) {
-        if self.uplink.is_empty() {
-            self.send_waiting_since = None;
-        } else if self.send_waiting_since.is_none() {
-            self.send_waiting_since = Some(now);
-        }
+        self.watchdog.uplink(self.uplink.is_empty(), now);
         self.publish_uplink();
     }
 
@@ -411,26 +420,26 @@ impl State {
         let Some(item) = self.uplink.pop() else {
             return;
         };
-        self.close_sent |= item == EngineInput::Close;
+        if item == EngineInput::Close {
+            self.engine_input = EngineInputState::CloseSent;
+        }
         permit.send(item);
-        // The engine took something: a new wait (and stall episode) begins.
-        self.send_waiting_since = None;
-        self.stall_counted = false;
+        self.watchdog.engine_took();
         self.uplink_changed(now);
     }
 
     /// The engine dropped its input: nothing more can reach it.
     fn engine_refuses(&mut self) {
-        self.engine_accepts = false;
+        self.engine_input = EngineInputState::Refused;
         while self.uplink.pop().is_some() {}
-        self.send_waiting_since = None;
+        self.watchdog.uplink(true, Instant::now());
         self.publish_uplink();
     }
 
     /// Stop, end of input or shutdown: finishes the decoder, queues its last
     /// PCM and a Close for the engine, and waits for the engine to close.
     fn begin_close(&mut self, reason: CloseReason, now: Instant) -> Option<Ending> {
-        if self.closing.is_some() {
+        if matches!(self.phase, Phase::Closing(_)) {
             return None;
         }
         let mut note = None;
@@ -453,15 +462,12 @@ impl State {
                 Err(e) => return Ending::new(CloseReason::BadAudio, e.to_string()),
             }
         }
-        if self.engine_accepts {
+        if self.engine_input == EngineInputState::Accepting {
             self.uplink.push_message(EngineInput::Close);
             self.uplink_changed(now);
         }
-        self.closing = Some(Closing {
-            reason,
-            note,
-            deadline: after(now, self.limits.close_grace_ms),
-        });
+        self.phase = Phase::Closing(Closing { reason, note });
+        self.watchdog.closing(now);
         None
     }
 
@@ -471,103 +477,6 @@ impl State {
         self.downlink.clear();
         self.publish_downlink();
         self.begin_close(CloseReason::ClientStopped, now)
-    }
-
-    fn on_event(&mut self, event: Option<EngineEvent>, now: Instant) -> Option<Ending> {
-        if let Some(event) = &event {
-            self.trace.on_event(event, now);
-        }
-        let Some(event) = event else {
-            self.engine_open = false;
-            return match &self.closing {
-                Some(closing) => closing.end(None),
-                None => Ending::new(
-                    CloseReason::EngineError,
-                    "the engine stopped without closing the conversation",
-                ),
-            };
-        };
-        match &event {
-            EngineEvent::Closed => {
-                self.engine_open = false;
-                return match &self.closing {
-                    Some(closing) => closing.end(None),
-                    None => Ending::new(
-                        CloseReason::EngineClosed,
-                        "the engine closed the conversation",
-                    ),
-                };
-            }
-            EngineEvent::SpeechEnded { turn_id } => {
-                self.last_activity = now;
-                self.speech_ended_at = Some((*turn_id, now));
-            }
-            EngineEvent::SpeechStarted { .. } | EngineEvent::Transcript { .. } => {
-                self.last_activity = now;
-            }
-            EngineEvent::Audio(_) => {
-                self.last_activity = now;
-                if let Some((turn_id, ended)) = self.speech_ended_at.take() {
-                    let ms = now.duration_since(ended).as_millis();
-                    let ms = u64::try_from(ms).unwrap_or(u64::MAX);
-                    self.latency_ms.push(ms);
-                    if let Some(ending) = self.forward(ClientOutput::Latency { turn_id, ms }) {
-                        return Some(ending);
-                    }
-                }
-            }
-            EngineEvent::TurnEnd { .. } => {
-                self.last_activity = now;
-                self.turns = self.turns.saturating_add(1);
-            }
-            EngineEvent::Usage(delta) => self.usage.add(delta),
-            EngineEvent::Interrupted { .. } => {
-                self.downlink.clear_audio();
-                self.counters.add_interruption();
-                self.publish_downlink();
-            }
-            EngineEvent::Error {
-                kind: ErrorKind::Fatal,
-                message,
-            } => {
-                let message = message.clone();
-                return self
-                    .forward(ClientOutput::Event(event))
-                    .or_else(|| Ending::new(CloseReason::EngineError, message));
-            }
-            _ => {}
-        }
-        self.forward(ClientOutput::Event(event))
-    }
-
-    /// Queues an item for the client; closes a client that lets too much
-    /// pile up.
-    fn forward(&mut self, output: ClientOutput) -> Option<Ending> {
-        if !self.client_open {
-            return None;
-        }
-        self.downlink.push(output);
-        self.publish_downlink();
-        let limit_ms = self.limits.downlink_queue_ms;
-        if self.downlink.queued_ms() > limit_ms {
-            let message = format!(
-                "the client is not reading: {} ms of reply audio waiting (limit {limit_ms} ms)",
-                self.downlink.queued_ms()
-            );
-            return Ending::new(CloseReason::SlowClient, message);
-        }
-        if self.downlink.len() > MAX_DOWNLINK_ITEMS {
-            let message = format!(
-                "the client is not reading: {} messages waiting",
-                self.downlink.len()
-            );
-            return Ending::new(CloseReason::SlowClient, message);
-        }
-        None
-    }
-
-    fn warn(&mut self, code: &'static str, message: String) -> Option<Ending> {
-        self.forward(ClientOutput::Warning { code, message })
     }
 
     fn publish_uplink(&self) {

@@ -2,21 +2,22 @@
 //! decoder (on the blocking pool unless a small raw PCM chunk) and turning
 //! the result into queued PCM, warnings or an ending.
 
+use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::{BLOCKING_PCM_BYTES, Ending, Starving, State};
+use super::{BLOCKING_PCM_BYTES, Ending, State};
 use crate::audio::{AudioFormat, DecodeError};
-use crate::session::CloseReason;
+use crate::session::{CloseReason, Warning};
 
 impl State {
-    pub(super) async fn on_audio(&mut self, bytes: Vec<u8>, now: Instant) -> Option<Ending> {
+    pub(super) async fn on_audio(&mut self, bytes: Bytes, now: Instant) -> Option<Ending> {
         if self.decoder.is_none() {
             self.counters.add_chunk_refused();
             let message = format!(
                 "audio chunk of {} bytes refused: this conversation takes only PCM",
                 bytes.len()
             );
-            return self.warn("chunk_refused", message);
+            return self.warn(Warning::ChunkRefused, message, now);
         }
         if bytes.is_empty() {
             return None;
@@ -41,17 +42,13 @@ impl State {
         match result {
             Ok(()) => {
                 if !produced {
-                    let starving = self.starving.get_or_insert(Starving {
-                        since: now,
-                        bytes: 0,
-                    });
-                    starving.bytes += chunk_bytes;
+                    self.watchdog.starving(now, chunk_bytes);
                 }
                 None
             }
             Err(e @ DecodeError::ChunkRefused { .. }) => {
                 self.counters.add_chunk_refused();
-                self.warn("chunk_refused", e.to_string())
+                self.warn(Warning::ChunkRefused, e.to_string(), now)
             }
             Err(e) => Ending::new(CloseReason::BadAudio, e.to_string()),
         }
@@ -61,7 +58,7 @@ impl State {
     /// big. The outer error ends the conversation (the decoder panicked).
     async fn decode(
         &mut self,
-        bytes: Vec<u8>,
+        bytes: Bytes,
         pcm: &mut Vec<i16>,
     ) -> Result<Result<(), DecodeError>, Option<Ending>> {
         let Some(mut decoder) = self.decoder.take() else {

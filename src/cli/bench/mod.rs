@@ -1,4 +1,11 @@
 //! `sonora bench`: measurements against baselines taken in the same run.
+//! Streaming decode lives here; the gateway load (`serve`), the hostile
+//! clients (`hostile`) and the local engine (`local`) have their own files.
+
+mod client;
+mod hostile;
+mod local;
+mod serve;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -20,13 +27,13 @@ pub(crate) enum BenchCommand {
     /// Streaming decode: Sonora's decoder vs an ffmpeg process per stream vs bare libopus.
     Decode(DecodeBenchArgs),
     /// Spanish questions through the local engine: latency, recognition and synthesis times.
-    Local(super::bench_local::LocalBenchArgs),
+    Local(local::LocalBenchArgs),
     /// Many WebSocket clients streaming at a gateway with a scripted echo engine: sessions
     /// held, server CPU and memory per session, round-trip latency against one client alone.
-    Serve(super::bench_serve::ServeBenchArgs),
+    Serve(serve::ServeBenchArgs),
     /// Honest real-time clients alone, then beside hostile clients replaying every known
     /// attack: the honest round trip in both, the ratio, peak memory, refusals by reason.
-    Hostile(super::bench_hostile::HostileBenchArgs),
+    Hostile(hostile::HostileBenchArgs),
     /// Resident memory of many concurrent decoders (run by `bench decode` in a fresh process).
     #[command(hide = true)]
     DecodeMemory(MemoryArgs),
@@ -71,9 +78,9 @@ const DEFAULT_INPUT: &str = "tests/fixtures/chrome_60s.webm";
 pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure> {
     match command {
         BenchCommand::Decode(args) => bench_decode(config, &args),
-        BenchCommand::Local(args) => super::bench_local::run(config, &args),
-        BenchCommand::Serve(args) => super::bench_serve::run(&args),
-        BenchCommand::Hostile(args) => super::bench_hostile::run(&args),
+        BenchCommand::Local(args) => local::run(config, &args),
+        BenchCommand::Serve(args) => serve::run(&args),
+        BenchCommand::Hostile(args) => hostile::run(&args),
         BenchCommand::DecodeMemory(args) => {
             let recording =
                 Recording::load(&args.input, args.mime.as_deref(), args.chunks.as_deref())?;

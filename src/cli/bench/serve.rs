@@ -1,7 +1,8 @@
 //! `sonora bench serve`: many WebSocket clients streaming real-time PCM at
 //! a gateway that runs the scripted echo engine in a child process. In one
 //! run: one client alone (the baseline), then N at once; reports sessions
-//! held, the server's CPU and memory per session, round-trip latency and
+//! held, the server's CPU and memory per session, the load generator's own
+//! CPU (this process, one thread, see `client`), round-trip latency and
 //! errors.
 //!
 //! The latency is measured where a client can see it: from sending the
@@ -17,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use clap::Args;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::Failure;
+use super::client;
+pub(super) use super::client::{ClientReport, Talk};
+use crate::cli::Failure;
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeBenchArgs {
@@ -40,15 +41,6 @@ pub(crate) struct ServeBenchArgs {
     /// ... with REPLY_MS of 24 kHz audio.
     #[arg(long, default_value_t = 1_000)]
     reply_ms: u64,
-}
-
-/// What one client saw.
-#[derive(Debug, Default)]
-pub(super) struct ClientReport {
-    pub(super) ready: bool,
-    pub(super) round_trips_us: Vec<u64>,
-    bytes_in: u64,
-    pub(super) errors: Vec<String>,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -124,11 +116,16 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "",
         clients_share * 100.0
     );
+    let session_seconds = held.max(1) as f64 * usage.wall.as_secs_f64();
+    let server_ms_per_session_second = usage.cpu.as_secs_f64() * 1000.0 / session_seconds;
+    let clients_ms_per_session_second = usage.clients_cpu.as_secs_f64() * 1000.0 / session_seconds;
     println!(
         "{:<34} {:>12} {:>12.3}",
-        "server CPU ms per session-second",
-        "",
-        usage.cpu.as_secs_f64() * 1000.0 / (held.max(1) as f64 * usage.wall.as_secs_f64())
+        "server CPU ms per session-second", "", server_ms_per_session_second
+    );
+    println!(
+        "{:<34} {:>12} {:>12.3}",
+        "load gen. CPU ms per session-sec.", "", clients_ms_per_session_second
     );
     println!(
         "{:<34} {:>12} {:>12.0}",
@@ -159,6 +156,8 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "p99_ratio_to_baseline": if base_p99 > 0.0 { p99 / base_p99 } else { 0.0 },
         "server_cpu_percent_of_one_core": cpu_share * 100.0,
         "load_generator_cpu_percent_of_one_core": clients_share * 100.0,
+        "server_cpu_ms_per_session_second": server_ms_per_session_second,
+        "load_generator_cpu_ms_per_session_second": clients_ms_per_session_second,
         "cores": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "server_rss_mib": usage.rss_kib as f64 / 1024.0,
         "server_rss_kib_per_session": per_session_rss,
@@ -206,13 +205,6 @@ pub(super) struct Usage {
     pub(super) rss_kib: u64,
 }
 
-/// How the honest clients talk: frame length and the echo's turn length.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Talk {
-    pub(super) frame_ms: u64,
-    pub(super) turn_ms: u64,
-}
-
 impl From<&ServeBenchArgs> for Talk {
     fn from(args: &ServeBenchArgs) -> Self {
         Self {
@@ -229,174 +221,51 @@ pub(super) async fn load(
     sessions: usize,
     seconds: u64,
 ) -> anyhow::Result<(Vec<ClientReport>, Usage)> {
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(sessions);
-    let go = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut tasks = Vec::with_capacity(sessions);
+    let mut connecting = Vec::with_capacity(sessions);
     for i in 0..sessions {
-        // Phases spread evenly over a turn: people do not all stop talking
-        // in the same millisecond.
-        let phase = Duration::from_micros(i as u64 * args.turn_ms * 1000 / sessions as u64);
-        let spec = ClientSpec {
-            addr: server.addr,
-            source: client_address(i),
-            frame_ms: args.frame_ms,
-            turn_ms: args.turn_ms,
-            seconds,
-            phase,
-        };
-        let (ready_tx, go) = (ready_tx.clone(), std::sync::Arc::clone(&go));
-        tasks.push(tokio::spawn(client(spec, ready_tx, go)));
+        let (addr, source) = (server.addr, client_address(i));
+        connecting.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), client::connect(addr, source))
+                .await
+                .unwrap_or_else(|_| Err(anyhow!("no ready within 60 s")))
+        }));
         // Ramp up: a few hundred connections a second.
         if i % 50 == 49 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    drop(ready_tx);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut ready = 0;
-    while ready < sessions && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), ready_rx.recv()).await {
-            Ok(Some(())) => ready += 1,
-            Ok(None) => break,
-            Err(_) => {}
+    let mut clients = Vec::with_capacity(sessions);
+    let mut refused = Vec::new();
+    for (i, task) in connecting.into_iter().enumerate() {
+        match task.await.map_err(|e| client::lost(&e)).and_then(|r| r) {
+            Ok(connected) => {
+                // Phases spread evenly over a turn: people do not all stop
+                // talking in the same millisecond.
+                let phase = Duration::from_micros(i as u64 * args.turn_ms * 1000 / sessions as u64);
+                clients.push((connected, phase));
+            }
+            Err(e) => refused.push(client::failed(&e)),
         }
     }
     let cpu_before = server.cpu()?;
-    let clients_before = super::bench::cpu_time(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
+    let clients_before = super::cpu_time(nix::sys::resource::UsageWho::RUSAGE_SELF)?;
     let started = Instant::now();
-    go.notify_waiters();
+    let streaming = tokio::spawn(client::stream(clients, args, seconds));
     // The peak RSS mid-run, with every session streaming.
     tokio::time::sleep(Duration::from_secs(seconds) / 2).await;
     let rss_kib = server.rss_kib()?;
-    let mut reports = Vec::with_capacity(sessions);
-    for task in tasks {
-        reports.push(task.await.unwrap_or_else(|e| ClientReport {
-            errors: vec![format!("client task failed: {e}")],
-            ..ClientReport::default()
-        }));
-    }
+    let mut reports = streaming
+        .await
+        .map_err(|e| anyhow!("the load generator failed: {e}"))?;
     let usage = Usage {
         cpu: server.cpu()?.saturating_sub(cpu_before),
-        clients_cpu: super::bench::cpu_time(nix::sys::resource::UsageWho::RUSAGE_SELF)?
+        clients_cpu: super::cpu_time(nix::sys::resource::UsageWho::RUSAGE_SELF)?
             .saturating_sub(clients_before),
         wall: started.elapsed(),
         rss_kib,
     };
+    reports.extend(refused);
     Ok((reports, usage))
-}
-
-#[derive(Debug, Clone, Copy)]
-struct ClientSpec {
-    addr: SocketAddr,
-    source: IpAddr,
-    frame_ms: u64,
-    turn_ms: u64,
-    seconds: u64,
-    /// Delay before the first frame, once every client is ready.
-    phase: Duration,
-}
-
-async fn client(
-    spec: ClientSpec,
-    ready: tokio::sync::mpsc::Sender<()>,
-    go: std::sync::Arc<tokio::sync::Notify>,
-) -> ClientReport {
-    let mut report = ClientReport::default();
-    if let Err(e) = converse(spec, &ready, &go, &mut report).await {
-        report.errors.push(e.to_string());
-    }
-    report
-}
-
-async fn converse(
-    spec: ClientSpec,
-    ready: &tokio::sync::mpsc::Sender<()>,
-    go: &tokio::sync::Notify,
-    report: &mut ClientReport,
-) -> anyhow::Result<()> {
-    let url = format!("ws://{}/ws", spec.addr);
-    let waiting = go.notified();
-    tokio::pin!(waiting);
-    waiting.as_mut().enable();
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(spec.source, 0))?;
-    let stream = socket.connect(spec.addr).await.context("connect")?;
-    // As browsers do, without Nagle's delay.
-    stream.set_nodelay(true)?;
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
-        .await
-        .context("connect")?;
-    let (mut sink, mut stream) = ws.split();
-    let hello = json!({"type": "hello", "version": 1, "audio": {"format": "pcm16", "rate": 16000}});
-    sink.send(Message::Text(hello.to_string().into())).await?;
-    loop {
-        match stream.next().await {
-            Some(Ok(Message::Text(text))) if text.contains("\"ready\"") => break,
-            Some(Ok(Message::Text(text))) if text.contains("\"error\"") => {
-                return Err(anyhow!("refused: {text}"));
-            }
-            Some(Ok(Message::Close(frame))) => {
-                return Err(anyhow!("closed before ready: {frame:?}"));
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(anyhow!("closed before ready")),
-        }
-    }
-    report.ready = true;
-    let _ = ready.send(()).await;
-    waiting.await;
-    tokio::time::sleep(spec.phase).await;
-    // Quiet noise, never silence: it is what a microphone sends.
-    let samples = (spec.frame_ms * 16) as usize;
-    let frame: Vec<u8> = (0..samples)
-        .flat_map(|i| (((i * 7919) % 200) as i16 - 100).to_le_bytes())
-        .collect();
-    let frame = tokio_tungstenite::tungstenite::Bytes::from(frame);
-    let frames_per_turn = spec.turn_ms / spec.frame_ms;
-    let total_frames = spec.seconds * 1000 / spec.frame_ms;
-    let mut tick = tokio::time::interval(Duration::from_millis(spec.frame_ms));
-    let mut sent = 0u64;
-    let mut turn_sent_at: Option<Instant> = None;
-    let mut stopping = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick(), if !stopping => {
-                sink.send(Message::Binary(frame.clone())).await?;
-                sent += 1;
-                if sent.is_multiple_of(frames_per_turn) {
-                    turn_sent_at = Some(Instant::now());
-                }
-                if sent == total_frames {
-                    stopping = true;
-                    sink.send(Message::Text(json!({"type": "stop"}).to_string().into())).await?;
-                }
-            }
-            message = stream.next() => match message {
-                Some(Ok(Message::Binary(bytes))) => {
-                    report.bytes_in += bytes.len() as u64;
-                    if let Some(at) = turn_sent_at.take() {
-                        report.round_trips_us.push(at.elapsed().as_micros() as u64);
-                    }
-                }
-                Some(Ok(Message::Text(text))) => {
-                    if text.contains("\"type\":\"error\"") {
-                        report.errors.push(text.to_string());
-                    }
-                    if text.contains("\"type\":\"end\"") {
-                        if !text.contains("client_stopped") {
-                            report.errors.push(text.chars().take(200).collect());
-                        }
-                        return Ok(());
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => return Err(anyhow!("closed early: {frame:?}")),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(anyhow!("connection lost")),
-            }
-        }
-    }
 }
 
 /// The gateway under test, in its own process.

@@ -18,9 +18,9 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::Failure;
-use super::bench_serve::{Server, Talk, load, on_one_thread, raise_open_files, round_trips};
+use super::serve::{Server, Talk, load, on_one_thread, raise_open_files, round_trips};
 use crate::audio::crafted;
+use crate::cli::Failure;
 
 #[derive(Debug, Args)]
 pub(crate) struct HostileBenchArgs {
@@ -35,50 +35,34 @@ pub(crate) struct HostileBenchArgs {
     seconds: u64,
 }
 
-/// Every attack a hostile client replays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Attack {
-    /// WebM blocks of 256 empty laced frames (concealment amplification).
-    EmptyLacedFrames,
-    /// Ogg pages of 255 empty packets.
-    EmptyOggPackets,
-    /// Raw PCM far faster than real time.
-    PcmFlood,
-    /// Valid Opus packets far faster than real time.
-    OpusFlood,
-    /// Typed questions as fast as the socket takes them.
-    TextFlood,
-    /// Tool results for calls never made.
-    ForgedToolResults,
-    /// A text frame over the 64 KiB limit.
-    OversizedText,
-    /// Audio sent on after `stop`.
-    AudioAfterStop,
-    /// An odd PCM rate.
-    OddRate,
-    /// Half-sent HTTP request headers, held open.
-    Slowloris,
-    /// Requests for another host name (DNS rebinding).
-    ForeignHost,
-    /// Many conversations from one address, held idle.
-    HoldSlots,
-}
-
-impl Attack {
-    const ALL: [Self; 12] = [
-        Self::EmptyLacedFrames,
-        Self::EmptyOggPackets,
-        Self::PcmFlood,
-        Self::OpusFlood,
-        Self::TextFlood,
-        Self::ForgedToolResults,
-        Self::OversizedText,
-        Self::AudioAfterStop,
-        Self::OddRate,
-        Self::Slowloris,
-        Self::ForeignHost,
-        Self::HoldSlots,
-    ];
+crate::names::named_enum! {
+    /// Every attack a hostile client replays.
+    enum Attack {
+        /// WebM blocks of 256 empty laced frames (concealment amplification).
+        EmptyLacedFrames = "empty_laced_frames",
+        /// Ogg pages of 255 empty packets.
+        EmptyOggPackets = "empty_ogg_packets",
+        /// Raw PCM far faster than real time.
+        PcmFlood = "pcm_flood",
+        /// Valid Opus packets far faster than real time.
+        OpusFlood = "opus_flood",
+        /// Typed questions as fast as the socket takes them.
+        TextFlood = "text_flood",
+        /// Tool results for calls never made.
+        ForgedToolResults = "forged_tool_results",
+        /// A text frame over the 64 KiB limit.
+        OversizedText = "oversized_text",
+        /// Audio sent on after `stop`.
+        AudioAfterStop = "audio_after_stop",
+        /// An odd PCM rate.
+        OddRate = "odd_rate",
+        /// Half-sent HTTP request headers, held open.
+        Slowloris = "slowloris",
+        /// Requests for another host name (DNS rebinding).
+        ForeignHost = "foreign_host",
+        /// Many conversations from one address, held idle.
+        HoldSlots = "hold_slots",
+    }
 }
 
 pub(crate) fn run(args: &HostileBenchArgs) -> Result<(), Failure> {
@@ -148,7 +132,7 @@ async fn measure(args: &HostileBenchArgs, server: &Server) -> anyhow::Result<()>
         .unwrap_or(0);
     let (n_alone, p50_alone, p99_alone, _) = round_trips(&alone);
     let (n_attacked, p50_attacked, p99_attacked, max_attacked) = round_trips(&attacked);
-    let held = |reports: &[super::bench_serve::ClientReport]| {
+    let held = |reports: &[super::serve::ClientReport]| {
         reports
             .iter()
             .filter(|r| r.ready && r.errors.is_empty())
@@ -160,6 +144,10 @@ async fn measure(args: &HostileBenchArgs, server: &Server) -> anyhow::Result<()>
         args.hostile,
         attacks.load(Ordering::Relaxed),
         args.seconds
+    );
+    println!(
+        "attacks, in turn: {}",
+        Attack::ALL.map(Attack::as_str).join(", ")
     );
     println!("{:<36} {:>12} {:>14}", "", "honest alone", "under attack");
     println!(

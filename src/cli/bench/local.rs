@@ -9,8 +9,8 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use tokio::sync::mpsc;
 
-use super::Failure;
 use crate::audio::OUTPUT_RATE_HZ;
+use crate::cli::Failure;
 use crate::config::Config;
 use crate::engine::local::{LocalEngine, LocalSettings, tts};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, EngineInput, Role, Stage};
