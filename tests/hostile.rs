@@ -28,7 +28,7 @@ use sonora::audio::crafted::{
 };
 
 /// The documented worst case of one conversation with default settings.
-const BUDGET_BYTES: u64 = 8 * 1024 * 1024;
+const BUDGET_BYTES: u64 = 10_700_000; // 10.2 MiB
 /// Room for the honest conversation, allocator slack and thread stacks.
 const SLACK_BYTES: u64 = 48 * 1024 * 1024;
 

@@ -150,13 +150,13 @@ fn dependencies_run_one_way() {
 #[test]
 fn the_reader_finds_paths_in_use_lists_and_code() {
     let text = "use crate::{server, tools::Tools};\n// crate::cli in a comment\n\
-                let x = crate::audio::OUTPUT_RATE_HZ; $crate::y; other_crate::z;";
+                let x = crate::audio::ENGINE_RATE_HZ; $crate::y; other_crate::z;";
     assert_eq!(
         crate_paths(text),
         [
             vec!["server".to_owned()],
             vec!["tools".to_owned(), "Tools".to_owned()],
-            vec!["audio".to_owned(), "OUTPUT_RATE_HZ".to_owned()],
+            vec!["audio".to_owned(), "ENGINE_RATE_HZ".to_owned()],
         ]
     );
 }

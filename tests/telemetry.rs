@@ -511,6 +511,29 @@ async fn a_collector_that_hangs_or_fails_slows_no_conversation() {
         }
         // The collector has been asked; a request that hangs holds the rest.
         collector.wait_for(|spans| !spans.is_empty()).await;
+        // `/metrics` counts what the export lost while it runs.
+        let lost = |text: &str| {
+            ["dropped", "failed"].iter().any(|what| {
+                let name = format!("sonora_telemetry_spans_{what}_total ");
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(&name))
+                    .any(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0))
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let metrics = loop {
+            let url = format!("http://{}/metrics", gateway.addr);
+            let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+            if lost(&text) || tokio::time::Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(lost(&metrics), "{answer:?}: {metrics}");
+        assert!(
+            metrics.contains("sonora_telemetry_spans_exported_total 0"),
+            "{metrics}"
+        );
         let elapsed = gateway.stop().await;
         assert!(
             elapsed < Duration::from_secs(12),

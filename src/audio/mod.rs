@@ -32,8 +32,9 @@ use opus::{OpusHead, OpusStage};
 use pace::AudioBudget;
 use webm::WebmDemuxer;
 
-/// The rate every decoded stream comes out at.
-pub const OUTPUT_RATE_HZ: u32 = 16_000;
+/// The rate of the audio engines take (16 kHz mono), which every decoded
+/// stream comes out at: the one constant for it.
+pub const ENGINE_RATE_HZ: u32 = 16_000;
 
 /// Why a stream could not be decoded. Each variant says what the caller does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -399,7 +400,7 @@ impl StreamDecoder {
     fn account(&mut self, before: usize, after: usize, timer: Option<Instant>) {
         let produced = (after - before) as u64;
         self.stats.pcm_samples_out += produced;
-        self.stats.pcm_ms_out = self.stats.pcm_samples_out * 1000 / u64::from(OUTPUT_RATE_HZ);
+        self.stats.pcm_ms_out = self.stats.pcm_samples_out * 1000 / u64::from(ENGINE_RATE_HZ);
         self.stats.pending_bytes_high_water = self
             .stats
             .pending_bytes_high_water
@@ -484,7 +485,7 @@ fn start(format: AudioFormat, limits: DecoderLimits) -> Result<Stage, DecodeErro
             channels: usize::from(channels.max(1)),
             leftover: Vec::new(),
             mono: Vec::new(),
-            resampler: StreamResampler::new(rate_hz, OUTPUT_RATE_HZ)
+            resampler: StreamResampler::new(rate_hz, ENGINE_RATE_HZ)
                 .map_err(DecodeError::Unsupported)?,
         })),
     })

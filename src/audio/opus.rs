@@ -3,19 +3,19 @@
 //! libopus resamples and downmixes inside the decoder, which is cheaper and
 //! closer to a reference decode than decoding at 48 kHz and resampling.
 
-use super::{DecoderStats, OUTPUT_RATE_HZ};
+use super::{DecoderStats, ENGINE_RATE_HZ};
 
 /// Longest Opus packet: 120 ms.
-const MAX_PACKET_SAMPLES: usize = OUTPUT_RATE_HZ as usize * 120 / 1000;
+const MAX_PACKET_SAMPLES: usize = ENGINE_RATE_HZ as usize * 120 / 1000;
 /// Concealment is for real packet loss: a run of lost (empty or
 /// undecodable) packets is concealed up to this much audio, 120 ms; the rest
 /// of the run is counted as corrupt and yields nothing.
-pub(crate) const MAX_CONCEALED_RUN_SAMPLES: usize = OUTPUT_RATE_HZ as usize * 120 / 1000;
+pub(crate) const MAX_CONCEALED_RUN_SAMPLES: usize = ENGINE_RATE_HZ as usize * 120 / 1000;
 /// A run of this many lost packets in a row (a second or more of audio at
 /// 20 ms a packet) is no network loss: the stream ends as corrupt.
 pub(crate) const MAX_LOST_RUN_PACKETS: u32 = 50;
 /// Opus timestamps (pre-skip, granule positions, padding) count 48 kHz samples.
-const OPUS_CLOCK_DIVISOR: usize = 48_000 / OUTPUT_RATE_HZ as usize;
+const OPUS_CLOCK_DIVISOR: usize = 48_000 / ENGINE_RATE_HZ as usize;
 
 /// The identification header of an Opus stream (RFC 7845 §5.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,7 @@ impl std::fmt::Debug for OpusStage {
 
 impl OpusStage {
     pub(crate) fn new(head: &OpusHead) -> Result<Self, String> {
-        let mut decoder = opus::Decoder::new(OUTPUT_RATE_HZ, opus::Channels::Mono)
+        let mut decoder = opus::Decoder::new(ENGINE_RATE_HZ, opus::Channels::Mono)
             .map_err(|e| format!("cannot create an Opus decoder: {e}"))?;
         if head.output_gain_q8 != 0 {
             decoder
@@ -112,7 +112,7 @@ impl OpusStage {
         Ok(Self {
             decoder,
             pre_skip_left: usize::from(head.pre_skip) / OPUS_CLOCK_DIVISOR,
-            last_samples: OUTPUT_RATE_HZ as usize / 50,
+            last_samples: ENGINE_RATE_HZ as usize / 50,
             lost_run_packets: 0,
             lost_run_samples: 0,
             scratch: vec![0; MAX_PACKET_SAMPLES],
@@ -192,7 +192,7 @@ fn packet_frame(packet: &[u8]) -> Option<usize> {
     if packet.len() < 2 {
         return None;
     }
-    opus::packet::get_nb_samples(packet, OUTPUT_RATE_HZ)
+    opus::packet::get_nb_samples(packet, ENGINE_RATE_HZ)
         .ok()
         .filter(|&n| n > 0 && n <= MAX_PACKET_SAMPLES)
 }

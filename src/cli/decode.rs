@@ -6,7 +6,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::Args;
 
 use super::Failure;
-use crate::audio::{self, DecoderLimits, OUTPUT_RATE_HZ, StreamDecoder};
+use crate::audio::{self, DecoderLimits, ENGINE_RATE_HZ, StreamDecoder};
 use crate::config::Config;
 
 #[derive(Debug, Args)]
@@ -142,7 +142,7 @@ pub(crate) fn run(config: &Config, args: &DecodeArgs) -> Result<(), Failure> {
     if outcome.is_ok() {
         outcome = decoder.finish(&mut pcm);
     }
-    audio::wav::write_mono(&args.out, OUTPUT_RATE_HZ, &pcm).map_err(|e| anyhow!(e))?;
+    audio::wav::write_mono(&args.out, ENGINE_RATE_HZ, &pcm).map_err(|e| anyhow!(e))?;
     let stats = serde_json::to_string(decoder.stats()).context("cannot print the stats")?;
     println!("{stats}");
     outcome.map_err(|e| anyhow!("{}: {e}", args.input.display()).into())

@@ -11,7 +11,7 @@ use cpal::traits::{DeviceTrait, HostTrait, StreamTrait};
 use rtrb::{Consumer, Producer, RingBuffer};
 
 use super::Failure;
-use crate::audio::{OUTPUT_RATE_HZ, StreamResampler};
+use crate::audio::{ENGINE_RATE_HZ, StreamResampler};
 use crate::config::Config;
 use crate::engine::{ConversationOptions, Engine, EngineEvent, Role, Stage};
 use crate::session::{ClientInput, ClientOutput, Conversation, SessionLimits};
@@ -232,7 +232,7 @@ async fn converse(
     let session = engine.start(options).map_err(|e| anyhow!(e))?;
     let mut handle = Conversation::spawn(session, None, SessionLimits::from_config(config));
     let mut to_16k =
-        StreamResampler::new(devices.mic_rate_hz, OUTPUT_RATE_HZ).map_err(|e| anyhow!(e))?;
+        StreamResampler::new(devices.mic_rate_hz, ENGINE_RATE_HZ).map_err(|e| anyhow!(e))?;
     let mut to_device: Option<(u32, StreamResampler)> = None;
     let (mut pcm, mut samples, mut out) = (Vec::new(), Vec::new(), Vec::new());
     let mut pending = VecDeque::new();

@@ -10,7 +10,7 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 
 use super::Failure;
-use crate::audio::{self, OUTPUT_RATE_HZ, StreamResampler};
+use crate::audio::{self, ENGINE_RATE_HZ, StreamResampler};
 use crate::config::{Config, EngineKind};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, Role, Stage};
 use crate::session::{
@@ -105,7 +105,7 @@ fn to_16k_mono(wav: &audio::wav::WavAudio) -> anyhow::Result<Vec<i16>> {
         .map(|f| (f.iter().map(|&s| i32::from(s)).sum::<i32>() / channels as i32) as i16)
         .collect();
     let mut resampler =
-        StreamResampler::new(wav.rate_hz, OUTPUT_RATE_HZ).map_err(|e| anyhow!(e))?;
+        StreamResampler::new(wav.rate_hz, ENGINE_RATE_HZ).map_err(|e| anyhow!(e))?;
     let mut out = Vec::with_capacity(mono.len());
     resampler.push(&mono, &mut out);
     resampler.finish(&mut out);

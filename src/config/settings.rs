@@ -183,7 +183,8 @@ pub struct AudioConfig {
     pub max_block_bytes: usize,
     /// Client-to-engine audio that may be queued, in milliseconds of audio.
     pub uplink_queue_ms: u32,
-    /// Engine-to-client audio that may be queued, in milliseconds of audio.
+    /// Longest the oldest queued reply audio may wait for a client that does
+    /// not read before the client counts as too slow, in milliseconds.
     pub downlink_queue_ms: u32,
     /// Time without client audio before the session is closed, in milliseconds.
     pub no_audio_timeout_ms: u32,

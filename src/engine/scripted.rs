@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{ConversationOptions, Engine, EngineEvent, EngineInput, EngineSession, Pcm};
-use crate::audio::OUTPUT_RATE_HZ;
+use crate::audio::ENGINE_RATE_HZ;
 use crate::engine::TurnEndReason;
 use crate::usage::UsageDelta;
 
 /// Input audio samples per millisecond (16 kHz).
-const INPUT_SAMPLES_PER_MS: u64 = OUTPUT_RATE_HZ as u64 / 1000;
+const INPUT_SAMPLES_PER_MS: u64 = ENGINE_RATE_HZ as u64 / 1000;
 /// Rate of the reply tone of [`ScriptedEngine::echo_turns`].
 const REPLY_RATE_HZ: u32 = 24_000;
 /// Length of one reply frame of [`ScriptedEngine::echo_turns`].

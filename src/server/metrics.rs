@@ -358,6 +358,28 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        if let Some(spans) = crate::telemetry::export_stats() {
+            let exported = [
+                ("exported", "sent to the collector", spans.exported_spans),
+                (
+                    "dropped",
+                    "dropped unsent (queue full)",
+                    spans.dropped_spans,
+                ),
+                (
+                    "failed",
+                    "in export requests that failed",
+                    spans.failed_spans,
+                ),
+            ];
+            for (what, help, value) in exported {
+                let name = format!("sonora_telemetry_spans_{what}_total");
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} Spans {help}.\n# TYPE {name} counter\n{name} {value}"
+                );
+            }
+        }
         let load =
             |counts: &[AtomicU64]| -> Vec<u64> { counts.iter().map(|c| c.load(ORDER)).collect() };
         let refused: Vec<(String, u64)> = Refusal::ALL

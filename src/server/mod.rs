@@ -47,7 +47,7 @@ pub use metrics::Metrics;
 
 /// Reply audio rate announced in `ready`; engine audio at another rate is
 /// resampled to it.
-pub const OUTPUT_RATE_HZ: u32 = 24_000;
+pub const REPLY_RATE_HZ: u32 = 24_000;
 
 /// Socket buffer sizes: small, so that a thousand idle sockets stay cheap.
 const READ_BUFFER_BYTES: usize = 16 * 1024;

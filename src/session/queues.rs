@@ -9,11 +9,11 @@ use std::collections::VecDeque;
 use tokio::time::Instant;
 
 use super::ClientOutput;
-use crate::audio::OUTPUT_RATE_HZ;
+use crate::audio::ENGINE_RATE_HZ;
 use crate::engine::{EngineEvent, EngineInput};
 
 /// Input samples per millisecond (16 kHz).
-pub(super) const SAMPLES_PER_MS: u64 = OUTPUT_RATE_HZ as u64 / 1000;
+pub(super) const SAMPLES_PER_MS: u64 = ENGINE_RATE_HZ as u64 / 1000;
 /// Longest frame sent to the engine: 40 ms at 16 kHz.
 pub(super) const FRAME_SAMPLES: usize = 40 * SAMPLES_PER_MS as usize;
 

@@ -88,6 +88,15 @@ impl Queue {
     }
 }
 
+/// The counters of the exporter this process installed, for `/metrics`.
+static INSTALLED: std::sync::OnceLock<Arc<Counters>> = std::sync::OnceLock::new();
+
+/// What the process's span exporter has done; `None` when spans are not
+/// exported.
+pub(super) fn installed_stats() -> Option<ExportStats> {
+    INSTALLED.get().map(|counters| counters.snapshot())
+}
+
 /// The export thread and its queue.
 #[derive(Debug)]
 pub(super) struct Exporter {
@@ -121,6 +130,8 @@ impl Exporter {
                 None
             }
         };
+        // Only the first exporter of a process is installed (see `init`).
+        let _ = INSTALLED.set(Arc::clone(&counters));
         Self {
             queue: Queue { tx, counters },
             stop,

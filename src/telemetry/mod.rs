@@ -59,6 +59,12 @@ impl Telemetry {
     }
 }
 
+/// What this process's span exporter has done (for `/metrics`); `None`
+/// when no collector is configured.
+pub fn export_stats() -> Option<ExportStats> {
+    export::installed_stats()
+}
+
 /// Installs the process-wide subscriber: log lines to stderr in the
 /// configured format, filtered by `SONORA_LOG` (else `default_filter`), and
 /// the span exporter when `telemetry.otlp_endpoint` is set. `env` is the

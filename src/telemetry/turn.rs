@@ -130,9 +130,7 @@ impl ConversationTrace {
         let span = &self.conversation;
         span.record("close.reason", reason);
         span.record("turns", turns);
-        span.record("usage.input_tokens", input_tokens(usage));
-        span.record("usage.output_tokens", output_tokens(usage));
-        span.record("usage.cost_micro_usd", usage.cost_micro_usd);
+        record_totals(span, usage);
         tracing::info!(
             target: SPAN_TARGET,
             parent: span,
@@ -189,9 +187,7 @@ impl ConversationTrace {
         span.record("usage.speech_out_tokens", usage.speech_out_tokens);
         span.record("usage.text_in_tokens", usage.text_in_tokens);
         span.record("usage.text_out_tokens", usage.text_out_tokens);
-        span.record("usage.input_tokens", input_tokens(usage));
-        span.record("usage.output_tokens", output_tokens(usage));
-        span.record("usage.cost_micro_usd", usage.cost_micro_usd);
+        record_totals(span, usage);
         // The line carries the numbers itself, whichever spans a log shows.
         tracing::info!(
             target: SPAN_TARGET,
@@ -207,6 +203,13 @@ impl ConversationTrace {
             "turn"
         );
     }
+}
+
+/// Tokens in and out and the cost, on a conversation's or a turn's span.
+fn record_totals(span: &Span, usage: &UsageDelta) {
+    span.record("usage.input_tokens", input_tokens(usage));
+    span.record("usage.output_tokens", output_tokens(usage));
+    span.record("usage.cost_micro_usd", usage.cost_micro_usd);
 }
 
 impl Drop for ConversationTrace {

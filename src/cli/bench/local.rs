@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use clap::Args;
 use tokio::sync::mpsc;
 
-use crate::audio::OUTPUT_RATE_HZ;
+use crate::audio::ENGINE_RATE_HZ;
 use crate::cli::Failure;
 use crate::config::Config;
 use crate::engine::local::{LocalEngine, LocalSettings, tts};
@@ -59,7 +59,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
         let audio = spoken_question(&settings.tts.program, text, i as u64).await?;
         if let Some(dir) = &args.keep_audio {
             std::fs::create_dir_all(dir)?;
-            crate::audio::wav::write_mono(&dir.join(format!("q{i}.wav")), OUTPUT_RATE_HZ, &audio)
+            crate::audio::wav::write_mono(&dir.join(format!("q{i}.wav")), ENGINE_RATE_HZ, &audio)
                 .map_err(|e| anyhow!(e))?;
         }
         questions.push((text, audio));
@@ -162,7 +162,7 @@ pub(crate) async fn spoken_question(
         program: program.to_path_buf(),
         voice: "es".into(),
         rate_wpm: 150,
-        output_rate_hz: OUTPUT_RATE_HZ,
+        output_rate_hz: ENGINE_RATE_HZ,
     };
     let (tx, mut rx) = mpsc::channel(64);
     let speaking = tokio::spawn({

@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use super::Failure;
 use super::decode::{Recording, limits};
-use crate::audio::{self, AudioFormat, DecoderLimits, OUTPUT_RATE_HZ, StreamDecoder};
+use crate::audio::{self, AudioFormat, DecoderLimits, ENGINE_RATE_HZ, StreamDecoder};
 use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
@@ -248,7 +248,7 @@ fn bench_sonora(
     let mut contender = Contender::new(
         "sonora StreamDecoder",
         runs,
-        samples as f64 / f64::from(OUTPUT_RATE_HZ),
+        samples as f64 / f64::from(ENGINE_RATE_HZ),
         cpu,
     );
     contender.first_pcm_ms = median(&mut first_pcm_us).map(|us| us as f64 / 1000.0);
@@ -268,7 +268,7 @@ fn bench_libopus(
     let started = Instant::now();
     let cpu_before = cpu_time(UsageWho::RUSAGE_THREAD)?;
     while runs == 0 || started.elapsed() < budget {
-        let mut decoder = opus::Decoder::new(OUTPUT_RATE_HZ, opus::Channels::Mono)?;
+        let mut decoder = opus::Decoder::new(ENGINE_RATE_HZ, opus::Channels::Mono)?;
         for packet in &packets {
             samples += decoder.decode(packet, &mut out, false)? as u64;
         }
@@ -278,7 +278,7 @@ fn bench_libopus(
     Ok(Contender::new(
         "libopus alone (floor)",
         runs,
-        samples as f64 / f64::from(OUTPUT_RATE_HZ),
+        samples as f64 / f64::from(ENGINE_RATE_HZ),
         cpu,
     ))
 }
@@ -354,7 +354,7 @@ fn bench_ffmpeg(
     let mut contender = Contender::new(
         "ffmpeg process per session",
         runs,
-        samples as f64 / f64::from(OUTPUT_RATE_HZ),
+        samples as f64 / f64::from(ENGINE_RATE_HZ),
         cpu,
     );
     contender.first_pcm_ms = median(&mut first_pcm_us).map(|us| us as f64 / 1000.0);

@@ -78,7 +78,7 @@ impl Asr {
         let samples: Vec<f32> = pcm.iter().map(|&s| f32::from(s) / 32768.0).collect();
         // Cap the output by the audio length: ~6 tokens a second of speech is
         // generous, and a cap stops the rare repetition loop early.
-        let seconds = pcm.len() / crate::audio::OUTPUT_RATE_HZ as usize + 1;
+        let seconds = pcm.len() / crate::audio::ENGINE_RATE_HZ as usize + 1;
         let options = ct2rs::WhisperOptions {
             beam_size: self.config.beam_size,
             max_length: (16 + seconds * 8).min(448),

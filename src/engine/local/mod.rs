@@ -38,7 +38,7 @@ use crate::config::LocalConfig;
 use crate::knowledge::KnowledgeBase;
 use crate::usage::UsageDelta;
 
-const SAMPLES_PER_MS: u64 = crate::audio::OUTPUT_RATE_HZ as u64 / 1000;
+const SAMPLES_PER_MS: u64 = crate::audio::ENGINE_RATE_HZ as u64 / 1000;
 
 /// User turns waiting for their reply, besides the one being answered.
 /// Turns arrive at the speed of the network, replies are made one at a

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 /// earshot's frame: 256 samples = 16 ms at 16 kHz.
 const FRAME_SAMPLES: usize = 256;
 const FRAME_MS: u64 = 16;
-const SAMPLES_PER_MS: usize = crate::audio::OUTPUT_RATE_HZ as usize / 1000;
+const SAMPLES_PER_MS: usize = crate::audio::ENGINE_RATE_HZ as usize / 1000;
 /// The detector adapts to the noise floor over its first frames and scores
 /// a sudden noise onset as voice: no segment may open in this time.
 const WARM_UP_MS: u64 = 160;

@@ -6,7 +6,7 @@
 use axum::extract::ws::Message;
 use bytes::BufMut;
 
-use super::super::OUTPUT_RATE_HZ;
+use super::super::REPLY_RATE_HZ;
 use super::super::protocol::{
     ErrorCode, MAX_OPEN_TOOL_CALLS, OutputFormat, ProtocolError, ServerMessage, VERSION,
 };
@@ -61,7 +61,7 @@ impl Connection {
                     input: &input,
                     output: OutputFormat {
                         format: "pcm16",
-                        rate: OUTPUT_RATE_HZ,
+                        rate: REPLY_RATE_HZ,
                     },
                 }
                 .to_text()
@@ -138,7 +138,7 @@ impl Connection {
     /// Appends reply audio, at the announced rate, to the pending frame.
     fn push_audio(&mut self, running: &mut Running, pcm: &Pcm) {
         let samples = match &mut running.resampler {
-            _ if pcm.rate_hz == OUTPUT_RATE_HZ => &pcm.samples,
+            _ if pcm.rate_hz == REPLY_RATE_HZ => &pcm.samples,
             Some((rate, resampler)) if *rate == pcm.rate_hz => {
                 running.resampled.clear();
                 resampler.push(&pcm.samples, &mut running.resampled);
@@ -146,7 +146,7 @@ impl Connection {
             }
             slot => {
                 running.resampled.clear();
-                if let Ok(mut resampler) = StreamResampler::new(pcm.rate_hz, OUTPUT_RATE_HZ) {
+                if let Ok(mut resampler) = StreamResampler::new(pcm.rate_hz, REPLY_RATE_HZ) {
                     resampler.push(&pcm.samples, &mut running.resampled);
                     *slot = Some((pcm.rate_hz, resampler));
                 }

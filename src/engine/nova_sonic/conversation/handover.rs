@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use super::pump::FRAME_SAMPLES;
 use super::{CONTROL_WAIT, Driver, END_WAIT, MAX_EARLY_EVENTS, Rotation, SETTLE, Step, Stream};
-use crate::audio::OUTPUT_RATE_HZ as INPUT_RATE_HZ;
+use crate::audio::ENGINE_RATE_HZ;
 use crate::engine::nova_sonic::history::MAX_PIECE_BYTES;
 use crate::engine::nova_sonic::input::{BlockRole, Builder, Input, Tool};
 use crate::engine::nova_sonic::is_v1;
@@ -61,7 +61,7 @@ impl Driver {
         for message in self.history.shaped(ask_again) {
             events.extend(builder.text_block(message.role, false, &message.text, MAX_PIECE_BYTES));
         }
-        let (start, audio) = builder.audio_start(INPUT_RATE_HZ);
+        let (start, audio) = builder.audio_start(ENGINE_RATE_HZ);
         events.push(start);
         if let Some(text) = self.unanswered.take()
             && !is_v1(&self.shared.settings.model)

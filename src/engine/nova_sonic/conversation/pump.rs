@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::audio::OUTPUT_RATE_HZ as INPUT_RATE_HZ;
+use crate::audio::ENGINE_RATE_HZ;
 
 /// Samples per `audioInput`: 32 ms at 16 kHz.
 pub(super) const FRAME_SAMPLES: usize = 512;
@@ -17,7 +17,7 @@ pub(super) const SILENCE: [i16; FRAME_SAMPLES] = [0; FRAME_SAMPLES];
 /// Silence starts after this long without user audio.
 const MUTE_AFTER: Duration = Duration::from_millis(200);
 /// User audio kept for replay into a new stream.
-const REPLAY_SAMPLES: usize = 3 * INPUT_RATE_HZ as usize;
+const REPLAY_SAMPLES: usize = 3 * ENGINE_RATE_HZ as usize;
 
 #[derive(Debug)]
 pub(super) struct AudioPump {
