@@ -178,12 +178,12 @@ async fn aws_check(region: &aws_config::Region) -> Check {
             };
             (true, format!("found (access key …{shown}, {lifetime})"))
         }
-        Ok(Err(e)) => (
+        // The chain's error names the last source it tried and that
+        // source's whole response; the sources are what helps.
+        Ok(Err(_)) => (
             false,
-            format!(
-                "none found ({})",
-                aws_smithy_types::error::display::DisplayErrorContext(&e)
-            ),
+            "none found (environment, profile, SSO, web identity, container or instance role)"
+                .to_owned(),
         ),
         Err(_) => (
             false,

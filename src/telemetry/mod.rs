@@ -35,8 +35,10 @@ const SPAN_TARGET: &str = "sonora::telemetry";
 /// events down to `info`, other crates' warnings.
 pub const SERVER_FILTER: &str = "warn,sonora=info";
 /// The filter when `SONORA_LOG` is unset, for the other commands, whose
-/// own output is what the user reads: warnings only.
-pub const COMMAND_FILTER: &str = "warn";
+/// own output is what the user reads: Sonora's warnings, and only errors
+/// from the libraries (the AWS SDK warns for every credential source it
+/// tries, which `doctor` reports in its own words).
+pub const COMMAND_FILTER: &str = "error,sonora=warn";
 
 /// The running telemetry: the span exporter, when one is configured.
 #[derive(Debug)]
