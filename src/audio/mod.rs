@@ -286,6 +286,16 @@ impl PcmStage {
 
     fn convert(&mut self, frames: &[u8], out: &mut Vec<i16>) {
         self.mono.clear();
+        if self.channels == 1 {
+            // The usual stream, without the downmix.
+            self.mono.extend(
+                frames
+                    .chunks_exact(2)
+                    .map(|s| i16::from_le_bytes([s[0], s[1]])),
+            );
+            self.resampler.push(&self.mono, out);
+            return;
+        }
         let channels = self.channels as i32;
         self.mono
             .extend(frames.chunks_exact(2 * self.channels).map(|frame| {

@@ -212,7 +212,12 @@ impl Task {
         tokio::pin!(timer);
         loop {
             let deadline = state.watchdog.next_deadline(state.downlink.oldest_audio());
+            // The timer is moved only to an earlier deadline, or once it has
+            // fired: a later one (most frames push the idle deadline on)
+            // waits for the armed timer, whose wake-up finds nothing due and
+            // re-arms it here. That saves re-filing the timer every frame.
             if let Some(deadline) = deadline
+                && (deadline < timer.deadline() || timer.is_elapsed())
                 && timer.deadline() != deadline
             {
                 timer.as_mut().reset(deadline);

@@ -41,6 +41,10 @@ pub(crate) struct ServeBenchArgs {
     /// ... with REPLY_MS of 24 kHz audio.
     #[arg(long, default_value_t = 1_000)]
     reply_ms: u64,
+    /// Worker threads of the gateway's runtime (set as its
+    /// `TOKIO_WORKER_THREADS`); 0 keeps its default, one per core.
+    #[arg(long, default_value_t = 0)]
+    gateway_workers: usize,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -58,7 +62,12 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
         .into());
     }
     raise_open_files(args.sessions * 2 + 256)?;
-    let mut server = Server::start(args.turn_ms, args.reply_ms, args.sessions + 10)?;
+    let mut server = Server::start(
+        args.turn_ms,
+        args.reply_ms,
+        args.sessions + 10,
+        args.gateway_workers,
+    )?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
     let report = result?;
@@ -85,8 +94,12 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
     let (base_n, base_p50, base_p99, _) = round_trips(&baseline);
     let (n, p50, p99, max) = round_trips(&loaded);
     let mib_in: f64 = loaded.iter().map(|r| r.bytes_in as f64).sum::<f64>() / 1_048_576.0;
+    let workers = match args.gateway_workers {
+        0 => "one per core".to_owned(),
+        n => n.to_string(),
+    };
     println!(
-        "sonora bench serve: {held}/{} sessions held, {} s, {} ms PCM frames, echo {} ms → {} ms",
+        "sonora bench serve: {held}/{} sessions held, {} s, {} ms PCM frames, echo {} ms → {} ms, gateway workers: {workers}",
         args.sessions, args.seconds, args.frame_ms, args.turn_ms, args.reply_ms
     );
     println!(
@@ -150,6 +163,7 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "sessions_held": held,
         "seconds": args.seconds,
         "frame_ms": args.frame_ms,
+        "gateway_workers": args.gateway_workers,
         "turns_measured": n,
         "round_trip_ms": {"p50": p50, "p99": p99, "max": max},
         "baseline_round_trip_ms": {"p50": base_p50, "p99": base_p99, "turns": base_n},
@@ -268,6 +282,9 @@ pub(super) async fn load(
     Ok((reports, usage))
 }
 
+/// The variable the async runtime reads for its number of worker threads.
+const RUNTIME_WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
+
 /// The gateway under test, in its own process.
 pub(super) struct Server {
     child: Child,
@@ -275,9 +292,19 @@ pub(super) struct Server {
 }
 
 impl Server {
-    pub(super) fn start(turn_ms: u64, reply_ms: u64, max_sessions: usize) -> anyhow::Result<Self> {
+    /// `workers` is the gateway runtime's worker threads; 0 for its default.
+    pub(super) fn start(
+        turn_ms: u64,
+        reply_ms: u64,
+        max_sessions: usize,
+        workers: usize,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the sonora binary")?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        if workers > 0 {
+            command.env(RUNTIME_WORKERS_ENV, workers.to_string());
+        }
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
             .arg(format!("--set=server.max_sessions={max_sessions}"))
@@ -288,6 +315,9 @@ impl Server {
                 "--set=server.max_connections={}",
                 max_sessions * 2 + 100
             ))
+            // Its log goes nowhere: a line per turn at `info` would only
+            // add to the cost being measured.
+            .env(crate::config::LOG_ENV, "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -61,15 +61,18 @@ impl State {
         bytes: Bytes,
         pcm: &mut Vec<i16>,
     ) -> Result<Result<(), DecodeError>, Option<Ending>> {
-        let Some(mut decoder) = self.decoder.take() else {
+        // The decoder is pushed in place here: moving it out and back in
+        // copied the whole struct for every frame.
+        let Some(decoder) = self.decoder.as_mut() else {
             return Ok(Ok(()));
         };
         let raw_pcm = matches!(decoder.declared(), Some(AudioFormat::Pcm16 { .. }));
         if raw_pcm && bytes.len() < BLOCKING_PCM_BYTES {
-            let result = decoder.push(&bytes, pcm);
-            self.decoder = Some(decoder);
-            return Ok(result);
+            return Ok(decoder.push(&bytes, pcm));
         }
+        let Some(mut decoder) = self.decoder.take() else {
+            return Ok(Ok(()));
+        };
         let mut out = std::mem::take(pcm);
         let job = tokio::task::spawn_blocking(move || {
             let result = decoder.push(&bytes, &mut out);
