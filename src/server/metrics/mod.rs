@@ -380,28 +380,10 @@ impl Metrics {
                 );
             }
         }
-        let load =
-            |counts: &[AtomicU64]| -> Vec<u64> { counts.iter().map(|c| c.load(ORDER)).collect() };
-        let refused: Vec<(String, u64)> = Refusal::ALL
-            .iter()
-            .zip(load(&self.refused))
-            .map(|(why, n)| (format!("reason=\"{}\"", why.as_str()), n))
-            .collect();
-        let closed: Vec<(String, u64)> = CloseReason::ALL
-            .iter()
-            .zip(load(&self.closed))
-            .map(|(reason, n)| (format!("reason=\"{}\"", reason.code()), n))
-            .collect();
-        let timeouts: Vec<(String, u64)> = HttpTimeout::ALL
-            .iter()
-            .zip(load(&self.connection_timeouts))
-            .map(|(why, n)| (format!("reason=\"{}\"", why.as_str()), n))
-            .collect();
-        let errors: Vec<(String, u64)> = ErrorCode::ALL
-            .iter()
-            .zip(load(&self.errors))
-            .map(|(code, n)| (format!("code=\"{}\"", code.as_str()), n))
-            .collect();
+        let refused = labelled("reason", &Refusal::ALL, &self.refused);
+        let closed = labelled("reason", &CloseReason::ALL, &self.closed);
+        let timeouts = labelled("reason", &HttpTimeout::ALL, &self.connection_timeouts);
+        let errors = labelled("code", &ErrorCode::ALL, &self.errors);
         let tokens: Vec<(String, u64)> = [
             ("speech", "input", usage.speech_in_tokens),
             ("speech", "output", usage.speech_out_tokens),
@@ -484,6 +466,18 @@ impl Metrics {
 }
 
 /// Appends an engine's own numbers as `sonora_engine_{name}`.
+/// One `label="name"` series per value of a named enum, with its count.
+fn labelled<T: std::fmt::Display>(
+    label: &str,
+    all: &[T],
+    counts: &[AtomicU64],
+) -> Vec<(String, u64)> {
+    all.iter()
+        .zip(counts)
+        .map(|(value, n)| (format!("{label}=\"{value}\""), n.load(ORDER)))
+        .collect()
+}
+
 pub fn render_engine(out: &mut String, stats: &[EngineStat]) {
     for stat in stats {
         let name = format!("sonora_engine_{}", stat.name);
