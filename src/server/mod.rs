@@ -34,7 +34,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::Engine;
@@ -472,9 +471,9 @@ async fn upgrade(
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let span = crate::telemetry::connection_span(id, caller.client);
     ws.on_upgrade(move |socket| async move {
-        socket::Connection::new(socket, shared, id, peer)
+        // The connection enters its span itself: not on every frame.
+        socket::Connection::new(socket, shared, id, peer, span)
             .run()
-            .instrument(span)
             .await;
         // The conversation is over: its places are free.
         drop(admitted);

@@ -70,6 +70,11 @@ pub(super) struct Connection {
     id: u64,
     peer: SocketAddr,
     write_timeout: Duration,
+    /// The connection's span, then its conversation's. Entered around the
+    /// handshake, the start and every log line, but not around the
+    /// per-frame loop: entering spans on every wake-up was a measurable
+    /// share of the gateway's CPU, and that loop's logs enter it themselves.
+    span: tracing::Span,
     /// Reply audio not yet handed to the socket: consecutive audio goes
     /// out as one binary frame. Its allocation is reused once the socket
     /// has copied the frame out.
@@ -97,7 +102,13 @@ struct Running {
 }
 
 impl Connection {
-    pub(super) fn new(socket: WebSocket, shared: Arc<Shared>, id: u64, peer: SocketAddr) -> Self {
+    pub(super) fn new(
+        socket: WebSocket,
+        shared: Arc<Shared>,
+        id: u64,
+        peer: SocketAddr,
+        span: tracing::Span,
+    ) -> Self {
         let write_timeout = Duration::from_millis(u64::from(shared.config.server.write_timeout_ms));
         Self {
             socket,
@@ -105,12 +116,14 @@ impl Connection {
             id,
             peer,
             write_timeout,
+            span,
             audio: BytesMut::new(),
         }
     }
 
     pub(super) async fn run(mut self) {
-        let Some(hello) = self.await_hello().await else {
+        let connection = self.span.clone();
+        let Some(hello) = self.await_hello().instrument(connection.clone()).await else {
             return;
         };
         // Named by the session id its `ready` gives the client.
@@ -119,13 +132,14 @@ impl Connection {
             language => language,
         };
         let id = format!("{}-{}", self.id, self.peer.port());
-        let span = crate::telemetry::conversation_span(&id, language);
+        let span = connection.in_scope(|| crate::telemetry::conversation_span(&id, language));
         let Some(mut running) = self.start(hello).instrument(span.clone()).await else {
             return;
         };
         let counters = Arc::clone(&running.handle.counters);
         self.shared.metrics.opened(self.id, counters);
-        let exit = self.converse(&mut running).instrument(span).await;
+        self.span = span;
+        let exit = self.converse(&mut running).await;
         let reason = match exit {
             Exit::Ended(reason) => Some(reason),
             Exit::Lost(reason) => reason,
@@ -325,7 +339,7 @@ impl Connection {
     /// the client.
     fn log(&self, what: &str) {
         let what = crate::redact::urls_in(what);
-        tracing::warn!("{what}");
+        self.span.in_scope(|| tracing::warn!("{what}"));
     }
 }
 

@@ -401,8 +401,10 @@ impl Conversation {
             output: output_rx,
             counters,
             shutdown,
-            // The conversation's span (the caller's) follows the task.
-            task: tokio::spawn(tracing::Instrument::in_current_span(task.run())),
+            // Not instrumented: entering a span on every wake-up costs more
+            // than the frame's own work. The trace keeps the caller's span
+            // (see `ConversationTrace::new`) and names it in what it logs.
+            task: tokio::spawn(task.run()),
             engine_ended: ended_rx,
         }
     }

@@ -210,6 +210,9 @@ impl Task {
         let Self { io, state } = self;
         let timer = tokio::time::sleep_until(Instant::now());
         tokio::pin!(timer);
+        // Made once, not at every wake-up (each made and dropped a waiter).
+        let shutdown = io.shutdown.notified();
+        tokio::pin!(shutdown);
         loop {
             let deadline = state.watchdog.next_deadline(state.downlink.oldest_audio());
             // The timer is moved only to an earlier deadline, or once it has
@@ -227,7 +230,7 @@ impl Task {
             let wake = tokio::select! {
                 biased;
                 () = &mut timer, if deadline.is_some() => Wake::Timer,
-                () = io.shutdown.notified(), if talking => Wake::Shutdown,
+                () = &mut shutdown, if talking => Wake::Shutdown,
                 permits = output_slots(&io.output, state.downlink.front_is_audio()),
                     if state.client_open && !state.downlink.is_empty() => Wake::Output(permits),
                 permit = io.engine.input.reserve(),

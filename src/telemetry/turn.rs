@@ -78,7 +78,11 @@ impl ConversationTrace {
                 span.record("engine", engine.as_str());
                 span.record("model", model.as_str());
                 span.record("voice", voice.as_str());
-                tracing::info!(target: SPAN_TARGET, parent: span, "conversation ready");
+                // Entered as well as named: the JSON log lists the entered
+                // spans, and the conversation's task does not run inside it.
+                span.in_scope(|| {
+                    tracing::info!(target: SPAN_TARGET, parent: span, "conversation ready");
+                });
             }
             EngineEvent::SpeechEnded { turn_id } => {
                 self.close_turn();
@@ -131,16 +135,18 @@ impl ConversationTrace {
         span.record("close.reason", reason);
         span.record("turns", turns);
         record_totals(span, usage);
-        tracing::info!(
-            target: SPAN_TARGET,
-            parent: span,
-            reason,
-            turns,
-            input_tokens = input_tokens(usage),
-            output_tokens = output_tokens(usage),
-            cost_micro_usd = usage.cost_micro_usd,
-            "conversation ended"
-        );
+        span.in_scope(|| {
+            tracing::info!(
+                target: SPAN_TARGET,
+                parent: span,
+                reason,
+                turns,
+                input_tokens = input_tokens(usage),
+                output_tokens = output_tokens(usage),
+                cost_micro_usd = usage.cost_micro_usd,
+                "conversation ended"
+            );
+        });
     }
 
     fn open_turn(&mut self, turn_id: Option<u64>, speech_ended: Option<Instant>, now: Instant) {
@@ -189,19 +195,21 @@ impl ConversationTrace {
         span.record("usage.text_out_tokens", usage.text_out_tokens);
         record_totals(span, usage);
         // The line carries the numbers itself, whichever spans a log shows.
-        tracing::info!(
-            target: SPAN_TARGET,
-            parent: span,
-            turn_id = turn.id,
-            first_byte_ms = turn.first_byte_ms,
-            first_voice_ms = turn.first_voice_ms,
-            reply_ms = turn.reply_ms,
-            interrupted = turn.interrupted,
-            input_tokens = input_tokens(usage),
-            output_tokens = output_tokens(usage),
-            cost_micro_usd = usage.cost_micro_usd,
-            "turn"
-        );
+        span.in_scope(|| {
+            tracing::info!(
+                target: SPAN_TARGET,
+                parent: span,
+                turn_id = turn.id,
+                first_byte_ms = turn.first_byte_ms,
+                first_voice_ms = turn.first_voice_ms,
+                reply_ms = turn.reply_ms,
+                interrupted = turn.interrupted,
+                input_tokens = input_tokens(usage),
+                output_tokens = output_tokens(usage),
+                cost_micro_usd = usage.cost_micro_usd,
+                "turn"
+            );
+        });
     }
 }
 

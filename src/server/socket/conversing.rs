@@ -19,6 +19,10 @@ const STATS_EVERY: Duration = Duration::from_secs(1);
 impl Connection {
     pub(super) async fn converse(&mut self, running: &mut Running) -> Exit {
         let mut shutdown = self.shared.shutdown.clone();
+        // Made once: a fresh wait on the server-wide channel at every
+        // wake-up registered and dropped a waiter each time.
+        let shutdown = shutting_down(&mut shutdown);
+        tokio::pin!(shutdown);
         let mut shutdown_sent = false;
         let mut stats = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -46,7 +50,7 @@ impl Connection {
                         return Exit::Lost(Some(CloseReason::SlowClient));
                     }
                 }
-                () = shutting_down(&mut shutdown), if !shutdown_sent => {
+                () = &mut shutdown, if !shutdown_sent => {
                     shutdown_sent = true;
                     running.handle.shutdown();
                 }
