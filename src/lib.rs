@@ -22,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod engine;
 pub mod knowledge;
+pub mod ledger;
 mod names;
 pub mod redact;
 pub mod server;

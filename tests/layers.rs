@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 1),
     ("audio", 2),
     ("knowledge", 2),
+    ("ledger", 2),
     ("tools", 3),
     ("engine", 4),
     ("telemetry", 5),

@@ -6,11 +6,13 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
+mod ledger;
 mod load;
 mod settings;
 mod telemetry;
 mod validate;
 
+pub use ledger::LedgerConfig;
 pub use load::{LoadOptions, env_name, keys, load};
 pub use settings::{
     AudioConfig, Config, EngineConfig, EngineKind, HttpToolConfig, LocalConfig, NovaSonicConfig,

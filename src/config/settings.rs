@@ -27,6 +27,8 @@ pub struct Config {
     pub log: super::LogConfig,
     /// Span export (section, no unit).
     pub telemetry: super::TelemetryConfig,
+    /// The record of conversations, usage and cost (section, no unit).
+    pub ledger: super::LedgerConfig,
 }
 
 /// Amazon Nova Sonic over Bedrock's bidirectional stream. Credentials come
@@ -274,6 +276,7 @@ impl Default for Config {
             tools: ToolsConfig::default(),
             log: super::LogConfig::default(),
             telemetry: super::TelemetryConfig::default(),
+            ledger: super::LedgerConfig::default(),
         }
     }
 }

@@ -166,6 +166,7 @@ impl Config {
         }
         self.validate_nova_sonic(&bad)?;
         self.telemetry.check(&bad)?;
+        self.ledger.check(&bad)?;
         if !l.chat_url.is_empty() && l.chat_model.is_empty() {
             let reason = "must name the model when local.chat_url is set";
             return Err(bad("local.chat_model", quoted(&l.chat_model), reason));

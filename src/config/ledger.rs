@@ -1,0 +1,79 @@
+//! The `[ledger]` section: where conversations, usage and cost are recorded.
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// The durable record of conversations, usage and cost (`crate::ledger`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Database: `sqlite://PATH` (a file, created when missing) or `postgres://…`; `off` records nothing (no unit).
+    pub url: String,
+    /// This gateway's name in the ledger; several gateways sharing one database need different names. Empty: the host name (no unit).
+    pub gateway_name: String,
+    /// Record what was said in each turn (transcripts); off by default (no unit).
+    pub store_transcripts: bool,
+    /// Records waiting for the ledger's writer; past it a conversation waits, in records.
+    pub queue_records: u32,
+    /// Longest wait for the database on one write before the ledger counts as unavailable, in milliseconds.
+    pub write_timeout_ms: u32,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/sonora.db".to_owned(),
+            gateway_name: String::new(),
+            store_transcripts: false,
+            queue_records: 4_096,
+            write_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// Whether anything is recorded.
+    pub fn enabled(&self) -> bool {
+        self.url != "off"
+    }
+
+    /// The first bad setting, made into an error by `bad(key, value shown, reason)`.
+    pub(super) fn check(
+        &self,
+        bad: &dyn Fn(&str, String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let url = &self.url;
+        let known = url == "off"
+            || url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://");
+        if !known {
+            let reason = "must be sqlite://PATH, postgres://… or off";
+            let shown = toml::Value::from(crate::redact::url(url)).to_string();
+            return Err(bad("ledger.url", shown, reason));
+        }
+        let name_ok = self
+            .gateway_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            && self.gateway_name.len() <= 64;
+        if !name_ok {
+            let reason = "at most 64 letters, digits and - _ . :";
+            let shown = toml::Value::from(self.gateway_name.as_str()).to_string();
+            return Err(bad("ledger.gateway_name", shown, reason));
+        }
+        #[rustfmt::skip]
+        let ranges = [
+            ("ledger.queue_records", self.queue_records, 16, 1_000_000, "records"),
+            ("ledger.write_timeout_ms", self.write_timeout_ms, 100, 600_000, "ms"),
+        ];
+        for (key, value, min, max, unit) in ranges {
+            if !(min..=max).contains(&value) {
+                let reason = format!("must be between {min} and {max} {unit}");
+                return Err(bad(key, value.to_string(), &reason));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,63 @@
+//! The ledger's tables, as numbered migrations run at open. The SQL is the
+//! same on SQLite and PostgreSQL: integers are `BIGINT` (money in
+//! micro-dollars, times in Unix milliseconds), text is `TEXT`, and no
+//! column relies on a database's own clock or sequences.
+
+/// Migrations in order; each runs once, in one transaction, and is
+/// recorded in `ledger_migrations` with its number.
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "conversations, usage and turns",
+    "CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        gateway TEXT NOT NULL,
+        key_id TEXT,
+        client TEXT NOT NULL,
+        engine TEXT NOT NULL,
+        model TEXT NOT NULL DEFAULT '',
+        voice TEXT NOT NULL DEFAULT '',
+        language TEXT NOT NULL,
+        started_ms BIGINT NOT NULL,
+        ended_ms BIGINT,
+        end_reason TEXT,
+        turns BIGINT NOT NULL DEFAULT 0,
+        audio_in_ms BIGINT NOT NULL DEFAULT 0,
+        audio_out_ms BIGINT NOT NULL DEFAULT 0,
+        speech_in_tokens BIGINT NOT NULL DEFAULT 0,
+        speech_out_tokens BIGINT NOT NULL DEFAULT 0,
+        text_in_tokens BIGINT NOT NULL DEFAULT 0,
+        text_out_tokens BIGINT NOT NULL DEFAULT 0,
+        speech_cost_micro_usd BIGINT NOT NULL DEFAULT 0,
+        text_cost_micro_usd BIGINT NOT NULL DEFAULT 0,
+        cost_micro_usd BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX conversations_started ON conversations (started_ms);
+    CREATE INDEX conversations_open ON conversations (gateway, ended_ms);
+    CREATE TABLE usage (
+        conversation TEXT NOT NULL REFERENCES conversations (id),
+        stream BIGINT NOT NULL,
+        sequence BIGINT NOT NULL,
+        recorded_ms BIGINT NOT NULL,
+        prices TEXT NOT NULL,
+        audio_in_ms BIGINT NOT NULL,
+        audio_out_ms BIGINT NOT NULL,
+        speech_in_tokens BIGINT NOT NULL,
+        speech_out_tokens BIGINT NOT NULL,
+        text_in_tokens BIGINT NOT NULL,
+        text_out_tokens BIGINT NOT NULL,
+        speech_cost_micro_usd BIGINT NOT NULL,
+        text_cost_micro_usd BIGINT NOT NULL,
+        cost_micro_usd BIGINT NOT NULL,
+        PRIMARY KEY (conversation, stream, sequence)
+    );
+    CREATE TABLE turns (
+        conversation TEXT NOT NULL REFERENCES conversations (id),
+        turn BIGINT NOT NULL,
+        ended_ms BIGINT NOT NULL,
+        latency_ms BIGINT,
+        outcome TEXT NOT NULL,
+        user_text TEXT,
+        reply_text TEXT,
+        PRIMARY KEY (conversation, turn)
+    )",
+)];
