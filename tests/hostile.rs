@@ -50,6 +50,9 @@ impl Gateway {
             .args(["serve", "--listen", "127.0.0.1:0"])
             .current_dir(root())
             .envs(settings.iter().copied())
+            // No ledger: what is measured here is the conversations alone
+            // (tests/ledger.rs has the ledger under load).
+            .env("SONORA_LEDGER_URL", "off")
             // Fewer malloc arenas: the peak memory then shows what the
             // conversations hold, not how many threads once allocated.
             .env("MALLOC_ARENA_MAX", "2")

@@ -182,6 +182,7 @@ impl Gateway {
             .args(args)
             .envs(env.iter().copied())
             .env_remove("SONORA_LOG")
+            .env("SONORA_LEDGER_URL", "off")
             .env("AWS_ACCESS_KEY_ID", "AKIDSONORATEST")
             .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
             .env("AWS_CONFIG_FILE", dir.join("no-config"))

@@ -8,6 +8,7 @@ mod live;
 mod nova;
 mod serve;
 mod talk;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// What the ledger recorded: conversations, usage and cost, by day, key,
+    /// model or conversation; `--check` verifies it.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +166,7 @@ fn dispatch(cli: Cli, telemetry: &mut Option<telemetry::Telemetry>) -> Result<()
         Command::Decode(args) => decode::run(&load(Vec::new())?, &args),
         Command::Talk(args) => talk::run(&load(args.overrides())?, &args),
         Command::Doctor => doctor::run(&load(Vec::new())?),
+        Command::Usage(args) => usage::run(&load(args.overrides())?, &args),
         Command::Bench(command) => bench::run(&load(Vec::new())?, command),
         Command::Config(ConfigCommand::Show) => {
             println!("{}", load(Vec::new())?.to_redacted_toml().trim_end());

@@ -27,6 +27,10 @@ pub(crate) struct ServeArgs {
     /// Default reply voice (setting `engine.voice`).
     #[arg(long)]
     voice: Option<String>,
+    /// The ledger's database: sqlite://PATH, postgres://… or off (setting
+    /// `ledger.url`, SONORA_LEDGER_URL).
+    #[arg(long, value_name = "URL")]
+    ledger: Option<String>,
     #[command(flatten)]
     nova: super::nova::NovaFlags,
     /// Load tests only: answer every TURN_MS of audio with REPLY_MS of tone.
@@ -48,6 +52,9 @@ impl ServeArgs {
         }
         if let Some(voice) = &self.voice {
             out.push(("engine.voice".into(), voice.clone()));
+        }
+        if let Some(url) = &self.ledger {
+            out.push(("ledger.url".into(), url.clone()));
         }
         out.extend(self.nova.overrides());
         out
@@ -92,6 +99,16 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
         ),
     };
     let server = Server::new(config);
+    if config.ledger.enabled() {
+        let ledger = crate::ledger::Ledger::open(&config.ledger).await?;
+        eprintln!(
+            "sonora: ledger {} ({}, gateway {})",
+            ledger.shown_url(),
+            ledger.backend().as_str(),
+            ledger.gateway()
+        );
+        server.set_ledger(ledger).map_err(|e| anyhow!(e))?;
+    }
     // The first stdout line says where to connect (scripts read it).
     println!("listening on http://{bound}");
     if let Some(metrics) = &metrics_listener {

@@ -18,6 +18,8 @@ pub struct LedgerConfig {
     pub queue_records: u32,
     /// Longest wait for the database on one write before the ledger counts as unavailable, in milliseconds.
     pub write_timeout_ms: u32,
+    /// Time zone of reports' days (and of budgets' days and months), an IANA name (no unit).
+    pub time_zone: String,
 }
 
 impl Default for LedgerConfig {
@@ -28,6 +30,7 @@ impl Default for LedgerConfig {
             store_transcripts: false,
             queue_records: 4_096,
             write_timeout_ms: 5_000,
+            time_zone: "America/Lima".to_owned(),
         }
     }
 }
@@ -62,6 +65,11 @@ impl LedgerConfig {
             let reason = "at most 64 letters, digits and - _ . :";
             let shown = toml::Value::from(self.gateway_name.as_str()).to_string();
             return Err(bad("ledger.gateway_name", shown, reason));
+        }
+        if jiff::tz::TimeZone::get(&self.time_zone).is_err() {
+            let reason = "must be an IANA time zone name, like America/Lima or UTC";
+            let shown = toml::Value::from(self.time_zone.as_str()).to_string();
+            return Err(bad("ledger.time_zone", shown, reason));
         }
         #[rustfmt::skip]
         let ranges = [

@@ -264,4 +264,9 @@ pub trait Engine: Send + Sync {
     fn stats(&self) -> Vec<EngineStat> {
         Vec::new()
     }
+    /// The price table its usage is costed with, as stamped on each ledger
+    /// row: the model and its rates. `free` for an engine that costs nothing.
+    fn prices(&self) -> String {
+        "free".to_owned()
+    }
 }

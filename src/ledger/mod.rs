@@ -146,42 +146,12 @@ impl Ledger {
     /// migrates the ledger, closes this gateway's conversations left open
     /// as `interrupted`, and starts the writer on the current runtime.
     pub async fn open(config: &LedgerConfig) -> Result<Self, LedgerError> {
-        let url = config.url.as_str();
-        let shown_url = crate::redact::url(url);
+        let (backend, pool) = connect(config).await?;
+        let shown_url = crate::redact::url(&config.url);
         let failed = |message: String| LedgerError::Open {
             url: shown_url.clone(),
             message,
         };
-        let (backend, connect_url) = connect_url(url).map_err(failed)?;
-        sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            // SQLite takes one writer at a time anyway; reports read
-            // through their own connection.
-            .max_connections(match backend {
-                Backend::Sqlite => 2,
-                Backend::Postgres => 4,
-            })
-            // Also how long opening waits for an unreachable server.
-            .acquire_timeout(
-                Duration::from_millis(u64::from(config.write_timeout_ms))
-                    .max(Duration::from_secs(1)),
-            )
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON",
-                        )
-                        .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&connect_url)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        migrate(&pool).await.map_err(|e| failed(e.to_string()))?;
         let gateway = gateway_name(config);
         sqlx::query(
             "UPDATE conversations SET ended_ms = $1, end_reason = $2 \
@@ -325,6 +295,47 @@ impl Ledger {
             self.inner.stats.failed.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Connects to the ledger's database (creating a SQLite file and its
+/// directory when missing) and brings its schema up to date; nothing else.
+/// Reports read through this while a gateway writes.
+pub async fn connect(config: &LedgerConfig) -> Result<(Backend, AnyPool), LedgerError> {
+    let url = config.url.as_str();
+    let failed = |message: String| LedgerError::Open {
+        url: crate::redact::url(url),
+        message,
+    };
+    let (backend, connect_url) = connect_url(url).map_err(failed)?;
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        // SQLite takes one writer at a time anyway; reports read through
+        // their own connection.
+        .max_connections(match backend {
+            Backend::Sqlite => 2,
+            Backend::Postgres => 4,
+        })
+        // Also how long opening waits for an unreachable server.
+        .acquire_timeout(
+            Duration::from_millis(u64::from(config.write_timeout_ms)).max(Duration::from_secs(1)),
+        )
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&connect_url)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    migrate(&pool).await.map_err(|e| failed(e.to_string()))?;
+    Ok((backend, pool))
 }
 
 /// The backend and the URL to connect with: a SQLite file is created (with

@@ -37,6 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::ledger::Ledger;
 use crate::session::SessionLimits;
 use clients::{ClientPermit, Clients};
 pub use net::check_settings;
@@ -72,6 +73,25 @@ struct Shared {
     trusted: Vec<IpNet>,
     shutdown: watch::Receiver<bool>,
     next_id: AtomicU64,
+    /// Where conversations and their cost are recorded, when set.
+    ledger: OnceLock<Ledger>,
+    /// Random, per process: conversation ids are `{instance}-{connection}`,
+    /// unique across restarts and across gateways sharing a ledger.
+    instance: String,
+}
+
+/// 48 random bits in hex, from the standard library's per-process random
+/// hash keys.
+fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:012x}", hasher.finish() >> 16)
 }
 
 /// The gateway. Cheap to clone.
@@ -115,6 +135,8 @@ impl Server {
                 .collect(),
             shutdown: rx,
             next_id: AtomicU64::new(1),
+            ledger: OnceLock::new(),
+            instance: instance_id(),
         };
         Self {
             shared: Arc::new(shared),
@@ -131,6 +153,16 @@ impl Server {
             .map_err(|_| "the engine is already set".to_owned())?;
         self.shared.metrics.set_ready(true);
         Ok(())
+    }
+
+    /// Hands over the ledger: from now on every conversation is recorded,
+    /// and none starts while the ledger cannot be written. A second one is
+    /// refused.
+    pub fn set_ledger(&self, ledger: Ledger) -> Result<(), String> {
+        self.shared
+            .ledger
+            .set(ledger)
+            .map_err(|_| "the ledger is already set".to_owned())
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {

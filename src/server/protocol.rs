@@ -73,6 +73,9 @@ crate::names::named_enum! {
         /// A `tool_result` for an id this conversation did not send, or sent
         /// twice.
         UnknownToolCall = "unknown_tool_call",
+        /// The ledger cannot record the conversation's cost: a new one is
+        /// refused (closes, 1013); a running paid one ends.
+        LedgerUnavailable = "ledger_unavailable",
     }
 }
 

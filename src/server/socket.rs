@@ -9,6 +9,7 @@
 mod conversing;
 mod downlink;
 mod handshake;
+mod ledger;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -75,6 +76,8 @@ pub(super) struct Connection {
     /// per-frame loop: entering spans on every wake-up was a measurable
     /// share of the gateway's CPU, and that loop's logs enter it themselves.
     span: tracing::Span,
+    /// The conversation's id: the `session` of `ready`, the ledger's key.
+    conversation: String,
     /// Reply audio not yet handed to the socket: consecutive audio goes
     /// out as one binary frame. Its allocation is reused once the socket
     /// has copied the frame out.
@@ -99,6 +102,8 @@ struct Running {
     stopped: bool,
     /// Tool calls sent to this client and not yet answered.
     tool_calls: HashSet<String>,
+    /// What the ledger keeps of this conversation (see `ledger.rs`).
+    record: ledger::Record,
 }
 
 impl Connection {
@@ -117,6 +122,7 @@ impl Connection {
             peer,
             write_timeout,
             span,
+            conversation: String::new(),
             audio: BytesMut::new(),
         }
     }
@@ -131,8 +137,9 @@ impl Connection {
             "" => self.shared.config.engine.language.as_str(),
             language => language,
         };
-        let id = format!("{}-{}", self.id, self.peer.port());
-        let span = connection.in_scope(|| crate::telemetry::conversation_span(&id, language));
+        self.conversation = format!("{}-{}", self.shared.instance, self.id);
+        let span = connection
+            .in_scope(|| crate::telemetry::conversation_span(&self.conversation, language));
         let Some(mut running) = self.start(hello).instrument(span.clone()).await else {
             return;
         };
@@ -158,8 +165,18 @@ impl Connection {
         } = running.handle;
         drop(input);
         shutdown.trigger();
-        while output.recv().await.is_some() {}
+        // What the engine still reports is not shown to anyone, but its
+        // cost was spent: the ledger still records it.
+        while let Some(output) = output.recv().await {
+            if let crate::session::ClientOutput::Event(crate::engine::EngineEvent::Usage(delta)) =
+                output
+            {
+                let _ = self.record_usage(&mut running.record, delta).await;
+            }
+        }
         let _ = task.await;
+        let ended = reason.map_or("client_lost", |reason| reason.as_str());
+        self.record_end(ended, running.turns).await;
         let _ = engine_ended.await;
         self.shared.metrics.closed(self.id, reason);
     }
@@ -296,6 +313,10 @@ impl Connection {
                 hello.voice.clone()
             },
         };
+        if !self.record_start(&hello, engine.name()).await {
+            return None;
+        }
+        let record = ledger::Record::new(engine.prices());
         let session = match engine.start(options) {
             Ok(session) => session,
             Err(StartError::Busy { message, .. }) => {
@@ -303,6 +324,7 @@ impl Connection {
                 self.shared
                     .metrics
                     .refused(super::metrics::Refusal::EngineBusy);
+                self.record_end(ErrorCode::EngineBusy.as_str(), 0).await;
                 let error = ProtocolError::new(ErrorCode::EngineBusy, message);
                 self.send_error(&error, true).await;
                 self.close(CLOSE_TRY_AGAIN, ENGINE_BUSY_REASON).await;
@@ -310,6 +332,8 @@ impl Connection {
             }
             Err(message) => {
                 self.log(&format!("the engine could not start: {message}"));
+                self.record_end(ErrorCode::EngineUnavailable.as_str(), 0)
+                    .await;
                 let message = format!("the {} engine could not start", engine.name());
                 let error = ProtocolError::new(ErrorCode::EngineUnavailable, message.clone());
                 self.send_error(&error, true).await;
@@ -331,6 +355,7 @@ impl Connection {
             ready: false,
             stopped: false,
             tool_calls: HashSet::new(),
+            record,
         })
     }
 

@@ -285,6 +285,8 @@ crate::names::named_enum! {
         Shutdown = "shutdown",
         /// The conversation reached `server.max_conversation_s`.
         MaxDuration = "max_duration",
+        /// Its cost could not be recorded, so it could not go on.
+        LedgerUnavailable = "ledger_unavailable",
     }
 }
 
@@ -329,12 +331,19 @@ pub struct ConversationSummary {
 /// `Closed { reason: Shutdown }`. Cheap to clone; triggering twice is the
 /// same as once.
 #[derive(Debug, Clone, Default)]
-pub struct ShutdownTrigger(Arc<Notify>);
+pub struct ShutdownTrigger(Arc<Notify>, Arc<std::sync::OnceLock<CloseReason>>);
 
 impl ShutdownTrigger {
     pub fn trigger(&self) {
         // `notify_one` keeps a permit when the task is not waiting yet.
         self.0.notify_one();
+    }
+
+    /// The same close, ending with `reason` instead of `Shutdown` (the
+    /// first reason given wins).
+    pub fn trigger_with(&self, reason: CloseReason) {
+        let _ = self.1.set(reason);
+        self.trigger();
     }
 }
 
@@ -390,6 +399,7 @@ impl Conversation {
                 output: output_tx,
                 engine,
                 shutdown: Arc::clone(&shutdown.0),
+                close_reason: Arc::clone(&shutdown.1),
                 engine_ended: ended_tx,
             },
             decoder,

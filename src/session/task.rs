@@ -58,6 +58,8 @@ pub(super) struct Io {
     pub(super) output: mpsc::Sender<ClientOutput>,
     pub(super) engine: EngineSession,
     pub(super) shutdown: Arc<Notify>,
+    /// Why the shutdown came, when not the server's.
+    pub(super) close_reason: Arc<std::sync::OnceLock<CloseReason>>,
     /// Told once the engine has really ended (see `ConversationHandle`).
     pub(super) engine_ended: tokio::sync::oneshot::Sender<()>,
 }
@@ -104,6 +106,9 @@ impl Closing {
         let mut message = match self.reason {
             CloseReason::Shutdown => "the server is shutting down".to_owned(),
             CloseReason::MaxDuration => "the conversation reached its maximum length".to_owned(),
+            CloseReason::LedgerUnavailable => {
+                "the cost of this conversation cannot be recorded, so it cannot go on".to_owned()
+            }
             _ => "the client stopped".to_owned(),
         };
         for part in self.note.iter().chain(extra.as_ref()) {
@@ -241,7 +246,10 @@ impl Task {
             let now = Instant::now();
             let ending = match wake {
                 Wake::Timer => state.on_timer(now),
-                Wake::Shutdown => state.begin_close(CloseReason::Shutdown, now),
+                Wake::Shutdown => {
+                    let reason = io.close_reason.get().copied();
+                    state.begin_close(reason.unwrap_or(CloseReason::Shutdown), now)
+                }
                 Wake::Output(Ok(permits)) => {
                     state.hand_over(permits);
                     None

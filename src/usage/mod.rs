@@ -107,6 +107,14 @@ pub struct Rates {
 }
 
 impl Rates {
+    /// The rates in one line, as a ledger row names its price table.
+    pub fn stamp(&self) -> String {
+        format!(
+            "nano-usd/token speech_in={} speech_out={} text_in={} text_out={}",
+            self.speech_in, self.speech_out, self.text_in, self.text_out
+        )
+    }
+
     /// Nano-dollars per token of one kind.
     pub fn per_token(&self, modality: Modality, direction: Direction) -> u64 {
         match (modality, direction) {

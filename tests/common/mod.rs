@@ -341,3 +341,5 @@ pub mod gateway {
         }
     }
 }
+
+pub mod postgres;

@@ -289,6 +289,8 @@ const RUNTIME_WORKERS_ENV: &str = "TOKIO_WORKER_THREADS";
 pub(super) struct Server {
     child: Child,
     pub(super) addr: SocketAddr,
+    /// The gateway's ledger, removed at the end.
+    ledger_dir: std::path::PathBuf,
 }
 
 impl Server {
@@ -304,9 +306,16 @@ impl Server {
         if workers > 0 {
             command.env(RUNTIME_WORKERS_ENV, workers.to_string());
         }
+        // A ledger of its own, as a deployment has: every turn's usage is
+        // recorded (the echo engine's cost 0).
+        let ledger_dir = std::env::temp_dir().join(format!("sonora-bench-{}", std::process::id()));
         let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
+            .arg(format!(
+                "--ledger=sqlite://{}",
+                ledger_dir.join("ledger.db").display()
+            ))
             .arg(format!("--set=server.max_sessions={max_sessions}"))
             // Clients come from many addresses (see `client_address`), so
             // the per-address limits stay at their defaults; every
@@ -335,7 +344,11 @@ impl Server {
             .strip_prefix("listening on http://")
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| anyhow!("the server said {line:?}"))?;
-        Ok(Self { child, addr })
+        Ok(Self {
+            child,
+            addr,
+            ledger_dir,
+        })
     }
 
     pub(super) fn proc_file(&self, name: &str) -> anyhow::Result<String> {
@@ -374,6 +387,7 @@ impl Server {
     pub(super) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.ledger_dir);
     }
 }
 

@@ -234,6 +234,16 @@ impl Engine for NovaSonicEngine {
         "nova-sonic"
     }
 
+    fn prices(&self) -> String {
+        let settings = &self.shared.settings;
+        let rates = settings
+            .prices
+            .rates(&settings.model)
+            .copied()
+            .unwrap_or_default();
+        format!("{} {}", settings.model, rates.stamp())
+    }
+
     fn voices(&self) -> Vec<Voice> {
         let v1 = is_v1(&self.shared.settings.model);
         let mut voices = vec![

@@ -43,6 +43,8 @@ crate::names::named_enum! {
         Host = "host",
         /// A TCP connection past `server.max_connections`, closed at once.
         MaxConnections = "max_connections",
+        /// The ledger could not record the conversation's start.
+        LedgerUnavailable = "ledger_unavailable",
     }
 }
 

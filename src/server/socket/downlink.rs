@@ -42,7 +42,10 @@ impl Connection {
                 model,
                 voice,
             }) => {
-                let session = format!("{}-{}", self.id, self.peer.port());
+                if let Some(ledger) = self.shared.ledger.get() {
+                    ledger.ready(&self.conversation, &model, &voice);
+                }
+                let session = self.conversation.clone();
                 let language = if running.hello.language.is_empty() {
                     &self.shared.config.engine.language
                 } else {
@@ -66,6 +69,13 @@ impl Connection {
                 .to_text()
             }
             ClientOutput::Event(EngineEvent::Usage(delta)) => {
+                if !self.record_usage(&mut running.record, delta).await {
+                    // Not shown: the ledger does not hold it. A paid
+                    // conversation stops rather than spend unrecorded money.
+                    if delta.cost_micro_usd > 0 {
+                        return self.ledger_failed(running).await;
+                    }
+                }
                 running.usage.add(&delta);
                 self.shared.metrics.usage(&delta);
                 ServerMessage::Usage {
@@ -76,9 +86,13 @@ impl Connection {
             }
             ClientOutput::Event(mut event) => {
                 match &mut event {
-                    EngineEvent::TurnEnd { .. } => {
+                    EngineEvent::TurnEnd { turn_id, reason } => {
                         running.turns = running.turns.saturating_add(1);
+                        self.record_turn(&mut running.record, *turn_id, *reason);
                     }
+                    EngineEvent::Transcript {
+                        role, text, stage, ..
+                    } => running.record.heard(*role, *stage, text),
                     EngineEvent::ToolCall { id, .. }
                         if running.tool_calls.len() < MAX_OPEN_TOOL_CALLS =>
                     {
@@ -98,6 +112,7 @@ impl Connection {
             }
             ClientOutput::Latency { turn_id, ms } => {
                 running.latency_ms.push(ms);
+                running.record.latency_ms = Some(ms);
                 self.shared.metrics.latency(ms);
                 ServerMessage::Latency { turn: turn_id, ms }.to_text()
             }
@@ -175,6 +190,18 @@ impl Connection {
             let error = ProtocolError::new(ErrorCode::BadAudio, message);
             self.send_error(&error, true).await;
         }
+        // With a ledger, the total shown is what the ledger holds: a delta
+        // it could not record was never shown, and is not here either.
+        let recorded;
+        let summary = if self.shared.ledger.get().is_some() && summary.usage != running.usage {
+            recorded = ConversationSummary {
+                usage: running.usage,
+                ..summary.clone()
+            };
+            &recorded
+        } else {
+            summary
+        };
         let end = ServerMessage::End {
             reason,
             message,
@@ -183,6 +210,7 @@ impl Connection {
         self.send_message(&end).await;
         let code = match reason {
             CloseReason::Shutdown => CLOSE_GOING_AWAY,
+            CloseReason::LedgerUnavailable => super::CLOSE_TRY_AGAIN,
             CloseReason::EngineError | CloseReason::EngineStalled => CLOSE_INTERNAL,
             _ => CLOSE_NORMAL,
         };

@@ -1,0 +1,370 @@
+//! The ledger under a running gateway: every cost a client is shown is in
+//! the ledger first, a conversation the ledger cannot record does not
+//! start, and a paid one whose cost cannot be recorded stops.
+
+#![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
+
+mod common;
+
+use common::postgres::Postgres;
+
+use std::sync::Arc;
+
+use common::gateway::{Frame, start};
+use serde_json::Value;
+use sonora::config::{Config, LedgerConfig};
+use sonora::engine::scripted::{ScriptedEngine, Step};
+use sonora::engine::{EngineEvent, TurnEndReason};
+use sonora::ledger::Ledger;
+use sonora::ledger::report;
+use sonora::usage::UsageDelta;
+
+fn sqlite(name: &str) -> LedgerConfig {
+    let dir = std::env::temp_dir().join(format!(
+        "sonora-ledger-test-{name}-{}-{}",
+        std::process::id(),
+        sonora::ledger::now_ms()
+    ));
+    LedgerConfig {
+        url: format!("sqlite://{}", dir.join("ledger.db").display()),
+        gateway_name: "test".into(),
+        store_transcripts: true,
+        ..LedgerConfig::default()
+    }
+}
+
+fn ready() -> EngineEvent {
+    EngineEvent::Ready {
+        engine: "scripted".into(),
+        model: "paid".into(),
+        voice: "tone".into(),
+    }
+}
+
+fn paid(cost: u64) -> EngineEvent {
+    EngineEvent::Usage(UsageDelta {
+        speech_in_tokens: 10 * cost,
+        speech_out_tokens: 20 * cost,
+        cost_micro_usd: cost,
+        speech_cost_micro_usd: cost,
+        ..UsageDelta::default()
+    })
+}
+
+/// Turns of one second of audio, each answered, ended and costed.
+fn paid_turns(costs: &[u64]) -> Vec<Step> {
+    let mut script = vec![Step::Emit(ready())];
+    for (i, cost) in costs.iter().enumerate() {
+        let turn_id = i as u64 + 1;
+        script.push(Step::AwaitAudioMs(1_000));
+        script.push(Step::Emit(EngineEvent::SpeechEnded { turn_id }));
+        script.push(Step::Emit(EngineEvent::TurnEnd {
+            turn_id,
+            reason: TurnEndReason::Completed,
+        }));
+        script.push(Step::Emit(paid(*cost)));
+    }
+    script.push(Step::AwaitClose);
+    script.push(Step::Emit(EngineEvent::Closed));
+    script
+}
+
+async fn one_second(client: &mut common::gateway::Client) {
+    for _ in 0..50 {
+        client.send_pcm(&[0i16; 320]).await;
+    }
+}
+
+fn usage_total(frame: &Frame) -> u64 {
+    frame.json()["total"]["cost_micro_usd"].as_u64().unwrap()
+}
+
+async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let engine = ScriptedEngine::new(paid_turns(&[1_500, 2_500]));
+    let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
+    gateway.server.set_ledger(ledger.clone()).unwrap();
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    let frames = client.until(|f| f.is("ready")).await;
+    let id = frames.last().unwrap().json()["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for expected in [1_500, 4_000] {
+        one_second(&mut client).await;
+        let frames = client.until(|f| f.is("usage")).await;
+        let shown = usage_total(frames.last().unwrap());
+        assert_eq!(shown, expected);
+        // Already in the ledger when the client sees it.
+        let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+            .await
+            .unwrap();
+        let row = rows.iter().find(|r| r.conversation == id).unwrap();
+        assert!(row.cost_micro_usd >= shown as i64, "{row:?}");
+    }
+    client.send_json(serde_json::json!({"type": "stop"})).await;
+    let frames = client.until(|f| f.is("end")).await;
+    let end = frames.last().unwrap().json();
+    assert_eq!(end["summary"]["usage"]["cost_micro_usd"], 4_000);
+    // The end is recorded once the connection is done.
+    let mut row = None;
+    for _ in 0..100 {
+        let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+            .await
+            .unwrap();
+        row = rows
+            .into_iter()
+            .find(|r| r.conversation == id && r.ended_ms.is_some());
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let row = row.expect("the end is recorded");
+    assert_eq!(row.end_reason.as_deref(), Some("client_stopped"));
+    assert_eq!((row.turns, row.cost_micro_usd), (2, 4_000));
+    assert_eq!(
+        (row.engine.as_str(), row.model.as_str()),
+        ("scripted", "paid")
+    );
+    assert_eq!(row.speech_out_tokens, 20 * 4_000);
+    let check = report::check(ledger.pool()).await.unwrap();
+    assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
+    assert_eq!(check.usage_rows, 2);
+    // Turns are recorded with their latency.
+    let turns: Vec<Value> = sqlx::query("SELECT turn, outcome FROM turns WHERE conversation = $1")
+        .bind(id.as_str())
+        .fetch_all(ledger.pool())
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| {
+            use sqlx::Row as _;
+            serde_json::json!([row.get::<i64, _>(0), row.get::<String, _>(1)])
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{turns:?}");
+}
+
+async fn no_conversation_starts_that_the_ledger_cannot_record(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    sqlx::query("DROP TABLE turns")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE usage")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    sqlx::query("DROP TABLE conversations")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let engine = ScriptedEngine::new(paid_turns(&[1_000]));
+    let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
+    gateway.server.set_ledger(ledger.clone()).unwrap();
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    let frames = client.until(|f| matches!(f, Frame::Closed(_))).await;
+    let error = frames
+        .iter()
+        .find(|f| f.is("error"))
+        .expect("an error")
+        .json();
+    assert_eq!(error["code"], "ledger_unavailable");
+    assert_eq!(error["fatal"], true);
+    assert!(!frames.iter().any(|f| f.is("ready")), "{frames:?}");
+    match frames.last().unwrap() {
+        Frame::Closed(Some((code, reason))) => {
+            assert_eq!(*code, 1013);
+            assert!(reason.starts_with("ledger_unavailable"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!ledger.healthy());
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("reason=\"ledger_unavailable\""),
+        "{metrics}"
+    );
+}
+
+async fn a_paid_conversation_whose_cost_cannot_be_recorded_stops(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let engine = ScriptedEngine::new(paid_turns(&[700, 900]));
+    let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
+    gateway.server.set_ledger(ledger.clone()).unwrap();
+    let mut client = gateway.client().await;
+    client.hello_pcm().await;
+    client.until(|f| f.is("ready")).await;
+    one_second(&mut client).await;
+    let frames = client.until(|f| f.is("usage")).await;
+    assert_eq!(usage_total(frames.last().unwrap()), 700);
+    // The disk "fills": usage rows can no longer be written.
+    sqlx::query("DROP TABLE usage")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    one_second(&mut client).await;
+    let frames = client.until(|f| f.is("end")).await;
+    assert!(!frames.iter().any(|f| f.is("usage")), "{frames:?}");
+    let error = frames.iter().find(|f| f.is("error")).expect("told").json();
+    assert_eq!(error["code"], "ledger_unavailable");
+    let end = frames.last().unwrap().json();
+    assert_eq!(end["reason"], "ledger_unavailable");
+    // The end shows what the ledger holds, not the unrecorded cost.
+    assert_eq!(end["summary"]["usage"]["cost_micro_usd"], 700);
+    match client.next().await {
+        Frame::Closed(Some((code, _))) => assert_eq!(code, 1013),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Many conversations writing at once: every delta counted exactly once,
+/// totals equal to their rows, repeated writes ignored.
+async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let tasks: Vec<_> = (0..40)
+        .map(|c| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move {
+                let id = format!("c{c}");
+                ledger
+                    .started(sonora::ledger::Started {
+                        id: id.clone(),
+                        key_id: Some("k1".into()),
+                        client: std::net::IpAddr::from([127, 0, 0, 1]),
+                        engine: "nova-sonic".into(),
+                        language: "es".into(),
+                        voice: "lupe".into(),
+                    })
+                    .await
+                    .unwrap();
+                for sequence in 0..25u64 {
+                    let record = sonora::ledger::UsageRecord {
+                        conversation: id.clone(),
+                        stream: sequence / 10,
+                        sequence,
+                        prices: "p".into(),
+                        delta: UsageDelta {
+                            text_in_tokens: 3,
+                            cost_micro_usd: sequence + 1,
+                            text_cost_micro_usd: sequence + 1,
+                            ..UsageDelta::default()
+                        },
+                    };
+                    ledger.usage(record.clone()).await.unwrap();
+                    if sequence % 5 == 0 {
+                        // A retry of the same delta changes nothing.
+                        ledger.usage(record).await.unwrap();
+                    }
+                }
+                ledger.ended(&id, "client_stopped", 25).await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 40);
+    for row in &rows {
+        // 1 + 2 + … + 25
+        assert_eq!(row.cost_micro_usd, 325, "{row:?}");
+        assert_eq!(row.text_in_tokens, 75, "{row:?}");
+        assert_eq!(row.key.as_deref(), Some("k1"));
+    }
+    let check = report::check(ledger.pool()).await.unwrap();
+    assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
+    assert_eq!(check.usage_rows, 40 * 25);
+    // Fewer transactions than records: the writer batches.
+    let stats = ledger.stats();
+    let batches = stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let written = stats.written.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        batches < written,
+        "{batches} transactions for {written} records"
+    );
+}
+
+/// A gateway killed mid-conversation: the next start of the same name
+/// closes its conversation as interrupted, with the cost it had.
+async fn a_killed_gateways_conversations_end_interrupted(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let start = sonora::ledger::Started {
+        id: "left-open".into(),
+        key_id: None,
+        client: std::net::IpAddr::from([127, 0, 0, 1]),
+        engine: "nova-sonic".into(),
+        language: "es".into(),
+        voice: "lupe".into(),
+    };
+    ledger.started(start).await.unwrap();
+    let record = sonora::ledger::UsageRecord {
+        conversation: "left-open".into(),
+        stream: 0,
+        sequence: 0,
+        prices: "p".into(),
+        delta: UsageDelta {
+            cost_micro_usd: 4_321,
+            ..UsageDelta::default()
+        },
+    };
+    ledger.usage(record).await.unwrap();
+    drop(ledger);
+    let again = Ledger::open(&config).await.unwrap();
+    let rows = report::conversations(again.pool(), 0, i64::MAX)
+        .await
+        .unwrap();
+    let row = rows.iter().find(|r| r.conversation == "left-open").unwrap();
+    assert_eq!(row.end_reason.as_deref(), Some(sonora::ledger::INTERRUPTED));
+    assert_eq!(row.cost_micro_usd, 4_321);
+}
+
+#[tokio::test]
+async fn sqlite_what_the_client_is_shown_the_ledger_holds_first() {
+    what_the_client_is_shown_the_ledger_holds_first(sqlite("shown")).await;
+}
+
+#[tokio::test]
+async fn sqlite_no_conversation_starts_that_the_ledger_cannot_record() {
+    no_conversation_starts_that_the_ledger_cannot_record(sqlite("refused")).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_paid_conversation_whose_cost_cannot_be_recorded_stops() {
+    a_paid_conversation_whose_cost_cannot_be_recorded_stops(sqlite("stops")).await;
+}
+
+#[tokio::test]
+async fn sqlite_concurrent_conversations_add_up_exactly() {
+    concurrent_conversations_add_up_exactly(sqlite("concurrent")).await;
+}
+
+#[tokio::test]
+async fn sqlite_a_killed_gateways_conversations_end_interrupted() {
+    a_killed_gateways_conversations_end_interrupted(sqlite("killed")).await;
+}
+
+/// The same scenarios on a real PostgreSQL server started for this test,
+/// one database each.
+#[tokio::test]
+async fn postgres_the_same_scenarios() {
+    let Some(server) = Postgres::start() else {
+        return;
+    };
+    let config = |db: &str| LedgerConfig {
+        url: server.database(db),
+        gateway_name: "test".into(),
+        store_transcripts: true,
+        ..LedgerConfig::default()
+    };
+    what_the_client_is_shown_the_ledger_holds_first(config("shown")).await;
+    no_conversation_starts_that_the_ledger_cannot_record(config("refused")).await;
+    a_paid_conversation_whose_cost_cannot_be_recorded_stops(config("stops")).await;
+    concurrent_conversations_add_up_exactly(config("concurrent")).await;
+    a_killed_gateways_conversations_end_interrupted(config("killed")).await;
+}
