@@ -132,6 +132,12 @@ async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
     let check = report::check(ledger.pool()).await.unwrap();
     assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
     assert_eq!(check.usage_rows, 2);
+    let metrics = gateway.metrics().await;
+    assert!(metrics.contains("\nsonora_ledger_up 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("\nsonora_ledger_records_failed_total 0\n"),
+        "{metrics}"
+    );
     // Turns are recorded with their latency.
     let turns: Vec<Value> = sqlx::query("SELECT turn, outcome FROM turns WHERE conversation = $1")
         .bind(id.as_str())
@@ -188,6 +194,10 @@ async fn no_conversation_starts_that_the_ledger_cannot_record(config: LedgerConf
         metrics.contains("reason=\"ledger_unavailable\""),
         "{metrics}"
     );
+    assert!(metrics.contains("\nsonora_ledger_up 0\n"), "{metrics}");
+    // Ready no more: a load balancer sends new conversations elsewhere.
+    let ready = reqwest::get(gateway.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
 }
 
 async fn a_paid_conversation_whose_cost_cannot_be_recorded_stops(config: LedgerConfig) {

@@ -371,7 +371,15 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.metrics.is_ready() {
+    let ledger_down = shared.ledger.get().is_some_and(|ledger| !ledger.healthy());
+    if shared.metrics.is_ready() && ledger_down {
+        // A load balancer sends new conversations elsewhere meanwhile.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ledger cannot be written\n",
+        )
+            .into_response()
+    } else if shared.metrics.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else if *shared.shutdown.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
@@ -397,6 +405,9 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
     let mut text = shared.metrics.render();
     if let Some(engine) = shared.engine.get() {
         metrics::render_engine(&mut text, &engine.stats());
+    }
+    if let Some(ledger) = shared.ledger.get() {
+        metrics::render_ledger(&mut text, ledger);
     }
     (
         [(

@@ -480,6 +480,44 @@ fn labelled<T: std::fmt::Display>(
         .collect()
 }
 
+/// The ledger's writer: records written and lost, transactions, health.
+pub fn render_ledger(out: &mut String, ledger: &crate::ledger::Ledger) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = ledger.stats();
+    let series = [
+        (
+            "sonora_ledger_records_written_total",
+            "counter",
+            "Records the ledger committed.",
+            stats.written.load(Relaxed),
+        ),
+        (
+            "sonora_ledger_records_failed_total",
+            "counter",
+            "Records lost to a failed ledger write.",
+            stats.failed.load(Relaxed),
+        ),
+        (
+            "sonora_ledger_transactions_total",
+            "counter",
+            "Transactions the ledger committed.",
+            stats.batches.load(Relaxed),
+        ),
+        (
+            "sonora_ledger_up",
+            "gauge",
+            "1 while the ledger's last write succeeded.",
+            u64::from(ledger.healthy()),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+}
+
 pub fn render_engine(out: &mut String, stats: &[EngineStat]) {
     for stat in stats {
         let name = format!("sonora_engine_{}", stat.name);
