@@ -377,4 +377,176 @@ async fn postgres_the_same_scenarios() {
     a_paid_conversation_whose_cost_cannot_be_recorded_stops(config("stops")).await;
     concurrent_conversations_add_up_exactly(config("concurrent")).await;
     a_killed_gateways_conversations_end_interrupted(config("killed")).await;
+    keys_buy_one_time_client_tokens(config("keys")).await;
+}
+
+async fn post_token(
+    gateway: &common::gateway::Running,
+    key: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let mut request = reqwest::Client::new()
+        .post(gateway.url("/api/tokens"))
+        .body(body.to_owned());
+    if let Some(key) = key {
+        request = request.header("Authorization", format!("Bearer {key}"));
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// A hello with `token`; the frames up to `ready` or the close.
+async fn hello_with(gateway: &common::gateway::Running, token: &str, voice: &str) -> Vec<Frame> {
+    let mut client = gateway.client().await;
+    let hello = serde_json::json!({"type": "hello", "version": 1, "audio": {"format": "pcm16", "rate": 16000}, "voice": voice, "token": token});
+    client.send_json(hello).await;
+    client
+        .until(|f| f.is("ready") || matches!(f, Frame::Closed(_)))
+        .await
+}
+
+fn refused_as_unauthorized(frames: &[Frame]) -> bool {
+    frames
+        .iter()
+        .any(|f| f.is("error") && f.json()["code"] == "unauthorized")
+        && matches!(frames.last(), Some(Frame::Closed(Some((1008, _)))))
+}
+
+/// Keys buy one-time client tokens; a conversation needs one and is
+/// recorded under its key.
+async fn keys_buy_one_time_client_tokens(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let limits = sonora::ledger::keys::KeyLimits::default();
+    let (key, secret) = ledger.create_key("help desk", &limits).await.unwrap();
+    assert!(secret.starts_with("sk_") && key.id.starts_with("key_"));
+    let mut server_config = Config::default();
+    server_config.server.auth = "keys".into();
+    let engine = ScriptedEngine::new(paid_turns(&[]));
+    let gateway = start(&server_config, Some(Arc::new(engine))).await;
+    gateway.server.set_ledger(ledger.clone()).unwrap();
+
+    assert_eq!(post_token(&gateway, None, "").await.0, 401);
+    assert_eq!(post_token(&gateway, Some("sk_wrong"), "").await.0, 401);
+    let (status, body) = post_token(&gateway, Some(&secret), "{\"engine\": 7}").await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")));
+    let (status, issued) = post_token(&gateway, Some(&secret), "").await;
+    assert_eq!(status, 200, "{issued}");
+    assert_eq!(issued["key"], key.id.as_str());
+    let token = issued["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("ct_"));
+    let expires = issued["expires_at"].as_i64().unwrap();
+    let now = sonora::ledger::now_ms() / 1000;
+    assert!(
+        (now + 55..=now + 61).contains(&expires),
+        "{expires} vs {now}"
+    );
+
+    // No token, a made-up one: refused.
+    assert!(refused_as_unauthorized(&hello_with(&gateway, "", "").await));
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, "ct_madeup", "").await
+    ));
+    // The token opens one conversation, recorded under its key ...
+    let frames = hello_with(&gateway, &token, "").await;
+    let ready = frames.last().unwrap();
+    assert!(ready.is("ready"), "{frames:?}");
+    let id = ready.json()["session"].as_str().unwrap().to_owned();
+    let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+        .await
+        .unwrap();
+    let row = rows.iter().find(|r| r.conversation == id).unwrap();
+    assert_eq!(row.key.as_deref(), Some(key.id.as_str()));
+    // ... and only one.
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, &token, "").await
+    ));
+
+    // A token limited to a voice gives that voice, and no other.
+    let (_, limited) = post_token(&gateway, Some(&secret), "{\"voice\": \"tone\"}").await;
+    let limited = limited["token"].as_str().unwrap().to_owned();
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, &limited, "other").await
+    ));
+    let (_, limited) = post_token(&gateway, Some(&secret), "{\"voice\": \"tone\"}").await;
+    let frames = hello_with(&gateway, limited["token"].as_str().unwrap(), "").await;
+    assert!(frames.last().unwrap().is("ready"), "{frames:?}");
+    // A token for another engine opens nothing here.
+    let (_, other) = post_token(&gateway, Some(&secret), "{\"engine\": \"nova-sonic\"}").await;
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, other["token"].as_str().unwrap(), "").await
+    ));
+
+    // An expired token, and every token of a revoked key, are refused.
+    let (_, expired) = post_token(&gateway, Some(&secret), "").await;
+    sqlx::query("UPDATE client_tokens SET expires_ms = 0 WHERE used_ms IS NULL")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, expired["token"].as_str().unwrap(), "").await
+    ));
+    let (_, unused) = post_token(&gateway, Some(&secret), "").await;
+    assert!(ledger.revoke_key(&key.id).await.unwrap());
+    assert!(!ledger.revoke_key(&key.id).await.unwrap());
+    assert!(refused_as_unauthorized(
+        &hello_with(&gateway, unused["token"].as_str().unwrap(), "").await
+    ));
+    assert_eq!(post_token(&gateway, Some(&secret), "").await.0, 401);
+}
+
+#[tokio::test]
+async fn sqlite_keys_buy_one_time_client_tokens() {
+    keys_buy_one_time_client_tokens(sqlite("keys")).await;
+}
+
+/// `sonora keys`: the secret once, then a JSON last line; never listed.
+#[test]
+fn the_keys_command_creates_lists_and_revokes() {
+    let url = sqlite("keys-cli").url;
+    let sonora = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+            .args(args)
+            .args(["--ledger", url.as_str()])
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = sonora(&[
+        "keys",
+        "create",
+        "--name",
+        "kiosk",
+        "--budget-usd",
+        "2.5",
+        "--period",
+        "month",
+        "--max-sessions",
+        "3",
+    ]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (id, secret) = (last["id"].as_str().unwrap(), last["key"].as_str().unwrap());
+    assert_eq!(last["name"], "kiosk");
+    assert!(secret.starts_with("sk_"));
+    let (code, out, _) = sonora(&["keys", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains(id) && out.contains("$2.500000/month") && out.contains("3 at once"),
+        "{out}"
+    );
+    assert!(!out.contains(secret), "{out}");
+    let (code, _, err) = sonora(&["keys", "create", "--name", "x", "--budget-usd", "1"]);
+    assert_ne!(code, Some(0), "a budget needs its period: {err}");
+    assert_eq!(sonora(&["keys", "revoke", id]).0, Some(0));
+    assert!(sonora(&["keys", "list"]).1.contains("revoked"));
+    let (code, _, err) = sonora(&["keys", "revoke", id]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no live key"), "{err}");
+    let (code, out, _) = sonora(&["usage", "--check"]);
+    assert_eq!(code, Some(0), "{out}");
 }

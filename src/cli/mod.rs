@@ -4,6 +4,7 @@ mod bench;
 mod decode;
 mod doctor;
 mod engines;
+mod keys;
 mod live;
 mod nova;
 mod serve;
@@ -57,6 +58,9 @@ enum Command {
     /// What the ledger recorded: conversations, usage and cost, by day, key,
     /// model or conversation; `--check` verifies it.
     Usage(usage::UsageArgs),
+    /// API keys: create (the secret is shown once), list, revoke.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +171,7 @@ fn dispatch(cli: Cli, telemetry: &mut Option<telemetry::Telemetry>) -> Result<()
         Command::Talk(args) => talk::run(&load(args.overrides())?, &args),
         Command::Doctor => doctor::run(&load(Vec::new())?),
         Command::Usage(args) => usage::run(&load(args.overrides())?, &args),
+        Command::Keys(command) => keys::run(&load(command.overrides())?, &command),
         Command::Bench(command) => bench::run(&load(Vec::new())?, command),
         Command::Config(ConfigCommand::Show) => {
             println!("{}", load(Vec::new())?.to_redacted_toml().trim_end());

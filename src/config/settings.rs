@@ -235,6 +235,10 @@ pub struct ServerConfig {
     pub max_conversation_s: u32,
     /// Accepted client tokens, a list of strings; empty disables auth. Secret.
     pub auth_tokens: Vec<String>,
+    /// `tokens` (the static `auth_tokens`) or `keys`: every conversation needs a one-time client token bought with an API key (`POST /api/tokens`) (no unit).
+    pub auth: String,
+    /// How long a client token from `POST /api/tokens` stays usable, in seconds.
+    pub client_token_ttl_s: u32,
     /// Browser origins allowed on `/ws` besides the server's own, e.g.
     /// `["https://ayuda.example.edu"]`; `["*"]` allows any.
     pub allowed_origins: Vec<String>,
@@ -315,6 +319,8 @@ impl Default for ServerConfig {
             idle_timeout_ms: 120_000,
             max_conversation_s: 3_600,
             auth_tokens: Vec::new(),
+            auth: "tokens".to_owned(),
+            client_token_ttl_s: 60,
             allowed_origins: Vec::new(),
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,

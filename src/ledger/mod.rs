@@ -12,6 +12,7 @@
 //! written. Conversations a gateway left open (it crashed) are closed as
 //! `interrupted` when a gateway of the same name opens the ledger again.
 
+pub mod keys;
 pub mod report;
 mod schema;
 mod writer;
@@ -49,7 +50,7 @@ impl Backend {
 }
 
 /// Why the ledger could not do something.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
     /// The database could not be opened or prepared.
     #[error("cannot open the ledger {url}: {message}")]
@@ -146,28 +147,33 @@ impl Ledger {
     /// migrates the ledger, closes this gateway's conversations left open
     /// as `interrupted`, and starts the writer on the current runtime.
     pub async fn open(config: &LedgerConfig) -> Result<Self, LedgerError> {
+        Self::open_as(config, true).await
+    }
+
+    /// The ledger for a command (keys, reports) beside running gateways:
+    /// it closes no conversation.
+    pub async fn open_beside(config: &LedgerConfig) -> Result<Self, LedgerError> {
+        Self::open_as(config, false).await
+    }
+
+    async fn open_as(config: &LedgerConfig, gateway: bool) -> Result<Self, LedgerError> {
         let (backend, pool) = connect(config).await?;
         let shown_url = crate::redact::url(&config.url);
         let failed = |message: String| LedgerError::Open {
             url: shown_url.clone(),
             message,
         };
-        let gateway = gateway_name(config);
-        sqlx::query(
-            "UPDATE conversations SET ended_ms = $1, end_reason = $2 \
-             WHERE gateway = $3 AND ended_ms IS NULL",
-        )
-        .bind(now_ms())
-        .bind(INTERRUPTED)
-        .bind(gateway.as_str())
-        .execute(&pool)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+        let name = gateway_name(config);
+        if gateway {
+            close_interrupted(&pool, &name)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+        }
         let (jobs, queue) = mpsc::channel(config.queue_records as usize);
         let inner = Arc::new(Inner {
             pool: pool.clone(),
             backend,
-            gateway,
+            gateway: name,
             store_transcripts: config.store_transcripts,
             jobs,
             healthy: AtomicBool::new(true),
@@ -390,6 +396,21 @@ fn client_hash(client: IpAddr) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// Closes the conversations a gateway of this name left open as
+/// `interrupted`: it was killed while they ran.
+async fn close_interrupted(pool: &AnyPool, gateway: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE conversations SET ended_ms = $1, end_reason = $2 \
+         WHERE gateway = $3 AND ended_ms IS NULL",
+    )
+    .bind(now_ms())
+    .bind(INTERRUPTED)
+    .bind(gateway)
+    .execute(pool)
+    .await?;
+    Ok(())
 }
 
 /// Runs the migrations not yet recorded, each in its own transaction.

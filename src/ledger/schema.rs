@@ -5,10 +5,11 @@
 
 /// Migrations in order; each runs once, in one transaction, and is
 /// recorded in `ledger_migrations` with its number.
-pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "conversations, usage and turns",
-    "CREATE TABLE conversations (
+pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "conversations, usage and turns",
+        "CREATE TABLE conversations (
         id TEXT PRIMARY KEY,
         gateway TEXT NOT NULL,
         key_id TEXT,
@@ -60,4 +61,30 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[(
         reply_text TEXT,
         PRIMARY KEY (conversation, turn)
     )",
-)];
+    ),
+    (
+        2,
+        "API keys and client tokens",
+        "CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_ms BIGINT NOT NULL,
+        revoked_ms BIGINT,
+        budget_micro_usd BIGINT,
+        budget_period TEXT,
+        max_sessions BIGINT
+    );
+    CREATE TABLE client_tokens (
+        token_sha256 TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES api_keys (id),
+        created_ms BIGINT NOT NULL,
+        expires_ms BIGINT NOT NULL,
+        used_ms BIGINT,
+        engine TEXT,
+        voice TEXT,
+        language TEXT
+    );
+    CREATE INDEX client_tokens_expiry ON client_tokens (expires_ms)",
+    ),
+];

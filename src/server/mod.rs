@@ -31,7 +31,7 @@ use axum::extract::{ConnectInfo, Extension, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
@@ -183,7 +183,8 @@ impl Server {
             .route("/ws", get(upgrade))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
-            .route("/api/engine", get(engine_info));
+            .route("/api/engine", get(engine_info))
+            .route("/api/tokens", post(issue_token));
         if with_metrics {
             routes = routes.route("/metrics", get(metrics_text));
         }
@@ -385,6 +386,75 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "the engine is loading\n").into_response()
+    }
+}
+
+/// Most bytes of a `POST /api/tokens` body (its optional restrictions).
+const MAX_TOKEN_REQUEST_BYTES: usize = 4 * 1024;
+
+/// `POST /api/tokens` with `Authorization: Bearer sk_…`: a one-time client
+/// token for a browser's `hello`, tied to the key; the body may name an
+/// `engine`, `voice` or `language` the token is limited to.
+async fn issue_token(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let refuse = |status: StatusCode, code: &str, message: &str| {
+        let body = serde_json::json!({"error": code, "message": message});
+        (status, axum::Json(body)).into_response()
+    };
+    let Some(ledger) = shared.ledger.get() else {
+        let message = "keys and tokens live in the ledger, which this server does not have";
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ledger_unavailable",
+            message,
+        );
+    };
+    let secret = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|secret| !secret.is_empty());
+    let Some(secret) = secret else {
+        let message = "send the API key as Authorization: Bearer sk_…";
+        return refuse(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    };
+    if body.len() > MAX_TOKEN_REQUEST_BYTES {
+        let message = format!("the body is over {MAX_TOKEN_REQUEST_BYTES} bytes");
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", &message);
+    }
+    let restrictions = if body.iter().all(u8::is_ascii_whitespace) {
+        crate::ledger::keys::Restrictions::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(restrictions) => restrictions,
+            Err(e) => {
+                let message = format!(
+                    "the body is a JSON object with optional engine, voice and language: {e}"
+                );
+                return refuse(StatusCode::BAD_REQUEST, "bad_request", &message);
+            }
+        }
+    };
+    let ttl = shared.config.server.client_token_ttl_s;
+    match ledger.issue_token(secret, ttl, &restrictions).await {
+        Ok(token) => axum::Json(token).into_response(),
+        Err(crate::ledger::keys::AuthError::Ledger(e)) => {
+            tracing::warn!(
+                "a client token could not be issued: {}",
+                crate::redact::urls_in(&e.to_string())
+            );
+            let message = "the ledger cannot be written now; try again later";
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ledger_unavailable",
+                message,
+            )
+        }
+        Err(e) => refuse(StatusCode::UNAUTHORIZED, "unauthorized", &e.to_string()),
     }
 }
 

@@ -78,6 +78,8 @@ pub(super) struct Connection {
     span: tracing::Span,
     /// The conversation's id: the `session` of `ready`, the ledger's key.
     conversation: String,
+    /// The API key whose client token opened the conversation.
+    key: Option<String>,
     /// Reply audio not yet handed to the socket: consecutive audio goes
     /// out as one binary frame. Its allocation is reused once the socket
     /// has copied the frame out.
@@ -123,6 +125,7 @@ impl Connection {
             write_timeout,
             span,
             conversation: String::new(),
+            key: None,
             audio: BytesMut::new(),
         }
     }

@@ -14,6 +14,27 @@ use crate::config::{Config, SettingError, quoted};
 /// the configuration is loaded.
 pub fn check_settings(config: &Config) -> Result<(), SettingError> {
     let s = &config.server;
+    if !matches!(s.auth.as_str(), "tokens" | "keys") {
+        return Err(SettingError::new(
+            "server.auth",
+            quoted(&s.auth),
+            "must be tokens or keys",
+        ));
+    }
+    if s.auth == "keys" && !config.ledger.enabled() {
+        return Err(SettingError::new(
+            "server.auth",
+            quoted(&s.auth),
+            "keys live in the ledger: set ledger.url (it is off)",
+        ));
+    }
+    if !(5..=3_600).contains(&s.client_token_ttl_s) {
+        return Err(SettingError::new(
+            "server.client_token_ttl_s",
+            s.client_token_ttl_s.to_string(),
+            "must be between 5 and 3600 s",
+        ));
+    }
     if let Some(origin) = s
         .allowed_origins
         .iter()

@@ -53,8 +53,17 @@ impl Connection {
                 }
             };
             let error = match protocol::parse_client(&text) {
-                Ok(ClientMessage::Hello(hello)) => match self.admit(&hello) {
+                Ok(ClientMessage::Hello(mut hello)) => match self.admit(&mut hello).await {
                     Ok(()) => return Some(hello),
+                    Err(error) if error.code == ErrorCode::LedgerUnavailable => {
+                        self.shared
+                            .metrics
+                            .refused(super::super::metrics::Refusal::LedgerUnavailable);
+                        self.send_error(&error, true).await;
+                        self.close(super::CLOSE_TRY_AGAIN, "ledger_unavailable")
+                            .await;
+                        return None;
+                    }
                     Err(error) if error.code == ErrorCode::Unauthorized => {
                         self.shared
                             .metrics
@@ -77,29 +86,16 @@ impl Connection {
         }
     }
 
-    /// Checks the token and the voice of a hello.
-    fn admit(&self, hello: &Hello) -> Result<(), ProtocolError> {
+    /// Checks the token and the voice of a hello; with `server.auth =
+    /// "keys"`, uses its client token up and applies the token's limits.
+    async fn admit(&mut self, hello: &mut Hello) -> Result<(), ProtocolError> {
+        if self.shared.config.server.auth == "keys" {
+            self.redeem(hello).await?;
+            return self.check_voice(hello);
+        }
         let tokens = &self.shared.config.server.auth_tokens;
         if tokens.is_empty() || tokens.iter().any(|t| constant_time_eq(t, &hello.token)) {
-            if hello.voice.is_empty() {
-                return Ok(());
-            }
-            let voices = self
-                .shared
-                .engine
-                .get()
-                .map(|e| e.voices())
-                .unwrap_or_default();
-            if voices.is_empty() || voices.iter().any(|v| v.id == hello.voice) {
-                return Ok(());
-            }
-            let known: Vec<&str> = voices.iter().map(|v| v.id.as_str()).collect();
-            let message = format!(
-                "voice {:?} is not offered; choose one of {} or leave it empty",
-                hello.voice,
-                known.join(", ")
-            );
-            return Err(ProtocolError::new(ErrorCode::UnknownVoice, message));
+            return self.check_voice(hello);
         }
         let message = if hello.token.is_empty() {
             "this server needs a token in hello"
@@ -107,6 +103,81 @@ impl Connection {
             "the token in hello is not valid"
         };
         Err(ProtocolError::new(ErrorCode::Unauthorized, message))
+    }
+
+    /// Redeems the hello's client token: its key is the conversation's, and
+    /// an engine, voice or language it names is the one used.
+    async fn redeem(&mut self, hello: &mut Hello) -> Result<(), ProtocolError> {
+        let unauthorized = |message: String| ProtocolError::new(ErrorCode::Unauthorized, message);
+        let Some(ledger) = self.shared.ledger.get() else {
+            return Err(ProtocolError::new(
+                ErrorCode::LedgerUnavailable,
+                "this server takes conversations only with its ledger, which is not open",
+            ));
+        };
+        if hello.token.is_empty() {
+            return Err(unauthorized(
+                "this server needs a client token in hello (from POST /api/tokens)".into(),
+            ));
+        }
+        let redeemed = match ledger.redeem_token(&hello.token).await {
+            Ok(redeemed) => redeemed,
+            Err(crate::ledger::keys::AuthError::Ledger(e)) => {
+                self.log(&format!("a token could not be checked: {e}"));
+                return Err(ProtocolError::new(
+                    ErrorCode::LedgerUnavailable,
+                    "the token cannot be checked now; try again later",
+                ));
+            }
+            Err(e) => return Err(unauthorized(e.to_string())),
+        };
+        let limits = &redeemed.restrictions;
+        let engine = self.shared.engine.get().map(|e| e.name()).unwrap_or("");
+        if let Some(wanted) = &limits.engine
+            && wanted != engine
+        {
+            return Err(unauthorized(format!(
+                "this token is for the {wanted} engine, and this server runs {engine}"
+            )));
+        }
+        for (field, limit, asked) in [
+            ("voice", &limits.voice, &mut hello.voice),
+            ("language", &limits.language, &mut hello.language),
+        ] {
+            let Some(limit) = limit else { continue };
+            if asked.is_empty() {
+                asked.clone_from(limit);
+            } else if asked != limit {
+                return Err(unauthorized(format!(
+                    "this token is for the {field} {limit:?}, not {asked:?}"
+                )));
+            }
+        }
+        self.key = Some(redeemed.key_id);
+        Ok(())
+    }
+
+    /// Whether the engine offers the hello's voice.
+    fn check_voice(&self, hello: &Hello) -> Result<(), ProtocolError> {
+        if hello.voice.is_empty() {
+            return Ok(());
+        }
+        let voices = self
+            .shared
+            .engine
+            .get()
+            .map(|e| e.voices())
+            .unwrap_or_default();
+        if voices.is_empty() || voices.iter().any(|v| v.id == hello.voice) {
+            return Ok(());
+        }
+        let known: Vec<&str> = voices.iter().map(|v| v.id.as_str()).collect();
+        let message = format!(
+            "voice {:?} is not offered; choose one of {} or leave it empty",
+            hello.voice,
+            known.join(", ")
+        );
+        Err(ProtocolError::new(ErrorCode::UnknownVoice, message))
     }
 }
 

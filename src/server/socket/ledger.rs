@@ -74,7 +74,7 @@ impl Connection {
             |asked: &str, default: &str| if asked.is_empty() { default } else { asked }.to_owned();
         let start = Started {
             id: self.conversation.clone(),
-            key_id: None,
+            key_id: self.key.clone(),
             client: self.peer.ip(),
             engine: engine.to_owned(),
             language: pick(&hello.language, &defaults.language),
