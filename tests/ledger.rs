@@ -550,3 +550,16 @@ fn the_keys_command_creates_lists_and_revokes() {
     let (code, out, _) = sonora(&["usage", "--check"]);
     assert_eq!(code, Some(0), "{out}");
 }
+
+/// Beyond the loopback, `serve` needs authentication or `--allow-anonymous`.
+#[test]
+fn serving_beyond_the_loopback_needs_authentication() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--ledger", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("with no authentication"), "{err}");
+    assert!(err.contains("--allow-anonymous"), "{err}");
+}

@@ -516,6 +516,7 @@ async fn http_endpoints_ui_and_origin_checks() {
     let info: serde_json::Value = get("/api/engine").await.unwrap().json().await.unwrap();
     assert_eq!(info["engine"], "scripted");
     assert_eq!(info["protocol"], 1);
+    assert_eq!(info["token_url"], "");
 
     let metrics = get("/metrics").await.unwrap();
     assert!(

@@ -2,7 +2,8 @@
 // start a conversation over /ws (protocol.js) that captures the microphone
 // (capture.js), plays the reply (player.js) and shows transcripts, tool
 // calls, engine hand-offs, usage and latency in the page's language
-// (text.js). No build step, no network use but this server.
+// (text.js). No build step, no network use but this server (and, when
+// the server names one, the host application's client-token URL).
 
 import { openMicrophone, pickRecorderType, startRecorderCapture, startWorkletCapture, workletsAvailable } from '/capture.js';
 import { Player } from '/player.js';
@@ -10,6 +11,12 @@ import { Connection, hello, socketUrl } from '/protocol.js';
 import { chooseLanguage, label, language, setLanguage, t, translatePage } from '/text.js';
 
 const params = new URLSearchParams(location.search);
+// A client token rides in the fragment (#token=ct_…), which is never sent
+// to any server or kept in its logs; `?token=` still works for static ones.
+const fragment = new URLSearchParams(location.hash.slice(1));
+const pageToken = fragment.get('token') || params.get('token');
+// Set from /api/engine: where the host application hands out client tokens.
+let tokenUrl = '';
 const $ = (id) => document.getElementById(id);
 const VOICE_LEVEL = 0.02; // RMS above which a capture frame counts as speech
 const RENDER_EVERY_MS = 100;
@@ -213,9 +220,19 @@ async function start({ withMicrophone = true } = {}) {
     }
   }
   const format = mode === 'recorder' ? recorderType.format : 'pcm16';
+  let token = pageToken;
+  if (tokenUrl) {
+    try {
+      const response = await fetch(tokenUrl, { method: 'POST', credentials: 'include' });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      token = (await response.json()).token;
+    } catch (error) {
+      setStatus(`${t('no-token')} (${error.message})`, true);
+    }
+  }
   connection = new Connection({
     url: socketUrl(),
-    greeting: hello({ format, language: $('language').value, voice: $('voice').value, token: params.get('token') }),
+    greeting: hello({ format, language: $('language').value, voice: $('voice').value, token }),
     handlers: conversationHandlers(() => connection, stream != null),
     queueLimit: MAX_PENDING_FRAMES,
     dropOldest: mode === 'worklet',
@@ -302,6 +319,7 @@ function updateButton() {
 async function loadVoices() {
   try {
     const info = await (await fetch('/api/engine')).json();
+    tokenUrl = info.token_url || '';
     const select = $('voice');
     for (const voice of info.voices || []) {
       const option = document.createElement('option');

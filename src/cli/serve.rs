@@ -33,6 +33,11 @@ pub(crate) struct ServeArgs {
     ledger: Option<String>,
     #[command(flatten)]
     nova: super::nova::NovaFlags,
+    /// Serve beyond the loopback with no authentication (no
+    /// `server.auth_tokens`, `server.auth` not `keys`): anyone who reaches
+    /// the port spends what the engine costs. Refused without this flag.
+    #[arg(long)]
+    allow_anonymous: bool,
     /// Load tests only: answer every TURN_MS of audio with REPLY_MS of tone.
     #[arg(long, hide = true, value_name = "TURN_MS:REPLY_MS")]
     scripted_echo: Option<String>,
@@ -70,7 +75,7 @@ pub(crate) fn run(config: &Config, args: &ServeArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, echo))?;
+    runtime.block_on(serve(config, echo, args.allow_anonymous))?;
     Ok(())
 }
 
@@ -84,7 +89,11 @@ fn parse_echo(spec: &str) -> anyhow::Result<(u64, u64)> {
     ))
 }
 
-async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> {
+async fn serve(
+    config: &Config,
+    echo: Option<(u64, u64)>,
+    allow_anonymous: bool,
+) -> anyhow::Result<()> {
     let address = config.listen_addr();
     let listener = TcpListener::bind(address)
         .await
@@ -116,6 +125,13 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
         eprintln!("sonora: /metrics on http://{at}/metrics only");
     }
     if let Some(warning) = exposure_warning(bound, config) {
+        if !allow_anonymous {
+            return Err(anyhow!(
+                "listening on {bound}, beyond this machine, with no authentication: set \
+                 server.auth = \"keys\" (API keys) or server.auth_tokens, listen on 127.0.0.1 \
+                 behind a proxy, or pass --allow-anonymous to serve anyone who reaches the port"
+            ));
+        }
         eprint!("{warning}");
     }
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
@@ -173,7 +189,7 @@ async fn serve(config: &Config, echo: Option<(u64, u64)>) -> anyhow::Result<()> 
 /// what anyone who can reach it can do, and what to set.
 fn exposure_warning(bound: std::net::SocketAddr, config: &Config) -> Option<String> {
     let server = &config.server;
-    if bound.ip().is_loopback() || !server.auth_tokens.is_empty() {
+    if bound.ip().is_loopback() || !server.auth_tokens.is_empty() || server.auth == "keys" {
         return None;
     }
     let hosts = if server.allowed_hosts.is_empty() {
@@ -205,7 +221,8 @@ fn exposure_warning(bound: std::net::SocketAddr, config: &Config) -> Option<Stri
          sonora: !!   spend what it costs), read /api/engine and use the web page.\n\
          sonora: !! {metrics}.\n\
          sonora: !! To close it:\n\
-         sonora: !!   set server.auth_tokens (SONORA_SERVER_AUTH_TOKENS=one,two); clients send one in hello\n\
+         sonora: !!   set server.auth = \"keys\" (API keys and one-time client tokens) or\n\
+         sonora: !!   server.auth_tokens (SONORA_SERVER_AUTH_TOKENS=one,two); clients send one in hello\n\
          sonora: !!   {hosts}\n\
          sonora: !!   put it behind an HTTPS proxy and list the proxy in server.trusted_proxies\n\
          sonora: !!   (or listen on 127.0.0.1 and let only the proxy reach it)\n\

@@ -239,6 +239,8 @@ pub struct ServerConfig {
     pub auth: String,
     /// How long a client token from `POST /api/tokens` stays usable, in seconds.
     pub client_token_ttl_s: u32,
+    /// The host application's URL the page POSTs to (with its cookies) for a client token before each conversation; empty: the page uses the `#token=` of its address (no unit).
+    pub client_token_url: String,
     /// Browser origins allowed on `/ws` besides the server's own, e.g.
     /// `["https://ayuda.example.edu"]`; `["*"]` allows any.
     pub allowed_origins: Vec<String>,
@@ -321,6 +323,7 @@ impl Default for ServerConfig {
             auth_tokens: Vec::new(),
             auth: "tokens".to_owned(),
             client_token_ttl_s: 60,
+            client_token_url: String::new(),
             allowed_origins: Vec::new(),
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,

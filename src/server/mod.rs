@@ -467,6 +467,7 @@ async fn engine_info(State(shared): State<Arc<Shared>>) -> Response {
         "language": shared.config.engine.language,
         "voices": engine.map(|e| e.voices()).unwrap_or_default(),
         "protocol": protocol::VERSION,
+        "token_url": shared.config.server.client_token_url,
     });
     axum::Json(body).into_response()
 }
