@@ -293,3 +293,115 @@ async fn throttling_makes_the_gateway_refuse_new_conversations_with_1013_engine_
     assert_eq!(metric(&text, "sonora_engine_stream_opens_total"), 1.0);
     running.stop();
 }
+
+/// `sonora serve` as a process until its first line says where it listens.
+fn spawn_gateway(
+    endpoint: &Endpoint,
+    ledger: &str,
+    dir: &std::path::Path,
+) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .current_dir(common::root())
+        .args(["serve", "--listen", "127.0.0.1:0", "--engine", "nova-sonic"])
+        .args(["--bedrock-endpoint", &endpoint.url, "--ca-file"])
+        .arg(&endpoint.ca_file)
+        .args([
+            "--ledger",
+            ledger,
+            "--set",
+            "ledger.gateway_name=crash-test",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "AKIDSONORATEST")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", dir.join("no-config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.join("no-credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// `kill -9` of a gateway mid-conversation loses no cost the client saw:
+/// after a restart, `sonora usage` shows the conversation, closed as
+/// `interrupted`, with at least that cost, and `--check` passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_loses_no_cost_a_client_saw() {
+    let endpoint = Endpoint::start(vec![Script::answering(vec![
+        Turn::new(QUESTION, ANSWER, 1_000),
+        Turn::new(QUESTION, ANSWER, 1_000),
+    ])])
+    .await;
+    let dir = std::env::temp_dir().join(format!("sonora-crash-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = format!("sqlite://{}", dir.join("ledger.db").display());
+    let (mut gateway, addr) = spawn_gateway(&endpoint, &ledger, &dir);
+    let mut client = gateway::Client::connect(addr).await;
+    client.hello_pcm().await;
+    let ready = client.until(|f| f.is("ready")).await;
+    let id = ready.last().unwrap().json()["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for frame in question().chunks(320) {
+        tick.tick().await;
+        client.send_pcm(frame).await;
+    }
+    let frames = client.until(|f| f.is("usage")).await;
+    let shown = frames.last().unwrap().json()["total"]["cost_micro_usd"]
+        .as_i64()
+        .unwrap();
+    assert!(shown > 0);
+    // Killed with the conversation running: no chance to record its end.
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
+
+    // The next start of the same gateway closes what it left open.
+    let (mut restarted, _) = spawn_gateway(&endpoint, &ledger, &dir);
+    restarted.kill().unwrap();
+    restarted.wait().unwrap();
+    let usage = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+            .arg("usage")
+            .args(args)
+            .args(["--ledger", &ledger])
+            .output()
+            .unwrap()
+    };
+    let output = usage(&["--by", "conversation", "--format", "json"]);
+    assert!(output.status.success(), "{output:?}");
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["conversation"] == id.as_str())
+        .unwrap_or_else(|| panic!("{id} in {rows}"));
+    assert_eq!(row["end_reason"], "interrupted", "{row}");
+    assert!(
+        row["cost_micro_usd"].as_i64().unwrap() >= shown,
+        "{row} vs {shown}"
+    );
+    assert_eq!(row["engine"], "nova-sonic");
+    for field in ["key", "model", "turns"] {
+        assert!(row.get(field).is_some(), "{field} in {row}");
+    }
+    let check = usage(&["--check"]);
+    assert!(check.status.success(), "{check:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
