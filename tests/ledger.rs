@@ -231,6 +231,18 @@ async fn a_paid_conversation_whose_cost_cannot_be_recorded_stops(config: LedgerC
     }
 }
 
+/// A Nova Sonic conversation's start, as a gateway records it.
+fn started(id: &str, key: Option<&str>) -> sonora::ledger::Started {
+    sonora::ledger::Started {
+        id: id.to_owned(),
+        key_id: key.map(str::to_owned),
+        client: std::net::IpAddr::from([127, 0, 0, 1]),
+        engine: "nova-sonic".into(),
+        language: "es".into(),
+        voice: "lupe".into(),
+    }
+}
+
 /// Many conversations writing at once: every delta counted exactly once,
 /// totals equal to their rows, repeated writes ignored.
 async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
@@ -240,17 +252,7 @@ async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
             let ledger = ledger.clone();
             tokio::spawn(async move {
                 let id = format!("c{c}");
-                ledger
-                    .started(sonora::ledger::Started {
-                        id: id.clone(),
-                        key_id: Some("k1".into()),
-                        client: std::net::IpAddr::from([127, 0, 0, 1]),
-                        engine: "nova-sonic".into(),
-                        language: "es".into(),
-                        voice: "lupe".into(),
-                    })
-                    .await
-                    .unwrap();
+                ledger.started(started(&id, Some("k1"))).await.unwrap();
                 for sequence in 0..25u64 {
                     let record = sonora::ledger::UsageRecord {
                         conversation: id.clone(),
@@ -304,15 +306,7 @@ async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
 /// closes its conversation as interrupted, with the cost it had.
 async fn a_killed_gateways_conversations_end_interrupted(config: LedgerConfig) {
     let ledger = Ledger::open(&config).await.unwrap();
-    let start = sonora::ledger::Started {
-        id: "left-open".into(),
-        key_id: None,
-        client: std::net::IpAddr::from([127, 0, 0, 1]),
-        engine: "nova-sonic".into(),
-        language: "es".into(),
-        voice: "lupe".into(),
-    };
-    ledger.started(start).await.unwrap();
+    ledger.started(started("left-open", None)).await.unwrap();
     let record = sonora::ledger::UsageRecord {
         conversation: "left-open".into(),
         stream: 0,

@@ -13,6 +13,7 @@ use sqlx::{Connection as _, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, LedgerError, Started, TurnRecord, UsageRecord, int};
+use crate::usage::UsageDelta;
 
 /// Most records in one transaction.
 const MAX_BATCH: usize = 256;
@@ -233,23 +234,15 @@ async fn write_usage(
     .bind(int(record.stream))
     .bind(int(record.sequence))
     .bind(at_ms)
-    .bind(record.prices.as_str())
-    .bind(int(d.audio_in_ms))
-    .bind(int(d.audio_out_ms))
-    .bind(int(d.speech_in_tokens))
-    .bind(int(d.speech_out_tokens))
-    .bind(int(d.text_in_tokens))
-    .bind(int(d.text_out_tokens))
-    .bind(int(d.speech_cost_micro_usd))
-    .bind(int(d.text_cost_micro_usd))
-    .bind(int(d.cost_micro_usd))
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    .bind(record.prices.as_str());
+    let inserted = bind_totals(inserted, d)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
     if inserted == 0 {
         return Ok(());
     }
-    sqlx::query(
+    let totals = sqlx::query(
         "UPDATE conversations SET \
          audio_in_ms = audio_in_ms + $1, audio_out_ms = audio_out_ms + $2, \
          speech_in_tokens = speech_in_tokens + $3, speech_out_tokens = speech_out_tokens + $4, \
@@ -258,18 +251,31 @@ async fn write_usage(
          text_cost_micro_usd = text_cost_micro_usd + $8, \
          cost_micro_usd = cost_micro_usd + $9 \
          WHERE id = $10",
-    )
-    .bind(int(d.audio_in_ms))
-    .bind(int(d.audio_out_ms))
-    .bind(int(d.speech_in_tokens))
-    .bind(int(d.speech_out_tokens))
-    .bind(int(d.text_in_tokens))
-    .bind(int(d.text_out_tokens))
-    .bind(int(d.speech_cost_micro_usd))
-    .bind(int(d.text_cost_micro_usd))
-    .bind(int(d.cost_micro_usd))
-    .bind(record.conversation.as_str())
-    .execute(&mut **tx)
-    .await?;
+    );
+    bind_totals(totals, d)
+        .bind(record.conversation.as_str())
+        .execute(&mut **tx)
+        .await?;
     Ok(())
+}
+
+/// Binds a delta's nine totals, in the order both the usage row and the
+/// conversation's totals list them.
+fn bind_totals<'q>(
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    d: &UsageDelta,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    [
+        d.audio_in_ms,
+        d.audio_out_ms,
+        d.speech_in_tokens,
+        d.speech_out_tokens,
+        d.text_in_tokens,
+        d.text_out_tokens,
+        d.speech_cost_micro_usd,
+        d.text_cost_micro_usd,
+        d.cost_micro_usd,
+    ]
+    .into_iter()
+    .fold(query, |query, value| query.bind(int(value)))
 }
