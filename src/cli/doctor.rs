@@ -31,9 +31,9 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)?;
-    let (aws, region) = runtime.block_on(async {
+    let (aws, region, ledger) = runtime.block_on(async {
         let region = resolve_region(&config.nova_sonic.region).await;
-        (aws_check(&region.0).await, region)
+        (aws_check(&region.0).await, region, ledger_check(config).await)
     });
     let checks = [
         model_check(Path::new(&local.model_dir)),
@@ -51,6 +51,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             "only the baseline of `sonora bench decode` (apt-get install ffmpeg)",
         ),
         aws,
+        ledger,
     ];
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for check in &checks {
@@ -94,6 +95,40 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             Err(anyhow::anyhow!("the configured nova-sonic engine has no AWS credentials").into())
         }
         EngineKind::Local | EngineKind::NovaSonic => Ok(()),
+    }
+}
+
+/// Whether the ledger opens (a SQLite file is created when missing).
+async fn ledger_check(config: &Config) -> Check {
+    let disables = "sonora serve, which does not start without its ledger (ledger.url = \"off\" records nothing)";
+    if !config.ledger.enabled() {
+        return Check {
+            name: "ledger",
+            ok: true,
+            detail: "off: conversations and costs are not recorded".to_owned(),
+            disables,
+        };
+    }
+    match crate::ledger::connect(&config.ledger).await {
+        Ok((backend, pool)) => {
+            pool.close().await;
+            Check {
+                name: "ledger",
+                ok: true,
+                detail: format!(
+                    "{} ({})",
+                    crate::redact::url(&config.ledger.url),
+                    backend.as_str()
+                ),
+                disables,
+            }
+        }
+        Err(e) => Check {
+            name: "ledger",
+            ok: false,
+            detail: e.to_string(),
+            disables,
+        },
     }
 }
 
