@@ -366,6 +366,18 @@ async fn postgres_the_same_scenarios() {
         store_transcripts: true,
         ..LedgerConfig::default()
     };
+    // Two gateways opening one new database at once both get its schema.
+    let shared = config("shared");
+    let other = LedgerConfig {
+        gateway_name: "other".into(),
+        ..shared.clone()
+    };
+    let (a, b) = tokio::join!(Ledger::open(&shared), Ledger::open(&other));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    a.started(started("from-a", None)).await.unwrap();
+    b.started(started("from-b", None)).await.unwrap();
+    let rows = report::conversations(a.pool(), 0, i64::MAX).await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
     what_the_client_is_shown_the_ledger_holds_first(config("shown")).await;
     no_conversation_starts_that_the_ledger_cannot_record(config("refused")).await;
     a_paid_conversation_whose_cost_cannot_be_recorded_stops(config("stops")).await;

@@ -33,7 +33,11 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         .map_err(anyhow::Error::from)?;
     let (aws, region, ledger) = runtime.block_on(async {
         let region = resolve_region(&config.nova_sonic.region).await;
-        (aws_check(&region.0).await, region, ledger_check(config).await)
+        (
+            aws_check(&region.0).await,
+            region,
+            ledger_check(config).await,
+        )
     });
     let checks = [
         model_check(Path::new(&local.model_dir)),

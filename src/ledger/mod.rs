@@ -340,7 +340,13 @@ pub async fn connect(config: &LedgerConfig) -> Result<(Backend, AnyPool), Ledger
         .connect(&connect_url)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    migrate(&pool).await.map_err(|e| failed(e.to_string()))?;
+    // Gateways opening a new database at the same moment race to create
+    // its tables; the loser's transaction rolls back, and a second look
+    // finds them made.
+    if migrate(&pool).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        migrate(&pool).await.map_err(|e| failed(e.to_string()))?;
+    }
     Ok((backend, pool))
 }
 
