@@ -316,7 +316,7 @@ impl Connection {
                 hello.voice.clone()
             },
         };
-        if !self.record_start(&hello, engine.name()).await {
+        if !self.record_start(&options, engine.name()).await {
             return None;
         }
         let record = ledger::Record::new(engine.prices());

@@ -4,9 +4,9 @@
 //! end. Without a ledger every call here does nothing and succeeds.
 
 use super::super::metrics::Refusal;
-use super::super::protocol::{ErrorCode, Hello, ProtocolError};
+use super::super::protocol::{ErrorCode, ProtocolError};
 use super::{CLOSE_TRY_AGAIN, Connection, Exit, Running};
-use crate::engine::{Role, Stage, TurnEndReason};
+use crate::engine::{ConversationOptions, Role, Stage, TurnEndReason};
 use crate::ledger::{Started, TurnRecord, UsageRecord};
 use crate::session::CloseReason;
 use crate::usage::UsageDelta;
@@ -65,20 +65,21 @@ impl Record {
 impl Connection {
     /// Records the start; `false` (after refusing the client) when the
     /// ledger cannot.
-    pub(super) async fn record_start(&mut self, hello: &Hello, engine: &str) -> bool {
+    pub(super) async fn record_start(
+        &mut self,
+        options: &ConversationOptions,
+        engine: &str,
+    ) -> bool {
         let Some(ledger) = self.shared.ledger.get() else {
             return true;
         };
-        let defaults = &self.shared.config.engine;
-        let pick =
-            |asked: &str, default: &str| if asked.is_empty() { default } else { asked }.to_owned();
         let start = Started {
             id: self.conversation.clone(),
             key_id: self.key.clone(),
             client: self.peer.ip(),
             engine: engine.to_owned(),
-            language: pick(&hello.language, &defaults.language),
-            voice: pick(&hello.voice, &defaults.voice),
+            language: options.language.clone(),
+            voice: options.voice.clone(),
         };
         let Err(e) = ledger.started(start).await else {
             return true;
