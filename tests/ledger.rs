@@ -15,8 +15,9 @@ use serde_json::Value;
 use sonora::config::{Config, LedgerConfig};
 use sonora::engine::scripted::{ScriptedEngine, Step};
 use sonora::engine::{EngineEvent, TurnEndReason};
-use sonora::ledger::Ledger;
+use sonora::ledger::keys::{KeyLimits, Period};
 use sonora::ledger::report;
+use sonora::ledger::{Account, Admission, Ledger, Refusal, UsageRecord};
 use sonora::usage::UsageDelta;
 
 fn sqlite(name: &str) -> LedgerConfig {
@@ -240,6 +241,7 @@ fn started(id: &str, key: Option<&str>) -> sonora::ledger::Started {
         engine: "nova-sonic".into(),
         language: "es".into(),
         voice: "lupe".into(),
+        reserve_micro_usd: 0,
     }
 }
 
@@ -265,6 +267,7 @@ async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
                             text_cost_micro_usd: sequence + 1,
                             ..UsageDelta::default()
                         },
+                        account: None,
                     };
                     ledger.usage(record.clone()).await.unwrap();
                     if sequence % 5 == 0 {
@@ -316,6 +319,7 @@ async fn a_killed_gateways_conversations_end_interrupted(config: LedgerConfig) {
             cost_micro_usd: 4_321,
             ..UsageDelta::default()
         },
+        account: None,
     };
     ledger.usage(record).await.unwrap();
     drop(ledger);
@@ -326,6 +330,173 @@ async fn a_killed_gateways_conversations_end_interrupted(config: LedgerConfig) {
     let row = rows.iter().find(|r| r.conversation == "left-open").unwrap();
     assert_eq!(row.end_reason.as_deref(), Some(sonora::ledger::INTERRUPTED));
     assert_eq!(row.cost_micro_usd, 4_321);
+}
+
+/// A turn's cost in the budget scenarios, and what is held for one.
+const TURN: u64 = 1_000;
+
+/// A paid delta of one turn.
+fn turn_usage(conversation: &str, sequence: u64, account: Option<Account>) -> UsageRecord {
+    UsageRecord {
+        conversation: conversation.to_owned(),
+        stream: 0,
+        sequence,
+        prices: "p".into(),
+        delta: UsageDelta {
+            speech_out_tokens: 10,
+            cost_micro_usd: TURN,
+            speech_cost_micro_usd: TURN,
+            ..UsageDelta::default()
+        },
+        account,
+    }
+}
+
+/// A conversation that speaks turn after turn until its budget ends it;
+/// its turns, or `None` when it was refused.
+async fn spend_until_stopped(ledger: Ledger, id: String, key: Option<String>) -> Option<u64> {
+    let mut start = started(&id, key.as_deref());
+    start.reserve_micro_usd = TURN;
+    let mut account = match ledger.started(start).await.unwrap() {
+        Admission::Admitted(account) => account,
+        Admission::Refused(refusal) => {
+            assert!(matches!(refusal, Refusal::Budget { .. }), "{refusal:?}");
+            return None;
+        }
+    };
+    let mut turns = 0;
+    loop {
+        account = ledger.usage(turn_usage(&id, turns, account)).await.unwrap();
+        turns += 1;
+        tokio::task::yield_now().await;
+        if account.as_ref().is_none_or(|a| a.standing.exhausted) {
+            break;
+        }
+    }
+    ledger.ended(&id, "budget_exceeded", 0).await.unwrap();
+    Some(turns)
+}
+
+/// `spent`, `reserved` of a budget row.
+async fn budget_row(ledger: &Ledger, scope: &str) -> (i64, i64) {
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(spent_micro_usd), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(reserved_micro_usd), 0) AS BIGINT) FROM budgets WHERE scope = $1",
+    )
+    .bind(scope)
+    .fetch_one(ledger.pool())
+    .await
+    .unwrap();
+    use sqlx::Row as _;
+    (row.try_get(0).unwrap(), row.try_get(1).unwrap())
+}
+
+/// One key whose budget fits ten turns, spent at once by twelve
+/// conversations through two gateways (two ledgers, each with its own
+/// writer and connections): each turn is held before it is spent, so
+/// together they spend exactly ten turns, the rest are refused, and every
+/// hold comes back. Likewise under `ledger.global_daily_usd`.
+async fn budgets_hold_across_gateways(config: LedgerConfig) {
+    let named = |name: &str, global: f64| LedgerConfig {
+        gateway_name: name.into(),
+        global_daily_usd: global,
+        ..config.clone()
+    };
+    let a = Ledger::open(&named("gw-a", 0.0)).await.unwrap();
+    let b = Ledger::open(&named("gw-b", 0.0)).await.unwrap();
+    let limits = KeyLimits {
+        budget: Some((10 * TURN, Period::Day)),
+        max_sessions: None,
+    };
+    let (key, _) = a.create_key("budgeted", &limits).await.unwrap();
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let ledger = if i % 2 == 0 { a.clone() } else { b.clone() };
+            tokio::spawn(spend_until_stopped(
+                ledger,
+                format!("k{i}"),
+                Some(key.id.clone()),
+            ))
+        })
+        .collect();
+    let mut turns = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Some(n) => turns += n,
+            None => refused += 1,
+        }
+    }
+    assert_eq!(turns, 10, "{refused} refused");
+    assert!(refused >= 2, "{refused}");
+    let scope = format!("key:{}", key.id);
+    assert_eq!(budget_row(&a, &scope).await, (10 * TURN as i64, 0));
+    // Spent up: the next conversation is refused at once.
+    assert_eq!(
+        spend_until_stopped(b.clone(), "late".into(), Some(key.id.clone())).await,
+        None
+    );
+
+    // A key with two conversations at most: the third waits for one to end.
+    let limits = KeyLimits {
+        budget: None,
+        max_sessions: Some(2),
+    };
+    let (two, _) = a.create_key("two at once", &limits).await.unwrap();
+    for id in ["s1", "s2"] {
+        let admission = a.started(started(id, Some(&two.id))).await.unwrap();
+        assert!(matches!(admission, Admission::Admitted(_)), "{admission:?}");
+    }
+    let third = b.started(started("s3", Some(&two.id))).await.unwrap();
+    assert_eq!(third, Admission::Refused(Refusal::Sessions { max: 2 }));
+    a.ended("s1", "client_stopped", 0).await.unwrap();
+    let third = b.started(started("s3", Some(&two.id))).await.unwrap();
+    assert!(matches!(third, Admission::Admitted(_)), "{third:?}");
+
+    // The service's daily cap holds for conversations with no key.
+    let capped = Ledger::open(&named("gw-c", 0.003)).await.unwrap();
+    let tasks: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(spend_until_stopped(capped.clone(), format!("g{i}"), None)))
+        .collect();
+    let mut turns = 0;
+    for task in tasks {
+        turns += task.await.unwrap().unwrap_or(0);
+    }
+    assert_eq!(turns, 3);
+    assert_eq!(budget_row(&capped, "global").await, (3 * TURN as i64, 0));
+
+    // A gateway killed while its conversation held a turn: the next start
+    // of the same name gives the hold back.
+    let (roomy, _) = a
+        .create_key(
+            "roomy",
+            &KeyLimits {
+                budget: Some((100 * TURN, Period::Month)),
+                max_sessions: None,
+            },
+        )
+        .await
+        .unwrap();
+    let killed = Ledger::open(&named("gw-killed", 0.0)).await.unwrap();
+    let mut start = started("held", Some(&roomy.id));
+    start.reserve_micro_usd = TURN;
+    let Admission::Admitted(Some(account)) = killed.started(start).await.unwrap() else {
+        panic!("admitted with an account");
+    };
+    assert_eq!(account.hold.micro_usd, TURN);
+    assert_eq!(account.standing.remaining_micro_usd, Some(100 * TURN));
+    let roomy_scope = format!("key:{}", roomy.id);
+    assert_eq!(budget_row(&a, &roomy_scope).await, (0, TURN as i64));
+    drop(killed);
+    let _restarted = Ledger::open(&named("gw-killed", 0.0)).await.unwrap();
+    assert_eq!(budget_row(&a, &roomy_scope).await, (0, 0));
+    let check = report::check(a.pool()).await.unwrap();
+    assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
+}
+
+#[tokio::test]
+async fn sqlite_budgets_hold_across_gateways() {
+    budgets_hold_across_gateways(sqlite("budgets")).await;
 }
 
 #[tokio::test]
@@ -384,6 +555,7 @@ async fn postgres_the_same_scenarios() {
     concurrent_conversations_add_up_exactly(config("concurrent")).await;
     a_killed_gateways_conversations_end_interrupted(config("killed")).await;
     keys_buy_one_time_client_tokens(config("keys")).await;
+    budgets_hold_across_gateways(config("budgets")).await;
 }
 
 async fn post_token(

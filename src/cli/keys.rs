@@ -65,16 +65,9 @@ impl KeysCommand {
     }
 }
 
-/// Dollars to whole micro-dollars; refuses what is not a plain amount.
+/// `--budget-usd` in whole micro-dollars.
 fn micro_usd(usd: f64) -> anyhow::Result<u64> {
-    if !usd.is_finite() || usd <= 0.0 || usd > 1e9 {
-        return Err(anyhow!("--budget-usd must be a positive amount, not {usd}"));
-    }
-    let micro = (usd * 1e6).round();
-    if (usd * 1e6 - micro).abs() > 1e-3 {
-        return Err(anyhow!("--budget-usd {usd} is finer than a micro-dollar"));
-    }
-    Ok(micro as u64)
+    crate::usage::micro_usd(usd).map_err(|reason| anyhow!("--budget-usd {reason}"))
 }
 
 pub(crate) fn run(config: &Config, command: &KeysCommand) -> Result<(), Failure> {

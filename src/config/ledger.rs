@@ -20,6 +20,12 @@ pub struct LedgerConfig {
     pub write_timeout_ms: u32,
     /// Time zone of reports' days (and of budgets' days and months), an IANA name (no unit).
     pub time_zone: String,
+    /// Most all conversations together may spend in one day of `time_zone`; 0: no limit, in US dollars.
+    pub global_daily_usd: f64,
+    /// Most one conversation may spend; 0: no limit, in US dollars.
+    pub conversation_usd: f64,
+    /// Held against a conversation's budgets for its next turn (the most a limit is passed by), in US dollars.
+    pub turn_reserve_usd: f64,
 }
 
 impl Default for LedgerConfig {
@@ -31,6 +37,9 @@ impl Default for LedgerConfig {
             queue_records: 4_096,
             write_timeout_ms: 5_000,
             time_zone: "America/Lima".to_owned(),
+            global_daily_usd: 0.0,
+            conversation_usd: 0.0,
+            turn_reserve_usd: 0.02,
         }
     }
 }
@@ -39,6 +48,21 @@ impl LedgerConfig {
     /// Whether anything is recorded.
     pub fn enabled(&self) -> bool {
         self.url != "off"
+    }
+
+    /// `global_daily_usd` in micro-dollars, when set.
+    pub fn global_daily_micro_usd(&self) -> Option<u64> {
+        crate::usage::micro_usd(self.global_daily_usd).ok()
+    }
+
+    /// `conversation_usd` in micro-dollars, when set.
+    pub fn conversation_micro_usd(&self) -> Option<u64> {
+        crate::usage::micro_usd(self.conversation_usd).ok()
+    }
+
+    /// `turn_reserve_usd` in micro-dollars.
+    pub fn turn_reserve_micro_usd(&self) -> u64 {
+        crate::usage::micro_usd(self.turn_reserve_usd).unwrap_or(0)
     }
 
     /// The first bad setting, made into an error by `bad(key, value shown, reason)`.
@@ -70,6 +94,29 @@ impl LedgerConfig {
             let reason = "must be an IANA time zone name, like America/Lima or UTC";
             let shown = toml::Value::from(self.time_zone.as_str()).to_string();
             return Err(bad("ledger.time_zone", shown, reason));
+        }
+        let amounts = [
+            ("ledger.global_daily_usd", self.global_daily_usd),
+            ("ledger.conversation_usd", self.conversation_usd),
+            ("ledger.turn_reserve_usd", self.turn_reserve_usd),
+        ];
+        for (key, usd) in amounts {
+            if usd != 0.0
+                && let Err(reason) = crate::usage::micro_usd(usd)
+            {
+                return Err(bad(key, usd.to_string(), &reason));
+            }
+        }
+        let reserve = self.turn_reserve_micro_usd();
+        if let Some(cap) = self.conversation_micro_usd()
+            && cap < reserve
+        {
+            let reason = "must be at least ledger.turn_reserve_usd, or no conversation could start";
+            return Err(bad(
+                "ledger.conversation_usd",
+                self.conversation_usd.to_string(),
+                reason,
+            ));
         }
         #[rustfmt::skip]
         let ranges = [

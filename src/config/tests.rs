@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 85, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 88, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -329,4 +329,30 @@ fn nova_sonic_and_tool_settings_are_checked() {
     assert_eq!(config.nova_sonic.rotate_after_s, 300);
     assert_eq!(config.tools.http.len(), 1);
     assert_eq!(config.tools.http[0].name, "room_booking");
+}
+
+#[test]
+fn ledger_amounts_are_whole_micro_dollars_and_a_turn_fits_a_conversation() {
+    let bad = [
+        ("ledger.global_daily_usd", "-1"),
+        ("ledger.conversation_usd", "0.0000001"),
+        ("ledger.turn_reserve_usd", "nan"),
+        ("ledger.time_zone", "\"Mars/Olympus\""),
+        ("ledger.url", "\"mysql://x\""),
+    ];
+    for (key, value) in bad {
+        let (err, text) = fail(&opts(None, &[], &[(key, value)]));
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{key}: {text}");
+        assert!(text.contains(key), "{key}: {text}");
+    }
+    let (_, text) = fail(&opts(None, &[], &[("ledger.conversation_usd", "0.01")]));
+    assert!(text.contains("turn_reserve_usd"), "{text}");
+    let file = TempFile::new(
+        "[ledger]\nglobal_daily_usd = 25.5\nconversation_usd = 0.5\nturn_reserve_usd = 0.03\n",
+    );
+    let config = load(&opts(Some(&file), &[], &[]), &[]).unwrap();
+    assert_eq!(config.ledger.global_daily_micro_usd(), Some(25_500_000));
+    assert_eq!(config.ledger.conversation_micro_usd(), Some(500_000));
+    assert_eq!(config.ledger.turn_reserve_micro_usd(), 30_000);
+    assert_eq!(Config::default().ledger.global_daily_micro_usd(), None);
 }

@@ -269,4 +269,9 @@ pub trait Engine: Send + Sync {
     fn prices(&self) -> String {
         "free".to_owned()
     }
+    /// Whether its conversations cost money: budgets hold a turn's worth
+    /// for them before each turn.
+    fn paid(&self) -> bool {
+        false
+    }
 }

@@ -12,6 +12,7 @@
 //! written. Conversations a gateway left open (it crashed) are closed as
 //! `interrupted` when a gateway of the same name opens the ledger again.
 
+pub mod budget;
 pub mod keys;
 pub mod report;
 mod schema;
@@ -27,6 +28,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Connection as _, Executor as _, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::budget::{Account, Refusal, Standing};
 use crate::config::LedgerConfig;
 use crate::usage::UsageDelta;
 
@@ -81,6 +83,28 @@ pub struct Started {
     pub engine: String,
     pub language: String,
     pub voice: String,
+    /// One turn's worth, held against the conversation's budgets before
+    /// each turn: 0 for an engine that costs nothing.
+    pub reserve_micro_usd: u64,
+}
+
+/// Whether a conversation may start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Recorded; with its account when a budget limits it.
+    Admitted(Option<Account>),
+    /// Not recorded, and not to start.
+    Refused(Refusal),
+}
+
+/// The limits every conversation of a gateway shares (from `[ledger]`).
+#[derive(Debug, Clone)]
+pub(crate) struct Budgets {
+    pub(crate) zone: jiff::tz::TimeZone,
+    pub(crate) global_daily_micro_usd: Option<u64>,
+    pub(crate) conversation_micro_usd: Option<u64>,
+    /// SQLite takes its write lock at the start of each transaction.
+    pub(crate) sqlite: bool,
 }
 
 /// One usage delta and where it came from.
@@ -94,6 +118,9 @@ pub struct UsageRecord {
     /// The price table the cost was computed with.
     pub prices: String,
     pub delta: UsageDelta,
+    /// The conversation's budgets, when it has any: the delta is settled
+    /// against them in the same transaction.
+    pub account: Option<Account>,
 }
 
 /// One finished turn.
@@ -169,6 +196,12 @@ impl Ledger {
                 .await
                 .map_err(|e| failed(e.to_string()))?;
         }
+        let budgets = Budgets {
+            zone: jiff::tz::TimeZone::get(&config.time_zone).map_err(|e| failed(e.to_string()))?,
+            global_daily_micro_usd: config.global_daily_micro_usd(),
+            conversation_micro_usd: config.conversation_micro_usd(),
+            sqlite: backend == Backend::Sqlite,
+        };
         let (jobs, queue) = mpsc::channel(config.queue_records as usize);
         let inner = Arc::new(Inner {
             pool: pool.clone(),
@@ -181,7 +214,13 @@ impl Ledger {
             shown_url,
         });
         let timeout = Duration::from_millis(u64::from(config.write_timeout_ms));
-        tokio::spawn(writer::run(pool, Arc::downgrade(&inner), queue, timeout));
+        tokio::spawn(writer::run(
+            pool,
+            Arc::downgrade(&inner),
+            queue,
+            timeout,
+            budgets,
+        ));
         Ok(Self { inner })
     }
 
@@ -213,16 +252,23 @@ impl Ledger {
         &self.inner.pool
     }
 
-    /// Records a conversation's start; returns once it is committed.
-    pub async fn started(&self, start: Started) -> Result<(), LedgerError> {
+    /// Admits a conversation against its budgets and its key's limit on
+    /// conversations at once, and records its start; returns once it is
+    /// committed. A refused conversation is not recorded.
+    pub async fn started(&self, start: Started) -> Result<Admission, LedgerError> {
         let client = client_hash(start.client);
-        self.commit(writer::Write::Started {
-            start,
-            client,
-            gateway: self.inner.gateway.clone(),
-            at_ms: now_ms(),
-        })
-        .await
+        let done = self
+            .commit(writer::Write::Started {
+                start,
+                client,
+                gateway: self.inner.gateway.clone(),
+                at_ms: now_ms(),
+            })
+            .await?;
+        match done {
+            writer::Done::Admission(admission) => Ok(admission),
+            _ => Ok(Admission::Admitted(None)),
+        }
     }
 
     /// The engine's model and voice, once it is ready (not waited for).
@@ -234,15 +280,21 @@ impl Ledger {
         });
     }
 
-    /// Records one usage delta and adds it to its conversation's totals;
-    /// returns once both are committed. Writing the same (conversation,
-    /// stream, sequence) again changes nothing.
-    pub async fn usage(&self, record: UsageRecord) -> Result<(), LedgerError> {
-        self.commit(writer::Write::Usage {
-            record,
-            at_ms: now_ms(),
-        })
-        .await
+    /// Records one usage delta, adds it to its conversation's totals and
+    /// settles it against the conversation's budgets; returns once all
+    /// three are committed, with the account as it now stands. Writing the
+    /// same (conversation, stream, sequence) again changes nothing.
+    pub async fn usage(&self, record: UsageRecord) -> Result<Option<Account>, LedgerError> {
+        let done = self
+            .commit(writer::Write::Usage {
+                record,
+                at_ms: now_ms(),
+            })
+            .await?;
+        match done {
+            writer::Done::Settled(account) => Ok(account),
+            _ => Ok(None),
+        }
     }
 
     /// Records a finished turn (not waited for); its texts only with
@@ -258,7 +310,8 @@ impl Ledger {
         });
     }
 
-    /// Records a conversation's end; returns once it is committed.
+    /// Records a conversation's end and gives back what it held against
+    /// its budgets; returns once it is committed.
     pub async fn ended(
         &self,
         conversation: &str,
@@ -272,10 +325,11 @@ impl Ledger {
             at_ms: now_ms(),
         })
         .await
+        .map(drop)
     }
 
     /// Queues a write and waits for its commit.
-    async fn commit(&self, write: writer::Write) -> Result<(), LedgerError> {
+    async fn commit(&self, write: writer::Write) -> Result<writer::Done, LedgerError> {
         let (done, committed) = oneshot::channel();
         let job = writer::Job {
             write,
@@ -405,18 +459,50 @@ fn client_hash(client: IpAddr) -> String {
 }
 
 /// Closes the conversations a gateway of this name left open as
-/// `interrupted`: it was killed while they ran.
+/// `interrupted` (it was killed while they ran), and gives back what they
+/// held against their budgets.
 async fn close_interrupted(pool: &AnyPool, gateway: &str) -> Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    let at_ms = now_ms();
+    // First a write: SQLite takes its write lock before the holds are read.
     sqlx::query(
         "UPDATE conversations SET ended_ms = $1, end_reason = $2 \
          WHERE gateway = $3 AND ended_ms IS NULL",
     )
-    .bind(now_ms())
+    .bind(at_ms)
     .bind(INTERRUPTED)
     .bind(gateway)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    let holds = sqlx::query(
+        "SELECT held_micro_usd, hold FROM conversations \
+         WHERE gateway = $1 AND ended_ms = $2 AND end_reason = $3 AND held_micro_usd > 0",
+    )
+    .bind(gateway)
+    .bind(at_ms)
+    .bind(INTERRUPTED)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut changes = budget::Changes::default();
+    for row in &holds {
+        let held: i64 = row.try_get("held_micro_usd")?;
+        let hold: String = row.try_get("hold")?;
+        changes.release(&budget::parse_hold(&hold), u64::try_from(held).unwrap_or(0));
+    }
+    if !changes.is_empty() {
+        changes.apply(&mut tx).await?;
+        sqlx::query(
+            "UPDATE conversations SET held_micro_usd = 0 \
+             WHERE gateway = $1 AND ended_ms = $2 AND end_reason = $3",
+        )
+        .bind(gateway)
+        .bind(at_ms)
+        .bind(INTERRUPTED)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
 }
 
 /// Runs the migrations not yet recorded, each in its own transaction.

@@ -87,4 +87,18 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     );
     CREATE INDEX client_tokens_expiry ON client_tokens (expires_ms)",
     ),
+    (
+        3,
+        "budgets and the holds of running conversations",
+        "CREATE TABLE budgets (
+        scope TEXT NOT NULL,
+        period TEXT NOT NULL,
+        spent_micro_usd BIGINT NOT NULL DEFAULT 0,
+        reserved_micro_usd BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, period)
+    );
+    ALTER TABLE conversations ADD COLUMN held_micro_usd BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE conversations ADD COLUMN hold TEXT NOT NULL DEFAULT '';
+    CREATE INDEX conversations_key_open ON conversations (key_id, ended_ms)",
+    ),
 ];

@@ -34,6 +34,7 @@ fn start(id: &str) -> Started {
         engine: "nova-sonic".to_owned(),
         language: "es".to_owned(),
         voice: "lupe".to_owned(),
+        reserve_micro_usd: 0,
     }
 }
 
@@ -55,6 +56,7 @@ fn usage(conversation: &str, stream: u64, sequence: u64, delta: UsageDelta) -> U
         sequence,
         prices: "test-prices".to_owned(),
         delta,
+        account: None,
     }
 }
 

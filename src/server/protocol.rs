@@ -6,7 +6,7 @@ mod outgoing;
 
 use serde_json::Value;
 
-pub(crate) use self::outgoing::{OutputFormat, ServerMessage, Stats};
+pub(crate) use self::outgoing::{Budget, OutputFormat, ServerMessage, Stats};
 use crate::audio::AudioFormat;
 use crate::session::Warning;
 
@@ -76,6 +76,13 @@ crate::names::named_enum! {
         /// The ledger cannot record the conversation's cost: a new one is
         /// refused (closes, 1013); a running paid one ends.
         LedgerUnavailable = "ledger_unavailable",
+        /// A budget (the key's for its period, the service's for the day, or
+        /// the conversation's) has no room for another turn: a new
+        /// conversation is refused (closes, 1008); a running one ends after
+        /// its reply.
+        BudgetExceeded = "budget_exceeded",
+        /// The key's `max_sessions` conversations are running (closes, 1013).
+        KeyBusy = "key_busy",
     }
 }
 

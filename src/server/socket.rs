@@ -174,7 +174,10 @@ impl Connection {
             if let crate::session::ClientOutput::Event(crate::engine::EngineEvent::Usage(delta)) =
                 output
             {
-                let _ = self.record_usage(&mut running.record, delta).await;
+                let mut total = running.usage;
+                total.add(&delta);
+                let _ = self.record_usage(&mut running.record, delta, &total).await;
+                running.usage = total;
             }
         }
         let _ = task.await;
@@ -316,10 +319,7 @@ impl Connection {
                 hello.voice.clone()
             },
         };
-        if !self.record_start(&options, engine.name()).await {
-            return None;
-        }
-        let record = ledger::Record::new(engine.prices());
+        let record = self.record_start(&options, engine.as_ref()).await?;
         let session = match engine.start(options) {
             Ok(session) => session,
             Err(StartError::Busy { message, .. }) => {

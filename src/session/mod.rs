@@ -287,6 +287,8 @@ crate::names::named_enum! {
         MaxDuration = "max_duration",
         /// Its cost could not be recorded, so it could not go on.
         LedgerUnavailable = "ledger_unavailable",
+        /// A budget had no room for another turn.
+        BudgetExceeded = "budget_exceeded",
     }
 }
 

@@ -66,6 +66,24 @@ impl UsageDelta {
     }
 }
 
+/// A positive amount of dollars in whole micro-dollars; refuses what is
+/// not a plain amount or is finer than a micro-dollar.
+pub fn micro_usd(usd: f64) -> Result<u64, String> {
+    if !usd.is_finite() || usd <= 0.0 || usd > 1e9 {
+        return Err(format!("must be a positive amount of dollars, not {usd}"));
+    }
+    let micro = (usd * 1e6).round();
+    if (usd * 1e6 - micro).abs() > 1e-3 {
+        return Err(format!("{usd} is finer than a micro-dollar"));
+    }
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "checked above"
+    )]
+    Ok(micro as u64)
+}
+
 /// Nano-dollars in one micro-dollar.
 const NANO_PER_MICRO: u128 = 1_000;
 /// Largest accepted configured rate, in USD per 1,000 tokens.

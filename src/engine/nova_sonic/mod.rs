@@ -244,6 +244,10 @@ impl Engine for NovaSonicEngine {
         format!("{} {}", settings.model, rates.stamp())
     }
 
+    fn paid(&self) -> bool {
+        true
+    }
+
     fn voices(&self) -> Vec<Voice> {
         let v1 = is_v1(&self.shared.settings.model);
         let mut voices = vec![

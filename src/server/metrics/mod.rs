@@ -45,6 +45,10 @@ crate::names::named_enum! {
         MaxConnections = "max_connections",
         /// The ledger could not record the conversation's start.
         LedgerUnavailable = "ledger_unavailable",
+        /// A budget had no room for one more turn.
+        BudgetExceeded = "budget_exceeded",
+        /// The key's `max_sessions` conversations were running.
+        KeyBusy = "key_busy",
     }
 }
 

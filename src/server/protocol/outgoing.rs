@@ -22,6 +22,9 @@ pub(crate) enum ServerMessage<'a> {
         language: &'a str,
         input: &'a str,
         output: OutputFormat,
+        /// What is left of the conversation's budget, when one limits it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        budget: Option<Budget>,
     },
     Error {
         code: ErrorCode,
@@ -64,6 +67,8 @@ pub(crate) enum ServerMessage<'a> {
     Usage {
         delta: &'a UsageDelta,
         total: &'a UsageDelta,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        budget: Option<Budget>,
     },
     Stats(Stats),
     End {
@@ -71,6 +76,12 @@ pub(crate) enum ServerMessage<'a> {
         message: &'a str,
         summary: &'a ConversationSummary,
     },
+}
+
+/// What is left under the tightest of a conversation's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub(crate) struct Budget {
+    pub(crate) remaining_micro_usd: u64,
 }
 
 /// The reply audio format announced in `ready`.

@@ -65,24 +65,36 @@ impl Connection {
                         format: "pcm16",
                         rate: REPLY_RATE_HZ,
                     },
+                    budget: running.record.budget(),
                 }
                 .to_text()
             }
             ClientOutput::Event(EngineEvent::Usage(delta)) => {
-                if !self.record_usage(&mut running.record, delta).await {
+                let mut total = running.usage;
+                total.add(&delta);
+                if !self.record_usage(&mut running.record, delta, &total).await {
                     // Not shown: the ledger does not hold it. A paid
                     // conversation stops rather than spend unrecorded money.
                     if delta.cost_micro_usd > 0 {
                         return self.ledger_failed(running).await;
                     }
                 }
-                running.usage.add(&delta);
+                running.usage = total;
                 self.shared.metrics.usage(&delta);
-                ServerMessage::Usage {
+                let budget = running.record.budget();
+                let text = ServerMessage::Usage {
                     delta: &delta,
                     total: &running.usage,
+                    budget,
                 }
-                .to_text()
+                .to_text();
+                if running.record.exhausted() {
+                    if let Some(exit) = self.budget_spent(running, text).await {
+                        return Some(exit);
+                    }
+                    return None;
+                }
+                text
             }
             ClientOutput::Event(mut event) => {
                 match &mut event {
@@ -211,6 +223,7 @@ impl Connection {
         let code = match reason {
             CloseReason::Shutdown => CLOSE_GOING_AWAY,
             CloseReason::LedgerUnavailable => super::CLOSE_TRY_AGAIN,
+            CloseReason::BudgetExceeded => super::CLOSE_POLICY,
             CloseReason::EngineError | CloseReason::EngineStalled => CLOSE_INTERNAL,
             _ => CLOSE_NORMAL,
         };

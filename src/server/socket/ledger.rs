@@ -3,11 +3,15 @@
 //! usage delta (committed before the client sees it), each turn and the
 //! end. Without a ledger every call here does nothing and succeeds.
 
+use axum::extract::ws::Message;
+
 use super::super::metrics::Refusal;
-use super::super::protocol::{ErrorCode, ProtocolError};
-use super::{CLOSE_TRY_AGAIN, Connection, Exit, Running};
-use crate::engine::{ConversationOptions, Role, Stage, TurnEndReason};
-use crate::ledger::{Started, TurnRecord, UsageRecord};
+use super::super::protocol::{Budget, ErrorCode, ProtocolError};
+use super::{CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, Exit, Running};
+use crate::engine::{ConversationOptions, Engine, Role, Stage, TurnEndReason};
+use crate::ledger::{
+    Account, Admission, Refusal as BudgetRefusal, Started, TurnRecord, UsageRecord,
+};
 use crate::session::CloseReason;
 use crate::usage::UsageDelta;
 
@@ -30,17 +34,44 @@ pub(super) struct Record {
     /// What was said in the current turn (final transcripts).
     user_text: String,
     reply_text: String,
+    /// The conversation's budgets, when any limits it.
+    account: Option<Account>,
+    /// The client was told the budget is spent.
+    told_spent: bool,
 }
 
 impl Record {
-    pub(super) fn new(prices: String) -> Self {
+    pub(super) fn new(prices: String, account: Option<Account>) -> Self {
         Self {
             prices,
             sequence: 0,
             latency_ms: None,
             user_text: String::new(),
             reply_text: String::new(),
+            account,
+            told_spent: false,
         }
+    }
+
+    /// What is left of the budget, for the client.
+    pub(super) fn budget(&self) -> Option<Budget> {
+        let remaining = self.account.as_ref()?.standing.remaining_micro_usd?;
+        Some(Budget {
+            remaining_micro_usd: remaining,
+        })
+    }
+
+    /// Whether the budget just ran out (`true` once).
+    pub(super) fn exhausted(&mut self) -> bool {
+        let spent = self
+            .account
+            .as_ref()
+            .is_some_and(|account| account.standing.exhausted);
+        if spent && !self.told_spent {
+            self.told_spent = true;
+            return true;
+        }
+        false
     }
 
     /// A transcript: final ones are kept for the turn's record.
@@ -63,26 +94,38 @@ impl Record {
 }
 
 impl Connection {
-    /// Records the start; `false` (after refusing the client) when the
-    /// ledger cannot.
+    /// Admits and records the start; `None` (after refusing the client)
+    /// when a budget or the key's limit refuses it or the ledger cannot
+    /// record it.
     pub(super) async fn record_start(
         &mut self,
         options: &ConversationOptions,
-        engine: &str,
-    ) -> bool {
+        engine: &dyn Engine,
+    ) -> Option<Record> {
         let Some(ledger) = self.shared.ledger.get() else {
-            return true;
+            return Some(Record::new(engine.prices(), None));
+        };
+        let reserve = if engine.paid() {
+            self.shared.config.ledger.turn_reserve_micro_usd()
+        } else {
+            0
         };
         let start = Started {
             id: self.conversation.clone(),
             key_id: self.key.clone(),
             client: self.peer.ip(),
-            engine: engine.to_owned(),
+            engine: engine.name().to_owned(),
             language: options.language.clone(),
             voice: options.voice.clone(),
+            reserve_micro_usd: reserve,
         };
-        let Err(e) = ledger.started(start).await else {
-            return true;
+        let e = match ledger.started(start).await {
+            Ok(Admission::Admitted(account)) => return Some(Record::new(engine.prices(), account)),
+            Ok(Admission::Refused(refusal)) => {
+                self.refuse(&refusal).await;
+                return None;
+            }
+            Err(e) => e,
         };
         self.log(&format!("conversation refused: {e}"));
         self.shared.metrics.refused(Refusal::LedgerUnavailable);
@@ -92,12 +135,42 @@ impl Connection {
         );
         self.send_error(&error, true).await;
         self.close(CLOSE_TRY_AGAIN, LEDGER_REASON).await;
-        false
+        None
     }
 
-    /// Records one usage delta; `true` once the ledger holds it (or there
-    /// is no ledger).
-    pub(super) async fn record_usage(&mut self, record: &mut Record, delta: UsageDelta) -> bool {
+    /// Refuses a conversation a budget or its key's limit has no room for.
+    async fn refuse(&mut self, refusal: &BudgetRefusal) {
+        let message = refusal.message();
+        self.log(&format!("conversation refused: {message}"));
+        let (refused, code, close, reason) = match refusal {
+            BudgetRefusal::Budget { .. } => (
+                Refusal::BudgetExceeded,
+                ErrorCode::BudgetExceeded,
+                CLOSE_POLICY,
+                "budget_exceeded",
+            ),
+            BudgetRefusal::Sessions { .. } => (
+                Refusal::KeyBusy,
+                ErrorCode::KeyBusy,
+                CLOSE_TRY_AGAIN,
+                "key_busy",
+            ),
+        };
+        self.shared.metrics.refused(refused);
+        self.send_error(&ProtocolError::new(code, message), true)
+            .await;
+        self.close(close, reason).await;
+    }
+
+    /// Records one usage delta (`total`: the conversation's with it) and
+    /// settles it against the budgets; `true` once the ledger holds it (or
+    /// there is no ledger).
+    pub(super) async fn record_usage(
+        &mut self,
+        record: &mut Record,
+        delta: UsageDelta,
+        total: &UsageDelta,
+    ) -> bool {
         let Some(ledger) = self.shared.ledger.get() else {
             return true;
         };
@@ -107,10 +180,17 @@ impl Connection {
             sequence: record.sequence,
             prices: record.prices.clone(),
             delta,
+            account: record.account.clone(),
         };
         record.sequence += 1;
         match ledger.usage(usage).await {
-            Ok(()) => true,
+            Ok(account) => {
+                if let Some(mut account) = account {
+                    account.apply_conversation_cap(total.cost_micro_usd);
+                    record.account = Some(account);
+                }
+                true
+            }
             Err(e) => {
                 self.log(&format!("usage not recorded: {e}"));
                 self.shared.metrics.error(ErrorCode::LedgerUnavailable);
@@ -131,6 +211,32 @@ impl Connection {
             "the cost of this conversation cannot be recorded; it ends after this reply",
         );
         if running.client_gone || self.send_error(&error, false).await {
+            return None;
+        }
+        Some(self.write_failed(running))
+    }
+
+    /// The budget has no room for another turn: after `usage` (the
+    /// message showing the delta that spent it), the client is told, and
+    /// the conversation ends once the reply in progress is done.
+    pub(super) async fn budget_spent(
+        &mut self,
+        running: &mut Running,
+        usage: String,
+    ) -> Option<Exit> {
+        running
+            .handle
+            .shutdown
+            .trigger_with(CloseReason::BudgetExceeded);
+        self.log("the budget is spent: the conversation ends after this reply");
+        if running.client_gone {
+            return None;
+        }
+        let error = ProtocolError::new(
+            ErrorCode::BudgetExceeded,
+            "the budget has no room for another turn; the conversation ends after this reply",
+        );
+        if self.feed(Message::Text(usage.into())).await && self.send_error(&error, false).await {
             return None;
         }
         Some(self.write_failed(running))
