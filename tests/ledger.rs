@@ -714,7 +714,9 @@ fn the_keys_command_creates_lists_and_revokes() {
     let (code, out, _) = sonora(&["keys", "list"]);
     assert_eq!(code, Some(0));
     assert!(
-        out.contains(id) && out.contains("$2.500000/month") && out.contains("3 at once"),
+        out.contains(id)
+            && out.contains("$2.500000/month, $0.000000 spent")
+            && out.contains("3 at once"),
         "{out}"
     );
     assert!(!out.contains(secret), "{out}");

@@ -300,18 +300,24 @@ fn spawn_gateway(
     ledger: &str,
     dir: &std::path::Path,
 ) -> (std::process::Child, std::net::SocketAddr) {
+    spawn_gateway_with(endpoint, ledger, dir, &["ledger.gateway_name=crash-test"])
+}
+
+/// The same with more `--set` settings.
+fn spawn_gateway_with(
+    endpoint: &Endpoint,
+    ledger: &str,
+    dir: &std::path::Path,
+    settings: &[&str],
+) -> (std::process::Child, std::net::SocketAddr) {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
         .current_dir(common::root())
         .args(["serve", "--listen", "127.0.0.1:0", "--engine", "nova-sonic"])
         .args(["--bedrock-endpoint", &endpoint.url, "--ca-file"])
         .arg(&endpoint.ca_file)
-        .args([
-            "--ledger",
-            ledger,
-            "--set",
-            "ledger.gateway_name=crash-test",
-        ])
+        .args(["--ledger", ledger])
+        .args(settings.iter().flat_map(|s| ["--set", s]))
         .env("AWS_ACCESS_KEY_ID", "AKIDSONORATEST")
         .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
         .env("AWS_REGION", "us-east-1")
@@ -403,5 +409,222 @@ async fn a_killed_gateway_loses_no_cost_a_client_saw() {
     }
     let check = usage(&["--check"]);
     assert!(check.status.success(), "{check:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One conversation on a budgeted key, asking question after question
+/// until the gateway stops it: what it was told.
+#[derive(Debug, Default)]
+struct Budgeted {
+    /// The `session` of `ready`, when it started.
+    id: Option<String>,
+    /// The error code it was refused with, when it did not start.
+    refused: Option<String>,
+    turns: u32,
+    /// The last `usage` message's total cost and remaining budget.
+    shown_micro_usd: i64,
+    remaining: Vec<i64>,
+    end_reason: Option<String>,
+    close_code: Option<u16>,
+}
+
+async fn spend_a_budget(addr: std::net::SocketAddr, secret: String) -> Budgeted {
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/api/tokens"))
+        .header("Authorization", format!("Bearer {secret}"))
+        .send()
+        .await
+        .unwrap();
+    let token: serde_json::Value = response.json().await.unwrap();
+    let mut client = gateway::Client::connect(addr).await;
+    let hello = serde_json::json!({"type": "hello", "version": 1, "language": "es",
+        "audio": {"format": "pcm16", "rate": 16000}, "token": token["token"]});
+    client.send_json(hello).await;
+    let mut seen = Budgeted::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        // Until the conversation is ready (or refused), then one turn.
+        let mut asked = seen.id.is_none();
+        loop {
+            if !asked {
+                let silence = vec![0i16; 9_600];
+                for frame in question().chunks(320).chain(silence.chunks(320)) {
+                    tick.tick().await;
+                    client.send_pcm(frame).await;
+                }
+                asked = true;
+            }
+            let frame = client.next().await;
+            match &frame {
+                gateway::Frame::Closed(close) => {
+                    seen.close_code = close.as_ref().map(|c| c.0);
+                    return seen;
+                }
+                f if f.is("ready") => {
+                    seen.id = f.json()["session"].as_str().map(str::to_owned);
+                    if let Some(left) = f.json()["budget"]["remaining_micro_usd"].as_i64() {
+                        seen.remaining.push(left);
+                    }
+                    asked = false;
+                }
+                f if f.is("error") && seen.id.is_none() => {
+                    seen.refused = f.json()["code"].as_str().map(str::to_owned);
+                }
+                f if f.is("end") => {
+                    seen.end_reason = f.json()["reason"].as_str().map(str::to_owned)
+                }
+                f if f.is("usage") => {
+                    let json = f.json();
+                    seen.shown_micro_usd = json["total"]["cost_micro_usd"].as_i64().unwrap();
+                    if let Some(left) = json["budget"]["remaining_micro_usd"].as_i64() {
+                        seen.remaining.push(left);
+                    }
+                    // The reply's usage closes the turn.
+                    if json["delta"]["speech_out_tokens"].as_i64() > Some(0) {
+                        seen.turns += 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Two gateways on one PostgreSQL, one key whose budget fits about ten
+/// turns, four conversations at once through both: together they spend no
+/// more than one turn past the budget, each is told why it ended, a new one
+/// is refused, and what the clients were shown, the ledger's report and
+/// `--check` agree to the micro-dollar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
+    let Some(server) = common::postgres::Postgres::start() else {
+        return;
+    };
+    let turns: Vec<Turn> = (0..12)
+        .map(|_| Turn::new(QUESTION, ANSWER, 1_000))
+        .collect();
+    let endpoint = Endpoint::start(vec![Script::answering(turns)]).await;
+    let dir = std::env::temp_dir().join(format!("sonora-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ledger = server.database("budget");
+    // What one turn costs: the endpoint's usage for one question and answer.
+    let turn = expected_micro_usd(Sent {
+        speech_in: 20,
+        text_in: 40 + QUESTION.len() as u64 / 4,
+        speech_out: 25,
+        text_out: 3 + ANSWER.len() as u64 / 4,
+    });
+    let budget = 10 * turn;
+    let sonora = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+            .args(args)
+            .args(["--ledger", &ledger])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let budget_usd = format!("{}.{:06}", budget / 1_000_000, budget % 1_000_000);
+    let created = sonora(&[
+        "keys",
+        "create",
+        "--name",
+        "desk",
+        "--budget-usd",
+        &budget_usd,
+        "--period",
+        "day",
+    ]);
+    let created: serde_json::Value = serde_json::from_str(created.lines().last().unwrap()).unwrap();
+    let secret = created["key"].as_str().unwrap().to_owned();
+    let reserve = format!("ledger.turn_reserve_usd=0.{turn:06}");
+    let gateways: Vec<_> = ["gw-a", "gw-b"]
+        .iter()
+        .map(|name| {
+            let name = format!("ledger.gateway_name={name}");
+            spawn_gateway_with(
+                &endpoint,
+                &ledger,
+                &dir,
+                &[&name, &reserve, "server.auth=keys"],
+            )
+        })
+        .collect();
+    let runs: Vec<_> = (0..4)
+        .map(|i| tokio::spawn(spend_a_budget(gateways[i % 2].1, secret.clone())))
+        .collect();
+    let mut seen = Vec::new();
+    for run in runs {
+        seen.push(run.await.unwrap());
+    }
+    // Holds given back as those ended may leave room for a turn or two
+    // more: later conversations take it, until one is refused.
+    let mut late = Budgeted::default();
+    for _ in 0..4 {
+        late = spend_a_budget(gateways[0].1, secret.clone()).await;
+        if late.id.is_none() {
+            break;
+        }
+        seen.push(std::mem::take(&mut late));
+    }
+    for (mut child, _) in gateways {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(late.refused.as_deref(), Some("budget_exceeded"), "{late:?}");
+    assert_eq!(late.close_code, Some(1008), "{late:?}");
+
+    let rows: serde_json::Value = serde_json::from_str(&sonora(&[
+        "usage",
+        "--by",
+        "conversation",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let rows = rows.as_array().unwrap();
+    let spent: i64 = rows
+        .iter()
+        .map(|r| r["cost_micro_usd"].as_i64().unwrap())
+        .sum();
+    let turns: u32 = seen.iter().map(|s| s.turns).sum();
+    // The dearest turn as the endpoint really priced it.
+    let turn = seen
+        .iter()
+        .filter(|s| s.turns > 0)
+        .map(|s| (s.shown_micro_usd + i64::from(s.turns) - 1) / i64::from(s.turns))
+        .max()
+        .unwrap();
+    let budget = i64::try_from(budget).unwrap();
+    assert!(
+        spent <= budget + turn,
+        "{spent} spent, budget {budget}, a turn {turn}: {seen:?}"
+    );
+    // They stopped because the budget was spent, not before.
+    assert!(spent > budget - 4 * turn, "{spent} of {budget}: {seen:?}");
+    assert!(turns >= 6, "{turns} turns: {seen:?}");
+    for run in seen.iter().filter(|s| s.id.is_some()) {
+        assert_eq!(
+            run.end_reason.as_deref(),
+            Some("budget_exceeded"),
+            "{run:?}"
+        );
+        assert_eq!(run.close_code, Some(1008), "{run:?}");
+        let id = run.id.as_deref().unwrap();
+        let row = rows.iter().find(|r| r["conversation"] == id).unwrap();
+        assert_eq!(
+            row["cost_micro_usd"].as_i64(),
+            Some(run.shown_micro_usd),
+            "{row}"
+        );
+        assert_eq!(row["end_reason"], "budget_exceeded", "{row}");
+        assert!(run.remaining.windows(2).all(|w| w[0] >= w[1]), "{run:?}");
+        assert!(run.remaining.first() <= Some(&budget), "{run:?}");
+    }
+    for run in seen.iter().filter(|s| s.id.is_none()) {
+        assert_eq!(run.refused.as_deref(), Some("budget_exceeded"), "{run:?}");
+    }
+    sonora(&["usage", "--check"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

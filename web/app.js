@@ -35,7 +35,7 @@ setLanguage(chooseLanguage(params.get('ui'), navigator.language));
 const state = {
   connection: null, capture: null, player: null, mode: null, running: false, conversation: 0,
   sentMs: 0, lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
-  usage: null, stats: null, engine: null, ended: null, errors: [], pendingText: null,
+  usage: null, budget: null, stats: null, engine: null, ended: null, errors: [], pendingText: null,
   toolCalls: 0, rotations: 0, lastGapMs: null,
 };
 
@@ -73,6 +73,8 @@ function render() {
   $('m-latency').textContent = last == null ? '—' : `${fmtMs(last)} (${fmtMs(mean)} ⌀, ${state.latencies.length})`;
   $('m-server-latency').textContent = fmtMs(state.serverLatencyMs);
   $('m-cost').textContent = u ? `$${(u.cost_micro_usd / 1e6).toFixed(6)}` : '—';
+  $('m-budget-row').hidden = state.budget == null;
+  if (state.budget != null) $('m-budget').textContent = `$${(state.budget.remaining_micro_usd / 1e6).toFixed(6)}`;
   $('m-speech').textContent = u ? `${u.speech_in_tokens} / ${u.speech_out_tokens}` : '—';
   $('m-text').textContent = u ? `${u.text_in_tokens} / ${u.text_out_tokens}` : '—';
   const played = state.player ? state.player.playedSamples / state.player.rate * 1000 : 0;
@@ -251,6 +253,8 @@ function conversationHandlers(connection, listening) {
     ready: (message) => {
       outputRate = message.output.rate;
       state.engine = message;
+      state.budget = message.budget ?? null;
+      scheduleRender();
       if (listening) setStatus(t('listening'));
       else if (!$('status').classList.contains('error')) setStatus('');
       if (state.pendingText) {
@@ -266,7 +270,10 @@ function conversationHandlers(connection, listening) {
       player?.flush();
       markCut(lines.get(`${state.conversation}:${m.turn}:assistant`));
     },
-    usage: (m) => { state.usage = m.total; },
+    usage: (m) => {
+      state.usage = m.total;
+      if (m.budget) state.budget = m.budget;
+    },
     stats: (m) => { state.stats = m; },
     latency: (m) => { state.serverLatencyMs = m.ms; },
     turn_end: () => player?.endOfTurn(),
@@ -282,12 +289,14 @@ function conversationHandlers(connection, listening) {
     },
     error: (m) => {
       state.errors.push(m);
-      if (m.fatal) setStatus(m.message, true);
+      if (m.code === 'budget_exceeded') setStatus(t(m.fatal ? 'budget-refused' : 'budget-spent'), true);
+      else if (m.fatal) setStatus(m.message, true);
     },
     end: (m) => {
       state.ended = m;
       const stopped = m.reason === 'client_stopped';
-      setStatus(stopped ? t('ended') : `${t('ended')} ${m.message ?? ''}`.trim(), !stopped);
+      if (m.reason === 'budget_exceeded') setStatus(t('budget-ended'), true);
+      else setStatus(stopped ? t('ended') : `${t('ended')} ${m.message ?? ''}`.trim(), !stopped);
     },
     close: (event) => {
       if (event.code === 1013) setStatus(event.reason || t('busy'), true);

@@ -84,7 +84,12 @@ pub(crate) fn run(config: &Config, command: &KeysCommand) -> Result<(), Failure>
             .map_err(anyhow::Error::from)?;
         match command {
             KeysCommand::Create(args) => create(&ledger, args).await,
-            KeysCommand::List(_) => list(&ledger).await,
+            KeysCommand::List(_) => {
+                // The configuration was validated: the zone exists.
+                let zone = jiff::tz::TimeZone::get(&config.ledger.time_zone)
+                    .map_err(|e| anyhow!("ledger.time_zone: {e}"))?;
+                list(&ledger, &zone).await
+            }
             KeysCommand::Revoke { id, .. } => {
                 if ledger.revoke_key(id).await.map_err(anyhow::Error::from)? {
                     println!("revoked {id}");
@@ -130,12 +135,18 @@ async fn create(ledger: &Ledger, args: &CreateArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn list(ledger: &Ledger) -> Result<(), Failure> {
+async fn list(ledger: &Ledger, zone: &jiff::tz::TimeZone) -> Result<(), Failure> {
     let keys = ledger.keys().await.map_err(anyhow::Error::from)?;
+    let dollars = |micro: u64| format!("${}.{:06}", micro / 1_000_000, micro % 1_000_000);
     for key in &keys {
         let budget = match (key.budget_micro_usd, &key.budget_period) {
             (Some(micro), Some(period)) => {
-                format!("${}.{:06}/{period}", micro / 1_000_000, micro % 1_000_000)
+                let spent = ledger
+                    .key_spent(key, crate::ledger::now_ms(), zone)
+                    .await
+                    .map_err(anyhow::Error::from)?;
+                let micro = u64::try_from(micro).unwrap_or(0);
+                format!("{}/{period}, {} spent", dollars(micro), dollars(spent))
             }
             _ => "no budget".to_owned(),
         };

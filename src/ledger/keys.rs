@@ -269,4 +269,28 @@ impl Ledger {
             },
         })
     }
+
+    /// What a key has spent in the period holding `at_ms` (in `zone`).
+    pub async fn key_spent(
+        &self,
+        key: &KeyInfo,
+        at_ms: i64,
+        zone: &jiff::tz::TimeZone,
+    ) -> Result<u64, LedgerError> {
+        let Some(period) = key.budget_period.as_deref().and_then(Period::parse) else {
+            return Ok(0);
+        };
+        let row =
+            sqlx::query("SELECT spent_micro_usd FROM budgets WHERE scope = $1 AND period = $2")
+                .bind(format!("key:{}", key.id))
+                .bind(super::budget::period_label(period, at_ms, zone))
+                .fetch_optional(self.pool())
+                .await
+                .map_err(failed)?;
+        let spent: i64 = match row {
+            Some(row) => row.try_get(0).map_err(failed)?,
+            None => 0,
+        };
+        Ok(u64::try_from(spent).unwrap_or(0))
+    }
 }
