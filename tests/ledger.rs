@@ -34,6 +34,11 @@ fn sqlite(name: &str) -> LedgerConfig {
     }
 }
 
+/// `ledger.time_zone` as configured by default.
+fn zone() -> jiff::tz::TimeZone {
+    jiff::tz::TimeZone::get(&LedgerConfig::default().time_zone).unwrap()
+}
+
 fn ready() -> EngineEvent {
     EngineEvent::Ready {
         engine: "scripted".into(),
@@ -130,7 +135,7 @@ async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
         ("scripted", "paid")
     );
     assert_eq!(row.speech_out_tokens, 20 * 4_000);
-    let check = report::check(ledger.pool()).await.unwrap();
+    let check = report::check(ledger.pool(), &zone()).await.unwrap();
     assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
     assert_eq!(check.usage_rows, 2);
     let metrics = gateway.metrics().await;
@@ -292,7 +297,7 @@ async fn concurrent_conversations_add_up_exactly(config: LedgerConfig) {
         assert_eq!(row.text_in_tokens, 75, "{row:?}");
         assert_eq!(row.key.as_deref(), Some("k1"));
     }
-    let check = report::check(ledger.pool()).await.unwrap();
+    let check = report::check(ledger.pool(), &zone()).await.unwrap();
     assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
     assert_eq!(check.usage_rows, 40 * 25);
     // Fewer transactions than records: the writer batches.
@@ -490,7 +495,7 @@ async fn budgets_hold_across_gateways(config: LedgerConfig) {
     drop(killed);
     let _restarted = Ledger::open(&named("gw-killed", 0.0)).await.unwrap();
     assert_eq!(budget_row(&a, &roomy_scope).await, (0, 0));
-    let check = report::check(a.pool()).await.unwrap();
+    let check = report::check(a.pool(), &zone()).await.unwrap();
     assert!(check.mismatches.is_empty(), "{:?}", check.mismatches);
 }
 
@@ -654,6 +659,44 @@ async fn keys_buy_one_time_client_tokens(config: LedgerConfig) {
     assert!(refused_as_unauthorized(
         &hello_with(&gateway, other["token"].as_str().unwrap(), "").await
     ));
+
+    // A key with one conversation at a time: a second is refused with
+    // key_busy, and its token, given back, opens one once the first ended.
+    let one = KeyLimits {
+        budget: None,
+        max_sessions: Some(1),
+    };
+    let (_, one_secret) = ledger.create_key("one at a time", &one).await.unwrap();
+    let (_, first) = post_token(&gateway, Some(&one_secret), "").await;
+    let (_, second) = post_token(&gateway, Some(&one_secret), "").await;
+    let second = second["token"].as_str().unwrap().to_owned();
+    let mut holder = gateway.client().await;
+    let hello = serde_json::json!({"type": "hello", "version": 1,
+        "audio": {"format": "pcm16", "rate": 16000}, "token": first["token"]});
+    holder.send_json(hello).await;
+    holder.until(|f| f.is("ready")).await;
+    let frames = hello_with(&gateway, &second, "").await;
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.is("error") && f.json()["code"] == "key_busy"),
+        "{frames:?}"
+    );
+    assert!(
+        matches!(frames.last(), Some(Frame::Closed(Some((1013, _))))),
+        "{frames:?}"
+    );
+    holder.close_normally().await;
+    let mut opened = false;
+    for _ in 0..50 {
+        let frames = hello_with(&gateway, &second, "").await;
+        if frames.last().is_some_and(|f| f.is("ready")) {
+            opened = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(opened, "the token given back opens a conversation");
 
     // An expired token, and every token of a revoked key, are refused.
     let (_, expired) = post_token(&gateway, Some(&secret), "").await;

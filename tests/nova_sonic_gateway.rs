@@ -568,7 +568,15 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
         }
         seen.push(std::mem::take(&mut late));
     }
-    for (mut child, _) in gateways {
+    let mut metered = 0.0;
+    for (mut child, addr) in gateways {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        metered += metric(&text, "sonora_cost_usd_total");
         child.kill().unwrap();
         child.wait().unwrap();
     }
@@ -588,6 +596,12 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
         .iter()
         .map(|r| r["cost_micro_usd"].as_i64().unwrap())
         .sum();
+    // The gateways' /metrics, the clients and the ledger agree.
+    assert_eq!(
+        (metered * 1e6).round() as i64,
+        spent,
+        "{metered} vs {spent}"
+    );
     let turns: u32 = seen.iter().map(|s| s.turns).sum();
     // The dearest turn as the endpoint really priced it.
     let turn = seen

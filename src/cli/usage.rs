@@ -96,7 +96,7 @@ pub(crate) fn run(config: &Config, args: &UsageArgs) -> Result<(), Failure> {
             .await
             .map_err(anyhow::Error::from)?;
         if args.check {
-            let check = report::check(&pool)
+            let check = report::check(&pool, &zone)
                 .await
                 .context("cannot read the ledger")?;
             return print_check(&check, args.format);

@@ -270,6 +270,18 @@ impl Ledger {
         })
     }
 
+    /// Gives a redeemed token back: the conversation it opened never
+    /// started (the engine or the key's limit on conversations refused it),
+    /// so it may be used again until it expires.
+    pub async fn release_token(&self, token: &str) -> Result<(), LedgerError> {
+        sqlx::query("UPDATE client_tokens SET used_ms = NULL WHERE token_sha256 = $1")
+            .bind(sha256_hex(token))
+            .execute(self.pool())
+            .await
+            .map_err(failed)?;
+        Ok(())
+    }
+
     /// What a key has spent in the period holding `at_ms` (in `zone`).
     pub async fn key_spent(
         &self,

@@ -114,8 +114,11 @@ pub struct Check {
 }
 
 /// Compares every conversation's totals with the sum of its usage rows,
-/// and looks for usage rows of unknown conversations.
-pub async fn check(pool: &AnyPool) -> Result<Check, sqlx::Error> {
+/// looks for usage rows of unknown conversations, checks each upstream
+/// stream's deltas against the running totals its engine reported, and
+/// each key budget's spend and holds against its conversations (days and
+/// months in `zone`, `ledger.time_zone`).
+pub async fn check(pool: &AnyPool, zone: &jiff::tz::TimeZone) -> Result<Check, sqlx::Error> {
     let sums: Vec<String> = TOTALS
         .iter()
         .map(|column| format!("CAST(COALESCE(SUM(u.{column}), 0) AS BIGINT) AS sum_{column}"))
@@ -155,5 +158,134 @@ pub async fn check(pool: &AnyPool) -> Result<Check, sqlx::Error> {
             "{orphans} usage rows name no recorded conversation"
         ));
     }
+    check_streams(pool, &mut check).await?;
+    check_budgets(pool, zone, &mut check).await?;
     Ok(check)
+}
+
+/// Each upstream stream's deltas, summed in order, equal every running
+/// total the engine reported with them.
+async fn check_streams(pool: &AnyPool, check: &mut Check) -> Result<(), sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT conversation, stream, sequence, speech_in_tokens, speech_out_tokens, \
+         text_in_tokens, text_out_tokens, reported_speech_in_tokens, \
+         reported_speech_out_tokens, reported_text_in_tokens, reported_text_out_tokens \
+         FROM usage u WHERE EXISTS (SELECT 1 FROM usage r WHERE r.conversation = u.conversation \
+         AND r.stream = u.stream AND r.reported_speech_in_tokens IS NOT NULL) \
+         ORDER BY conversation, stream, sequence",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut current: Option<(String, i64)> = None;
+    let mut summed = [0i64; 4];
+    for row in &rows {
+        let key: (String, i64) = (row.try_get("conversation")?, row.try_get("stream")?);
+        if current.as_ref() != Some(&key) {
+            current = Some(key.clone());
+            summed = [0; 4];
+        }
+        let mut reported = [None; 4];
+        for (i, kind) in ["speech_in", "speech_out", "text_in", "text_out"]
+            .iter()
+            .enumerate()
+        {
+            summed[i] += row.try_get::<i64, _>(format!("{kind}_tokens").as_str())?;
+            reported[i] =
+                row.try_get::<Option<i64>, _>(format!("reported_{kind}_tokens").as_str())?;
+        }
+        let sequence: i64 = row.try_get("sequence")?;
+        if reported.iter().all(Option::is_some) {
+            let reported = reported.map(|r| r.unwrap_or_default());
+            if reported != summed {
+                check.mismatches.push(format!(
+                    "conversation {} stream {}: the engine reported {reported:?} tokens \
+                     (speech in, speech out, text in, text out) at delta {sequence}, \
+                     but the deltas add up to {summed:?}",
+                    key.0, key.1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each key budget's spend equals its conversations' usage in the period,
+/// and what it holds equals the holds of the conversations still open.
+async fn check_budgets(
+    pool: &AnyPool,
+    zone: &jiff::tz::TimeZone,
+    check: &mut Check,
+) -> Result<(), sqlx::Error> {
+    use std::collections::BTreeMap;
+    let budgets = sqlx::query(
+        "SELECT scope, period, spent_micro_usd, reserved_micro_usd FROM budgets \
+         WHERE scope <> $1 ORDER BY scope, period",
+    )
+    .bind(super::budget::GLOBAL)
+    .fetch_all(pool)
+    .await?;
+    if budgets.is_empty() {
+        return Ok(());
+    }
+    let keys =
+        sqlx::query("SELECT id, budget_period FROM api_keys WHERE budget_period IS NOT NULL")
+            .fetch_all(pool)
+            .await?;
+    let mut periods = BTreeMap::new();
+    for key in &keys {
+        let id: String = key.try_get("id")?;
+        let period: String = key.try_get("budget_period")?;
+        if let Some(period) = super::keys::Period::parse(&period) {
+            periods.insert(format!("key:{id}"), period);
+        }
+    }
+    let usage = sqlx::query(
+        "SELECT c.key_id, u.recorded_ms, u.cost_micro_usd FROM usage u \
+         JOIN conversations c ON c.id = u.conversation WHERE c.key_id IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut spent: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in &usage {
+        let scope = format!("key:{}", row.try_get::<String, _>("key_id")?);
+        let Some(period) = periods.get(&scope) else {
+            continue;
+        };
+        let at: i64 = row.try_get("recorded_ms")?;
+        let label = super::budget::period_label(*period, at, zone);
+        *spent.entry((scope, label)).or_default() += row.try_get::<i64, _>("cost_micro_usd")?;
+    }
+    let open = sqlx::query(
+        "SELECT held_micro_usd, hold FROM conversations WHERE ended_ms IS NULL AND held_micro_usd > 0",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut held: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for row in &open {
+        let amount: i64 = row.try_get("held_micro_usd")?;
+        let hold: String = row.try_get("hold")?;
+        for key in super::budget::parse_hold(&hold) {
+            *held.entry(key).or_default() += amount;
+        }
+    }
+    for row in &budgets {
+        let key: (String, String) = (row.try_get("scope")?, row.try_get("period")?);
+        let recorded: i64 = row.try_get("spent_micro_usd")?;
+        let expected = spent.get(&key).copied().unwrap_or(0);
+        if recorded != expected {
+            check.mismatches.push(format!(
+                "budget {} {}: spent {recorded} but its conversations' usage adds up to {expected}",
+                key.0, key.1
+            ));
+        }
+        let reserved: i64 = row.try_get("reserved_micro_usd")?;
+        let holds = held.get(&key).copied().unwrap_or(0);
+        if reserved != holds {
+            check.mismatches.push(format!(
+                "budget {} {}: {reserved} reserved but open conversations hold {holds}",
+                key.0, key.1
+            ));
+        }
+    }
+    Ok(())
 }

@@ -101,4 +101,12 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ALTER TABLE conversations ADD COLUMN hold TEXT NOT NULL DEFAULT '';
     CREATE INDEX conversations_key_open ON conversations (key_id, ended_ms)",
     ),
+    (
+        4,
+        "the running totals an engine reported with each delta",
+        "ALTER TABLE usage ADD COLUMN reported_speech_in_tokens BIGINT;
+    ALTER TABLE usage ADD COLUMN reported_speech_out_tokens BIGINT;
+    ALTER TABLE usage ADD COLUMN reported_text_in_tokens BIGINT;
+    ALTER TABLE usage ADD COLUMN reported_text_out_tokens BIGINT",
+    ),
 ];

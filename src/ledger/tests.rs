@@ -109,7 +109,9 @@ async fn a_conversation_its_usage_and_its_end_are_recorded_exactly() {
         row.client,
         client_hash(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)))
     );
-    let report = check(ledger.pool()).await.expect("check");
+    let report = check(ledger.pool(), &jiff::tz::TimeZone::UTC)
+        .await
+        .expect("check");
     assert_eq!(report.conversations, 1);
     assert_eq!(report.usage_rows, 2);
     assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
@@ -130,7 +132,9 @@ async fn check_finds_totals_that_disagree_with_their_rows() {
         .execute(ledger.pool())
         .await
         .expect("tamper");
-    let report = check(ledger.pool()).await.expect("check");
+    let report = check(ledger.pool(), &jiff::tz::TimeZone::UTC)
+        .await
+        .expect("check");
     assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
     assert!(report.mismatches[0].contains("cost_micro_usd is 100"));
 }
@@ -237,4 +241,94 @@ async fn bad_urls_are_clear_errors() {
         text.starts_with("cannot open the ledger postgres://"),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn check_holds_each_stream_to_the_totals_its_engine_reported() {
+    let dir = temp_dir();
+    let ledger = Ledger::open(&config(&dir, "gw")).await.expect("opens");
+    ledger.started(start("c1")).await.expect("started");
+    let reported = |speech_in: u64| crate::usage::Upstream {
+        stream: 0,
+        reported: Some(crate::usage::Tokens {
+            speech_in,
+            speech_out: 0,
+            text_in: 0,
+            text_out: 0,
+        }),
+    };
+    let in_only = |tokens: u64, upstream| UsageDelta {
+        speech_in_tokens: tokens,
+        cost_micro_usd: tokens,
+        speech_cost_micro_usd: tokens,
+        upstream: Some(upstream),
+        ..UsageDelta::default()
+    };
+    // Stream 0: 10 then 5, reported as 10 then 15: consistent.
+    for (sequence, (tokens, total)) in [(10, 10), (5, 15)].into_iter().enumerate() {
+        let record = usage("c1", 0, sequence as u64, in_only(tokens, reported(total)));
+        ledger.usage(record).await.expect("usage");
+    }
+    // Stream 1: 7, reported as 9: two tokens the engine never sent a delta for.
+    let upstream = crate::usage::Upstream {
+        stream: 1,
+        ..reported(9)
+    };
+    ledger
+        .usage(usage("c1", 1, 2, in_only(7, upstream)))
+        .await
+        .expect("usage");
+    let report = check(ledger.pool(), &jiff::tz::TimeZone::UTC)
+        .await
+        .expect("check");
+    assert_eq!(report.mismatches.len(), 1, "{:?}", report.mismatches);
+    assert!(
+        report.mismatches[0].contains("stream 1") && report.mismatches[0].contains("[9, 0, 0, 0]"),
+        "{:?}",
+        report.mismatches
+    );
+}
+
+#[tokio::test]
+async fn check_holds_budgets_to_their_conversations() {
+    let dir = temp_dir();
+    let ledger = Ledger::open(&config(&dir, "gw")).await.expect("opens");
+    let limits = keys::KeyLimits {
+        budget: Some((10_000, keys::Period::Month)),
+        max_sessions: None,
+    };
+    let (key, _) = ledger.create_key("k", &limits).await.expect("key");
+    let mut started = start("c1");
+    started.key_id = Some(key.id.clone());
+    started.reserve_micro_usd = 1_000;
+    let Admission::Admitted(account) = ledger.started(started).await.expect("started") else {
+        panic!("admitted");
+    };
+    let mut record = usage("c1", 0, 0, delta(10, 400));
+    record.account = account;
+    let account = ledger.usage(record).await.expect("usage").expect("account");
+    // 400 taken from the hold, which is topped up to a turn again.
+    assert_eq!(account.hold.micro_usd, 1_000);
+    assert_eq!(account.standing.remaining_micro_usd, Some(9_600));
+    assert!(!account.standing.exhausted);
+    let zone = jiff::tz::TimeZone::get("America/Lima").expect("zone");
+    let report = check(ledger.pool(), &zone).await.expect("check");
+    assert!(report.mismatches.is_empty(), "{:?}", report.mismatches);
+    assert_eq!(
+        ledger
+            .key_spent(&key, now_ms(), &zone)
+            .await
+            .expect("spent"),
+        400
+    );
+    sqlx::query("UPDATE budgets SET spent_micro_usd = 1, reserved_micro_usd = 7")
+        .execute(ledger.pool())
+        .await
+        .expect("tamper");
+    let report = check(ledger.pool(), &zone).await.expect("check");
+    assert_eq!(report.mismatches.len(), 2, "{:?}", report.mismatches);
+    ledger
+        .ended("c1", "client_stopped", 1)
+        .await
+        .expect("ended");
 }

@@ -189,7 +189,9 @@ impl Writer {
                 }
                 Write::Usage { record, at_ms } => {
                     let new = write_usage(&mut tx, record, *at_ms).await?;
-                    self.settle(tag, record, new, now_ms, &mut changes)
+                    // The period is the usage row's: reports and the
+                    // budgets agree at midnight too.
+                    self.settle(tag, record, new, *at_ms, &mut changes)
                 }
                 Write::Ended {
                     conversation,
@@ -565,19 +567,26 @@ async fn write_usage(
     at_ms: i64,
 ) -> Result<bool, sqlx::Error> {
     let d = &record.delta;
+    let reported = record.delta.upstream.and_then(|u| u.reported);
     let inserted = sqlx::query(
         "INSERT INTO usage (conversation, stream, sequence, recorded_ms, prices, \
+         reported_speech_in_tokens, reported_speech_out_tokens, reported_text_in_tokens, \
+         reported_text_out_tokens, \
          audio_in_ms, audio_out_ms, speech_in_tokens, speech_out_tokens, \
          text_in_tokens, text_out_tokens, speech_cost_micro_usd, text_cost_micro_usd, \
          cost_micro_usd) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
          ON CONFLICT (conversation, stream, sequence) DO NOTHING",
     )
     .bind(record.conversation.as_str())
     .bind(int(record.stream))
     .bind(int(record.sequence))
     .bind(at_ms)
-    .bind(record.prices.as_str());
+    .bind(record.prices.as_str())
+    .bind(reported.map(|t| int(t.speech_in)))
+    .bind(reported.map(|t| int(t.speech_out)))
+    .bind(reported.map(|t| int(t.text_in)))
+    .bind(reported.map(|t| int(t.text_out)));
     let inserted = bind_totals(inserted, d)
         .execute(&mut **tx)
         .await?

@@ -319,7 +319,9 @@ impl Connection {
                 hello.voice.clone()
             },
         };
-        let record = self.record_start(&options, engine.as_ref()).await?;
+        let record = self
+            .record_start(&options, engine.as_ref(), &hello.token)
+            .await?;
         let session = match engine.start(options) {
             Ok(session) => session,
             Err(StartError::Busy { message, .. }) => {
@@ -328,6 +330,7 @@ impl Connection {
                     .metrics
                     .refused(super::metrics::Refusal::EngineBusy);
                 self.record_end(ErrorCode::EngineBusy.as_str(), 0).await;
+                self.release_token(&hello.token).await;
                 let error = ProtocolError::new(ErrorCode::EngineBusy, message);
                 self.send_error(&error, true).await;
                 self.close(CLOSE_TRY_AGAIN, ENGINE_BUSY_REASON).await;
@@ -337,6 +340,7 @@ impl Connection {
                 self.log(&format!("the engine could not start: {message}"));
                 self.record_end(ErrorCode::EngineUnavailable.as_str(), 0)
                     .await;
+                self.release_token(&hello.token).await;
                 let message = format!("the {} engine could not start", engine.name());
                 let error = ProtocolError::new(ErrorCode::EngineUnavailable, message.clone());
                 self.send_error(&error, true).await;

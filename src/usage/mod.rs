@@ -37,6 +37,21 @@ pub struct UsageDelta {
     /// The text tokens' share of the cost.
     #[serde(default)]
     pub text_cost_micro_usd: u64,
+    /// Where the delta came from, when the engine says (never sent to
+    /// clients, never summed): the ledger keeps it to check the deltas of
+    /// each upstream stream against the totals the engine reported.
+    #[serde(skip)]
+    pub upstream: Option<Upstream>,
+}
+
+/// The upstream stream a delta came from and that stream's running totals
+/// as the service reported them with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// Counts from 0 with each new upstream stream of a conversation.
+    pub stream: u64,
+    /// The service's running totals for the stream, when it sent them.
+    pub reported: Option<Tokens>,
 }
 
 impl UsageDelta {
@@ -61,8 +76,12 @@ impl UsageDelta {
             .saturating_add(other.text_cost_micro_usd);
     }
 
+    /// No tokens, audio, text or cost (where it came from aside).
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        Self {
+            upstream: None,
+            ..*self
+        } == Self::default()
     }
 }
 

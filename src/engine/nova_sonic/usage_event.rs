@@ -8,7 +8,7 @@
 
 use serde_json::Value;
 
-use crate::usage::{Direction, KINDS, Modality, Tokens, UsageDelta, UsageMeter};
+use crate::usage::{Direction, KINDS, Modality, Tokens, Upstream, UsageDelta, UsageMeter};
 
 /// Where each token kind sits in a `usageEvent`'s `details.delta` / `details.total`.
 fn field_of(modality: Modality, direction: Direction) -> (&'static str, &'static str) {
@@ -40,6 +40,8 @@ pub(crate) enum Ingested {
 /// upstream stream.
 #[derive(Debug, Clone, Copy, Default)]
 struct StreamState {
+    /// The stream's number in the conversation, from 0.
+    id: u64,
     /// Sum of the deltas counted on this stream.
     summed: Tokens,
     /// The last running total the service reported on this stream.
@@ -53,6 +55,8 @@ pub(crate) struct UsageEvents {
     stream: StreamState,
     /// The stream before `stream` while it is still closing (rotation).
     previous: Option<StreamState>,
+    /// The number the next stream gets.
+    next_id: u64,
 }
 
 impl UsageEvents {
@@ -61,6 +65,17 @@ impl UsageEvents {
             meter,
             stream: StreamState::default(),
             previous: None,
+            next_id: 1,
+        }
+    }
+
+    /// A fresh stream's state, with the next number.
+    fn new_stream(&mut self) -> StreamState {
+        let id = self.next_id;
+        self.next_id += 1;
+        StreamState {
+            id,
+            ..StreamState::default()
         }
     }
 
@@ -73,14 +88,15 @@ impl UsageEvents {
     /// A new upstream stream began (rotation or reconnect): the service's
     /// running totals restart at zero. The conversation's totals carry on.
     pub(crate) fn begin_stream(&mut self) {
-        self.stream = StreamState::default();
+        self.stream = self.new_stream();
     }
 
     /// A new stream began while the current one is still closing (a warm
     /// hand-off): the closing stream's late events go to
     /// [`UsageEvents::ingest_previous`] and are checked against its own totals.
     pub(crate) fn begin_overlapping_stream(&mut self) {
-        self.previous = Some(std::mem::take(&mut self.stream));
+        let next = self.new_stream();
+        self.previous = Some(std::mem::replace(&mut self.stream, next));
     }
 
     /// [`UsageEvents::ingest`] for the stream that was current before
@@ -148,7 +164,11 @@ impl UsageEvents {
             self.stream.last_total = Some(total);
         }
 
-        let delta = self.meter.count(&counted);
+        let mut delta = self.meter.count(&counted);
+        delta.upstream = Some(Upstream {
+            stream: self.stream.id,
+            reported: total,
+        });
         if warnings.is_empty() {
             Ingested::Delta(delta)
         } else {

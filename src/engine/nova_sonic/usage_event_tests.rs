@@ -331,6 +331,39 @@ fn a_closing_stream_is_checked_against_its_own_totals() {
     assert_eq!(meter.meter().totals().text_out_tokens, 21);
 }
 #[test]
+fn each_delta_names_its_stream_and_the_totals_it_came_with() {
+    let mut meter = UsageEvents::new(UsageMeter::new(MODEL_2, &builtin_prices()));
+    let upstream = |ingested: &Ingested| delta_of(ingested).upstream.expect("upstream");
+    let first = upstream(&meter.ingest(&event([100, 50, 0, 0], [100, 50, 0, 0])));
+    assert_eq!(first.stream, 0);
+    let reported = Tokens {
+        speech_in: 100,
+        speech_out: 0,
+        text_in: 50,
+        text_out: 0,
+    };
+    assert_eq!(first.reported, Some(reported));
+    meter.begin_overlapping_stream();
+    let second = upstream(&meter.ingest(&event([10, 0, 0, 0], [10, 0, 0, 0])));
+    assert_eq!(second.stream, 1);
+    // The closing stream's late event keeps its stream's number.
+    let late = upstream(&meter.ingest_previous(&event([0, 0, 8, 2], [100, 50, 8, 2])));
+    assert_eq!(late.stream, 0);
+    meter.begin_stream();
+    let Ingested::Delta(delta) = meter.ingest(&json!({"details": {"delta": {
+        "input": {"speechTokens": 3, "textTokens": 0},
+        "output": {"speechTokens": 0, "textTokens": 0}}}}))
+    else {
+        panic!("a delta");
+    };
+    // Without totals, nothing reported.
+    assert_eq!(
+        delta.upstream.map(|u| (u.stream, u.reported)),
+        Some((2, None))
+    );
+}
+
+#[test]
 fn builtin_prices_are_the_published_usd_rates() {
     assert_eq!(
         PriceTable::from_usd_per_1k(0.0034, 0.0136, 0.00006, 0.00024),

@@ -101,6 +101,7 @@ impl Connection {
         &mut self,
         options: &ConversationOptions,
         engine: &dyn Engine,
+        token: &str,
     ) -> Option<Record> {
         let Some(ledger) = self.shared.ledger.get() else {
             return Some(Record::new(engine.prices(), None));
@@ -122,6 +123,10 @@ impl Connection {
         let e = match ledger.started(start).await {
             Ok(Admission::Admitted(account)) => return Some(Record::new(engine.prices(), account)),
             Ok(Admission::Refused(refusal)) => {
+                if matches!(refusal, BudgetRefusal::Sessions { .. }) {
+                    // Worth trying again soon: the token still works.
+                    self.release_token(token).await;
+                }
                 self.refuse(&refusal).await;
                 return None;
             }
@@ -136,6 +141,17 @@ impl Connection {
         self.send_error(&error, true).await;
         self.close(CLOSE_TRY_AGAIN, LEDGER_REASON).await;
         None
+    }
+
+    /// Gives back the client token of a conversation that did not start
+    /// for a passing reason (none without keys).
+    pub(super) async fn release_token(&mut self, token: &str) {
+        let (Some(ledger), Some(_)) = (self.shared.ledger.get(), &self.key) else {
+            return;
+        };
+        if let Err(e) = ledger.release_token(token).await {
+            self.log(&format!("a client token could not be given back: {e}"));
+        }
     }
 
     /// Refuses a conversation a budget or its key's limit has no room for.
@@ -176,7 +192,7 @@ impl Connection {
         };
         let usage = UsageRecord {
             conversation: self.conversation.clone(),
-            stream: 0,
+            stream: delta.upstream.map_or(0, |upstream| upstream.stream),
             sequence: record.sequence,
             prices: record.prices.clone(),
             delta,
