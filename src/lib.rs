@@ -18,6 +18,7 @@
 //! (`tests/layers.rs` checks it).
 
 pub mod audio;
+mod base64;
 pub mod cli;
 pub mod config;
 pub mod engine;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 /// Modules from the bottom up; each may use only those of a lower rank.
 const LAYERS: &[(&str, u8)] = &[
+    ("base64", 0),
     ("names", 0),
     ("redact", 0),
     ("usage", 0),

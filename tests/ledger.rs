@@ -242,7 +242,8 @@ fn started(id: &str, key: Option<&str>) -> sonora::ledger::Started {
     sonora::ledger::Started {
         id: id.to_owned(),
         key_id: key.map(str::to_owned),
-        client: std::net::IpAddr::from([127, 0, 0, 1]),
+        client: sonora::ledger::client_hash("127.0.0.1"),
+        channel: "web",
         engine: "nova-sonic".into(),
         language: "es".into(),
         voice: "lupe".into(),

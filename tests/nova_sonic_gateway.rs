@@ -642,3 +642,322 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
     sonora(&["usage", "--check"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Twilio's signature of `url` and `params` (its documented algorithm,
+/// written again here so the test checks the gateway's, not itself).
+fn twilio_signature(token: &str, url: &str, params: &[(&str, &str)]) -> String {
+    use hmac::Mac as _;
+    let mut sorted = params.to_vec();
+    sorted.sort();
+    let mut data = url.to_owned();
+    for (name, value) in sorted {
+        data.push_str(name);
+        data.push_str(value);
+    }
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).unwrap();
+    mac.update(data.as_bytes());
+    bedrock::base64(&mac.finalize().into_bytes())
+}
+
+const PUBLIC_URL: &str = "https://voz.example.edu";
+const AUTH_TOKEN: &str = "twilio-auth-token-for-tests";
+
+/// Posts a call to the webhook; the status and the body.
+async fn call_webhook(
+    addr: std::net::SocketAddr,
+    call_sid: &str,
+    signature: &str,
+) -> (u16, String) {
+    let params = [
+        ("CallSid", call_sid),
+        ("From", "+51987654321"),
+        ("To", "+5115550000"),
+    ];
+    let body: String = params
+        .iter()
+        .map(|(n, v)| format!("{n}={}", v.replace('+', "%2B")))
+        .collect::<Vec<_>>()
+        .join("&");
+    let response = reqwest::Client::new()
+        .post(format!("http://{addr}/twilio/voice"))
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header("X-Twilio-Signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+type TwilioSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The stream's socket, signed as Twilio signs it (or not).
+async fn twilio_stream(addr: std::net::SocketAddr, signed: bool) -> Result<TwilioSocket, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let mut request = format!("ws://{addr}/twilio/stream")
+        .into_client_request()
+        .unwrap();
+    let signature = if signed {
+        twilio_signature(AUTH_TOKEN, "wss://voz.example.edu/twilio/stream", &[])
+    } else {
+        "bm90IGEgc2lnbmF0dXJl".to_owned()
+    };
+    request
+        .headers_mut()
+        .insert("X-Twilio-Signature", signature.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+async fn send_event(socket: &mut TwilioSocket, value: serde_json::Value) {
+    use futures_util::SinkExt as _;
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            value.to_string().into(),
+        ))
+        .await
+        .unwrap();
+}
+
+/// The next message from the gateway: its JSON, or `None` once closed
+/// (with the close code).
+async fn next_event(socket: &mut TwilioSocket) -> Result<serde_json::Value, Option<u16>> {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(20), socket.next())
+            .await
+            .expect("a message in time");
+        match message {
+            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+/// `connected` and `start`, as Twilio sends them.
+async fn start_stream(socket: &mut TwilioSocket, call_sid: &str, token: &str) {
+    send_event(
+        socket,
+        serde_json::json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
+    )
+    .await;
+    send_event(
+        socket,
+        serde_json::json!({"event": "start", "sequenceNumber": "1",
+        "start": {"accountSid": "AC0", "streamSid": "MZ0001", "callSid": call_sid,
+            "tracks": ["inbound"], "customParameters": {"token": token},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
+        "streamSid": "MZ0001"}),
+    )
+    .await;
+}
+
+/// 20 ms of caller audio as a `media` message.
+fn media(samples: &[i16], chunk: usize) -> serde_json::Value {
+    let mut ulaw = Vec::new();
+    sonora::audio::g711::encode_into(samples, &mut ulaw);
+    serde_json::json!({"event": "media", "sequenceNumber": (chunk + 2).to_string(), "streamSid": "MZ0001",
+        "media": {"track": "inbound", "chunk": (chunk + 1).to_string(), "timestamp": (chunk * 20).to_string(),
+            "payload": bedrock::base64(&ulaw)}})
+}
+
+/// Loudness of a `media` message's audio (mean absolute sample).
+fn loudness(event: &serde_json::Value) -> f64 {
+    let payload = event["media"]["payload"].as_str().unwrap();
+    let ulaw = bedrock::unbase64(payload).unwrap();
+    assert_eq!(ulaw.len(), 160, "20 ms frames");
+    ulaw.iter()
+        .map(|&b| f64::from(sonora::audio::g711::decode(b)).abs())
+        .sum::<f64>()
+        / 160.0
+}
+
+/// A phone call through Twilio Media Streams on the Nova Sonic test
+/// endpoint: a signed webhook gets TwiML with a one-time token, the signed
+/// stream hears the greeting, asks in μ-law, hears the answer as paced
+/// μ-law with a mark after it, and speaking over the answer clears it. A
+/// bad signature and a reused token are refused before any engine work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
+    let endpoint = Endpoint::start(vec![Script::answering(vec![
+        Turn::new(QUESTION, ANSWER, 1_000),
+        Turn::new(QUESTION, ANSWER, 3_000),
+    ])])
+    .await;
+    let mut config = Config::default();
+    config.engine.kind = EngineKind::NovaSonic;
+    config.nova_sonic.endpoint_url = endpoint.url.clone();
+    config.nova_sonic.ca_file = endpoint.ca_file.display().to_string();
+    config.server.public_url = PUBLIC_URL.into();
+    config.telephony.twilio_auth_token = AUTH_TOKEN.into();
+    config.telephony.greeting = "Hola.".into();
+    let engine = test_engine(&config).await;
+    let gateway = gateway::start(&config, Some(engine)).await;
+
+    // The webhook: a bad signature is refused, a good one answered.
+    let params = [
+        ("CallSid", "CA0001"),
+        ("From", "+51987654321"),
+        ("To", "+5115550000"),
+    ];
+    let good = twilio_signature(AUTH_TOKEN, "https://voz.example.edu/twilio/voice", &params);
+    let (status, _) = call_webhook(gateway.addr, "CA0001", "d3Jvbmc=").await;
+    assert_eq!(status, 403);
+    let (status, twiml) = call_webhook(gateway.addr, "CA0001", &good).await;
+    assert_eq!(status, 200, "{twiml}");
+    assert!(
+        twiml.contains("<Connect><Stream url=\"wss://voz.example.edu/twilio/stream\">"),
+        "{twiml}"
+    );
+    assert!(
+        !twiml.contains("51987654321"),
+        "the caller's number stays out: {twiml}"
+    );
+    let token = twiml
+        .split("name=\"token\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+
+    // An unsigned stream is refused before the upgrade.
+    assert_eq!(twilio_stream(gateway.addr, false).await.err(), Some(403));
+    let mut socket = twilio_stream(gateway.addr, true).await.unwrap();
+    start_stream(&mut socket, "CA0001", &token).await;
+
+    // The greeting comes first, before the caller says anything.
+    let first = next_event(&mut socket).await.unwrap();
+    assert_eq!(first["event"], "media", "{first}");
+    assert_eq!(first["streamSid"], "MZ0001");
+    // All of it, paced, until the line goes quiet.
+    let mut greeting = vec![first];
+    while let Ok(event) =
+        tokio::time::timeout(Duration::from_millis(400), next_event(&mut socket)).await
+    {
+        greeting.push(event.unwrap());
+    }
+    let spoken = greeting.iter().filter(|e| loudness(e) > 300.0).count();
+    assert!(spoken >= 5, "{spoken} spoken frames of {}", greeting.len());
+    // The question, as μ-law at 8 kHz paced like a phone, then quiet.
+    let tone: Vec<i16> = (0..6_400)
+        .map(|i| ((f64::from(i) / 8_000.0 * 300.0 * std::f64::consts::TAU).sin() * 8_000.0) as i16)
+        .chain(std::iter::repeat_n(0, 6_400))
+        .collect();
+    let sender = {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<serde_json::Value>(1024);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for (i, frame) in tone.chunks(160).enumerate() {
+            tx.send(media(frame, i)).await.unwrap();
+        }
+        drop(tx);
+        let (mut sink, mut stream) = futures_util::StreamExt::split(socket);
+        let task = tokio::spawn(async move {
+            use futures_util::SinkExt as _;
+            while let Some(event) = rx.recv().await {
+                tick.tick().await;
+                let text = tokio_tungstenite::tungstenite::Message::Text(event.to_string().into());
+                sink.send(text).await.unwrap();
+            }
+            (sink, std::time::Instant::now())
+        });
+        // Everything the gateway sends until the answer's mark.
+        let mut events = Vec::new();
+        loop {
+            let message = tokio::time::timeout(
+                Duration::from_secs(20),
+                futures_util::StreamExt::next(&mut stream),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+            let tokio_tungstenite::tungstenite::Message::Text(text) = message else {
+                continue;
+            };
+            let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let done = event["event"] == "mark";
+            events.push((std::time::Instant::now(), event));
+            if done {
+                break;
+            }
+        }
+        let (sink, asked) = task.await.unwrap();
+        (events, asked, sink.reunite(stream).unwrap())
+    };
+    let (events, asked, mut socket) = sender;
+    let audio: Vec<&serde_json::Value> = events
+        .iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["event"] == "media")
+        .collect();
+    // The answer's 1 s of 440 Hz is heard as loud 20 ms frames.
+    let loud = audio.iter().filter(|e| loudness(e) > 1_000.0).count();
+    assert!(
+        (45..=55).contains(&loud),
+        "{loud} loud frames of {}",
+        audio.len()
+    );
+    assert!(events.iter().any(|(at, _)| *at > asked));
+    let mark = &events.last().unwrap().1;
+    assert_eq!(mark["mark"]["name"], "turn-1", "{mark}");
+    // Paced: the answer's frames are not all sent at once.
+    let loud_times: Vec<std::time::Instant> = events
+        .iter()
+        .filter(|(_, e)| e["event"] == "media" && loudness(e) > 1_000.0)
+        .map(|(t, _)| *t)
+        .collect();
+    let spread = loud_times.last().unwrap().duration_since(loud_times[0]);
+    assert!(
+        spread >= Duration::from_millis(500),
+        "{spread:?} for {} frames",
+        loud_times.len()
+    );
+
+    // A second question, spoken over the 3 s answer: `clear`.
+    for (i, frame) in tone.chunks(160).enumerate() {
+        send_event(&mut socket, media(frame, 1_000 + i)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut cleared = false;
+    let mut answer_started = false;
+    for (i, frame) in tone.chunks(160).cycle().enumerate().take(500) {
+        if answer_started {
+            // Speaking again while the answer plays.
+            send_event(&mut socket, media(frame, 2_000 + i)).await;
+        }
+        let event = tokio::time::timeout(Duration::from_millis(20), next_event(&mut socket)).await;
+        let Ok(event) = event else { continue };
+        let event = event.unwrap();
+        if event["event"] == "media" && loudness(&event) > 1_000.0 {
+            answer_started = true;
+        }
+        if event["event"] == "clear" {
+            cleared = true;
+            break;
+        }
+    }
+    assert!(cleared, "barge-in clears the caller's playback");
+    send_event(
+        &mut socket,
+        serde_json::json!({"event": "stop", "streamSid": "MZ0001",
+        "stop": {"accountSid": "AC0", "callSid": "CA0001"}}),
+    )
+    .await;
+    drop(socket);
+
+    // The same token again: refused, and no engine stream opened for it.
+    let opened = endpoint.connections().len();
+    let mut again = twilio_stream(gateway.addr, true).await.unwrap();
+    start_stream(&mut again, "CA0001", &token).await;
+    assert_eq!(next_event(&mut again).await.err(), Some(Some(1008)));
+    assert_eq!(endpoint.connections().len(), opened);
+}

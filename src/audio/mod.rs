@@ -11,6 +11,7 @@ mod ebml;
 mod format;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod g711;
 mod ogg;
 mod opus;
 mod pace;

@@ -10,6 +10,7 @@ mod ledger;
 mod load;
 mod settings;
 mod telemetry;
+mod telephony;
 mod validate;
 
 pub use ledger::LedgerConfig;
@@ -19,6 +20,7 @@ pub use settings::{
     ServerConfig, ToolsConfig,
 };
 pub use telemetry::{LogConfig, LogFormat, TelemetryConfig};
+pub use telephony::TelephonyConfig;
 
 /// Exit status for any [`ConfigError`]: `EX_USAGE` from sysexits.
 pub const EXIT_CODE: i32 = 64;

@@ -29,6 +29,8 @@ pub struct Config {
     pub telemetry: super::TelemetryConfig,
     /// The record of conversations, usage and cost (section, no unit).
     pub ledger: super::LedgerConfig,
+    /// Phone calls (section, no unit).
+    pub telephony: super::TelephonyConfig,
 }
 
 /// Amazon Nova Sonic over Bedrock's bidirectional stream. Credentials come
@@ -241,6 +243,8 @@ pub struct ServerConfig {
     pub client_token_ttl_s: u32,
     /// The host application's URL the page POSTs to (with its cookies) for a client token before each conversation; empty: the page uses the `#token=` of its address (no unit).
     pub client_token_url: String,
+    /// The server's public base URL as clients reach it (through a proxy), e.g. `https://voz.example.edu`; Twilio's signatures are checked against it, and calls are told to stream to it. Empty: calls are refused (no unit).
+    pub public_url: String,
     /// Browser origins allowed on `/ws` besides the server's own, e.g.
     /// `["https://ayuda.example.edu"]`; `["*"]` allows any.
     pub allowed_origins: Vec<String>,
@@ -283,6 +287,7 @@ impl Default for Config {
             log: super::LogConfig::default(),
             telemetry: super::TelemetryConfig::default(),
             ledger: super::LedgerConfig::default(),
+            telephony: super::TelephonyConfig::default(),
         }
     }
 }
@@ -324,6 +329,7 @@ impl Default for ServerConfig {
             auth: "tokens".to_owned(),
             client_token_ttl_s: 60,
             client_token_url: String::new(),
+            public_url: String::new(),
             allowed_origins: Vec::new(),
             write_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,

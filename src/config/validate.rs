@@ -167,6 +167,16 @@ impl Config {
         self.validate_nova_sonic(&bad)?;
         self.telemetry.check(&bad)?;
         self.ledger.check(&bad)?;
+        self.telephony.check(&bad)?;
+        let public = &self.server.public_url;
+        let public_ok = public.is_empty()
+            || ((public.starts_with("https://") || public.starts_with("http://"))
+                && !public.contains('?')
+                && !public.ends_with('/'));
+        if !public_ok {
+            let reason = "must be an http(s):// URL with no query and no trailing /";
+            return Err(bad("server.public_url", quoted(public), reason));
+        }
         if !l.chat_url.is_empty() && l.chat_model.is_empty() {
             let reason = "must name the model when local.chat_url is set";
             return Err(bad("local.chat_model", quoted(&l.chat_model), reason));

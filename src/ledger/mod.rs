@@ -18,7 +18,6 @@ pub mod report;
 mod schema;
 mod writer;
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,7 +78,11 @@ pub struct LedgerStats {
 pub struct Started {
     pub id: String,
     pub key_id: Option<String>,
-    pub client: IpAddr,
+    /// Who is calling, as stored: [`client_hash`] of an address or a
+    /// caller's number, never either itself.
+    pub client: String,
+    /// `web` or `phone`.
+    pub channel: &'static str,
     pub engine: String,
     pub language: String,
     pub voice: String,
@@ -256,7 +259,7 @@ impl Ledger {
     /// conversations at once, and records its start; returns once it is
     /// committed. A refused conversation is not recorded.
     pub async fn started(&self, start: Started) -> Result<Admission, LedgerError> {
-        let client = client_hash(start.client);
+        let client = start.client.clone();
         let done = self
             .commit(writer::Write::Started {
                 start,
@@ -446,12 +449,13 @@ fn gateway_name(config: &LedgerConfig) -> String {
         .unwrap_or_else(|| "sonora".to_owned())
 }
 
-/// The client address as stored: a hash, so the ledger keeps no personal
-/// address while one client's conversations can still be grouped.
-fn client_hash(client: IpAddr) -> String {
+/// A client as stored: a hash of its address (or a caller's number), so
+/// the ledger keeps nothing personal while one client's conversations can
+/// still be grouped.
+pub fn client_hash(client: &str) -> String {
     // FNV-1a: stable across versions and processes.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in client.to_string().bytes() {
+    for byte in client.bytes() {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }

@@ -13,6 +13,8 @@ pub struct ConversationRow {
     pub gateway: String,
     pub key: Option<String>,
     pub client: String,
+    /// `web` or `phone`.
+    pub channel: String,
     pub engine: String,
     pub model: String,
     pub voice: String,
@@ -52,6 +54,7 @@ impl ConversationRow {
             gateway: row.try_get("gateway")?,
             key: row.try_get("key_id")?,
             client: row.try_get("client")?,
+            channel: row.try_get("channel")?,
             engine: row.try_get("engine")?,
             model: row.try_get("model")?,
             voice: row.try_get("voice")?,

@@ -109,4 +109,9 @@ pub(super) const MIGRATIONS: &[(i64, &str, &str)] = &[
     ALTER TABLE usage ADD COLUMN reported_text_in_tokens BIGINT;
     ALTER TABLE usage ADD COLUMN reported_text_out_tokens BIGINT",
     ),
+    (
+        5,
+        "the channel a conversation came by",
+        "ALTER TABLE conversations ADD COLUMN channel TEXT NOT NULL DEFAULT 'web'",
+    ),
 ];

@@ -1,4 +1,3 @@
-use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
 
@@ -30,7 +29,8 @@ fn start(id: &str) -> Started {
     Started {
         id: id.to_owned(),
         key_id: None,
-        client: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+        client: client_hash("192.0.2.7"),
+        channel: "web",
         engine: "nova-sonic".to_owned(),
         language: "es".to_owned(),
         voice: "lupe".to_owned(),
@@ -105,10 +105,8 @@ async fn a_conversation_its_usage_and_its_end_are_recorded_exactly() {
     assert_eq!(row.audio_in_ms, 2_000);
     // The client address is not stored, only a stable hash of it.
     assert!(!row.client.contains("192.0.2.7"));
-    assert_eq!(
-        row.client,
-        client_hash(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)))
-    );
+    assert_eq!(row.client, client_hash("192.0.2.7"));
+    assert_eq!(row.channel, "web");
     let report = check(ledger.pool(), &jiff::tz::TimeZone::UTC)
         .await
         .expect("check");

@@ -509,13 +509,14 @@ async fn insert_conversation(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO conversations \
-         (id, gateway, key_id, client, engine, voice, language, started_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         (id, gateway, key_id, client, channel, engine, voice, language, started_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(start.id.as_str())
     .bind(gateway)
     .bind(start.key_id.as_deref())
     .bind(client)
+    .bind(start.channel)
     .bind(start.engine.as_str())
     .bind(start.voice.as_str())
     .bind(start.language.as_str())

@@ -18,6 +18,7 @@ pub mod metrics;
 pub(crate) mod net;
 mod protocol;
 mod socket;
+mod twilio;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -78,6 +79,8 @@ struct Shared {
     /// Random, per process: conversation ids are `{instance}-{connection}`,
     /// unique across restarts and across gateways sharing a ledger.
     instance: String,
+    /// Phone calls answered and their tokens.
+    calls: twilio::Calls,
 }
 
 /// 48 random bits in hex, from the standard library's per-process random
@@ -137,6 +140,7 @@ impl Server {
             next_id: AtomicU64::new(1),
             ledger: OnceLock::new(),
             instance: instance_id(),
+            calls: twilio::Calls::new(&config.telephony.twilio_auth_token),
         };
         Self {
             shared: Arc::new(shared),
@@ -184,7 +188,9 @@ impl Server {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/api/engine", get(engine_info))
-            .route("/api/tokens", post(issue_token));
+            .route("/api/tokens", post(issue_token))
+            .route(twilio::VOICE_PATH, post(twilio::voice))
+            .route(twilio::STREAM_PATH, get(twilio::upgrade));
         if with_metrics {
             routes = routes.route("/metrics", get(metrics_text));
         }

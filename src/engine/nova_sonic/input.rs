@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::base64::encode as base64_encode;
+use crate::base64::encode as base64_encode;
 
 /// Audio sample size, in bits, for both directions.
 const SAMPLE_BITS: u32 = 16;

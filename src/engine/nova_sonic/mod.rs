@@ -14,7 +14,6 @@
 //! while Bedrock throttles. `models` names the models and their prices.
 //! Nova Sonic's wire types never leave this module.
 
-mod base64;
 mod client;
 mod conversation;
 mod history;

@@ -3,8 +3,8 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::base64::decode as base64_decode;
 use super::input::BlockRole;
+use crate::base64::decode as base64_decode;
 
 /// One output event, parsed.
 #[derive(Debug, Clone, PartialEq)]

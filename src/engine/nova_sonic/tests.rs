@@ -1,10 +1,10 @@
 use serde_json::{Value, json};
 
-use super::base64::{decode as base64_decode, encode as base64_encode};
 use super::input::{BlockRole, Builder, Endpointing, Inference, Tool};
 use super::models::{MODEL_2, builtin_prices};
 use super::output::{Output, is_interruption_marker, parse_output};
 use super::translate::Translator;
+use crate::base64::{decode as base64_decode, encode as base64_encode};
 use crate::engine::{EngineEvent, Role, Stage, TurnEndReason};
 use crate::usage::UsageMeter;
 

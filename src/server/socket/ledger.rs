@@ -114,7 +114,8 @@ impl Connection {
         let start = Started {
             id: self.conversation.clone(),
             key_id: self.key.clone(),
-            client: self.peer.ip(),
+            client: crate::ledger::client_hash(&self.peer.ip().to_string()),
+            channel: "web",
             engine: engine.name().to_owned(),
             language: options.language.clone(),
             voice: options.voice.clone(),

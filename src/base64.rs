@@ -1,4 +1,5 @@
-//! Standard base64 with padding, for audio in and out of the event JSON.
+//! Standard base64 with padding, for audio inside JSON (Nova Sonic's events,
+//! Twilio's media messages).
 
 const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 

@@ -1,0 +1,624 @@
+//! One call's Media Stream: Twilio's `connected`, `start`, `media`, `dtmf`,
+//! `mark` and `stop` in; `media` (μ-law 8 kHz, 20 ms frames, paced at real
+//! time no more than `telephony.playback_lead_ms` ahead of what the caller
+//! has heard), a `mark` after each reply and `clear` on barge-in out.
+//!
+//! The caller's μ-law is decoded to 8 kHz PCM for the conversation's
+//! decoder, which resamples it to the engines' 16 kHz; reply audio is
+//! resampled to 8 kHz through the same low-pass resampler (nothing above
+//! the telephone band aliases into it) and encoded. The greeting and the
+//! farewell are spoken with eSpeak NG (`local.tts_program`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+use super::super::Shared;
+use super::super::metrics::Refusal;
+use crate::audio::{AudioFormat, StreamDecoder, StreamResampler, g711};
+use crate::engine::{ConversationOptions, EngineEvent};
+use crate::ledger::{Account, Admission, Started, TurnRecord, UsageRecord};
+use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
+use crate::usage::UsageDelta;
+
+/// Twilio's audio: μ-law at 8 kHz.
+const RATE_HZ: u32 = 8_000;
+/// One outbound `media` message: 20 ms.
+const FRAME_BYTES: usize = 160;
+const FRAME: Duration = Duration::from_millis(20);
+/// Close codes: done, refused.
+const CLOSE_NORMAL: u16 = 1000;
+const CLOSE_POLICY: u16 = 1008;
+const CLOSE_TRY_AGAIN: u16 = 1013;
+/// Most μ-law audio waiting to be sent: 60 s (a long reply sent faster
+/// than real time); past it the oldest is dropped and counted.
+const MAX_OUTBOX_BYTES: usize = 60 * 8_000;
+
+/// A call in progress.
+pub(super) struct Call {
+    socket: WebSocket,
+    shared: Arc<Shared>,
+    id: u64,
+    stream_sid: String,
+    conversation: String,
+    /// Reply audio not yet sent, as μ-law, and the marks between it.
+    outbox: Outbox,
+    /// When the audio already sent will have been played out.
+    played_until: Instant,
+    /// Reply audio at the engine's rate → 8 kHz.
+    resampler: Option<(u32, StreamResampler)>,
+    resampled: Vec<i16>,
+    /// Spoken by eSpeak NG (greeting, farewell): 8 kHz frames.
+    speech: Option<mpsc::Receiver<Vec<i16>>>,
+    /// The farewell is under way: the call ends once it has played.
+    hanging_up: bool,
+    /// The engine's price table, the next usage delta's number, the
+    /// budgets and the usage so far, for the ledger.
+    prices: String,
+    sequence: u64,
+    account: Option<Account>,
+    usage: UsageDelta,
+}
+
+#[derive(Default)]
+struct Outbox {
+    bytes: VecDeque<u8>,
+    /// (bytes sent when it is due, name).
+    marks: VecDeque<(u64, String)>,
+    /// Bytes ever queued and sent.
+    queued: u64,
+    sent: u64,
+    dropped: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, ulaw: &[u8]) {
+        self.bytes.extend(ulaw);
+        self.queued += ulaw.len() as u64;
+        while self.bytes.len() > MAX_OUTBOX_BYTES {
+            self.bytes.pop_front();
+            self.sent += 1;
+            self.dropped += 1;
+        }
+    }
+
+    fn mark(&mut self, name: String) {
+        self.marks.push_back((self.queued, name));
+    }
+
+    fn clear(&mut self) {
+        self.sent += self.bytes.len() as u64;
+        self.bytes.clear();
+        self.marks.clear();
+    }
+}
+
+/// What `start` says.
+struct Start {
+    stream_sid: String,
+    call_sid: String,
+    token: String,
+}
+
+impl Call {
+    pub(super) async fn run(socket: WebSocket, shared: Arc<Shared>, id: u64) {
+        let mut call = Self {
+            socket,
+            shared,
+            id,
+            stream_sid: String::new(),
+            conversation: String::new(),
+            outbox: Outbox::default(),
+            played_until: Instant::now(),
+            resampler: None,
+            resampled: Vec::new(),
+            speech: None,
+            hanging_up: false,
+            prices: String::new(),
+            sequence: 0,
+            account: None,
+            usage: UsageDelta::default(),
+        };
+        let Some(start) = call.await_start().await else {
+            return;
+        };
+        call.stream_sid = start.stream_sid.clone();
+        let redeemed = call.shared.calls.redeem(&start.token);
+        let caller = match redeemed {
+            Ok(redeemed) if redeemed.call_sid == start.call_sid => redeemed.caller,
+            Ok(_) | Err(_) => {
+                let why = redeemed.err().unwrap_or("the token is for another call");
+                tracing::warn!(call = %start.call_sid, "call refused: {why}");
+                call.shared.metrics.refused(Refusal::Unauthorized);
+                call.close(CLOSE_POLICY, why).await;
+                return;
+            }
+        };
+        call.conversation = format!("call-{}", start.call_sid);
+        let Some(handle) = call.start_conversation(&caller).await else {
+            return;
+        };
+        let reason = call.converse(handle).await;
+        call.shared.metrics.closed(call.id, reason);
+    }
+
+    /// Reads up to `start` (within `server.hello_timeout_ms`).
+    async fn await_start(&mut self) -> Option<Start> {
+        let wait = Duration::from_millis(u64::from(self.shared.config.server.hello_timeout_ms));
+        let deadline = Instant::now() + wait;
+        loop {
+            let frame = match timeout(deadline - Instant::now(), self.socket.recv()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(_) => return None,
+                Err(_) => {
+                    self.close(CLOSE_POLICY, "no start message in time").await;
+                    return None;
+                }
+            };
+            let Message::Text(text) = frame else {
+                continue;
+            };
+            let Ok(message) = serde_json::from_str::<Value>(&text) else {
+                self.close(CLOSE_POLICY, "a message that is not JSON").await;
+                return None;
+            };
+            match message["event"].as_str() {
+                Some("start") => {}
+                Some("stop") => return None,
+                _ => continue,
+            }
+            let start = &message["start"];
+            let text_of = |value: &Value| value.as_str().unwrap_or("").to_owned();
+            let format = &start["mediaFormat"];
+            let ulaw = format["encoding"].as_str() == Some("audio/x-mulaw")
+                && number(&format["sampleRate"]) == Some(u64::from(RATE_HZ))
+                && number(&format["channels"]).unwrap_or(1) == 1;
+            if !ulaw {
+                self.close(
+                    CLOSE_POLICY,
+                    "only audio/x-mulaw at 8000 Hz, mono, is taken",
+                )
+                .await;
+                return None;
+            }
+            let stream_sid = match text_of(&start["streamSid"]) {
+                sid if sid.is_empty() => text_of(&message["streamSid"]),
+                sid => sid,
+            };
+            return Some(Start {
+                stream_sid,
+                call_sid: text_of(&start["callSid"]),
+                token: text_of(&start["customParameters"]["token"]),
+            });
+        }
+    }
+
+    /// The ledger's record and the engine's session; `None` after refusing.
+    async fn start_conversation(&mut self, caller: &str) -> Option<ConversationHandle> {
+        let engine = self.shared.engine.get().cloned()?;
+        let config = &self.shared.config;
+        let options = ConversationOptions {
+            language: config.engine.language.clone(),
+            voice: config.engine.voice.clone(),
+        };
+        if let Some(ledger) = self.shared.ledger.get() {
+            let reserve = if engine.paid() {
+                config.ledger.turn_reserve_micro_usd()
+            } else {
+                0
+            };
+            let start = Started {
+                id: self.conversation.clone(),
+                key_id: None,
+                client: caller.to_owned(),
+                channel: "phone",
+                engine: engine.name().to_owned(),
+                language: options.language.clone(),
+                voice: options.voice.clone(),
+                reserve_micro_usd: reserve,
+            };
+            match ledger.started(start).await {
+                Ok(Admission::Admitted(account)) => self.account = account,
+                Ok(Admission::Refused(refusal)) => {
+                    tracing::warn!(conversation = %self.conversation, "call refused: {}", refusal.message());
+                    self.shared.metrics.refused(Refusal::BudgetExceeded);
+                    self.close(CLOSE_POLICY, "budget_exceeded").await;
+                    return None;
+                }
+                Err(e) => {
+                    // Also a second use of the call's token on another
+                    // gateway: the call is already recorded.
+                    tracing::warn!(conversation = %self.conversation, "call refused: {e}");
+                    self.shared.metrics.refused(Refusal::LedgerUnavailable);
+                    self.close(CLOSE_TRY_AGAIN, "ledger_unavailable").await;
+                    return None;
+                }
+            }
+        }
+        self.prices = engine.prices();
+        let session = match engine.start(options) {
+            Ok(session) => session,
+            Err(e) => {
+                tracing::warn!(conversation = %self.conversation, "the engine could not take a call: {e}");
+                self.shared.metrics.refused(Refusal::EngineBusy);
+                self.record_end("engine_unavailable", 0).await;
+                self.close(CLOSE_TRY_AGAIN, "engine unavailable").await;
+                return None;
+            }
+        };
+        let format = AudioFormat::Pcm16 {
+            rate_hz: RATE_HZ,
+            channels: 1,
+        };
+        let decoder = StreamDecoder::new(Some(format), self.shared.limits.decoder);
+        let handle = Conversation::spawn(session, Some(decoder), self.shared.limits);
+        self.shared
+            .metrics
+            .opened(self.id, Arc::clone(&handle.counters));
+        tracing::info!(conversation = %self.conversation, "call answered");
+        let greeting = config.telephony.greeting.clone();
+        self.say(&greeting);
+        Some(handle)
+    }
+
+    /// Speaks `text` to the caller (eSpeak NG), ahead of any reply.
+    fn say(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        let local = &self.shared.config.local;
+        let tts = crate::engine::local::tts::TtsConfig {
+            program: local.tts_program.clone().into(),
+            voice: local.tts_voice.clone(),
+            rate_wpm: local.tts_rate_wpm,
+            output_rate_hz: RATE_HZ,
+        };
+        let voice = crate::engine::local::tts::voice_for(
+            &tts.voice,
+            "",
+            &self.shared.config.engine.language,
+        );
+        let (frames, speech) = mpsc::channel(64);
+        let text = text.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = crate::engine::local::tts::speak(&tts, &voice, &text, &frames).await {
+                tracing::warn!("the call's greeting could not be spoken: {e}");
+            }
+        });
+        self.speech = Some(speech);
+    }
+
+    async fn converse(&mut self, mut handle: ConversationHandle) -> Option<CloseReason> {
+        let mut turns = 0u32;
+        let mut caller_gone = false;
+        let mut shutdown = self.shared.shutdown.clone();
+        let lead = Duration::from_millis(u64::from(self.shared.config.telephony.playback_lead_ms));
+        let mut pcm = Vec::new();
+        let reason = loop {
+            // The next frame may go once what was sent is within the lead.
+            let next_send = (!self.outbox.bytes.is_empty()).then(|| {
+                self.played_until
+                    .checked_sub(lead)
+                    .unwrap_or(self.played_until)
+            });
+            tokio::select! {
+                output = handle.output.recv() => {
+                    let Some(output) = output else { break None };
+                    match output {
+                        ClientOutput::Closed { reason, .. } => break Some(reason),
+                        ClientOutput::Event(event) => {
+                            if let EngineEvent::TurnEnd { .. } = &event {
+                                turns += 1;
+                            }
+                            self.on_event(&handle, event).await;
+                        }
+                        _ => {}
+                    }
+                }
+                frame = self.socket.recv(), if !caller_gone => {
+                    match self.on_frame(&handle, frame, &mut pcm).await {
+                        Flow::Go => {}
+                        Flow::Gone => {
+                            caller_gone = true;
+                            let _ = handle.input.try_send(ClientInput::Stop);
+                        }
+                        Flow::HangUp => {
+                            let farewell = self.shared.config.telephony.farewell.clone();
+                            self.outbox.clear();
+                            self.hanging_up = true;
+                            self.say(&farewell);
+                        }
+                    }
+                }
+                frame = recv_speech(&mut self.speech) => {
+                    match frame {
+                        Some(frame) => {
+                            let mut ulaw = Vec::with_capacity(frame.len());
+                            g711::encode_into(&frame, &mut ulaw);
+                            self.outbox.push(&ulaw);
+                        }
+                        None => self.speech = None,
+                    }
+                }
+                () = sleep_until(next_send) => {
+                    if !caller_gone && !self.send_due().await {
+                        caller_gone = true;
+                        let _ = handle.input.try_send(ClientInput::Stop);
+                    }
+                }
+                _ = shutdown.changed() => {
+                    handle.shutdown();
+                }
+            }
+            if self.hanging_up && self.speech.is_none() && self.outbox.bytes.is_empty() {
+                // Let the farewell play out, then hang up.
+                tokio::time::sleep_until(self.played_until).await;
+                let _ = handle.input.try_send(ClientInput::Stop);
+                self.close(CLOSE_NORMAL, "the caller hung up with the key")
+                    .await;
+                caller_gone = true;
+                self.hanging_up = false;
+            }
+        };
+        // What the engine still reports after the caller left is drained.
+        while handle.output.recv().await.is_some() {}
+        let _ = handle.task.await;
+        let ended = reason.map_or("caller_lost", CloseReason::as_str);
+        self.record_end(ended, turns).await;
+        let _ = handle.engine_ended.await;
+        if !caller_gone {
+            // No TwiML follows the stream: closing ends the call.
+            self.close(CLOSE_NORMAL, ended).await;
+        }
+        tracing::info!(conversation = %self.conversation, reason = ended, "call ended");
+        reason
+    }
+
+    async fn on_event(&mut self, handle: &ConversationHandle, event: EngineEvent) {
+        match event {
+            EngineEvent::Audio(pcm) => {
+                if self.hanging_up {
+                    return;
+                }
+                let rate = pcm.rate_hz;
+                if self.resampler.as_ref().is_none_or(|(r, _)| *r != rate) {
+                    match StreamResampler::new(rate, RATE_HZ) {
+                        Ok(resampler) => self.resampler = Some((rate, resampler)),
+                        Err(e) => {
+                            tracing::warn!("reply audio at {rate} Hz cannot be played: {e}");
+                            return;
+                        }
+                    }
+                }
+                self.resampled.clear();
+                if let Some((_, resampler)) = self.resampler.as_mut() {
+                    resampler.push(&pcm.samples, &mut self.resampled);
+                }
+                let mut ulaw = Vec::with_capacity(self.resampled.len());
+                g711::encode_into(&self.resampled, &mut ulaw);
+                self.outbox.push(&ulaw);
+            }
+            EngineEvent::Interrupted { .. } | EngineEvent::SpeechStarted { .. }
+                if !self.outbox.bytes.is_empty() || self.played_until > Instant::now() =>
+            {
+                // Barge-in: the caller stops hearing the reply (or the
+                // greeting) at once.
+                self.outbox.clear();
+                self.speech = None;
+                self.resampler = None;
+                self.played_until = Instant::now();
+                let clear = json!({"event": "clear", "streamSid": self.stream_sid});
+                let _ = self.send_json(&clear).await;
+            }
+            EngineEvent::TurnEnd { turn_id, reason } => {
+                if let Some(ledger) = self.shared.ledger.get() {
+                    ledger.turn(TurnRecord {
+                        conversation: self.conversation.clone(),
+                        turn: turn_id,
+                        latency_ms: None,
+                        outcome: format!("{reason:?}").to_lowercase(),
+                        user_text: None,
+                        reply_text: None,
+                    });
+                }
+                // The reply's tail, then a mark Twilio echoes once it is heard.
+                if let Some((_, mut resampler)) = self.resampler.take() {
+                    self.resampled.clear();
+                    resampler.finish(&mut self.resampled);
+                    let mut ulaw = Vec::new();
+                    g711::encode_into(&self.resampled, &mut ulaw);
+                    self.outbox.push(&ulaw);
+                }
+                self.outbox.mark(format!("turn-{turn_id}"));
+            }
+            EngineEvent::Usage(delta) => self.record_usage(handle, delta).await,
+            EngineEvent::ToolCall { id, .. } => {
+                // A telephone runs no client tools.
+                let json =
+                    json!({"error": "unavailable", "message": "a phone call runs no client tools"});
+                let _ = handle
+                    .input
+                    .send(ClientInput::ToolResult { id, json })
+                    .await;
+            }
+            _ => {}
+        }
+    }
+
+    /// One message from Twilio.
+    async fn on_frame(
+        &mut self,
+        handle: &ConversationHandle,
+        frame: Option<Result<Message, axum::Error>>,
+        pcm: &mut Vec<i16>,
+    ) -> Flow {
+        let text = match frame {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Binary(_))) => {
+                return Flow::Go;
+            }
+            Some(Ok(Message::Close(_)) | Err(_)) | None => return Flow::Gone,
+        };
+        let Ok(message) = serde_json::from_str::<Value>(&text) else {
+            tracing::warn!(conversation = %self.conversation, "a stream message that is not JSON was dropped");
+            return Flow::Go;
+        };
+        match message["event"].as_str() {
+            Some("media") => {
+                let payload = message["media"]["payload"].as_str().unwrap_or("");
+                let Ok(ulaw) = crate::base64::decode(payload) else {
+                    tracing::warn!(conversation = %self.conversation, "a media payload that is not base64 was dropped");
+                    return Flow::Go;
+                };
+                pcm.clear();
+                g711::decode_into(&ulaw, pcm);
+                let bytes: Vec<u8> = pcm.iter().flat_map(|s| s.to_le_bytes()).collect();
+                let _ = handle.input.send(ClientInput::Audio(bytes.into())).await;
+                Flow::Go
+            }
+            Some("dtmf") => {
+                let digit = message["dtmf"]["digit"].as_str().unwrap_or("");
+                let telephony = &self.shared.config.telephony;
+                if !digit.is_empty() && digit == telephony.hangup_digit {
+                    return Flow::HangUp;
+                }
+                if telephony.dtmf_as_text && digit.len() == 1 {
+                    let text = format!("(El llamante marcó la tecla {digit}.)");
+                    let _ = handle.input.send(ClientInput::Text(text)).await;
+                }
+                Flow::Go
+            }
+            Some("stop") => Flow::Gone,
+            // `connected`, `mark` echoes and anything new.
+            _ => Flow::Go,
+        }
+    }
+
+    /// Sends the frames that are due; `false` when the socket failed.
+    async fn send_due(&mut self) -> bool {
+        let lead = Duration::from_millis(u64::from(self.shared.config.telephony.playback_lead_ms));
+        let now = Instant::now();
+        while !self.outbox.bytes.is_empty() && self.played_until <= now + lead {
+            let n = self.outbox.bytes.len().min(FRAME_BYTES);
+            let mut frame: Vec<u8> = self.outbox.bytes.drain(..n).collect();
+            // A short last frame is padded with silence (0xFF, never 0x00).
+            frame.resize(FRAME_BYTES, 0xFF);
+            self.outbox.sent += n as u64;
+            self.played_until = self.played_until.max(now) + FRAME;
+            let media = json!({"event": "media", "streamSid": self.stream_sid,
+                "media": {"payload": crate::base64::encode(&frame)}});
+            if !self.send_json(&media).await {
+                return false;
+            }
+            while let Some((at, _)) = self.outbox.marks.front()
+                && *at <= self.outbox.sent
+            {
+                let Some((_, name)) = self.outbox.marks.pop_front() else {
+                    break;
+                };
+                let mark =
+                    json!({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}});
+                if !self.send_json(&mark).await {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    async fn send_json(&mut self, value: &Value) -> bool {
+        let wait = Duration::from_millis(u64::from(self.shared.config.server.write_timeout_ms));
+        let text = Message::Text(value.to_string().into());
+        matches!(timeout(wait, self.socket.send(text)).await, Ok(Ok(())))
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code,
+            reason: reason.chars().take(100).collect::<String>().into(),
+        };
+        let _ = timeout(
+            Duration::from_secs(1),
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+
+    /// Records a usage delta (before anything else of the call goes on)
+    /// and settles it against the budgets; a paid call whose cost cannot
+    /// be recorded, or whose budget is spent, ends after the reply.
+    async fn record_usage(&mut self, handle: &ConversationHandle, delta: UsageDelta) {
+        self.usage.add(&delta);
+        self.shared.metrics.usage(&delta);
+        let Some(ledger) = self.shared.ledger.get() else {
+            return;
+        };
+        let record = UsageRecord {
+            conversation: self.conversation.clone(),
+            stream: delta.upstream.map_or(0, |upstream| upstream.stream),
+            sequence: self.sequence,
+            prices: self.prices.clone(),
+            delta,
+            account: self.account.clone(),
+        };
+        self.sequence += 1;
+        match ledger.usage(record).await {
+            Ok(Some(mut account)) => {
+                account.apply_conversation_cap(self.usage.cost_micro_usd);
+                if account.standing.exhausted {
+                    tracing::info!(conversation = %self.conversation, "the budget is spent: the call ends after this reply");
+                    handle.shutdown.trigger_with(CloseReason::BudgetExceeded);
+                }
+                self.account = Some(account);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(conversation = %self.conversation, "usage not recorded: {e}");
+                if delta.cost_micro_usd > 0 {
+                    handle.shutdown.trigger_with(CloseReason::LedgerUnavailable);
+                }
+            }
+        }
+    }
+
+    async fn record_end(&mut self, reason: &str, turns: u32) {
+        if let Some(ledger) = self.shared.ledger.get()
+            && let Err(e) = ledger.ended(&self.conversation, reason, turns).await
+        {
+            tracing::warn!(conversation = %self.conversation, "the end of the call was not recorded: {e}");
+        }
+    }
+}
+
+/// What a message from Twilio means for the call.
+enum Flow {
+    Go,
+    Gone,
+    HangUp,
+}
+
+/// A number Twilio may send as a number or as a string.
+fn number(value: &Value) -> Option<u64> {
+    value
+        .as_u64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+}
+
+async fn recv_speech(speech: &mut Option<mpsc::Receiver<Vec<i16>>>) -> Option<Vec<i16>> {
+    match speech {
+        Some(speech) => speech.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
