@@ -781,13 +781,8 @@ fn loudness(event: &serde_json::Value) -> f64 {
         / 160.0
 }
 
-/// A phone call through Twilio Media Streams on the Nova Sonic test
-/// endpoint: a signed webhook gets TwiML with a one-time token, the signed
-/// stream hears the greeting, asks in μ-law, hears the answer as paced
-/// μ-law with a mark after it, and speaking over the answer clears it. A
-/// bad signature and a reused token are refused before any engine work.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
+/// A gateway taking calls on the Nova Sonic test endpoint.
+async fn phone_gateway() -> (Endpoint, gateway::Running) {
     let endpoint = Endpoint::start(vec![Script::answering(vec![
         Turn::new(QUESTION, ANSWER, 1_000),
         Turn::new(QUESTION, ANSWER, 3_000),
@@ -798,10 +793,136 @@ async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
     config.nova_sonic.endpoint_url = endpoint.url.clone();
     config.nova_sonic.ca_file = endpoint.ca_file.display().to_string();
     config.server.public_url = PUBLIC_URL.into();
+    config.server.hello_timeout_ms = 1_000;
     config.telephony.twilio_auth_token = AUTH_TOKEN.into();
     config.telephony.greeting = "Hola.".into();
     let engine = test_engine(&config).await;
     let gateway = gateway::start(&config, Some(engine)).await;
+    let dir = std::env::temp_dir().join(format!(
+        "sonora-phone-{}-{}",
+        std::process::id(),
+        sonora::ledger::now_ms()
+    ));
+    let ledger = sonora::config::LedgerConfig {
+        url: format!("sqlite://{}", dir.join("ledger.db").display()),
+        ..sonora::config::LedgerConfig::default()
+    };
+    let ledger = sonora::ledger::Ledger::open(&ledger).await.unwrap();
+    gateway.server.set_ledger(ledger).unwrap();
+    (endpoint, gateway)
+}
+
+/// A fresh call's token from the webhook.
+async fn call_token(addr: std::net::SocketAddr, call_sid: &str) -> String {
+    let params = [
+        ("CallSid", call_sid),
+        ("From", "+51987654321"),
+        ("To", "+5115550000"),
+    ];
+    let signature = twilio_signature(AUTH_TOKEN, "https://voz.example.edu/twilio/voice", &params);
+    let (status, twiml) = call_webhook(addr, call_sid, &signature).await;
+    assert_eq!(status, 200, "{twiml}");
+    twiml
+        .split("name=\"token\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned()
+}
+
+/// Hostile streams: no start, a start that is not JSON, another audio
+/// format, a token for another call are closed (1008) before any engine
+/// work; garbage inside a running call is dropped and the call goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_phone_streams_are_closed_or_survived() {
+    let (endpoint, gateway) = phone_gateway().await;
+    let closed_with = |socket: TwilioSocket| async move {
+        let mut socket = socket;
+        loop {
+            match next_event(&mut socket).await {
+                Ok(_) => continue,
+                Err(code) => return code,
+            }
+        }
+    };
+    // Silence after the upgrade: closed once the wait for start is over.
+    let silent = twilio_stream(gateway.addr, true).await.unwrap();
+    assert_eq!(closed_with(silent).await, Some(1008));
+    // Not JSON.
+    let mut garbage = twilio_stream(gateway.addr, true).await.unwrap();
+    send_event(&mut garbage, serde_json::json!("{{{{")).await;
+    use futures_util::SinkExt as _;
+    garbage
+        .send(tokio_tungstenite::tungstenite::Message::Text(
+            "not json".into(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(closed_with(garbage).await, Some(1008));
+    // Another audio format.
+    let token = call_token(gateway.addr, "CA0101").await;
+    let mut wrong = twilio_stream(gateway.addr, true).await.unwrap();
+    send_event(
+        &mut wrong,
+        serde_json::json!({"event": "start", "streamSid": "MZ1",
+        "start": {"streamSid": "MZ1", "callSid": "CA0101", "customParameters": {"token": token},
+            "mediaFormat": {"encoding": "audio/l16", "sampleRate": 16000, "channels": 1}}}),
+    )
+    .await;
+    assert_eq!(closed_with(wrong).await, Some(1008));
+    // A token for another call.
+    let token = call_token(gateway.addr, "CA0102").await;
+    let mut other = twilio_stream(gateway.addr, true).await.unwrap();
+    start_stream(&mut other, "CA0103", &token).await;
+    assert_eq!(closed_with(other).await, Some(1008));
+    assert_eq!(
+        endpoint.connections().len(),
+        0,
+        "no engine work for any of them"
+    );
+
+    // Inside a call: bad base64, not JSON, an unknown event, a huge digit:
+    // dropped; the call goes on and still answers.
+    let token = call_token(gateway.addr, "CA0104").await;
+    let mut call = twilio_stream(gateway.addr, true).await.unwrap();
+    start_stream(&mut call, "CA0104", &token).await;
+    for junk in [
+        serde_json::json!({"event": "media", "media": {"payload": "***not base64***"}}),
+        serde_json::json!({"event": "media", "media": {"payload": 7}}),
+        serde_json::json!({"event": "dtmf", "dtmf": {"digit": "x".repeat(1000)}}),
+        serde_json::json!({"event": "surprise"}),
+    ] {
+        send_event(&mut call, junk).await;
+    }
+    call.send(tokio_tungstenite::tungstenite::Message::Text("}{".into()))
+        .await
+        .unwrap();
+    let tone: Vec<i16> = (0..6_400)
+        .map(|i| ((f64::from(i) / 8_000.0 * 300.0 * std::f64::consts::TAU).sin() * 8_000.0) as i16)
+        .chain(std::iter::repeat_n(0, 6_400))
+        .collect();
+    for (i, frame) in tone.chunks(160).enumerate() {
+        send_event(&mut call, media(frame, i)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut marked = false;
+    while let Ok(event) = next_event(&mut call).await {
+        if event["event"] == "mark" {
+            marked = true;
+            break;
+        }
+    }
+    assert!(marked, "the call answered after the junk");
+}
+
+/// A phone call through Twilio Media Streams on the Nova Sonic test
+/// endpoint: a signed webhook gets TwiML with a one-time token, the signed
+/// stream hears the greeting, asks in μ-law, hears the answer as paced
+/// μ-law with a mark after it, and speaking over the answer clears it. A
+/// bad signature and a reused token are refused before any engine work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
+    let (endpoint, gateway) = phone_gateway().await;
 
     // The webhook: a bad signature is refused, a good one answered.
     let params = [
@@ -946,6 +1067,9 @@ async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
         }
     }
     assert!(cleared, "barge-in clears the caller's playback");
+    let text = gateway.metrics().await;
+    assert_eq!(metric(&text, "sonora_calls_total"), 1.0);
+    assert_eq!(metric(&text, "sonora_calls_active"), 1.0);
     send_event(
         &mut socket,
         serde_json::json!({"event": "stop", "streamSid": "MZ0001",
@@ -960,4 +1084,25 @@ async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
     start_stream(&mut again, "CA0001", &token).await;
     assert_eq!(next_event(&mut again).await.err(), Some(Some(1008)));
     assert_eq!(endpoint.connections().len(), opened);
+
+    // The ledger has the call: channel phone, the caller only as a hash.
+    let ledger = gateway.server.ledger().unwrap();
+    let mut row = None;
+    for _ in 0..50 {
+        let rows = sonora::ledger::report::conversations(ledger.pool(), 0, i64::MAX)
+            .await
+            .unwrap();
+        row = rows
+            .into_iter()
+            .find(|r| r.conversation == "call-CA0001" && r.ended_ms.is_some());
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = row.expect("the call is recorded and ended");
+    assert_eq!(row.channel, "phone");
+    assert_eq!(row.client, sonora::ledger::client_hash("tel:+51987654321"));
+    assert_eq!(row.engine, "nova-sonic");
+    assert!(row.cost_micro_usd > 0 && row.turns >= 1, "{row:?}");
 }

@@ -173,6 +173,29 @@ mod tests {
             .collect()
     }
 
+    fn rms(samples: &[i16]) -> f64 {
+        let sum: f64 = samples.iter().map(|&s| f64::from(s).powi(2)).sum();
+        (sum / samples.len().max(1) as f64).sqrt()
+    }
+
+    /// Reply audio at 24 kHz going down a telephone line (8 kHz): what is
+    /// above the new Nyquist frequency (4 kHz) is filtered out, not folded
+    /// into the band a caller hears; what is below passes.
+    #[test]
+    fn going_down_to_the_telephone_band_does_not_alias() {
+        let passed = run(24_000, 8_000, &sine(24_000, 1_000.0, 24_000), 480);
+        let folded = run(24_000, 8_000, &sine(24_000, 5_000.0, 24_000), 480);
+        // Away from the edges (the filter's ramp).
+        let middle = |s: &[i16]| s[800..s.len() - 800].to_vec();
+        let (passed, folded) = (rms(&middle(&passed)), rms(&middle(&folded)));
+        assert!(passed > 6_000.0, "1 kHz passes: {passed}");
+        // 5 kHz would alias to 3 kHz: at least 60 dB down.
+        assert!(
+            folded < passed / 1_000.0,
+            "5 kHz leaks: {folded} vs {passed}"
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -169,6 +169,11 @@ impl Server {
             .map_err(|_| "the ledger is already set".to_owned())
     }
 
+    /// The ledger, once set.
+    pub fn ledger(&self) -> Option<&Ledger> {
+        self.shared.ledger.get()
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.shared.metrics)
     }

@@ -78,6 +78,9 @@ pub struct Metrics {
     ready: AtomicBool,
     active: AtomicU64,
     total: AtomicU64,
+    /// Of those, phone calls (running now, ever).
+    calls_active: AtomicU64,
+    calls_total: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
     /// TCP connections open now, WebSockets included.
     connections_open: AtomicU64,
@@ -145,6 +148,17 @@ impl Metrics {
         self.active.fetch_add(1, ORDER);
         self.total.fetch_add(1, ORDER);
         self.lock_traffic().live.insert(id, counters);
+    }
+
+    /// A phone call started (besides [`Metrics::opened`]).
+    pub fn call_opened(&self) {
+        self.calls_active.fetch_add(1, ORDER);
+        self.calls_total.fetch_add(1, ORDER);
+    }
+
+    /// A phone call ended (besides [`Metrics::closed`]).
+    pub fn call_closed(&self) {
+        self.calls_active.fetch_sub(1, ORDER);
     }
 
     /// A conversation ended; `reason` is `None` when the connection was
@@ -229,7 +243,7 @@ impl Metrics {
         let seconds = |ms: u64| ms as f64 / 1000.0;
         let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
         // (name, type, help, value)
-        let plain: [(&str, &str, &str, f64); 21] = [
+        let plain: [(&str, &str, &str, f64); 23] = [
             (
                 "sonora_engine_ready",
                 "gauge",
@@ -247,6 +261,18 @@ impl Metrics {
                 "counter",
                 "Conversations started.",
                 self.total.load(ORDER) as f64,
+            ),
+            (
+                "sonora_calls_active",
+                "gauge",
+                "Phone calls running now (counted in sonora_sessions_active too).",
+                self.calls_active.load(ORDER) as f64,
+            ),
+            (
+                "sonora_calls_total",
+                "counter",
+                "Phone calls answered (counted in sonora_sessions_total too).",
+                self.calls_total.load(ORDER) as f64,
             ),
             (
                 "sonora_http_connections_open",

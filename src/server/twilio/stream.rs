@@ -144,6 +144,7 @@ impl Call {
             return;
         };
         let reason = call.converse(handle).await;
+        call.shared.metrics.call_closed();
         call.shared.metrics.closed(call.id, reason);
     }
 
@@ -260,6 +261,7 @@ impl Call {
         self.shared
             .metrics
             .opened(self.id, Arc::clone(&handle.counters));
+        self.shared.metrics.call_opened();
         tracing::info!(conversation = %self.conversation, "call answered");
         let greeting = config.telephony.greeting.clone();
         self.say(&greeting);
