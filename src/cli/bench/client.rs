@@ -35,11 +35,14 @@ pub(super) struct ClientReport {
     pub(super) errors: Vec<String>,
 }
 
-/// How the honest clients talk: frame length and the echo's turn length.
+/// How the honest clients talk: frame length, the echo's turn length, and
+/// whether they are phone calls (Twilio Media Streams: μ-law in JSON text
+/// frames on `/twilio/stream`) rather than the web page's `/ws`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Talk {
     pub(super) frame_ms: u64,
     pub(super) turn_ms: u64,
+    pub(super) phone: bool,
 }
 
 /// A masked client frame with FIN set.
@@ -141,15 +144,29 @@ pub(super) struct Connected {
     frames: Frames,
 }
 
-/// Opens a conversation from `source` and waits for its `ready`.
-pub(super) async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<Connected> {
+/// Opens a conversation from `source` and waits for its `ready` (a call:
+/// its token from the webhook, then the stream's `connected` and `start`).
+pub(super) async fn connect(
+    addr: SocketAddr,
+    source: IpAddr,
+    phone: Option<u64>,
+) -> anyhow::Result<Connected> {
+    let token = match phone {
+        Some(call) => Some(call_token(addr, source, call).await?),
+        None => None,
+    };
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket.connect(addr).await.context("connect")?;
     // As browsers do, without Nagle's delay.
     stream.set_nodelay(true)?;
+    let path = if token.is_some() {
+        "/twilio/stream"
+    } else {
+        "/ws"
+    };
     let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: c29ub3JhIGJlbmNoIGtleQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     write_all(&stream, request.as_bytes()).await?;
@@ -168,6 +185,24 @@ pub(super) async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<
         bail!("upgrade refused: {status}");
     }
     frames.start = head_end;
+    if let (Some(token), Some(call)) = (token, phone) {
+        let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+        let start = serde_json::json!({"event": "start", "streamSid": format!("MZ{call}"),
+            "start": {"streamSid": format!("MZ{call}"), "callSid": format!("CA{call}"),
+                "customParameters": {"token": token},
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}}});
+        write_all(&stream, &client_frame(OP_TEXT, connected.as_bytes())).await?;
+        write_all(
+            &stream,
+            &client_frame(OP_TEXT, start.to_string().as_bytes()),
+        )
+        .await?;
+        // A call has no `ready`: it is up once `start` is in.
+        return Ok(Connected {
+            stream: Arc::new(stream),
+            frames,
+        });
+    }
     let hello = r#"{"type":"hello","version":1,"audio":{"format":"pcm16","rate":16000}}"#;
     write_all(&stream, &client_frame(OP_TEXT, hello.as_bytes())).await?;
     loop {
@@ -195,6 +230,35 @@ pub(super) async fn connect(addr: SocketAddr, source: IpAddr) -> anyhow::Result<
     }
 }
 
+/// A call's token: `POST /twilio/voice` (the bench's gateway takes
+/// unsigned webhooks) and the token in its TwiML.
+async fn call_token(addr: SocketAddr, source: IpAddr, call: u64) -> anyhow::Result<String> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(addr).await.context("connect")?;
+    let body = format!("CallSid=CA{call}&From=%2B5110000{call}&To=%2B5115550000");
+    let request = format!(
+        "POST /twilio/voice HTTP/1.1\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    write_all(&stream, request.as_bytes()).await?;
+    let mut frames = Frames::default();
+    while frames.fill(&stream).await? {
+        if frames.buf.len() > 64 * 1024 {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&frames.buf);
+    answer
+        .split("name=\"token\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no call token: {}", answer.lines().next().unwrap_or("")))
+}
+
 fn close_reason(frames: &Frames, range: Range<usize>) -> String {
     let reason = range.start.saturating_add(2)..range.end;
     if reason.start > reason.end {
@@ -206,7 +270,7 @@ fn close_reason(frames: &Frames, range: Range<usize>) -> String {
 /// When the frame that completed the current turn went out, in µs since
 /// the run's epoch: written by the wheel, taken by the reader.
 #[derive(Debug)]
-struct Turn(AtomicU64);
+struct Turn(AtomicU64, std::sync::atomic::AtomicBool);
 
 /// Reads one client's replies until its `end`: round trips, bytes, errors.
 async fn read_replies(
@@ -214,6 +278,7 @@ async fn read_replies(
     mut frames: Frames,
     turn: Arc<Turn>,
     epoch: Instant,
+    phone: bool,
 ) -> ClientReport {
     let mut report = ClientReport {
         ready: true,
@@ -230,6 +295,18 @@ async fn read_replies(
                         report.round_trips_us.push(now_us.saturating_sub(sent_us));
                     }
                 }
+                OP_TEXT if phone => {
+                    // A call's reply audio comes as `media` messages.
+                    let text = frames.text(range.clone());
+                    if text.contains("\"event\":\"media\"") {
+                        report.bytes_in += range.len() as u64;
+                        let sent_us = turn.0.swap(NO_TURN, Ordering::Relaxed);
+                        if sent_us != NO_TURN {
+                            let now_us = epoch.elapsed().as_micros() as u64;
+                            report.round_trips_us.push(now_us.saturating_sub(sent_us));
+                        }
+                    }
+                }
                 OP_TEXT => {
                     let text = frames.text(range);
                     if text.contains("\"type\":\"error\"") {
@@ -243,7 +320,9 @@ async fn read_replies(
                 }
                 OP_CLOSE => {
                     let reason = close_reason(&frames, range);
-                    report.errors.push(format!("closed early: {reason}"));
+                    if !(phone && turn.1.load(Ordering::Relaxed)) {
+                        report.errors.push(format!("closed early: {reason}"));
+                    }
                     return report;
                 }
                 _ => {}
@@ -252,7 +331,10 @@ async fn read_replies(
         match tokio::time::timeout(READ_TIMEOUT, frames.fill(&stream)).await {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
-                report.errors.push("connection lost".into());
+                // A call ends by closing after its `stop`.
+                if !(phone && turn.1.load(Ordering::Relaxed)) {
+                    report.errors.push("connection lost".into());
+                }
                 return report;
             }
             Ok(Err(e)) => {
@@ -329,13 +411,17 @@ pub(super) async fn stream(
     let mut streamers = Vec::with_capacity(clients.len());
     let mut readers = Vec::with_capacity(clients.len());
     for (connected, phase) in clients {
-        let turn = Arc::new(Turn(AtomicU64::new(NO_TURN)));
+        let turn = Arc::new(Turn(
+            AtomicU64::new(NO_TURN),
+            std::sync::atomic::AtomicBool::new(false),
+        ));
         let Connected { stream, frames } = connected;
         readers.push(tokio::spawn(read_replies(
             Arc::clone(&stream),
             frames,
             Arc::clone(&turn),
             epoch,
+            talk.phone,
         )));
         streamers.push(Streamer {
             stream,
@@ -369,8 +455,25 @@ async fn run_wheel(streamers: &mut [Streamer], talk: Talk, seconds: u64, epoch: 
     let noise: Vec<u8> = (0..samples)
         .flat_map(|i| (((i * 7919) % 200) as i16 - 100).to_le_bytes())
         .collect();
-    let audio = client_frame(OP_BINARY, &noise);
-    let stop = client_frame(OP_TEXT, br#"{"type":"stop"}"#);
+    let (audio, stop) = if talk.phone {
+        // The same noise as μ-law at 8 kHz, in Twilio's `media` message.
+        let pcm: Vec<i16> = (0..samples / 2)
+            .map(|i| ((i * 7919) % 200) as i16 - 100)
+            .collect();
+        let mut ulaw = Vec::new();
+        crate::audio::g711::encode_into(&pcm, &mut ulaw);
+        let media = serde_json::json!({"event": "media",
+            "media": {"track": "inbound", "payload": crate::base64::encode(&ulaw)}});
+        (
+            client_frame(OP_TEXT, media.to_string().as_bytes()),
+            client_frame(OP_TEXT, br#"{"event":"stop"}"#),
+        )
+    } else {
+        (
+            client_frame(OP_BINARY, &noise),
+            client_frame(OP_TEXT, br#"{"type":"stop"}"#),
+        )
+    };
     let frames_per_turn = (talk.turn_ms / frame_ms).max(1);
     let total_frames = seconds * 1000 / frame_ms;
     let mut slots: Vec<Vec<usize>> = vec![Vec::new(); frame_ms as usize];
@@ -395,6 +498,7 @@ async fn run_wheel(streamers: &mut [Streamer], talk: Talk, seconds: u64, epoch: 
                     streamer.turn.0.store(now_us, Ordering::Relaxed);
                 }
                 if streamer.sent >= total_frames {
+                    streamer.turn.1.store(true, Ordering::Relaxed);
                     streamer.send(&stop);
                     streamer.done = true;
                 }

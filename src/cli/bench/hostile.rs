@@ -70,7 +70,7 @@ pub(crate) fn run(args: &HostileBenchArgs) -> Result<(), Failure> {
         return Err(anyhow!("--honest and --seconds must be positive").into());
     }
     raise_open_files((args.honest + args.hostile * 32) * 2 + 256)?;
-    let mut server = Server::start(2_000, 1_000, args.honest + args.hostile * 16 + 10, 0)?;
+    let mut server = Server::start(2_000, 1_000, args.honest + args.hostile * 16 + 10, 0, false)?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
     result?;
@@ -81,6 +81,7 @@ async fn measure(args: &HostileBenchArgs, server: &Server) -> anyhow::Result<()>
     let talk = Talk {
         frame_ms: 20,
         turn_ms: 2_000,
+        phone: false,
     };
     eprintln!(
         "baseline: {} honest sessions for {} s",

@@ -45,6 +45,10 @@ pub(crate) struct ServeBenchArgs {
     /// `TOKIO_WORKER_THREADS`); 0 keeps its default, one per core.
     #[arg(long, default_value_t = 0)]
     gateway_workers: usize,
+    /// Phone calls instead of web pages: each client is a Twilio Media
+    /// Stream (the webhook, then μ-law in JSON on `/twilio/stream`).
+    #[arg(long)]
+    phone: bool,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -67,6 +71,7 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
         args.reply_ms,
         args.sessions + 10,
         args.gateway_workers,
+        args.phone,
     )?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
@@ -98,8 +103,13 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         0 => "one per core".to_owned(),
         n => n.to_string(),
     };
+    let kind = if args.phone {
+        "phone calls (μ-law, Twilio Media Streams)"
+    } else {
+        "sessions"
+    };
     println!(
-        "sonora bench serve: {held}/{} sessions held, {} s, {} ms PCM frames, echo {} ms → {} ms, gateway workers: {workers}",
+        "sonora bench serve: {held}/{} {kind} held, {} s, {} ms frames, echo {} ms → {} ms, gateway workers: {workers}",
         args.sessions, args.seconds, args.frame_ms, args.turn_ms, args.reply_ms
     );
     println!(
@@ -140,6 +150,12 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "{:<34} {:>12} {:>12.3}",
         "load gen. CPU ms per session-sec.", "", clients_ms_per_session_second
     );
+    // How many such sessions one core carries at this load.
+    let per_core = held as f64 / cpu_share.max(1e-9);
+    println!(
+        "{:<34} {:>12} {:>12.0}",
+        "sessions per core (at this load)", "", per_core
+    );
     println!(
         "{:<34} {:>12} {:>12.0}",
         "server RSS per session (KiB)", "", per_session_rss
@@ -170,6 +186,8 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
         "p99_ratio_to_baseline": if base_p99 > 0.0 { p99 / base_p99 } else { 0.0 },
         "server_cpu_percent_of_one_core": cpu_share * 100.0,
         "load_generator_cpu_percent_of_one_core": clients_share * 100.0,
+        "phone": args.phone,
+        "sessions_per_core": per_core,
         "server_cpu_ms_per_session_second": server_ms_per_session_second,
         "load_generator_cpu_ms_per_session_second": clients_ms_per_session_second,
         "cores": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
@@ -224,6 +242,7 @@ impl From<&ServeBenchArgs> for Talk {
         Self {
             frame_ms: args.frame_ms,
             turn_ms: args.turn_ms,
+            phone: args.phone,
         }
     }
 }
@@ -235,11 +254,15 @@ pub(super) async fn load(
     sessions: usize,
     seconds: u64,
 ) -> anyhow::Result<(Vec<ClientReport>, Usage)> {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let mut connecting = Vec::with_capacity(sessions);
     for i in 0..sessions {
         let (addr, source) = (server.addr, client_address(i));
+        let call = args
+            .phone
+            .then(|| CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         connecting.push(tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_secs(60), client::connect(addr, source))
+            tokio::time::timeout(Duration::from_secs(60), client::connect(addr, source, call))
                 .await
                 .unwrap_or_else(|_| Err(anyhow!("no ready within 60 s")))
         }));
@@ -300,6 +323,7 @@ impl Server {
         reply_ms: u64,
         max_sessions: usize,
         workers: usize,
+        phone: bool,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the sonora binary")?;
         let mut command = Command::new(exe);
@@ -309,8 +333,17 @@ impl Server {
         // A ledger of its own, as a deployment has: every turn's usage is
         // recorded (the echo engine's cost 0).
         let ledger_dir = std::env::temp_dir().join(format!("sonora-bench-{}", std::process::id()));
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        if phone {
+            // Unsigned webhooks from the loopback, and no greeting: the
+            // bench measures the calls, not eSpeak NG.
+            command.args([
+                "--set=telephony.allow_unsigned=true",
+                "--set=server.public_url=http://127.0.0.1",
+                "--set=telephony.greeting=\"\"",
+            ]);
+        }
         let mut child = command
-            .args(["serve", "--listen", "127.0.0.1:0"])
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
             .arg(format!(
                 "--ledger=sqlite://{}",
