@@ -30,4 +30,5 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod tools;
+pub mod tts;
 pub mod usage;

@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("knowledge", 2),
     ("ledger", 2),
     ("tools", 3),
+    ("tts", 3),
     ("engine", 4),
     ("telemetry", 5),
     ("session", 6),

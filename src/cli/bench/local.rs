@@ -12,8 +12,9 @@ use tokio::sync::mpsc;
 use crate::audio::ENGINE_RATE_HZ;
 use crate::cli::Failure;
 use crate::config::Config;
-use crate::engine::local::{LocalEngine, LocalSettings, tts};
+use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, EngineInput, Role, Stage};
+use crate::tts;
 
 /// Questions about the example knowledge base, 2–6 s when spoken.
 const QUESTIONS: [&str; 8] = [

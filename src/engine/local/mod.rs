@@ -9,7 +9,7 @@
 mod asr;
 pub mod chat;
 mod reply;
-pub mod tts;
+
 mod vad;
 
 use std::collections::VecDeque;
@@ -28,7 +28,6 @@ use self::chat::{ChatClient, ChatConfig};
 use self::reply::{
     EarlyRecognition, History, ReplyJob, ReplyProgress, Turn, TurnInput, recognise, remember,
 };
-use self::tts::TtsConfig;
 use self::vad::{Segmenter, VadEvent};
 use super::{
     ConversationOptions, Engine, EngineEvent, EngineInput, EngineSession, ErrorKind, TurnEndReason,
@@ -36,6 +35,7 @@ use super::{
 };
 use crate::config::LocalConfig;
 use crate::knowledge::KnowledgeBase;
+use crate::tts::{self, TtsConfig};
 use crate::usage::UsageDelta;
 
 const SAMPLES_PER_MS: u64 = crate::audio::ENGINE_RATE_HZ as u64 / 1000;

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{Shared, tts};
+use super::Shared;
 use crate::engine::{EngineEvent, ErrorKind, Pcm, Role, Stage, TurnEndReason};
 use crate::knowledge::Reply;
+use crate::tts;
 use crate::usage::UsageDelta;
 
 /// Recognition started before the end of the turn; `None` when it was

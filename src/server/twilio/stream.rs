@@ -301,21 +301,17 @@ impl Call {
             return;
         }
         let local = &self.shared.config.local;
-        let tts = crate::engine::local::tts::TtsConfig {
+        let tts = crate::tts::TtsConfig {
             program: local.tts_program.clone().into(),
             voice: local.tts_voice.clone(),
             rate_wpm: local.tts_rate_wpm,
             output_rate_hz: RATE_HZ,
         };
-        let voice = crate::engine::local::tts::voice_for(
-            &tts.voice,
-            "",
-            &self.shared.config.engine.language,
-        );
+        let voice = crate::tts::voice_for(&tts.voice, "", &self.shared.config.engine.language);
         let (frames, speech) = mpsc::channel(64);
         let text = text.to_owned();
         tokio::spawn(async move {
-            if let Err(e) = crate::engine::local::tts::speak(&tts, &voice, &text, &frames).await {
+            if let Err(e) = crate::tts::speak(&tts, &voice, &text, &frames).await {
                 tracing::warn!("the call's greeting could not be spoken: {e}");
             }
         });

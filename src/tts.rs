@@ -1,4 +1,5 @@
-//! Speech synthesis with eSpeak NG, run as a separate program (it is GPL;
+//! Speech synthesis with eSpeak NG (the local engine's voice, a phone
+//! call's greeting and farewell), run as a separate program (it is GPL;
 //! Sonora does not link it). Audio streams out as it is produced, resampled
 //! to the transport rate, in short frames.
 
