@@ -53,6 +53,11 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<i16>) {
     out.extend(bytes.iter().map(|&b| decode(b)));
 }
 
+/// Decodes μ-law bytes, appending 16-bit little-endian samples to `out`.
+pub fn decode_le_into(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend(bytes.iter().flat_map(|&b| decode(b).to_le_bytes()));
+}
+
 /// Encodes 16-bit samples, appending μ-law bytes to `out`.
 pub fn encode_into(samples: &[i16], out: &mut Vec<u8>) {
     out.extend(samples.iter().map(|&s| encode(s)));
@@ -81,6 +86,20 @@ mod tests {
         assert_eq!(encode(-1000), 0x4E);
         assert_eq!(decode(0xCE), 988);
         assert_eq!(decode(0xF2), 104);
+    }
+
+    #[test]
+    fn little_endian_decoding_is_the_same_samples() {
+        let mut samples = Vec::new();
+        let mut bytes = Vec::new();
+        let all: Vec<u8> = (0..=255).collect();
+        decode_into(&all, &mut samples);
+        decode_le_into(&all, &mut bytes);
+        let again: Vec<i16> = bytes
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        assert_eq!(again, samples);
     }
 
     #[test]

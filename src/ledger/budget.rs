@@ -154,8 +154,7 @@ impl Refusal {
     /// A message safe to show the client.
     pub fn message(&self) -> String {
         match self {
-            Self::Budget { scope, period } if scope == GLOBAL => {
-                let _ = period;
+            Self::Budget { scope, .. } if scope == GLOBAL => {
                 "the service's spending limit for today is reached; try again tomorrow".to_owned()
             }
             Self::Budget { period, .. } => match period {

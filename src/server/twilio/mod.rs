@@ -12,6 +12,8 @@
 //! gateway, and once per deployment through the ledger, where the call is
 //! recorded under its `CallSid`.
 
+mod messages;
+mod playback;
 mod signature;
 mod stream;
 
@@ -29,6 +31,8 @@ use sha1::Sha1;
 use super::Shared;
 use super::metrics::Refusal;
 
+/// Twilio's audio: μ-law at 8 kHz.
+const RATE_HZ: u32 = 8_000;
 /// Where Twilio asks what to do with a call.
 pub(super) const VOICE_PATH: &str = "/twilio/voice";
 /// Where a call's audio streams.
@@ -99,7 +103,7 @@ impl Calls {
         };
         let body = format!("{call_sid}.{expires}.{caller}");
         let expected = self.mac(&body);
-        if expected.is_empty() || !same(&expected, mac) {
+        if expected.is_empty() || !signature::same(&expected, mac) {
             return Err("the call's token is not this service's");
         }
         let expires: u64 = expires
@@ -131,10 +135,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
 }
 
 /// Whether a request carries Twilio's signature of `url` and `params`, or

@@ -39,7 +39,8 @@ pub(crate) fn valid(
             .any(|url| same(&sign(auth_token, url, params), signature))
 }
 
-fn same(a: &str, b: &str) -> bool {
+/// Equal strings, compared in constant time.
+pub(super) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())

@@ -9,7 +9,6 @@
 //! the telephone band aliases into it) and encoded. The greeting and the
 //! farewell are spoken with eSpeak NG (`local.tts_program`).
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,24 +19,19 @@ use tokio::time::{Instant, timeout};
 
 use super::super::Shared;
 use super::super::metrics::Refusal;
-use crate::audio::{AudioFormat, StreamDecoder, StreamResampler, g711};
+use super::RATE_HZ;
+use super::messages::{Inbound, Start};
+use super::playback::{Due, Playback};
+use crate::audio::{AudioFormat, StreamDecoder, g711};
 use crate::engine::{ConversationOptions, EngineEvent};
 use crate::ledger::{Account, Admission, Started, TurnRecord, UsageRecord};
 use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
 use crate::usage::UsageDelta;
 
-/// Twilio's audio: μ-law at 8 kHz.
-const RATE_HZ: u32 = 8_000;
-/// One outbound `media` message: 20 ms.
-const FRAME_BYTES: usize = 160;
-const FRAME: Duration = Duration::from_millis(20);
 /// Close codes: done, refused.
 const CLOSE_NORMAL: u16 = 1000;
 const CLOSE_POLICY: u16 = 1008;
 const CLOSE_TRY_AGAIN: u16 = 1013;
-/// Most μ-law audio waiting to be sent: 60 s (a long reply sent faster
-/// than real time); past it the oldest is dropped and counted.
-const MAX_OUTBOX_BYTES: usize = 60 * 8_000;
 
 /// A call in progress.
 pub(super) struct Call {
@@ -48,13 +42,8 @@ pub(super) struct Call {
     /// `stream_sid` as a JSON string, quoted and escaped once.
     sid_json: String,
     conversation: String,
-    /// Reply audio not yet sent, as μ-law, and the marks between it.
-    outbox: Outbox,
-    /// When the audio already sent will have been played out.
-    played_until: Instant,
-    /// Reply audio at the engine's rate → 8 kHz.
-    resampler: Option<(u32, StreamResampler)>,
-    resampled: Vec<i16>,
+    /// What the caller is to hear.
+    playback: Playback,
     /// Spoken by eSpeak NG (greeting, farewell): 8 kHz frames.
     speech: Option<mpsc::Receiver<Vec<i16>>>,
     /// The farewell is under way: the call ends once it has played.
@@ -67,69 +56,6 @@ pub(super) struct Call {
     usage: UsageDelta,
 }
 
-#[derive(Default)]
-struct Outbox {
-    bytes: VecDeque<u8>,
-    /// (bytes sent when it is due, name).
-    marks: VecDeque<(u64, String)>,
-    /// Bytes ever queued and sent.
-    queued: u64,
-    sent: u64,
-    dropped: u64,
-}
-
-impl Outbox {
-    fn push(&mut self, ulaw: &[u8]) {
-        self.bytes.extend(ulaw);
-        self.queued += ulaw.len() as u64;
-        while self.bytes.len() > MAX_OUTBOX_BYTES {
-            self.bytes.pop_front();
-            self.sent += 1;
-            self.dropped += 1;
-        }
-    }
-
-    fn mark(&mut self, name: String) {
-        self.marks.push_back((self.queued, name));
-    }
-
-    fn clear(&mut self) {
-        self.sent += self.bytes.len() as u64;
-        self.bytes.clear();
-        self.marks.clear();
-    }
-}
-
-/// A message from Twilio after `start`, read where it lies.
-#[derive(serde::Deserialize)]
-struct Inbound<'a> {
-    #[serde(borrow)]
-    event: std::borrow::Cow<'a, str>,
-    #[serde(borrow, default)]
-    media: Option<MediaIn<'a>>,
-    #[serde(default)]
-    dtmf: Option<DtmfIn>,
-}
-
-#[derive(serde::Deserialize)]
-struct MediaIn<'a> {
-    #[serde(borrow, default)]
-    payload: std::borrow::Cow<'a, str>,
-}
-
-#[derive(serde::Deserialize)]
-struct DtmfIn {
-    #[serde(default)]
-    digit: String,
-}
-
-/// What `start` says.
-struct Start {
-    stream_sid: String,
-    call_sid: String,
-    token: String,
-}
-
 impl Call {
     pub(super) async fn run(socket: WebSocket, shared: Arc<Shared>, id: u64) {
         let mut call = Self {
@@ -139,10 +65,7 @@ impl Call {
             stream_sid: String::new(),
             sid_json: String::new(),
             conversation: String::new(),
-            outbox: Outbox::default(),
-            played_until: Instant::now(),
-            resampler: None,
-            resampled: Vec::new(),
+            playback: Playback::default(),
             speech: None,
             hanging_up: false,
             prices: String::new(),
@@ -200,29 +123,13 @@ impl Call {
                 Some("stop") => return None,
                 _ => continue,
             }
-            let start = &message["start"];
-            let text_of = |value: &Value| value.as_str().unwrap_or("").to_owned();
-            let format = &start["mediaFormat"];
-            let ulaw = format["encoding"].as_str() == Some("audio/x-mulaw")
-                && number(&format["sampleRate"]) == Some(u64::from(RATE_HZ))
-                && number(&format["channels"]).unwrap_or(1) == 1;
-            if !ulaw {
-                self.close(
-                    CLOSE_POLICY,
-                    "only audio/x-mulaw at 8000 Hz, mono, is taken",
-                )
-                .await;
-                return None;
-            }
-            let stream_sid = match text_of(&start["streamSid"]) {
-                sid if sid.is_empty() => text_of(&message["streamSid"]),
-                sid => sid,
+            return match Start::parse(&message) {
+                Ok(start) => Some(start),
+                Err(why) => {
+                    self.close(CLOSE_POLICY, why).await;
+                    None
+                }
             };
-            return Some(Start {
-                stream_sid,
-                call_sid: text_of(&start["callSid"]),
-                token: text_of(&start["customParameters"]["token"]),
-            });
         }
     }
 
@@ -323,14 +230,9 @@ impl Call {
         let mut caller_gone = false;
         let mut shutdown = self.shared.shutdown.clone();
         let lead = Duration::from_millis(u64::from(self.shared.config.telephony.playback_lead_ms));
-        let mut pcm = Vec::new();
         let reason = loop {
             // The next frame may go once what was sent is within the lead.
-            let next_send = (!self.outbox.bytes.is_empty()).then(|| {
-                self.played_until
-                    .checked_sub(lead)
-                    .unwrap_or(self.played_until)
-            });
+            let next_send = self.playback.next_send(lead);
             tokio::select! {
                 output = handle.output.recv() => {
                     let Some(output) = output else { break None };
@@ -346,7 +248,7 @@ impl Call {
                     }
                 }
                 frame = self.socket.recv(), if !caller_gone => {
-                    match self.on_frame(&handle, frame, &mut pcm).await {
+                    match self.on_frame(&handle, frame).await {
                         Flow::Go => {}
                         Flow::Gone => {
                             caller_gone = true;
@@ -354,7 +256,7 @@ impl Call {
                         }
                         Flow::HangUp => {
                             let farewell = self.shared.config.telephony.farewell.clone();
-                            self.outbox.clear();
+                            self.playback.clear();
                             self.hanging_up = true;
                             self.say(&farewell);
                         }
@@ -362,11 +264,7 @@ impl Call {
                 }
                 frame = recv_speech(&mut self.speech) => {
                     match frame {
-                        Some(frame) => {
-                            let mut ulaw = Vec::with_capacity(frame.len());
-                            g711::encode_into(&frame, &mut ulaw);
-                            self.outbox.push(&ulaw);
-                        }
+                        Some(frame) => self.playback.push_8k(&frame),
                         None => self.speech = None,
                     }
                 }
@@ -380,9 +278,9 @@ impl Call {
                     handle.shutdown();
                 }
             }
-            if self.hanging_up && self.speech.is_none() && self.outbox.bytes.is_empty() {
+            if self.hanging_up && self.speech.is_none() && self.playback.is_empty() {
                 // Let the farewell play out, then hang up.
-                tokio::time::sleep_until(self.played_until).await;
+                tokio::time::sleep_until(self.playback.played_until()).await;
                 let _ = handle.input.try_send(ClientInput::Stop);
                 self.close(CLOSE_NORMAL, "the caller hung up with the key")
                     .await;
@@ -410,33 +308,17 @@ impl Call {
                 if self.hanging_up {
                     return;
                 }
-                let rate = pcm.rate_hz;
-                if self.resampler.as_ref().is_none_or(|(r, _)| *r != rate) {
-                    match StreamResampler::new(rate, RATE_HZ) {
-                        Ok(resampler) => self.resampler = Some((rate, resampler)),
-                        Err(e) => {
-                            tracing::warn!("reply audio at {rate} Hz cannot be played: {e}");
-                            return;
-                        }
-                    }
+                if let Err(e) = self.playback.push_reply(&pcm) {
+                    tracing::warn!("reply audio at {} Hz cannot be played: {e}", pcm.rate_hz);
                 }
-                self.resampled.clear();
-                if let Some((_, resampler)) = self.resampler.as_mut() {
-                    resampler.push(&pcm.samples, &mut self.resampled);
-                }
-                let mut ulaw = Vec::with_capacity(self.resampled.len());
-                g711::encode_into(&self.resampled, &mut ulaw);
-                self.outbox.push(&ulaw);
             }
             EngineEvent::Interrupted { .. } | EngineEvent::SpeechStarted { .. }
-                if !self.outbox.bytes.is_empty() || self.played_until > Instant::now() =>
+                if self.playback.sounding() =>
             {
                 // Barge-in: the caller stops hearing the reply (or the
                 // greeting) at once.
-                self.outbox.clear();
+                self.playback.clear();
                 self.speech = None;
-                self.resampler = None;
-                self.played_until = Instant::now();
                 let clear = json!({"event": "clear", "streamSid": self.stream_sid});
                 let _ = self.send_json(&clear).await;
             }
@@ -452,14 +334,7 @@ impl Call {
                     });
                 }
                 // The reply's tail, then a mark Twilio echoes once it is heard.
-                if let Some((_, mut resampler)) = self.resampler.take() {
-                    self.resampled.clear();
-                    resampler.finish(&mut self.resampled);
-                    let mut ulaw = Vec::new();
-                    g711::encode_into(&self.resampled, &mut ulaw);
-                    self.outbox.push(&ulaw);
-                }
-                self.outbox.mark(format!("turn-{turn_id}"));
+                self.playback.end_reply(format!("turn-{turn_id}"));
             }
             EngineEvent::Usage(delta) => self.record_usage(handle, delta).await,
             EngineEvent::ToolCall { id, .. } => {
@@ -480,7 +355,6 @@ impl Call {
         &mut self,
         handle: &ConversationHandle,
         frame: Option<Result<Message, axum::Error>>,
-        pcm: &mut Vec<i16>,
     ) -> Flow {
         let text = match frame {
             Some(Ok(Message::Text(text))) => text,
@@ -500,9 +374,9 @@ impl Call {
                     tracing::warn!(conversation = %self.conversation, "a media payload that is not base64 was dropped");
                     return Flow::Go;
                 };
-                pcm.clear();
-                g711::decode_into(&ulaw, pcm);
-                let bytes: Vec<u8> = pcm.iter().flat_map(|s| s.to_le_bytes()).collect();
+                // Straight to the decoder's s16le, one pass.
+                let mut bytes = Vec::with_capacity(2 * ulaw.len());
+                g711::decode_le_into(&ulaw, &mut bytes);
                 let _ = handle.input.send(ClientInput::Audio(bytes.into())).await;
                 Flow::Go
             }
@@ -524,37 +398,25 @@ impl Call {
         }
     }
 
-    /// Sends the frames that are due; `false` when the socket failed.
+    /// Sends the frames and marks that are due; `false` when the socket
+    /// failed.
     async fn send_due(&mut self) -> bool {
         let lead = Duration::from_millis(u64::from(self.shared.config.telephony.playback_lead_ms));
-        let now = Instant::now();
-        while !self.outbox.bytes.is_empty() && self.played_until <= now + lead {
-            let n = self.outbox.bytes.len().min(FRAME_BYTES);
-            let mut frame: Vec<u8> = self.outbox.bytes.drain(..n).collect();
-            // A short last frame is padded with silence (0xFF, never 0x00).
-            frame.resize(FRAME_BYTES, 0xFF);
-            self.outbox.sent += n as u64;
-            self.played_until = self.played_until.max(now) + FRAME;
-            // Written by hand: one allocation per frame, fifty a second.
-            let media = format!(
-                "{{\"event\":\"media\",\"streamSid\":{},\"media\":{{\"payload\":\"{}\"}}}}",
-                self.sid_json,
-                crate::base64::encode(&frame)
-            );
-            if !self.send_text(media).await {
-                return false;
-            }
-            while let Some((at, _)) = self.outbox.marks.front()
-                && *at <= self.outbox.sent
-            {
-                let Some((_, name)) = self.outbox.marks.pop_front() else {
-                    break;
-                };
-                let mark =
-                    json!({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}});
-                if !self.send_json(&mark).await {
-                    return false;
+        for due in self.playback.due(Instant::now(), lead) {
+            let text = match due {
+                // Written by hand: one allocation per frame, fifty a second.
+                Due::Media(frame) => format!(
+                    "{{\"event\":\"media\",\"streamSid\":{},\"media\":{{\"payload\":\"{}\"}}}}",
+                    self.sid_json,
+                    crate::base64::encode(&frame)
+                ),
+                Due::Mark(name) => {
+                    json!({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": name}})
+                        .to_string()
                 }
+            };
+            if !self.send_text(text).await {
+                return false;
             }
         }
         true
@@ -633,13 +495,6 @@ enum Flow {
     Go,
     Gone,
     HangUp,
-}
-
-/// A number Twilio may send as a number or as a string.
-fn number(value: &Value) -> Option<u64> {
-    value
-        .as_u64()
-        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
 }
 
 async fn recv_speech(speech: &mut Option<mpsc::Receiver<Vec<i16>>>) -> Option<Vec<i16>> {
