@@ -22,6 +22,8 @@
 
 #[path = "../tests/common/bedrock.rs"]
 mod bedrock;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::time::{Duration, Instant};
 

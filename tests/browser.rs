@@ -4,7 +4,8 @@
 //! question about the library through the AudioWorklet capture path, and
 //! the recorded-fixture sentence forced through MediaRecorder (WebM Opus).
 //! A typed conversation with a scripted engine shows a client-side tool call,
-//! an engine hand-off and a barge-in. Every run checks that each of the
+//! an engine hand-off and a barge-in (one whose connection drops is in
+//! `tests/resume.rs`). Every run checks that each of the
 //! page's modules loaded and that the conversation closed what it opened
 //! (the player's AudioContext, the capture's context, stream and recorder).
 //! Screenshots land in target/browser/. Two more tests run page modules
@@ -28,44 +29,16 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::browser::{
+    check_closed, check_page, line, one_browser, run_node, tone_frame, typed_question,
+};
 use common::gateway::start;
 use common::{folded, model_present, root, spoken_at};
 use serde_json::json;
 use sonora::config::Config;
 use sonora::engine::local::{LocalEngine, LocalSettings};
 use sonora::engine::scripted::{ScriptedEngine, Step};
-use sonora::engine::{EngineEvent, Pcm, Role, Stage, TurnEndReason};
-
-/// One Chromium at a time: two on these cores starve the fake microphone.
-static CHROMIUM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The page's ES modules. (Worklet fetches are not seen by playwright; that
-/// they loaded shows in the capture mode and the playback path.)
-const MODULES: [&str; 5] = [
-    "/app.js",
-    "/text.js",
-    "/protocol.js",
-    "/player.js",
-    "/capture.js",
-];
-
-fn browser_present() -> Result<(), String> {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    if !Path::new(&chromium).exists() {
-        return Err(format!("{chromium} is missing (apt-get install chromium)"));
-    }
-    let node = Command::new("node").arg("--version").output();
-    if !node.is_ok_and(|o| o.status.success()) {
-        return Err("node is missing".into());
-    }
-    if !root()
-        .join("tests/browser/node_modules/playwright-core")
-        .is_dir()
-    {
-        return Err("tests/browser/node_modules is missing (npm ci --prefix tests/browser)".into());
-    }
-    Ok(())
-}
+use sonora::engine::{EngineEvent, Role, Stage, TurnEndReason};
 
 /// What each capture path is asked, and the words its transcript must hold
 /// (at least `enough` of them: eSpeak's voice through Chromium's audio
@@ -130,71 +103,9 @@ fn questions(dir: &Path) -> [(&'static str, Question); 2] {
 
 /// One run of a script in tests/browser/ against the page: the page's final
 /// state, or what went wrong with the page's last state.
-fn run_node(script: &str, args: &[&str], shot: &str) -> Result<serde_json::Value, String> {
-    let shots = root().join("target/browser");
-    std::fs::create_dir_all(&shots).unwrap();
-    let screenshot = shots.join(format!("{shot}.png"));
-    let out = Command::new("node")
-        .arg(root().join("tests/browser").join(script))
-        .args(args)
-        .arg(&screenshot)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let last = stdout.lines().last().unwrap_or_default();
-    let Ok(result) = serde_json::from_str::<serde_json::Value>(last) else {
-        return Err(format!(
-            "{shot}: no result\nstdout: {stdout}\nstderr: {stderr}"
-        ));
-    };
-    if !out.status.success() {
-        return Err(format!(
-            "{shot}: the browser run failed: {result:#}\nstderr: {stderr}"
-        ));
-    }
-    assert!(screenshot.is_file());
-    Ok(result)
-}
-
 /// One spoken conversation in Chromium.
 fn run_browser(url: &str, wav: &Path, mode: &str) -> Result<serde_json::Value, String> {
     run_node("talk.mjs", &[url, wav.to_str().unwrap(), mode], mode)
-}
-
-/// Every module loaded, as JavaScript, with no page error; automation sees
-/// the narrow hook only.
-fn check_page(result: &serde_json::Value) {
-    let scripts = result["scripts"].as_array().unwrap();
-    for module in MODULES {
-        let loads: Vec<_> = scripts.iter().filter(|s| s["path"] == *module).collect();
-        assert!(!loads.is_empty(), "{module} never loaded: {result:#}");
-        for load in loads {
-            assert_eq!(load["status"], 200, "{module}: {load}");
-            let kind = load["type"].as_str().unwrap_or_default();
-            assert!(kind.starts_with("text/javascript"), "{module}: {load}");
-        }
-    }
-    assert_eq!(result["pageErrors"], json!([]), "{result:#}");
-    assert_eq!(result["hook"], json!(["facts"]), "{result:#}");
-    assert_eq!(result["hookFrozen"], true);
-}
-
-/// Open while the conversation ran; closed once it ended.
-fn check_closed(result: &serde_json::Value, captured: bool) {
-    assert_eq!(result["during"]["player"], "running", "{result:#}");
-    assert_eq!(result["audio"]["playback"], "worklet", "{result:#}");
-    let audio = &result["audio"];
-    assert_eq!(audio["player"], "closed", "{result:#}");
-    assert_eq!(result["running"], false);
-    if captured {
-        assert_eq!(result["during"]["capture"], "running", "{result:#}");
-        assert_eq!(result["during"]["tracks"], "live", "{result:#}");
-        assert_eq!(audio["capture"], "closed", "{result:#}");
-        assert_eq!(audio["tracks"], "ended", "{result:#}");
-    } else {
-        assert_eq!(audio["capture"], serde_json::Value::Null, "{result:#}");
-    }
 }
 
 /// The final text of one role on the page, folded.
@@ -256,16 +167,10 @@ fn check(result: &serde_json::Value, mode: &str, question: &Question) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
-    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
-    let missing = browser_present().err().or_else(|| {
-        (!model_present()).then(|| "the speech model or espeak-ng is missing".to_owned())
-    });
-    if let Some(missing) = missing {
-        assert!(!required, "the browser test cannot run: {missing}");
-        eprintln!("\n\n*** SKIPPED: the browser test needs {missing} ***\n");
+    let model = (!model_present()).then(|| "the speech model or espeak-ng is missing".to_owned());
+    let Some(_one_browser) = one_browser(model).await else {
         return;
-    }
-    let _one_browser = CHROMIUM.lock().await;
+    };
     let config = sonora::config::LocalConfig {
         model_dir: root().join("models/whisper-base").display().to_string(),
         knowledge_dir: root().join("knowledge").display().to_string(),
@@ -310,46 +215,15 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// 100 ms of a quiet 440 Hz tone at 24 kHz.
-fn tone_frame() -> EngineEvent {
-    let samples = (0..2_400)
-        .map(|i| {
-            let phase = i as f32 * 440.0 * std::f32::consts::TAU / 24_000.0;
-            (phase.sin() * 6_000.0) as i16
-        })
-        .collect();
-    EngineEvent::Audio(Pcm {
-        rate_hz: 24_000,
-        samples,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_a_tool_call_an_engine_hand_off_and_a_barge_in() {
-    let required = std::env::var("REQUIRE_BROWSER_TEST").is_ok_and(|v| v == "1");
-    if let Err(missing) = browser_present() {
-        assert!(!required, "the browser test cannot run: {missing}");
-        eprintln!("\n\n*** SKIPPED: the browser test needs {missing} ***\n");
+    let Some(_one_browser) = one_browser(None).await else {
         return;
-    }
-    let _one_browser = CHROMIUM.lock().await;
-    let question = "¿Me muestras el mapa de la biblioteca?";
-    let transcript = |role, text: &str| {
-        Step::Emit(EngineEvent::Transcript {
-            role,
-            text: text.into(),
-            stage: Stage::Final,
-            turn_id: 1,
-        })
     };
-    let mut script = vec![
-        Step::Emit(EngineEvent::Ready {
-            engine: "scripted".into(),
-            model: "script".into(),
-            voice: "tone".into(),
-        }),
-        Step::AwaitText,
-        transcript(Role::User, question),
+    let question = "¿Me muestras el mapa de la biblioteca?";
+    let transcript = |role, text: &str| line(role, text, 1);
+    let mut script = typed_question(question);
+    script.extend([
         Step::Emit(EngineEvent::ToolCall {
             id: "call-7".into(),
             name: "abrir_mapa".into(),
@@ -361,7 +235,7 @@ async fn chromium_shows_a_tool_call_an_engine_hand_off_and_a_barge_in() {
             gap_ms: 40.0,
         }),
         transcript(Role::Assistant, "La biblioteca está junto a la plaza."),
-    ];
+    ]);
     script.extend((0..8).map(|_| Step::Emit(tone_frame())));
     script.push(Step::Emit(EngineEvent::TurnEnd {
         turn_id: 1,

@@ -114,20 +114,7 @@ async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
     let end = frames.last().unwrap().json();
     assert_eq!(end["summary"]["usage"]["cost_micro_usd"], 4_000);
     // The end is recorded once the connection is done.
-    let mut row = None;
-    for _ in 0..100 {
-        let rows = report::conversations(ledger.pool(), 0, i64::MAX)
-            .await
-            .unwrap();
-        row = rows
-            .into_iter()
-            .find(|r| r.conversation == id && r.ended_ms.is_some());
-        if row.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let row = row.expect("the end is recorded");
+    let row = common::ended_row(&ledger, &id).await;
     assert_eq!(row.end_reason.as_deref(), Some("client_stopped"));
     assert_eq!((row.turns, row.cost_micro_usd), (2, 4_000));
     assert_eq!(

@@ -9,6 +9,7 @@
 
 #[path = "common/bedrock.rs"]
 mod bedrock;
+mod common;
 
 use std::time::{Duration, Instant};
 

@@ -16,6 +16,10 @@ use std::time::Duration;
 
 use bedrock::{Endpoint, Fail, Script, Sent, Turn};
 use common::gateway::{self, metric};
+use common::twilio::{
+    AUTH_TOKEN, PUBLIC_URL, TwilioSocket, call_token, call_webhook, loudness, media, next_event,
+    send_event, start_stream, twilio_signature, twilio_stream,
+};
 use sonora::config::{Config, EngineKind};
 use sonora::engine::nova_sonic::{NovaSonicEngine, NovaSonicSettings, StaticCredentials};
 
@@ -643,144 +647,6 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Twilio's signature of `url` and `params` (its documented algorithm,
-/// written again here so the test checks the gateway's, not itself).
-fn twilio_signature(token: &str, url: &str, params: &[(&str, &str)]) -> String {
-    use hmac::Mac as _;
-    let mut sorted = params.to_vec();
-    sorted.sort();
-    let mut data = url.to_owned();
-    for (name, value) in sorted {
-        data.push_str(name);
-        data.push_str(value);
-    }
-    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).unwrap();
-    mac.update(data.as_bytes());
-    bedrock::base64(&mac.finalize().into_bytes())
-}
-
-const PUBLIC_URL: &str = "https://voz.example.edu";
-const AUTH_TOKEN: &str = "twilio-auth-token-for-tests";
-
-/// Posts a call to the webhook; the status and the body.
-async fn call_webhook(
-    addr: std::net::SocketAddr,
-    call_sid: &str,
-    signature: &str,
-) -> (u16, String) {
-    let params = [
-        ("CallSid", call_sid),
-        ("From", "+51987654321"),
-        ("To", "+5115550000"),
-    ];
-    let body: String = params
-        .iter()
-        .map(|(n, v)| format!("{n}={}", v.replace('+', "%2B")))
-        .collect::<Vec<_>>()
-        .join("&");
-    let response = reqwest::Client::new()
-        .post(format!("http://{addr}/twilio/voice"))
-        .header("Content-Type", "application/x-www-form-urlencoded")
-        .header("X-Twilio-Signature", signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.text().await.unwrap())
-}
-
-type TwilioSocket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The stream's socket, signed as Twilio signs it (or not).
-async fn twilio_stream(addr: std::net::SocketAddr, signed: bool) -> Result<TwilioSocket, u16> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-    let mut request = format!("ws://{addr}/twilio/stream")
-        .into_client_request()
-        .unwrap();
-    let signature = if signed {
-        twilio_signature(AUTH_TOKEN, "wss://voz.example.edu/twilio/stream", &[])
-    } else {
-        "bm90IGEgc2lnbmF0dXJl".to_owned()
-    };
-    request
-        .headers_mut()
-        .insert("X-Twilio-Signature", signature.parse().unwrap());
-    match tokio_tungstenite::connect_async(request).await {
-        Ok((socket, _)) => Ok(socket),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            Err(response.status().as_u16())
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
-async fn send_event(socket: &mut TwilioSocket, value: serde_json::Value) {
-    use futures_util::SinkExt as _;
-    socket
-        .send(tokio_tungstenite::tungstenite::Message::Text(
-            value.to_string().into(),
-        ))
-        .await
-        .unwrap();
-}
-
-/// The next message from the gateway: its JSON, or `None` once closed
-/// (with the close code).
-async fn next_event(socket: &mut TwilioSocket) -> Result<serde_json::Value, Option<u16>> {
-    use futures_util::StreamExt as _;
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("a message in time");
-        match message {
-            Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text).unwrap()),
-            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return Err(None),
-        }
-    }
-}
-
-/// `connected` and `start`, as Twilio sends them.
-async fn start_stream(socket: &mut TwilioSocket, call_sid: &str, token: &str) {
-    send_event(
-        socket,
-        serde_json::json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}),
-    )
-    .await;
-    send_event(
-        socket,
-        serde_json::json!({"event": "start", "sequenceNumber": "1",
-        "start": {"accountSid": "AC0", "streamSid": "MZ0001", "callSid": call_sid,
-            "tracks": ["inbound"], "customParameters": {"token": token},
-            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
-        "streamSid": "MZ0001"}),
-    )
-    .await;
-}
-
-/// 20 ms of caller audio as a `media` message.
-fn media(samples: &[i16], chunk: usize) -> serde_json::Value {
-    let mut ulaw = Vec::new();
-    sonora::audio::g711::encode_into(samples, &mut ulaw);
-    serde_json::json!({"event": "media", "sequenceNumber": (chunk + 2).to_string(), "streamSid": "MZ0001",
-        "media": {"track": "inbound", "chunk": (chunk + 1).to_string(), "timestamp": (chunk * 20).to_string(),
-            "payload": bedrock::base64(&ulaw)}})
-}
-
-/// Loudness of a `media` message's audio (mean absolute sample).
-fn loudness(event: &serde_json::Value) -> f64 {
-    let payload = event["media"]["payload"].as_str().unwrap();
-    let ulaw = bedrock::unbase64(payload).unwrap();
-    assert_eq!(ulaw.len(), 160, "20 ms frames");
-    ulaw.iter()
-        .map(|&b| f64::from(sonora::audio::g711::decode(b)).abs())
-        .sum::<f64>()
-        / 160.0
-}
-
 /// A gateway taking calls on the Nova Sonic test endpoint.
 async fn phone_gateway() -> (Endpoint, gateway::Running) {
     let endpoint = Endpoint::start(vec![Script::answering(vec![
@@ -810,24 +676,6 @@ async fn phone_gateway() -> (Endpoint, gateway::Running) {
     let ledger = sonora::ledger::Ledger::open(&ledger).await.unwrap();
     gateway.server.set_ledger(ledger).unwrap();
     (endpoint, gateway)
-}
-
-/// A fresh call's token from the webhook.
-async fn call_token(addr: std::net::SocketAddr, call_sid: &str) -> String {
-    let params = [
-        ("CallSid", call_sid),
-        ("From", "+51987654321"),
-        ("To", "+5115550000"),
-    ];
-    let signature = twilio_signature(AUTH_TOKEN, "https://voz.example.edu/twilio/voice", &params);
-    let (status, twiml) = call_webhook(addr, call_sid, &signature).await;
-    assert_eq!(status, 200, "{twiml}");
-    twiml
-        .split("name=\"token\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .unwrap()
-        .to_owned()
 }
 
 /// Hostile streams: no start, a start that is not JSON, another audio
@@ -1087,20 +935,7 @@ async fn a_phone_call_hears_the_greeting_asks_and_hears_the_answer() {
 
     // The ledger has the call: channel phone, the caller only as a hash.
     let ledger = gateway.server.ledger().unwrap();
-    let mut row = None;
-    for _ in 0..50 {
-        let rows = sonora::ledger::report::conversations(ledger.pool(), 0, i64::MAX)
-            .await
-            .unwrap();
-        row = rows
-            .into_iter()
-            .find(|r| r.conversation == "call-CA0001" && r.ended_ms.is_some());
-        if row.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let row = row.expect("the call is recorded and ended");
+    let row = common::ended_row(ledger, "call-CA0001").await;
     assert_eq!(row.channel, "phone");
     assert_eq!(row.client, sonora::ledger::client_hash("tel:+51987654321"));
     assert_eq!(row.engine, "nova-sonic");

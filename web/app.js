@@ -36,7 +36,7 @@ const state = {
   connection: null, capture: null, player: null, mode: null, running: false, conversation: 0,
   sentMs: 0, lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
   usage: null, budget: null, stats: null, engine: null, ended: null, errors: [], pendingText: null,
-  toolCalls: 0, rotations: 0, lastGapMs: null,
+  toolCalls: 0, rotations: 0, lastGapMs: null, resumes: 0, reconnecting: false,
 };
 
 function setStatus(text, isError = false) {
@@ -178,6 +178,8 @@ async function start({ withMicrophone = true } = {}) {
   state.toolCalls = 0;
   state.rotations = 0;
   state.lastGapMs = null;
+  state.resumes = 0;
+  state.reconnecting = false;
   state.player?.close(); // a previous reply's tail, if it is still playing
   updateButton();
   setStatus(t('connecting'));
@@ -262,6 +264,23 @@ function conversationHandlers(connection, listening) {
         state.pendingText = null;
       }
     },
+    reconnecting: (attempt) => {
+      state.reconnecting = true;
+      setStatus(t('reconnecting', { attempt }));
+      scheduleRender();
+    },
+    resumed: (m) => {
+      state.reconnecting = false;
+      state.resumes += 1;
+      state.capture?.restart?.();
+      if (m.skipped_audio_ms > 0) showNote('resumed', 'connection', 'resumed-skipped', { gap: fmtMs(m.skipped_audio_ms) });
+      setStatus(listening ? t('listening') : '');
+      if (state.pendingText) {
+        connection().sendText(state.pendingText);
+        state.pendingText = null;
+      }
+      scheduleRender();
+    },
     transcript: (m) => showTranscript(m.role, m.turn, m.text, m.stage),
     speech: (m) => {
       if (m.state === 'ended') state.speechEndAt = state.lastVoiceAt || performance.now();
@@ -299,6 +318,7 @@ function conversationHandlers(connection, listening) {
       else setStatus(stopped ? t('ended') : `${t('ended')} ${m.message ?? ''}`.trim(), !stopped);
     },
     close: (event) => {
+      state.reconnecting = false;
       if (event.code === 1013) setStatus(event.reason || t('busy'), true);
       else if (!state.ended && connection().stopped) setStatus(t('ended'));
       else if (!state.ended && event.code !== 1000) setStatus(event.reason || t('socket-failed'), true);
@@ -367,6 +387,8 @@ function facts() {
     serverLatencyMs: state.serverLatencyMs,
     toolCalls: state.toolCalls,
     rotations: state.rotations,
+    resumes: state.resumes,
+    reconnecting: state.reconnecting,
     errors: state.errors,
     end: state.ended,
     audio: {
@@ -392,6 +414,8 @@ $('text-form').addEventListener('submit', (event) => {
   $('text').value = '';
   if (state.connection?.ready && state.engine) {
     state.connection.sendText(text);
+  } else if (state.connection?.reconnecting) {
+    state.pendingText = text;
   } else {
     state.pendingText = text;
     start({ withMicrophone: false });

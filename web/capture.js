@@ -95,6 +95,8 @@ export async function startWorkletCapture(stream, { onAudio, onLevel }) {
       stopTracks(stream);
       context.close().catch(() => { /* already closed */ });
     },
+    /** PCM has no header: a re-attached conversation goes on with the same stream. */
+    restart() {},
     facts: () => ({ context: context.state, tracks: tracksState(stream), recorder: null, droppedFrames }),
   };
 }
@@ -117,22 +119,31 @@ export async function startRecorderCapture(stream, type, kbps, { onAudio, onLeve
     for (const s of frame) sum += s * s;
     onLevel(Math.sqrt(sum / frame.length));
   }, METER_EVERY_MS);
+  // Each recorder writes a stream of its own, header first; blobs of one
+  // that was replaced are dropped.
   let recorder;
+  let generation = 0;
+  let chain = Promise.resolve();
+  const record = () => {
+    const mine = ++generation;
+    const next = new MediaRecorder(stream, { mimeType: type.mime, audioBitsPerSecond: kbps * 1000 });
+    next.ondataavailable = (event) => {
+      if (!event.data || event.data.size === 0) return;
+      // Blobs are read in order, so the container stays contiguous.
+      chain = chain.then(() => event.data.arrayBuffer())
+        .then((bytes) => { if (mine === generation) onAudio(bytes, BLOB_MS); });
+    };
+    next.start(BLOB_MS);
+    return next;
+  };
   try {
-    recorder = new MediaRecorder(stream, { mimeType: type.mime, audioBitsPerSecond: kbps * 1000 });
+    recorder = record();
   } catch (error) {
     clearInterval(meter);
     source.disconnect();
     await context.close();
     throw error;
   }
-  let chain = Promise.resolve();
-  recorder.ondataavailable = (event) => {
-    if (!event.data || event.data.size === 0) return;
-    // Blobs are read in order, so the container stays contiguous.
-    chain = chain.then(() => event.data.arrayBuffer()).then((bytes) => onAudio(bytes, BLOB_MS));
-  };
-  recorder.start(BLOB_MS);
   let stopped = false;
   return {
     stop() {
@@ -143,6 +154,13 @@ export async function startRecorderCapture(stream, type, kbps, { onAudio, onLeve
       source.disconnect();
       stopTracks(stream);
       context.close().catch(() => { /* already closed */ });
+    },
+    /** A new stream, header first (the server starts a new decoder for a re-attached conversation). */
+    restart() {
+      if (stopped) return;
+      const old = recorder;
+      recorder = record();
+      if (old.state !== 'inactive') old.stop();
     },
     facts: () => ({ context: context.state, tracks: tracksState(stream), recorder: recorder.state, droppedFrames: 0 }),
   };

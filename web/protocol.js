@@ -17,6 +17,7 @@ const REQUIRED = {
   stats: { queues: 'object', decoder: 'object' },
   tool: { id: 'string', name: 'string' },
   rotated: { generation: 'number', gap_ms: 'number' },
+  resumed: { replayed: 'number', skipped: 'number', skipped_audio_ms: 'number' },
   error: { code: 'string', message: 'string' },
   end: { reason: 'string' },
 };
@@ -57,49 +58,113 @@ export function parseServerMessage(text) {
   return message;
 }
 
+// Waits between attempts to re-attach after a dropped connection, in ms;
+// the last repeats until the server's window (`resume_window_ms`) passes.
+const RETRY_MS = [250, 500, 1000, 2000, 4000];
+const RESUME_WINDOW_MS = 30000;
+
 /**
- * One conversation's socket. `handlers` has a function per server message
- * type it wants (`ready`, `transcript`, `tool`, `rotated`, …), plus
- * `audio(bytes)` for reply audio and `close(event)`. User audio sent before
- * `ready` waits, copied; past `queueLimit` pieces the oldest is dropped when
- * `dropOldest` (PCM frames), never otherwise (a container's first blob holds
- * its header).
+ * One conversation, over one socket or, when the connection drops, the
+ * next: `handlers` has a function per server message type it wants
+ * (`ready`, `transcript`, `tool`, `rotated`, …), plus `audio(bytes)` for
+ * reply audio, `reconnecting(attempt)` and `close(event)` (the last
+ * socket's). User audio sent before `ready` waits, copied; past `queueLimit`
+ * pieces the oldest is dropped when `dropOldest` (PCM frames), never
+ * otherwise (a container's first blob holds its header). Audio captured
+ * while the connection is down is not sent: the server hears silence.
+ *
+ * Every frame of the conversation is numbered (`seq`; a binary frame takes
+ * the next number): a socket that drops before `end` is replaced by one
+ * whose hello names the conversation's `resume` secret and the last frame
+ * received, and the server sends what was missed, then `resumed`. A frame
+ * already seen is never handled twice.
  */
 export class Connection {
   constructor({ url, greeting, handlers, queueLimit, dropOldest }) {
+    this.url = url;
+    this.greeting = greeting;
     this.handlers = handlers;
     this.queueLimit = queueLimit;
     this.dropOldest = dropOldest;
     this.pending = [];
     this.ready = false;
     this.stopped = false; // `stop` was called
-    this.socket = new WebSocket(url);
-    this.socket.binaryType = 'arraybuffer';
-    this.socket.onopen = () => this.socket.send(JSON.stringify(greeting));
-    this.socket.onmessage = (event) => this.receive(event.data);
-    this.socket.onclose = (event) => {
-      this.ready = false;
-      this.pending.length = 0;
-      this.handlers.close?.(event);
-    };
+    this.ended = false; // `end` arrived
+    this.lastSeq = 0;
+    this.secret = null;
+    this.attempts = 0;
+    this.awaySince = 0;
+    this.retry = null;
+    this.connect(greeting);
+  }
+
+  connect(greeting) {
+    const socket = new WebSocket(this.url);
+    this.socket = socket;
+    socket.binaryType = 'arraybuffer';
+    socket.onopen = () => socket.send(JSON.stringify(greeting));
+    socket.onmessage = (event) => this.receive(event.data);
+    socket.onclose = (event) => this.closed(event);
+  }
+
+  closed(event) {
+    this.ready = false;
+    this.pending.length = 0;
+    // 1008: the secret was refused (`resume_failed`); a busy server (1013)
+    // is tried again while the conversation waits.
+    if (this.secret && !this.stopped && !this.ended && event.code !== 1008) {
+      const now = performance.now();
+      if (!this.awaySince) this.awaySince = now;
+      if (now - this.awaySince < RESUME_WINDOW_MS) {
+        const wait = RETRY_MS[Math.min(this.attempts, RETRY_MS.length - 1)];
+        this.attempts += 1;
+        this.handlers.reconnecting?.(this.attempts);
+        this.retry = setTimeout(() => {
+          this.retry = null;
+          this.connect({ ...this.greeting, token: undefined, resume: this.secret, last_seq: this.lastSeq });
+        }, wait);
+        return;
+      }
+    }
+    this.handlers.close?.(event);
   }
 
   get open() {
     return this.socket.readyState === WebSocket.OPEN;
   }
 
+  get reconnecting() {
+    return this.awaySince !== 0;
+  }
+
   receive(data) {
     if (typeof data !== 'string') {
+      this.lastSeq += 1;
       this.handlers.audio?.(data);
       return;
     }
     const message = parseServerMessage(data);
     if (!message) return;
+    if (typeof message.seq === 'number') {
+      if (message.seq <= this.lastSeq) return;
+      this.lastSeq = message.seq;
+    }
     if (message.type === 'ready') {
-      this.ready = true;
-      for (const bytes of this.pending.splice(0)) this.socket.send(bytes);
+      if (typeof message.resume === 'string') this.secret = message.resume;
+      this.attached();
+    } else if (message.type === 'resumed') {
+      this.awaySince = 0;
+      this.attempts = 0;
+      this.attached();
+    } else if (message.type === 'end') {
+      this.ended = true;
     }
     this.handlers[message.type]?.(message);
+  }
+
+  attached() {
+    this.ready = true;
+    for (const bytes of this.pending.splice(0)) this.socket.send(bytes);
   }
 
   /** User audio; the caller may reuse `bytes` once this returns. */
@@ -108,12 +173,13 @@ export class Connection {
       if (this.open) this.socket.send(bytes);
       return;
     }
+    if (this.reconnecting) return;
     this.pending.push(bytes.slice(0));
     if (this.dropOldest && this.pending.length > this.queueLimit) this.pending.shift();
   }
 
   sendJson(message) {
-    if (!this.open) return false;
+    if (!this.open || !this.ready) return false;
     this.socket.send(JSON.stringify(message));
     return true;
   }
@@ -129,7 +195,13 @@ export class Connection {
   /** Asks the server to end the conversation; a socket still connecting is just closed. */
   stop() {
     this.stopped = true;
-    if (this.open) this.sendJson({ type: 'stop' });
+    if (this.retry) {
+      clearTimeout(this.retry);
+      this.retry = null;
+      this.handlers.close?.({ code: 1000, reason: '' });
+      return;
+    }
+    if (this.open) this.socket.send(JSON.stringify({ type: 'stop' }));
     else if (this.socket.readyState === WebSocket.CONNECTING) this.socket.close();
   }
 }

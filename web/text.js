@@ -28,6 +28,8 @@ export const TEXT = Object.freeze({
     'tool-call': 'El motor pidió la herramienta «{name}» con {input}. Esta página no ejecuta herramientas: le respondió que no está disponible.',
     rotation: 'Conexión',
     rotated: 'El motor renovó su conexión (generación {generation}); tu audio esperó {gap} sin perderse.',
+    reconnecting: 'Se perdió la conexión; reconectando (intento {attempt})…', connection: 'Conexión',
+    'resumed-skipped': 'Conexión recuperada; {gap} de la respuesta no se pudieron guardar mientras estabas desconectado.',
   },
   en: {
     start: 'Talk', stop: 'Stop', language: 'Language', voice: 'Voice', 'voice-default': 'Default',
@@ -54,6 +56,8 @@ export const TEXT = Object.freeze({
     'tool-call': 'The engine asked for the tool “{name}” with {input}. This page runs no tools: it answered that the tool is unavailable.',
     rotation: 'Connection',
     rotated: 'The engine renewed its connection (generation {generation}); your audio waited {gap} and none was lost.',
+    reconnecting: 'The connection dropped; reconnecting (attempt {attempt})…', connection: 'Connection',
+    'resumed-skipped': 'Connection restored; {gap} of the reply could not be kept while you were away.',
   },
 });
 

@@ -339,6 +339,14 @@ impl StreamDecoder {
         }
     }
 
+    /// Starts a new stream of `declared` format on the same decoder: what
+    /// the old one left half-read is dropped; counters and pace go on.
+    pub fn restart(&mut self, declared: AudioFormat) {
+        self.declared = Some(declared);
+        self.stage = Stage::Sniffing(Vec::with_capacity(SNIFF_BYTES));
+        self.failed = None;
+    }
+
     /// A decoder for a stream announced with a MIME type.
     pub fn for_mime(mime: &str, limits: DecoderLimits) -> Result<Self, DecodeError> {
         Ok(Self::new(AudioFormat::from_mime(mime)?, limits))

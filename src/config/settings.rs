@@ -272,6 +272,10 @@ pub struct ServerConfig {
     pub max_connections: u32,
     /// Address serving `/metrics` instead of the main listener, as `ip:port`; empty keeps it on `listen` (no unit).
     pub metrics_listen: String,
+    /// How long a conversation whose socket dropped (without `stop`) waits for its client to re-attach with the `resume` secret of its `ready`; 0 ends it at once, in milliseconds.
+    pub resume_window_ms: u32,
+    /// Most server frames (reply audio first) a conversation keeps for a client that may re-attach: the frames its client has not yet acknowledged, and everything said while it is away; past it the oldest reply audio is dropped and counted, in bytes.
+    pub resume_buffer_bytes: usize,
 }
 
 impl Default for Config {
@@ -341,6 +345,8 @@ impl Default for ServerConfig {
             keepalive_timeout_ms: 30_000,
             max_connections: 2_000,
             metrics_listen: String::new(),
+            resume_window_ms: 30_000,
+            resume_buffer_bytes: 1024 * 1024,
         }
     }
 }

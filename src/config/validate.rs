@@ -102,7 +102,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 36] = [
+        let ranges: [(&str, u64, u64, u64, &str); 38] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -120,6 +120,8 @@ impl Config {
             ("server.connections_per_minute_per_client", s.connections_per_minute_per_client.into(), 1, 1_000_000, "requests"),
             ("server.header_read_timeout_ms", s.header_read_timeout_ms.into(), 100, 600_000, "ms"),
             ("server.keepalive_timeout_ms", s.keepalive_timeout_ms.into(), 100, 3_600_000, "ms"),
+            ("server.resume_window_ms", s.resume_window_ms.into(), 0, 600_000, "ms"),
+            ("server.resume_buffer_bytes", s.resume_buffer_bytes as u64, 64 * KIB, 64 * MIB, "bytes"),
             ("server.max_connections", s.max_connections.into(), s.max_sessions.into(), 1_000_000, "connections (each conversation holds one: at least server.max_sessions)"),
             ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
             ("local.asr_threads", l.asr_threads.into(), 0, 256, "threads"),

@@ -9,6 +9,7 @@
 //! accepted socket runs one `session::Conversation`; browser-protocol types
 //! stay in [`protocol`].
 
+mod admission;
 mod assets;
 mod clients;
 #[doc(hidden)]
@@ -17,30 +18,30 @@ mod http;
 pub mod metrics;
 pub(crate) mod net;
 mod protocol;
+mod record;
 mod socket;
 mod twilio;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Extension, Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::ledger::Ledger;
 use crate::session::SessionLimits;
-use clients::{ClientPermit, Clients};
+use clients::Clients;
 pub use net::check_settings;
 use net::{Hosts, IpNet};
 
@@ -81,6 +82,8 @@ struct Shared {
     instance: String,
     /// Phone calls answered and their tokens.
     calls: twilio::Calls,
+    /// Conversations a client may re-attach to.
+    resumable: socket::Resumable,
 }
 
 /// 48 random bits in hex, from the standard library's per-process random
@@ -141,6 +144,7 @@ impl Server {
             ledger: OnceLock::new(),
             instance: instance_id(),
             calls: twilio::Calls::new(&config.telephony.twilio_auth_token),
+            resumable: socket::Resumable::default(),
         };
         Self {
             shared: Arc::new(shared),
@@ -189,7 +193,7 @@ impl Server {
     /// when it has no listener of its own.
     fn app(&self, hosts: Arc<Hosts>, with_metrics: bool) -> Router {
         let mut routes = Router::new()
-            .route("/ws", get(upgrade))
+            .route("/ws", get(admission::upgrade))
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/api/engine", get(engine_info))
@@ -499,108 +503,4 @@ async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
         text,
     )
         .into_response()
-}
-
-/// A conversation's places: one of `server.max_sessions` and one of its
-/// address's `server.max_sessions_per_client`. Both are given back when it
-/// is dropped.
-#[derive(Debug)]
-struct Admitted {
-    _server: OwnedSemaphorePermit,
-    _client: ClientPermit,
-}
-
-async fn upgrade(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Extension(caller): Extension<Caller>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    use metrics::Refusal;
-    // An origin that is not text is no origin of ours.
-    let origin = headers
-        .get(header::ORIGIN)
-        .map(|o| o.to_str().unwrap_or_default());
-    let listed = &shared.config.server.allowed_origins;
-    if !net::origin_allowed(origin, listed, &caller.hosts, caller.https) {
-        shared.metrics.refused(Refusal::Origin);
-        let message = "this origin may not open conversations (server.allowed_origins)\n";
-        return (StatusCode::FORBIDDEN, message).into_response();
-    }
-    // The socket library refuses past twice the limit by dropping the
-    // connection; up to there the connection itself refuses politely.
-    let hard_limit = shared.config.server.max_message_bytes.saturating_mul(2);
-    let ws = ws
-        .max_message_size(hard_limit)
-        .max_frame_size(hard_limit)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES);
-    // Refusals happen after the upgrade, so that a browser sees the close
-    // code and reason rather than a failed handshake.
-    let refusal = if *shared.shutdown.borrow() {
-        Some((
-            Refusal::ShuttingDown,
-            socket::CLOSE_GOING_AWAY,
-            "the server is shutting down",
-        ))
-    } else if shared.engine.get().is_none() {
-        Some((
-            Refusal::NotReady,
-            socket::CLOSE_TRY_AGAIN,
-            "the engine is still loading; try again shortly",
-        ))
-    } else if shared.engine.get().and_then(|e| e.busy()).is_some() {
-        Some((
-            Refusal::EngineBusy,
-            socket::CLOSE_TRY_AGAIN,
-            socket::ENGINE_BUSY_REASON,
-        ))
-    } else if caller.rate_limited {
-        Some((
-            Refusal::RateLimited,
-            socket::CLOSE_TRY_AGAIN,
-            "rate_limited: too many new connections from this address; try again later",
-        ))
-    } else {
-        None
-    };
-    if let Some((why, code, reason)) = refusal {
-        shared.metrics.refused(why);
-        return ws.on_upgrade(move |socket| socket::refuse(socket, code, reason));
-    }
-    let Some(client) = shared.clients.enter(caller.client) else {
-        shared.metrics.refused(Refusal::ClientBusy);
-        return ws.on_upgrade(|socket| {
-            socket::refuse(
-                socket,
-                socket::CLOSE_TRY_AGAIN,
-                "client_busy: too many conversations from this address; end one or try again later",
-            )
-        });
-    };
-    let Ok(server) = Arc::clone(&shared.admission).try_acquire_owned() else {
-        shared.metrics.refused(Refusal::Busy);
-        return ws.on_upgrade(|socket| {
-            socket::refuse(
-                socket,
-                socket::CLOSE_TRY_AGAIN,
-                "the server is busy: too many conversations; try again later",
-            )
-        });
-    };
-    let admitted = Admitted {
-        _server: server,
-        _client: client,
-    };
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let span = crate::telemetry::connection_span(id, caller.client);
-    ws.on_upgrade(move |socket| async move {
-        // The connection enters its span itself: not on every frame.
-        socket::Connection::new(socket, shared, id, peer, span)
-            .run()
-            .await;
-        // The conversation is over: its places are free.
-        drop(admitted);
-    })
 }

@@ -83,6 +83,10 @@ crate::names::named_enum! {
         BudgetExceeded = "budget_exceeded",
         /// The key's `max_sessions` conversations are running (closes, 1013).
         KeyBusy = "key_busy",
+        /// A `hello` with a `resume` secret that names no conversation
+        /// waiting for its client (wrong, expired or ended), or a
+        /// `last_seq` it never sent (closes, 1008).
+        ResumeFailed = "resume_failed",
     }
 }
 
@@ -120,6 +124,25 @@ pub(crate) struct Hello {
     pub(crate) voice: String,
     pub(crate) language: String,
     pub(crate) token: String,
+    /// A conversation to re-attach to instead of a new one.
+    pub(crate) resume: Option<Resume>,
+}
+
+/// The `resume` of a hello: the secret of the conversation's `ready`, and
+/// the `seq` of the last server frame the client received.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Resume {
+    pub(crate) secret: String,
+    pub(crate) last_seq: u64,
+}
+
+impl std::fmt::Debug for Resume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resume")
+            .field("secret", &"…")
+            .field("last_seq", &self.last_seq)
+            .finish()
+    }
 }
 
 /// A client text frame, parsed.
@@ -251,11 +274,32 @@ fn parse_hello(object: &serde_json::Map<String, Value>) -> Result<Hello, Protoco
             Some(_) => Err(bad(format!("hello: \"{name}\" must be a short string"))),
         }
     };
+    let resume = match object.get("resume") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(secret)) if !secret.is_empty() && secret.len() <= 200 => {
+            let last_seq = match object.get("last_seq") {
+                None | Some(Value::Null) => 0,
+                Some(seq) => seq.as_u64().ok_or_else(|| {
+                    bad("hello: \"last_seq\" must be a whole number, the seq of the last frame received".into())
+                })?,
+            };
+            Some(Resume {
+                secret: secret.clone(),
+                last_seq,
+            })
+        }
+        Some(_) => {
+            return Err(bad(
+                "hello: \"resume\" must be the secret string of the conversation's ready".into(),
+            ));
+        }
+    };
     Ok(Hello {
         audio,
         voice: text("voice")?,
         language: text("language")?,
         token: text("token")?,
+        resume,
     })
 }
 
@@ -289,6 +333,50 @@ mod tests {
         assert_eq!((pcm.voice.as_str(), pcm.language.as_str()), ("lupe", "es"));
         assert_eq!(hello(r#"{"format":"webm"}"#).audio, AudioFormat::Webm);
         assert_eq!(hello(r#"{"format":"ogg"}"#).audio, AudioFormat::Ogg);
+        assert_eq!(pcm.resume, None);
+    }
+
+    #[test]
+    fn a_resuming_hello_names_its_secret_and_last_frame() {
+        let resume = |extra: &str| {
+            let text =
+                format!(r#"{{"type":"hello","version":1,"audio":{{"format":"webm"}}{extra}}}"#);
+            parse_client(&text).map(|message| match message {
+                ClientMessage::Hello(hello) => hello.resume,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(
+            resume(r#","resume":"s3cret","last_seq":41"#),
+            Ok(Some(Resume {
+                secret: "s3cret".into(),
+                last_seq: 41
+            }))
+        );
+        assert_eq!(
+            resume(r#","resume":"s3cret""#).map(|r| r.map(|r| r.last_seq)),
+            Ok(Some(0))
+        );
+        for bad in [
+            r#","resume":5"#,
+            r#","resume":"""#,
+            r#","resume":"s","last_seq":-1"#,
+            r#","resume":"s","last_seq":"7""#,
+        ] {
+            assert_eq!(
+                resume(bad).map_err(|e| e.code),
+                Err(ErrorCode::BadMessage),
+                "{bad}"
+            );
+        }
+        let shown = format!(
+            "{:?}",
+            Resume {
+                secret: "s3cret".into(),
+                last_seq: 1
+            }
+        );
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

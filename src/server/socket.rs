@@ -10,6 +10,10 @@ mod conversing;
 mod downlink;
 mod handshake;
 mod ledger;
+mod replay;
+mod resume;
+
+pub(super) use resume::Resumable;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -28,7 +32,6 @@ use super::protocol::{ErrorCode, Hello, MAX_TEXT_MESSAGE_BYTES, ProtocolError, S
 use crate::audio::{StreamDecoder, StreamResampler};
 use crate::engine::{ConversationOptions, StartError};
 use crate::session::{CloseReason, Conversation, ConversationHandle};
-use crate::usage::UsageDelta;
 
 pub(super) const CLOSE_NORMAL: u16 = 1000;
 pub(super) const CLOSE_GOING_AWAY: u16 = 1001;
@@ -66,7 +69,8 @@ enum Exit {
 }
 
 pub(super) struct Connection {
-    socket: WebSocket,
+    /// `None` while the conversation waits for its client to re-attach.
+    socket: Option<WebSocket>,
     shared: Arc<Shared>,
     id: u64,
     peer: SocketAddr,
@@ -84,13 +88,15 @@ pub(super) struct Connection {
     /// out as one binary frame. Its allocation is reused once the socket
     /// has copied the frame out.
     audio: BytesMut,
+    /// Numbers the conversation's frames and keeps those a returning client
+    /// may need; `None` until the conversation starts.
+    replay: Option<replay::Replay>,
 }
 
 /// A running conversation and what the connection tracks of it.
 struct Running {
     handle: ConversationHandle,
     hello: Hello,
-    usage: UsageDelta,
     turns: u32,
     latency_ms: Vec<u64>,
     resampler: Option<(u32, StreamResampler)>,
@@ -104,8 +110,11 @@ struct Running {
     stopped: bool,
     /// Tool calls sent to this client and not yet answered.
     tool_calls: HashSet<String>,
-    /// What the ledger keeps of this conversation (see `ledger.rs`).
-    record: ledger::Record,
+    /// What the ledger keeps of this conversation, its usage included.
+    record: super::record::Record,
+    /// How its client re-attaches, when the server keeps conversations for
+    /// their clients (see `resume.rs`).
+    resume: Option<resume::Slot>,
 }
 
 impl Connection {
@@ -118,7 +127,7 @@ impl Connection {
     ) -> Self {
         let write_timeout = Duration::from_millis(u64::from(shared.config.server.write_timeout_ms));
         Self {
-            socket,
+            socket: Some(socket),
             shared,
             id,
             peer,
@@ -127,14 +136,21 @@ impl Connection {
             conversation: String::new(),
             key: None,
             audio: BytesMut::new(),
+            replay: None,
         }
     }
 
     pub(super) async fn run(mut self) {
         let connection = self.span.clone();
-        let Some(hello) = self.await_hello().instrument(connection.clone()).await else {
+        let Some(mut hello) = self.await_hello().instrument(connection.clone()).await else {
             return;
         };
+        if let Some(resume) = hello.resume.take() {
+            self.resume(resume, hello.audio)
+                .instrument(connection.clone())
+                .await;
+            return;
+        }
         // Named by the session id its `ready` gives the client.
         let language = match hello.language.as_str() {
             "" => self.shared.config.engine.language.as_str(),
@@ -150,6 +166,9 @@ impl Connection {
         self.shared.metrics.opened(self.id, counters);
         self.span = span;
         let exit = self.converse(&mut running).await;
+        if let Some(slot) = running.resume.take() {
+            self.forget(slot);
+        }
         let reason = match exit {
             Exit::Ended(reason) => Some(reason),
             Exit::Lost(reason) => reason,
@@ -174,15 +193,12 @@ impl Connection {
             if let crate::session::ClientOutput::Event(crate::engine::EngineEvent::Usage(delta)) =
                 output
             {
-                let mut total = running.usage;
-                total.add(&delta);
-                let _ = self.record_usage(&mut running.record, delta, &total).await;
-                running.usage = total;
+                let _ = self.record_usage(&mut running.record, delta).await;
             }
         }
         let _ = task.await;
         let ended = reason.map_or("client_lost", |reason| reason.as_str());
-        self.record_end(ended, running.turns).await;
+        self.record_end(&running.record, ended, running.turns).await;
         let _ = engine_ended.await;
         self.shared.metrics.closed(self.id, reason);
     }
@@ -202,8 +218,30 @@ impl Connection {
         self.feed_now(Message::Binary(audio)).await
     }
 
+    /// Numbers a frame of the conversation (and keeps it for a client that
+    /// may return), then hands it to the socket, if there is one.
     async fn feed_now(&mut self, message: Message) -> bool {
-        let fed = timeout(self.write_timeout, self.socket.feed(message)).await;
+        let message = match self.replay.as_mut() {
+            Some(replay) => {
+                let message = replay.number(message);
+                let dropped = replay.take_dropped_ms();
+                if dropped > 0 {
+                    self.shared.metrics.resume_dropped(dropped);
+                }
+                message
+            }
+            None => message,
+        };
+        self.feed_raw(message).await
+    }
+
+    /// Hands a frame to the socket as it is; `true` while the client is
+    /// away (the frame is kept for it).
+    async fn feed_raw(&mut self, message: Message) -> bool {
+        let Some(socket) = self.socket.as_mut() else {
+            return true;
+        };
+        let fed = timeout(self.write_timeout, socket.feed(message)).await;
         self.written(fed)
     }
 
@@ -212,7 +250,10 @@ impl Connection {
         if !self.feed_audio().await {
             return false;
         }
-        let flushed = timeout(self.write_timeout, SinkExt::flush(&mut self.socket)).await;
+        let Some(socket) = self.socket.as_mut() else {
+            return true;
+        };
+        let flushed = timeout(self.write_timeout, SinkExt::flush(socket)).await;
         self.written(flushed)
     }
 
@@ -252,14 +293,17 @@ impl Connection {
             code,
             reason: reason.into(),
         };
-        if !self.send(Message::Close(Some(frame))).await {
+        if self.socket.is_none() || !self.send(Message::Close(Some(frame))).await {
             return;
         }
+        let Some(socket) = self.socket.as_mut() else {
+            return;
+        };
         // Finish the closing handshake: read (and drop) what the client
         // still sends until its own close, so no unread bytes reset the
         // connection before the close frame is read.
         let _ = timeout(CLOSE_WAIT, async {
-            while let Some(Ok(message)) = self.socket.recv().await {
+            while let Some(Ok(message)) = socket.recv().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }
@@ -329,7 +373,8 @@ impl Connection {
                 self.shared
                     .metrics
                     .refused(super::metrics::Refusal::EngineBusy);
-                self.record_end(ErrorCode::EngineBusy.as_str(), 0).await;
+                self.record_end(&record, ErrorCode::EngineBusy.as_str(), 0)
+                    .await;
                 self.release_token(&hello.token).await;
                 let error = ProtocolError::new(ErrorCode::EngineBusy, message);
                 self.send_error(&error, true).await;
@@ -338,7 +383,7 @@ impl Connection {
             }
             Err(message) => {
                 self.log(&format!("the engine could not start: {message}"));
-                self.record_end(ErrorCode::EngineUnavailable.as_str(), 0)
+                self.record_end(&record, ErrorCode::EngineUnavailable.as_str(), 0)
                     .await;
                 self.release_token(&hello.token).await;
                 let message = format!("the {} engine could not start", engine.name());
@@ -350,10 +395,15 @@ impl Connection {
         };
         let decoder = StreamDecoder::new(Some(hello.audio), self.shared.limits.decoder);
         let handle = Conversation::spawn(session, Some(decoder), self.shared.limits);
+        let resume = self.shared.resumable.register(&self.shared.config.server);
+        let kept = match resume {
+            Some(_) => self.shared.config.server.resume_buffer_bytes,
+            None => 0,
+        };
+        self.replay = Some(replay::Replay::new(kept));
         Some(Running {
             handle,
             hello,
-            usage: UsageDelta::default(),
             turns: 0,
             latency_ms: Vec::new(),
             resampler: None,
@@ -363,6 +413,7 @@ impl Connection {
             stopped: false,
             tool_calls: HashSet::new(),
             record,
+            resume,
         })
     }
 
@@ -385,6 +436,14 @@ fn is_too_large(error: &axum::Error) -> bool {
         error.source().and_then(|e| e.downcast_ref::<Error>()),
         Some(Error::Capacity(_) | Error::Protocol(ProtocolError::ControlFrameTooBig))
     )
+}
+
+/// The next frame of `socket`; never, without one.
+async fn receive(socket: &mut Option<WebSocket>) -> Option<Result<Message, axum::Error>> {
+    match socket {
+        Some(socket) => socket.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Completes once the server shuts down.

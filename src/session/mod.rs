@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 pub use counters::{Counters, CountersSnapshot};
 
-use crate::audio::{DecoderLimits, DecoderStats, RealtimeLimit, StreamDecoder};
+use crate::audio::{AudioFormat, DecoderLimits, DecoderStats, RealtimeLimit, StreamDecoder};
 use crate::config::Config;
 use crate::engine::{EngineEvent, EngineSession};
 use crate::usage::UsageDelta;
@@ -123,6 +123,10 @@ pub enum ClientInput {
         id: String,
         json: serde_json::Value,
     },
+    /// The client's audio starts again as a new stream of this format (a
+    /// client that re-attached after a dropped connection): what the old
+    /// stream left half-read is dropped.
+    NewStream(AudioFormat),
     /// The client is done: finish and close.
     Stop,
 }
@@ -135,7 +139,7 @@ impl ClientInput {
             Self::Pcm(samples) => 2 * samples.len(),
             Self::Text(text) => text.len(),
             Self::ToolResult { id, json } => id.len() + json_size_bytes(json),
-            Self::Stop => 0,
+            Self::NewStream(_) | Self::Stop => 0,
         }
     }
 }
@@ -289,6 +293,9 @@ crate::names::named_enum! {
         LedgerUnavailable = "ledger_unavailable",
         /// A budget had no room for another turn.
         BudgetExceeded = "budget_exceeded",
+        /// The client's connection dropped and it did not come back within
+        /// `server.resume_window_ms`.
+        ResumeExpired = "resume_expired",
     }
 }
 

@@ -373,6 +373,12 @@ impl State {
                 self.watchdog.activity(now);
                 self.queue_message(EngineInput::ToolResult { id, json }, now)
             }
+            ClientInput::NewStream(format) => {
+                if let Some(decoder) = self.decoder.as_mut() {
+                    decoder.restart(format);
+                }
+                None
+            }
             ClientInput::Stop => self.begin_close(CloseReason::ClientStopped, now),
         }
     }

@@ -342,4 +342,30 @@ pub mod gateway {
     }
 }
 
+/// The ledger's row of conversation `id`, once its end is recorded (5 s at
+/// most).
+pub async fn ended_row(
+    ledger: &sonora::ledger::Ledger,
+    id: &str,
+) -> sonora::ledger::report::ConversationRow {
+    for _ in 0..100 {
+        let rows = sonora::ledger::report::conversations(ledger.pool(), 0, i64::MAX)
+            .await
+            .unwrap();
+        if let Some(row) = rows
+            .into_iter()
+            .find(|r| r.conversation == id && r.ended_ms.is_some())
+        {
+            return row;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the end of {id} was never recorded");
+}
+
+mod base64;
+pub mod browser;
+pub use base64::{base64, unbase64};
 pub mod postgres;
+pub mod proxy;
+pub mod twilio;

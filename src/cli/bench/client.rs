@@ -17,6 +17,8 @@ use tokio::net::{TcpSocket, TcpStream};
 const OP_TEXT: u8 = 1;
 const OP_BINARY: u8 = 2;
 const OP_CLOSE: u8 = 8;
+const OP_PING: u8 = 9;
+const OP_PONG: u8 = 10;
 /// Any key will do: the server unmasks whatever key a frame carries.
 const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x88];
 /// A client whose unsent bytes pass this is not being read: it gives up.
@@ -120,7 +122,11 @@ impl Frames {
     }
 
     fn text(&self, range: Range<usize>) -> std::borrow::Cow<'_, str> {
-        String::from_utf8_lossy(self.buf.get(range).unwrap_or_default())
+        String::from_utf8_lossy(self.bytes(range))
+    }
+
+    fn bytes(&self, range: Range<usize>) -> &[u8] {
+        self.buf.get(range).unwrap_or_default()
     }
 }
 
@@ -268,9 +274,12 @@ fn close_reason(frames: &Frames, range: Range<usize>) -> String {
 }
 
 /// When the frame that completed the current turn went out, in µs since
-/// the run's epoch: written by the wheel, taken by the reader.
+/// the run's epoch: written by the wheel, taken by the reader; whether the
+/// client said `stop`; and the payload of the last ping the server sent (8
+/// bytes, as a number), which the wheel answers with a pong before its
+/// next frame (the reader never writes: the two would interleave frames).
 #[derive(Debug)]
-struct Turn(AtomicU64, std::sync::atomic::AtomicBool);
+struct Turn(AtomicU64, std::sync::atomic::AtomicBool, AtomicU64);
 
 /// Reads one client's replies until its `end`: round trips, bytes, errors.
 async fn read_replies(
@@ -316,6 +325,11 @@ async fn read_replies(
                             report.errors.push(text.chars().take(200).collect());
                         }
                         return report;
+                    }
+                }
+                OP_PING => {
+                    if let Ok(payload) = <[u8; 8]>::try_from(frames.bytes(range)) {
+                        turn.2.store(u64::from_be_bytes(payload), Ordering::Relaxed);
                     }
                 }
                 OP_CLOSE => {
@@ -414,6 +428,7 @@ pub(super) async fn stream(
         let turn = Arc::new(Turn(
             AtomicU64::new(NO_TURN),
             std::sync::atomic::AtomicBool::new(false),
+            AtomicU64::new(NO_TURN),
         ));
         let Connected { stream, frames } = connected;
         readers.push(tokio::spawn(read_replies(
@@ -490,6 +505,10 @@ async fn run_wheel(streamers: &mut [Streamer], talk: Talk, seconds: u64, epoch: 
                 let streamer = &mut streamers[i];
                 if streamer.done || tick < streamer.start_ms {
                     continue;
+                }
+                let ping = streamer.turn.2.swap(NO_TURN, Ordering::Relaxed);
+                if ping != NO_TURN {
+                    streamer.send(&client_frame(OP_PONG, &ping.to_be_bytes()));
                 }
                 streamer.send(&audio);
                 streamer.sent += 1;

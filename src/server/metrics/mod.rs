@@ -81,6 +81,12 @@ pub struct Metrics {
     /// Of those, phone calls (running now, ever).
     calls_active: AtomicU64,
     calls_total: AtomicU64,
+    /// Conversations whose client is away now, waiting for it to re-attach.
+    detached: AtomicU64,
+    /// Clients that re-attached to their conversation.
+    resumes: AtomicU64,
+    /// Reply audio dropped from conversations' resume buffers, in ms.
+    resume_dropped_ms: AtomicU64,
     refused: [AtomicU64; Refusal::ALL.len()],
     /// TCP connections open now, WebSockets included.
     connections_open: AtomicU64,
@@ -154,6 +160,22 @@ impl Metrics {
     pub fn call_opened(&self) {
         self.calls_active.fetch_add(1, ORDER);
         self.calls_total.fetch_add(1, ORDER);
+    }
+
+    /// A conversation's socket dropped: it waits for its client.
+    pub fn detached(&self) {
+        self.detached.fetch_add(1, ORDER);
+    }
+
+    /// A detached conversation got its client back (`resumed`) or ended.
+    pub fn reattached(&self, resumed: bool) {
+        self.detached.fetch_sub(1, ORDER);
+        self.resumes.fetch_add(u64::from(resumed), ORDER);
+    }
+
+    /// Reply audio a resume buffer could not keep.
+    pub fn resume_dropped(&self, ms: u64) {
+        self.resume_dropped_ms.fetch_add(ms, ORDER);
     }
 
     /// A phone call ended (besides [`Metrics::closed`]).
@@ -243,7 +265,7 @@ impl Metrics {
         let seconds = |ms: u64| ms as f64 / 1000.0;
         let slow = self.closed_count(CloseReason::SlowClient) + self.write_timeouts.load(ORDER);
         // (name, type, help, value)
-        let plain: [(&str, &str, &str, f64); 23] = [
+        let plain: [(&str, &str, &str, f64); 26] = [
             (
                 "sonora_engine_ready",
                 "gauge",
@@ -273,6 +295,24 @@ impl Metrics {
                 "counter",
                 "Phone calls answered (counted in sonora_sessions_total too).",
                 self.calls_total.load(ORDER) as f64,
+            ),
+            (
+                "sonora_sessions_detached",
+                "gauge",
+                "Conversations whose connection dropped, waiting for their client to re-attach.",
+                self.detached.load(ORDER) as f64,
+            ),
+            (
+                "sonora_resumes_total",
+                "counter",
+                "Clients that re-attached to their conversation after a dropped connection.",
+                self.resumes.load(ORDER) as f64,
+            ),
+            (
+                "sonora_resume_dropped_audio_seconds_total",
+                "counter",
+                "Reply audio a conversation could not keep for its absent client (server.resume_buffer_bytes).",
+                seconds(self.resume_dropped_ms.load(ORDER)),
             ),
             (
                 "sonora_http_connections_open",

@@ -25,6 +25,20 @@ pub(crate) enum ServerMessage<'a> {
         /// What is left of the conversation's budget, when one limits it.
         #[serde(skip_serializing_if = "Option::is_none")]
         budget: Option<Budget>,
+        /// The secret a client re-attaches with after a dropped connection,
+        /// when the server keeps conversations for their clients.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        resume: Option<&'a str>,
+    },
+    /// A client re-attached: the frames it missed came just before.
+    Resumed {
+        session: &'a str,
+        /// Frames sent again, from the first after the client's `last_seq`.
+        replayed: u64,
+        /// Frames after `last_seq` that were not kept (the oldest reply
+        /// audio first), and the reply audio among them.
+        skipped: u64,
+        skipped_audio_ms: u64,
     },
     Error {
         code: ErrorCode,

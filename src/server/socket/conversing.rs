@@ -10,8 +10,9 @@ use tokio::time::Instant;
 use super::super::protocol::{
     ClientMessage, ErrorCode, ProtocolError, ServerMessage, Stats, parse_client,
 };
-use super::{Connection, Exit, Running, shutting_down};
-use crate::session::{ClientInput, CloseReason, OUTPUT_CAPACITY};
+use super::resume::{SILENCE_EVERY, next_attach, window_passed};
+use super::{Connection, Exit, Running, receive, shutting_down};
+use crate::session::{ClientInput, OUTPUT_CAPACITY};
 
 /// How often a running conversation gets a `stats` message.
 const STATS_EVERY: Duration = Duration::from_secs(1);
@@ -26,7 +27,11 @@ impl Connection {
         let mut shutdown_sent = false;
         let mut stats = tokio::time::interval_at(Instant::now() + STATS_EVERY, STATS_EVERY);
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut silence = tokio::time::interval(SILENCE_EVERY);
+        silence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let attached = self.socket.is_some() && !running.client_gone;
+            let away_until = running.resume.as_ref().and_then(|slot| slot.away_until);
             tokio::select! {
                 output = running.handle.output.recv() => {
                     let Some(output) = output else {
@@ -36,20 +41,44 @@ impl Connection {
                         return exit;
                     }
                 }
-                frame = self.socket.recv(), if !running.client_gone => {
-                    if !self.on_frame(running, frame).await {
-                        running.client_gone = true;
-                        let _ = running.handle.input.try_send(ClientInput::Stop);
+                frame = receive(&mut self.socket), if attached => {
+                    match self.on_frame(running, frame).await {
+                        Read::Go => {}
+                        Read::Dropped if self.detach(running) => {}
+                        Read::Dropped | Read::Closed => {
+                            running.client_gone = true;
+                            let _ = running.handle.input.try_send(ClientInput::Stop);
+                        }
                     }
                 }
-                // `stats` only once the client has its `ready`.
-                _ = stats.tick(), if !running.client_gone && running.ready => {
+                // `stats` only once the client has its `ready`; a ping with
+                // it asks the client's socket to acknowledge what it has.
+                _ = stats.tick(), if attached && running.ready => {
                     let snapshot = running.handle.counters.snapshot();
                     let message = Stats::new(&snapshot, running.turns, &running.latency_ms);
                     if !self.send_message(&ServerMessage::Stats(message)).await {
-                        return Exit::Lost(Some(CloseReason::SlowClient));
+                        if let Some(exit) = self.write_failed(running) {
+                            return exit;
+                        }
+                        continue;
+                    }
+                    if running.resume.is_some()
+                        && let Some(ping) = self.replay.as_ref().map(|r| r.ping())
+                        && !self.send(ping).await
+                        && let Some(exit) = self.write_failed(running)
+                    {
+                        return exit;
                     }
                 }
+                attach = next_attach(&mut running.resume), if !running.client_gone => {
+                    if let Some(attach) = attach
+                        && let Some(exit) = self.reattach(running, attach).await
+                    {
+                        return exit;
+                    }
+                }
+                _ = silence.tick(), if away_until.is_some() => Self::give_silence(running),
+                () = window_passed(away_until) => self.expire(running),
                 () = &mut shutdown, if !shutdown_sent => {
                     shutdown_sent = true;
                     running.handle.shutdown();
@@ -81,22 +110,22 @@ impl Connection {
         if running.client_gone || self.flush().await {
             return None;
         }
-        Some(self.write_failed(running))
+        self.write_failed(running)
     }
 
-    /// One client frame; `false` when the client is gone.
+    /// One client frame.
     async fn on_frame(
         &mut self,
         running: &mut Running,
         frame: Option<Result<Message, axum::Error>>,
-    ) -> bool {
+    ) -> Read {
         if !self.size_ok(&frame).await {
-            return false;
+            return Read::Closed;
         }
         let input = match frame {
             // After `stop` the conversation reads no more input: what the
             // client still sends is dropped, and its `end` still comes.
-            Some(Ok(Message::Binary(_) | Message::Text(_))) if running.stopped => return true,
+            Some(Ok(Message::Binary(_) | Message::Text(_))) if running.stopped => return Read::Go,
             Some(Ok(Message::Binary(bytes))) => ClientInput::Audio(bytes),
             Some(Ok(Message::Text(text))) => match parse_client(&text) {
                 Ok(ClientMessage::Text(text)) => ClientInput::Text(text),
@@ -109,7 +138,7 @@ impl Connection {
                                 "no open tool call has the id {shown:?}: a result is taken once, for a call this conversation sent"
                             ),
                         );
-                        return self.send_error(&error, false).await;
+                        return sent(self.send_error(&error, false).await);
                     }
                     ClientInput::ToolResult { id, json: result }
                 }
@@ -122,21 +151,46 @@ impl Connection {
                         ErrorCode::DuplicateHello,
                         "this conversation already has its hello; open a new socket for another",
                     );
-                    return self.send_error(&error, false).await;
+                    return sent(self.send_error(&error, false).await);
                 }
-                Err(error) => return self.send_error(&error, false).await,
+                Err(error) => return sent(self.send_error(&error, false).await),
             },
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => return true,
-            Some(Ok(Message::Close(_))) | None => return false,
+            Some(Ok(pong @ Message::Pong(_))) => {
+                super::resume::pong(self, &pong);
+                return Read::Go;
+            }
+            Some(Ok(Message::Ping(_))) => return Read::Go,
+            // A close the client chose ends the conversation; a connection
+            // lost without one may come back.
+            Some(Ok(Message::Close(_))) => return Read::Closed,
+            None => return Read::Dropped,
             Some(Err(e)) => {
-                self.read_failed(&e).await;
-                return false;
+                if super::is_too_large(&e) {
+                    self.read_failed(&e).await;
+                    return Read::Closed;
+                }
+                return Read::Dropped;
             }
         };
         // A full input channel holds this client back: that is the point.
         // A conversation that has ended takes no more input; its `end` is
         // on the way, so the client is not gone: the frame is dropped.
         let _ = running.handle.input.send(input).await;
-        true
+        Read::Go
     }
+}
+
+/// A reply written (`Go`), or a socket that took no more.
+fn sent(written: bool) -> Read {
+    if written { Read::Go } else { Read::Dropped }
+}
+
+/// What reading one client frame left.
+enum Read {
+    /// The conversation goes on with this client.
+    Go,
+    /// The client closed the connection, or broke a rule and was closed.
+    Closed,
+    /// The connection was lost (or a reply could not be written to it).
+    Dropped,
 }

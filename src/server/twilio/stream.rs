@@ -19,12 +19,13 @@ use tokio::time::{Instant, timeout};
 
 use super::super::Shared;
 use super::super::metrics::Refusal;
+use super::super::record::Record;
 use super::RATE_HZ;
 use super::messages::{Inbound, Start};
 use super::playback::{Due, Playback};
 use crate::audio::{AudioFormat, StreamDecoder, g711};
 use crate::engine::{ConversationOptions, EngineEvent};
-use crate::ledger::{Account, Admission, Started, TurnRecord, UsageRecord};
+use crate::ledger::{Admission, Started};
 use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
 use crate::usage::UsageDelta;
 
@@ -48,12 +49,8 @@ pub(super) struct Call {
     speech: Option<mpsc::Receiver<Vec<i16>>>,
     /// The farewell is under way: the call ends once it has played.
     hanging_up: bool,
-    /// The engine's price table, the next usage delta's number, the
-    /// budgets and the usage so far, for the ledger.
-    prices: String,
-    sequence: u64,
-    account: Option<Account>,
-    usage: UsageDelta,
+    /// What the ledger keeps of the call, once it is answered.
+    record: Option<Record>,
 }
 
 impl Call {
@@ -68,10 +65,7 @@ impl Call {
             playback: Playback::default(),
             speech: None,
             hanging_up: false,
-            prices: String::new(),
-            sequence: 0,
-            account: None,
-            usage: UsageDelta::default(),
+            record: None,
         };
         let Some(start) = call.await_start().await else {
             return;
@@ -141,6 +135,7 @@ impl Call {
             language: config.engine.language.clone(),
             voice: config.engine.voice.clone(),
         };
+        let mut account = None;
         if let Some(ledger) = self.shared.ledger.get() {
             let reserve = if engine.paid() {
                 config.ledger.turn_reserve_micro_usd()
@@ -158,7 +153,7 @@ impl Call {
                 reserve_micro_usd: reserve,
             };
             match ledger.started(start).await {
-                Ok(Admission::Admitted(account)) => self.account = account,
+                Ok(Admission::Admitted(admitted)) => account = admitted,
                 Ok(Admission::Refused(refusal)) => {
                     tracing::warn!(conversation = %self.conversation, "call refused: {}", refusal.message());
                     self.shared.metrics.refused(Refusal::BudgetExceeded);
@@ -175,7 +170,12 @@ impl Call {
                 }
             }
         }
-        self.prices = engine.prices();
+        self.record = Some(Record::new(
+            self.shared.ledger.get().cloned(),
+            &self.conversation,
+            engine.prices(),
+            account,
+        ));
         let session = match engine.start(options) {
             Ok(session) => session,
             Err(e) => {
@@ -244,7 +244,12 @@ impl Call {
                             }
                             self.on_event(&handle, event).await;
                         }
-                        _ => {}
+                        ClientOutput::Latency { ms, .. } => {
+                            if let Some(record) = self.record.as_mut() {
+                                record.latency_ms = Some(ms);
+                            }
+                        }
+                        ClientOutput::Warning { .. } => {}
                     }
                 }
                 frame = self.socket.recv(), if !caller_gone => {
@@ -288,8 +293,13 @@ impl Call {
                 self.hanging_up = false;
             }
         };
-        // What the engine still reports after the caller left is drained.
-        while handle.output.recv().await.is_some() {}
+        // What the engine still reports after the caller left is drained;
+        // its cost was spent, and is recorded.
+        while let Some(output) = handle.output.recv().await {
+            if let ClientOutput::Event(EngineEvent::Usage(delta)) = output {
+                self.record_usage(&handle, delta).await;
+            }
+        }
         let _ = handle.task.await;
         let ended = reason.map_or("caller_lost", CloseReason::as_str);
         self.record_end(ended, turns).await;
@@ -322,16 +332,16 @@ impl Call {
                 let clear = json!({"event": "clear", "streamSid": self.stream_sid});
                 let _ = self.send_json(&clear).await;
             }
+            EngineEvent::Transcript {
+                role, stage, text, ..
+            } => {
+                if let Some(record) = self.record.as_mut() {
+                    record.heard(role, stage, &text);
+                }
+            }
             EngineEvent::TurnEnd { turn_id, reason } => {
-                if let Some(ledger) = self.shared.ledger.get() {
-                    ledger.turn(TurnRecord {
-                        conversation: self.conversation.clone(),
-                        turn: turn_id,
-                        latency_ms: None,
-                        outcome: format!("{reason:?}").to_lowercase(),
-                        user_text: None,
-                        reply_text: None,
-                    });
+                if let Some(record) = self.record.as_mut() {
+                    record.turn(turn_id, reason);
                 }
                 // The reply's tail, then a mark Twilio echoes once it is heard.
                 self.playback.end_reply(format!("turn-{turn_id}"));
@@ -448,30 +458,16 @@ impl Call {
     /// and settles it against the budgets; a paid call whose cost cannot
     /// be recorded, or whose budget is spent, ends after the reply.
     async fn record_usage(&mut self, handle: &ConversationHandle, delta: UsageDelta) {
-        self.usage.add(&delta);
         self.shared.metrics.usage(&delta);
-        let Some(ledger) = self.shared.ledger.get() else {
+        let Some(record) = self.record.as_mut() else {
             return;
         };
-        let record = UsageRecord {
-            conversation: self.conversation.clone(),
-            stream: delta.upstream.map_or(0, |upstream| upstream.stream),
-            sequence: self.sequence,
-            prices: self.prices.clone(),
-            delta,
-            account: self.account.clone(),
-        };
-        self.sequence += 1;
-        match ledger.usage(record).await {
-            Ok(Some(mut account)) => {
-                account.apply_conversation_cap(self.usage.cost_micro_usd);
-                if account.standing.exhausted {
-                    tracing::info!(conversation = %self.conversation, "the budget is spent: the call ends after this reply");
-                    handle.shutdown.trigger_with(CloseReason::BudgetExceeded);
-                }
-                self.account = Some(account);
+        match record.usage(delta).await {
+            Ok(()) if record.exhausted() => {
+                tracing::info!(conversation = %self.conversation, "the budget is spent: the call ends after this reply");
+                handle.shutdown.trigger_with(CloseReason::BudgetExceeded);
             }
-            Ok(None) => {}
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(conversation = %self.conversation, "usage not recorded: {e}");
                 if delta.cost_micro_usd > 0 {
@@ -482,8 +478,8 @@ impl Call {
     }
 
     async fn record_end(&mut self, reason: &str, turns: u32) {
-        if let Some(ledger) = self.shared.ledger.get()
-            && let Err(e) = ledger.ended(&self.conversation, reason, turns).await
+        if let Some(record) = &self.record
+            && let Err(e) = record.end(reason, turns).await
         {
             tracing::warn!(conversation = %self.conversation, "the end of the call was not recorded: {e}");
         }

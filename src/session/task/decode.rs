@@ -42,7 +42,11 @@ impl State {
         match result {
             Ok(()) => {
                 if !produced {
-                    self.watchdog.starving(now, chunk_bytes);
+                    let proven = self
+                        .decoder
+                        .as_ref()
+                        .is_some_and(|d| d.stats().pcm_samples_out > 0);
+                    self.watchdog.starving(now, chunk_bytes, proven);
                 }
                 None
             }

@@ -31,8 +31,18 @@ pub(super) struct Watchdog {
 #[derive(Debug)]
 struct Starving {
     since: Instant,
+    /// When the last of those bytes came.
+    last: Instant,
     bytes: u64,
+    /// The stream decoded audio before these bytes.
+    proven: bool,
 }
+
+/// Bytes of a stream that decoded audio before count against
+/// `no_audio_timeout_ms` only while they keep coming: one that pauses after
+/// a piece its decoder holds (a resampler's partial block, half a page) is
+/// not starving. A stream that never decoded anything gets no such grace.
+const STILL_SENDING: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct SendWait {
@@ -90,11 +100,14 @@ impl Watchdog {
     }
 
     /// Audio bytes arrived and decoded to nothing (yet).
-    pub(super) fn starving(&mut self, now: Instant, bytes: u64) {
+    pub(super) fn starving(&mut self, now: Instant, bytes: u64, proven: bool) {
         let starving = self.starving.get_or_insert(Starving {
             since: now,
+            last: now,
             bytes: 0,
+            proven,
         });
+        starving.last = now;
         starving.bytes += bytes;
     }
 
@@ -176,9 +189,13 @@ impl Watchdog {
         if let Some(starving) = &self.starving
             && now >= after(starving.since, limits.no_audio_timeout_ms)
         {
-            let over = now.duration_since(starving.since);
-            let bytes = starving.bytes;
-            return Some(Alarm::NoAudio { bytes, over });
+            if starving.proven && now.duration_since(starving.last) > STILL_SENDING {
+                self.starving = None;
+            } else {
+                let over = now.duration_since(starving.since);
+                let bytes = starving.bytes;
+                return Some(Alarm::NoAudio { bytes, over });
+            }
         }
         if now >= self.ends_at {
             return Some(Alarm::MaxDuration);
@@ -308,7 +325,7 @@ mod tests {
     fn closing_watches_only_the_grace_and_the_queues() {
         let t0 = Instant::now();
         let mut watchdog = Watchdog::new(limits(), t0);
-        watchdog.starving(t0, 100);
+        watchdog.starving(t0, 100, false);
         watchdog.closing(ms(t0, 10));
         assert_eq!(watchdog.next_deadline(None), Some(ms(t0, 1_010)));
         assert_eq!(watchdog.check(ms(t0, 1_009), None), None);
@@ -316,11 +333,29 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_that_pauses_on_a_held_piece_is_not_starving() {
+        let t0 = Instant::now();
+        let mut watchdog = Watchdog::new(limits(), t0);
+        // The last piece before a pause decoded to nothing yet.
+        watchdog.starving(t0, 40, true);
+        assert_eq!(watchdog.check(ms(t0, 5_000), None), None);
+        assert_eq!(watchdog.next_deadline(None), Some(ms(t0, 60_000)));
+        // Bytes that keep coming and never decode still end it.
+        for at in (6_000..=11_000).step_by(500) {
+            watchdog.starving(ms(t0, at), 40, true);
+        }
+        assert!(matches!(
+            watchdog.check(ms(t0, 11_000), None),
+            Some(Alarm::NoAudio { bytes: 440, .. })
+        ));
+    }
+
+    #[test]
     fn silence_idleness_and_the_maximum_length() {
         let t0 = Instant::now();
         let mut watchdog = Watchdog::new(limits(), t0);
-        watchdog.starving(t0, 100);
-        watchdog.starving(ms(t0, 1_000), 50);
+        watchdog.starving(t0, 100, false);
+        watchdog.starving(ms(t0, 1_000), 50, false);
         let over = Duration::from_secs(5);
         assert_eq!(
             watchdog.check(ms(t0, 5_000), None),
