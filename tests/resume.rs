@@ -113,6 +113,25 @@ fn resume_hello(secret: &str, last_seq: u64) -> Value {
            "resume": secret, "last_seq": last_seq})
 }
 
+/// A gateway on `config` (and `ledger`) playing [`one_turn`], and a client
+/// through a proxy with its conversation's `ready`.
+async fn conversing(
+    config: &Config,
+    ledger: Option<Ledger>,
+) -> (common::gateway::Running, Proxy, Client, Value) {
+    let engine = ScriptedEngine::new(one_turn());
+    let gateway = start(config, Some(Arc::new(engine))).await;
+    if let Some(ledger) = ledger {
+        gateway.server.set_ledger(ledger).unwrap();
+    }
+    let proxy = Proxy::to(gateway.addr).await;
+    let mut client = proxy.client(gateway.addr).await;
+    client.hello_pcm().await;
+    let ready = client.until(|f| f.is("ready")).await;
+    let ready = ready.last().unwrap().json().clone();
+    (gateway, proxy, client, ready)
+}
+
 #[tokio::test]
 async fn a_reply_cut_in_the_middle_arrives_whole_after_the_client_comes_back() {
     let engine = ScriptedEngine::new(one_turn());
@@ -216,14 +235,7 @@ async fn a_client_that_does_not_come_back_ends_as_resume_expired() {
     .unwrap();
     let mut config = Config::default();
     config.server.resume_window_ms = 600;
-    let engine = ScriptedEngine::new(one_turn());
-    let gateway = start(&config, Some(Arc::new(engine))).await;
-    gateway.server.set_ledger(ledger.clone()).unwrap();
-    let proxy = Proxy::to(gateway.addr).await;
-    let mut client = proxy.client(gateway.addr).await;
-    client.hello_pcm().await;
-    let ready = client.until(|f| f.is("ready")).await;
-    let ready = ready.last().unwrap().json().clone();
+    let (gateway, proxy, mut client, ready) = conversing(&config, Some(ledger.clone())).await;
     let secret = ready["resume"].as_str().unwrap().to_owned();
     let session = ready["session"].as_str().unwrap().to_owned();
 
@@ -259,6 +271,52 @@ async fn a_client_that_does_not_come_back_ends_as_resume_expired() {
     let mut late = gateway.client().await;
     late.send_json(resume_hello(&secret, 1)).await;
     assert_eq!(late.error_code().await, "resume_failed");
+}
+
+/// A socket that says it is re-attaching (`/ws?resume`).
+async fn resuming(addr: std::net::SocketAddr) -> Client {
+    let url = format!("ws://{addr}/ws?resume");
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
+        .await
+        .unwrap();
+    Client { ws }
+}
+
+#[tokio::test]
+async fn a_full_server_still_takes_back_a_returning_client() {
+    let mut config = Config::default();
+    config.server.max_sessions = 1;
+    let (gateway, proxy, _client, ready) = conversing(&config, None).await;
+    let secret = ready["resume"].as_str().unwrap().to_owned();
+    proxy.cut();
+
+    // The one place is the conversation's: a newcomer is refused at once,
+    // and so is one that says it is returning but is not.
+    let refused = |frame: Frame| match frame {
+        Frame::Closed(Some((1013, reason))) => assert!(reason.contains("busy"), "{reason}"),
+        other => panic!("{other:?}"),
+    };
+    refused(gateway.client().await.next().await);
+    let mut pretender = resuming(gateway.addr).await;
+    pretender.hello_pcm().await;
+    refused(pretender.next().await);
+
+    // The conversation's own client gets back in, and goes on.
+    let mut back = resuming(gateway.addr).await;
+    back.send_json(resume_hello(&secret, 1)).await;
+    back.until(|f| f.is("resumed")).await;
+    speak(&mut back, 500).await;
+    let frames = back.until(|f| f.is("turn_end")).await;
+    assert_eq!(
+        common::gateway::audio_samples(&frames),
+        REPLY_FRAMES * FRAME_SAMPLES
+    );
+    let metrics = gateway.metrics().await;
+    assert_eq!(metric(&metrics, "sonora_resumes_total"), 1.0);
+    assert_eq!(
+        metric(&metrics, "sonora_sessions_refused_total{reason=\"busy\"}"),
+        2.0
+    );
 }
 
 #[tokio::test]

@@ -99,7 +99,9 @@ export class Connection {
   }
 
   connect(greeting) {
-    const socket = new WebSocket(this.url);
+    // `?resume` lets a returning client in even when the server is full:
+    // its conversation kept its place.
+    const socket = new WebSocket(greeting.resume ? `${this.url}?resume` : this.url);
     this.socket = socket;
     socket.binaryType = 'arraybuffer';
     socket.onopen = () => socket.send(JSON.stringify(greeting));

@@ -1,3 +1,4 @@
+// Over 600 lines: every write kind and its transaction stay together, so the order of a batch is read in one place.
 //! The ledger's one writer: takes what is queued (up to [`MAX_BATCH`]
 //! records at once), writes it in one transaction, then tells each waiting
 //! caller. A failed or timed-out transaction fails every record in it and

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Extension, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -29,6 +29,7 @@ pub(super) async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
+    uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
     use metrics::Refusal;
@@ -83,32 +84,45 @@ pub(super) async fn upgrade(
         shared.metrics.refused(why);
         return ws.on_upgrade(move |socket| socket::refuse(socket, code, reason));
     }
+    // A client re-attaching to its conversation (`/ws?resume`) needs no
+    // place of its own: the conversation kept its places.
+    let resuming = uri
+        .query()
+        .is_some_and(|query| query.split('&').any(|pair| pair == "resume"));
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let span = crate::telemetry::connection_span(id, caller.client);
+    let full = |ws: WebSocketUpgrade, why: Refusal, reason: &'static str| {
+        let shared = Arc::clone(&shared);
+        let span = span.clone();
+        ws.on_upgrade(move |socket| async move {
+            if resuming {
+                socket::Connection::new(socket, shared, id, peer, span)
+                    .resume_or_refuse(why, socket::CLOSE_TRY_AGAIN, reason)
+                    .await;
+            } else {
+                shared.metrics.refused(why);
+                socket::refuse(socket, socket::CLOSE_TRY_AGAIN, reason).await;
+            }
+        })
+    };
     let Some(client) = shared.clients.enter(caller.client) else {
-        shared.metrics.refused(Refusal::ClientBusy);
-        return ws.on_upgrade(|socket| {
-            socket::refuse(
-                socket,
-                socket::CLOSE_TRY_AGAIN,
-                "client_busy: too many conversations from this address; end one or try again later",
-            )
-        });
+        return full(
+            ws,
+            Refusal::ClientBusy,
+            "client_busy: too many conversations from this address; end one or try again later",
+        );
     };
     let Ok(server) = Arc::clone(&shared.admission).try_acquire_owned() else {
-        shared.metrics.refused(Refusal::Busy);
-        return ws.on_upgrade(|socket| {
-            socket::refuse(
-                socket,
-                socket::CLOSE_TRY_AGAIN,
-                "the server is busy: too many conversations; try again later",
-            )
-        });
+        return full(
+            ws,
+            Refusal::Busy,
+            "the server is busy: too many conversations; try again later",
+        );
     };
     let admitted = Admitted {
         _server: server,
         _client: client,
     };
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let span = crate::telemetry::connection_span(id, caller.client);
     ws.on_upgrade(move |socket| async move {
         // The connection enters its span itself: not on every frame.
         socket::Connection::new(socket, shared, id, peer, span)

@@ -1,3 +1,4 @@
+// Over 600 lines: the clients' handshakes, wheel and reader share one hand-written frame codec, a tenth of it tests.
 //! The load benchmarks' honest clients, cheap enough that the gateway, not
 //! the load generator, is what the machine waits on: each client is a bare
 //! TCP socket speaking just enough WebSocket (RFC 6455) by hand, every audio

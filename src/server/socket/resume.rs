@@ -157,6 +157,39 @@ impl Connection {
         }
     }
 
+    /// A socket the server (or its address) has no place for, from a client
+    /// that says it is re-attaching: its socket goes to its conversation
+    /// (which kept its places) if its hello names one; anything else is
+    /// refused as it would have been (`why`, `code`, `reason`).
+    pub(in crate::server) async fn resume_or_refuse(
+        mut self,
+        why: super::super::metrics::Refusal,
+        code: u16,
+        reason: &'static str,
+    ) {
+        let wait = Duration::from_millis(u64::from(self.shared.config.server.hello_timeout_ms));
+        let deadline = Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, super::receive(&mut self.socket)).await;
+            match frame {
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    if let Ok(super::super::protocol::ClientMessage::Hello(hello)) =
+                        super::super::protocol::parse_client(&text)
+                        && let Some(resume) = hello.resume
+                    {
+                        self.resume(resume, hello.audio).await;
+                        return;
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+        self.shared.metrics.refused(why);
+        self.close(code, reason).await;
+    }
+
     async fn resume_failed(&mut self, message: &str) {
         let error = ProtocolError::new(ErrorCode::ResumeFailed, message);
         self.send_error(&error, true).await;
