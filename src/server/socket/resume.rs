@@ -327,8 +327,8 @@ async fn turn_away(mut socket: WebSocket, message: &str) {
     .await;
 }
 
-/// Reads of a socket that may answer a ping (the acknowledgement of the
-/// frames before it).
+/// A pong from the client: its WebSocket has read every frame up to the
+/// `seq` the ping carried, and those need not be kept.
 pub(super) fn pong(connection: &mut Connection, message: &Message) {
     if let (Message::Pong(payload), Some(replay)) = (message, connection.replay.as_mut()) {
         replay.pong(payload);
