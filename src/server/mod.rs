@@ -86,6 +86,14 @@ struct Shared {
     resumable: socket::Resumable,
 }
 
+/// Completes at `at`; never, without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// 48 random bits in hex, from the standard library's per-process random
 /// hash keys.
 fn instance_id() -> String {

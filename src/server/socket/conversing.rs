@@ -10,7 +10,8 @@ use tokio::time::Instant;
 use super::super::protocol::{
     ClientMessage, ErrorCode, ProtocolError, ServerMessage, Stats, parse_client,
 };
-use super::resume::{SILENCE_EVERY, next_attach, window_passed};
+use super::super::sleep_until;
+use super::resume::{SILENCE_EVERY, next_attach};
 use super::{Connection, Exit, Running, receive, shutting_down};
 use crate::session::{ClientInput, OUTPUT_CAPACITY};
 
@@ -78,7 +79,7 @@ impl Connection {
                     }
                 }
                 _ = silence.tick(), if away_until.is_some() => Self::give_silence(running),
-                () = window_passed(away_until) => self.expire(running),
+                () = sleep_until(away_until) => self.expire(running),
                 () = &mut shutdown, if !shutdown_sent => {
                     shutdown_sent = true;
                     running.handle.shutdown();

@@ -210,9 +210,10 @@ impl Replay {
 /// A server message (a JSON object) with `seq` as its first field.
 fn with_seq(seq: u64, text: &str) -> String {
     let rest = text.strip_prefix('{').unwrap_or(text).trim_start();
+    use std::fmt::Write as _;
     let mut numbered = String::with_capacity(text.len() + 28);
-    numbered.push_str("{\"seq\":");
-    numbered.push_str(&seq.to_string());
+    // Writing into a String cannot fail.
+    let _ = write!(numbered, "{{\"seq\":{seq}");
     if !rest.starts_with('}') {
         numbered.push(',');
     }

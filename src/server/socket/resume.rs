@@ -116,14 +116,6 @@ pub(super) async fn next_attach(slot: &mut Option<Slot>) -> Option<Attach> {
     }
 }
 
-/// Completes when a detached conversation's window has passed.
-pub(super) async fn window_passed(away_until: Option<Instant>) {
-    match away_until {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 impl Running {
     /// Whether the client is away and the conversation waits for it.
     pub(super) fn away(&self) -> bool {

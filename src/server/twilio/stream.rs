@@ -17,9 +17,9 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-use super::super::Shared;
 use super::super::metrics::Refusal;
 use super::super::record::Record;
+use super::super::{Shared, sleep_until};
 use super::RATE_HZ;
 use super::messages::{Inbound, Start};
 use super::playback::{Due, Playback};
@@ -496,13 +496,6 @@ enum Flow {
 async fn recv_speech(speech: &mut Option<mpsc::Receiver<Vec<i16>>>) -> Option<Vec<i16>> {
     match speech {
         Some(speech) => speech.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }
