@@ -8,6 +8,7 @@
 
 mod asr;
 pub mod chat;
+mod mel;
 mod reply;
 
 mod vad;
