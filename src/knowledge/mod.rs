@@ -91,6 +91,32 @@ impl KnowledgeBase {
             .collect()
     }
 
+    /// The words a caller is likely to say, for a speech recogniser's
+    /// prompt: the content words of the headings (no stop words, nothing
+    /// under four letters), each once, as written, in order, comma
+    /// separated, up to `max_chars`.
+    pub fn vocabulary(&self, max_chars: usize) -> String {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = String::new();
+        let words = self
+            .entries
+            .iter()
+            .flat_map(|e| e.question.split(|c: char| !c.is_alphanumeric()));
+        for word in words {
+            let folded = text::fold(word);
+            if word.chars().count() < 4 || text::is_stop_word(&folded) || !seen.insert(folded) {
+                continue;
+            }
+            let separator = if out.is_empty() { "" } else { ", " };
+            if out.len() + separator.len() + word.len() > max_chars {
+                break;
+            }
+            out.push_str(separator);
+            out.push_str(word);
+        }
+        out
+    }
+
     /// Whole entries as `Q: …\nA: …\n\n`, in order, while the total fits in `max_bytes`.
     pub fn as_context(&self, max_bytes: usize) -> String {
         let mut out = String::new();

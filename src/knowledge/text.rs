@@ -36,14 +36,23 @@ static STOP_WORDS: LazyLock<HashSet<&'static str>> = LazyLock::new(|| {
         .collect()
 });
 
+/// Lowercase without accents: `Matrícula` → `matricula`.
+pub(super) fn fold(text: &str) -> String {
+    text.nfd()
+        .filter(|c| !is_combining_mark(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Whether a folded word is a Spanish or English stop word.
+pub(super) fn is_stop_word(folded: &str) -> bool {
+    STOP_WORDS.contains(folded)
+}
+
 /// Lowercases, folds accents, splits on non-alphanumerics, drops stop words and
 /// strips plural endings.
 pub(super) fn tokenize(text: &str) -> Vec<String> {
-    let folded: String = text
-        .nfd()
-        .filter(|c| !is_combining_mark(*c))
-        .flat_map(char::to_lowercase)
-        .collect();
+    let folded = fold(text);
     folded
         .split(|c: char| !c.is_alphanumeric())
         .filter(|t| !t.is_empty() && !STOP_WORDS.contains(t))

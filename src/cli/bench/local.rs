@@ -1,5 +1,8 @@
-//! `sonora bench local`: Spanish questions through the local engine, with
-//! early recognition (the default) against a plain cascade that starts
+//! `sonora bench local`: Spanish questions through the local engine. First
+//! recognition accuracy (keyword recall, word error rate) of the library's
+//! own Whisper pipeline against the engine's; then whole conversations,
+//! timed from the true end of speech (known from the generated audio) and
+//! from the engine's decision, against a plain cascade that starts
 //! recognising only after the end-of-speech hangover, in one run.
 
 use std::path::PathBuf;
@@ -16,31 +19,45 @@ use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::{ConversationOptions, Engine, EngineEvent, EngineInput, Role, Stage};
 use crate::tts;
 
-/// Questions about the example knowledge base, 2–6 s when spoken.
-const QUESTIONS: [&str; 8] = [
-    "¿Cómo me matriculo en un curso?",
-    "¿Cuál es el horario de la biblioteca?",
-    "¿Cómo puedo renovar un libro prestado?",
-    "Olvidé la contraseña del portal del estudiante, ¿qué hago?",
-    "¿Dónde pido una constancia de estudios?",
-    "¿Qué becas puedo solicitar?",
-    "¿Cómo obtengo el carné de estudiante?",
-    "¿Qué documentos necesito para la matrícula?",
-];
+use super::accuracy::{QUESTIONS, Question, Score, VOICES};
 
 #[derive(Debug, Args)]
 pub(crate) struct LocalBenchArgs {
-    /// How many questions to ask (cycling through the built-in list).
+    /// How many spoken questions go through whole conversations for the
+    /// latency figures (cycling through the question set).
     #[arg(long, default_value_t = 8)]
     questions: usize,
+    /// Beam sizes whose recognition accuracy and time are compared.
+    #[arg(long, value_delimiter = ',', default_value = "1,5")]
+    beams: Vec<usize>,
+    /// Recognition windows to compare: the audio and this much silence (ms)
+    /// instead of Whisper's full 30 s (at the last beam size, with the
+    /// vocabulary).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    margins: Vec<u32>,
+    /// Skip the accuracy comparison (latency only).
+    #[arg(long)]
+    no_accuracy: bool,
     /// Write the generated question WAVs here (for inspection).
     #[arg(long)]
     keep_audio: Option<PathBuf>,
 }
 
+/// One spoken question: its audio and where its speech truly ends.
+struct Spoken {
+    question: Question,
+    voice: &'static str,
+    audio: Vec<i16>,
+    /// Samples up to the last one of speech (before the noise was added).
+    speech_end: usize,
+}
+
 #[derive(Debug, Default, Clone)]
 struct TurnTiming {
-    latency_ms: f64,
+    /// The engine's end-of-speech decision → first reply audio.
+    decided_ms: f64,
+    /// The true end of speech → first reply audio.
+    true_end_ms: f64,
     transcript: String,
 }
 
@@ -54,17 +71,33 @@ pub(crate) fn run(config: &Config, args: &LocalBenchArgs) -> Result<(), Failure>
 
 async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     let settings = LocalSettings::from_config(&config.local);
-    let mut questions = Vec::new();
-    for i in 0..args.questions.max(1) {
-        let text = QUESTIONS[i % QUESTIONS.len()];
-        let audio = spoken_question(&settings.tts.program, text, i as u64).await?;
-        if let Some(dir) = &args.keep_audio {
-            std::fs::create_dir_all(dir)?;
-            crate::audio::wav::write_mono(&dir.join(format!("q{i}.wav")), ENGINE_RATE_HZ, &audio)
-                .map_err(|e| anyhow!(e))?;
+    let mut spoken = Vec::new();
+    for (v, voice) in VOICES.iter().enumerate() {
+        for (i, question) in QUESTIONS.iter().enumerate() {
+            let seed = (v * QUESTIONS.len() + i) as u64;
+            let (audio, speech_end) =
+                spoken_question(&settings.tts.program, voice, question.text, seed).await?;
+            if let Some(dir) = &args.keep_audio {
+                std::fs::create_dir_all(dir)?;
+                let path = dir.join(format!("q{i}-{voice}.wav"));
+                crate::audio::wav::write_mono(&path, ENGINE_RATE_HZ, &audio)
+                    .map_err(|e| anyhow!(e))?;
+            }
+            spoken.push(Spoken {
+                question: *question,
+                voice,
+                audio,
+                speech_end,
+            });
         }
-        questions.push((text, audio));
     }
+    let language = &config.engine.language;
+    let mut summary = serde_json::Map::new();
+    if !args.no_accuracy {
+        let rows = accuracy_table(&settings, language, &args.beams, &args.margins, &spoken).await?;
+        summary.insert("accuracy".into(), serde_json::Value::Array(rows));
+    }
+
     let load_started = Instant::now();
     let early = LocalEngine::load(&settings).map_err(|e| anyhow!(e))?;
     let load_ms = load_started.elapsed().as_secs_f64() * 1000.0;
@@ -73,52 +106,54 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     let cascade = LocalEngine::load(&cascade_settings).map_err(|e| anyhow!(e))?;
 
     // Component timings on the same audio.
+    let turns: Vec<&Spoken> = spoken.iter().cycle().take(args.questions.max(1)).collect();
     let mut asr_ms = Vec::new();
     let mut tts_first_ms = Vec::new();
     let mut tts_total_ms = Vec::new();
-    for (text, audio) in &questions {
+    for s in &turns {
         let started = Instant::now();
-        let heard = early
-            .transcribe(audio, &config.engine.language)
+        early
+            .transcribe(&s.audio, language)
             .await
             .map_err(|e| anyhow!(e))?;
         asr_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        let _ = heard;
-        let (first, total) = time_tts(&settings.tts, text).await?;
+        let (first, total) = time_tts(&settings.tts, s.question.text).await?;
         tts_first_ms.push(first);
         tts_total_ms.push(total);
     }
 
     let mut early_turns = Vec::new();
     let mut cascade_turns = Vec::new();
-    for (i, (_, audio)) in questions.iter().enumerate() {
+    for (i, s) in turns.iter().enumerate() {
         // Alternate the order so neither mode always runs on a warm cache.
         let (first, second) = if i % 2 == 0 {
             (&early, &cascade)
         } else {
             (&cascade, &early)
         };
-        let a = one_turn(first, config, audio).await?;
-        let b = one_turn(second, config, audio).await?;
+        let a = one_turn(first, config, s).await?;
+        let b = one_turn(second, config, s).await?;
         let (e, c) = if i % 2 == 0 { (a, b) } else { (b, a) };
         eprintln!(
-            "q{i}: early {:.0} ms, cascade {:.0} ms, heard {:?}",
-            e.latency_ms, c.latency_ms, e.transcript
+            "q{i} ({}): from true end {:.0} ms (cascade {:.0} ms), from the decision {:.0} ms, heard {:?}",
+            s.voice, e.true_end_ms, c.true_end_ms, e.decided_ms, e.transcript
         );
         early_turns.push(e);
         cascade_turns.push(c);
     }
-    let mut early_latency: Vec<f64> = early_turns.iter().map(|t| t.latency_ms).collect();
-    let mut cascade_latency: Vec<f64> = cascade_turns.iter().map(|t| t.latency_ms).collect();
+    let mut true_end: Vec<f64> = early_turns.iter().map(|t| t.true_end_ms).collect();
+    let mut decided: Vec<f64> = early_turns.iter().map(|t| t.decided_ms).collect();
+    let mut cascade_true_end: Vec<f64> = cascade_turns.iter().map(|t| t.true_end_ms).collect();
     let peak_rss = peak_rss_bytes();
     let rows = [
+        ("true end of speech → first reply audio", pct(&mut true_end)),
         (
-            "end of speech → first reply audio (early recognition)",
-            pct(&mut early_latency),
+            "engine's end-of-speech decision → first reply audio",
+            pct(&mut decided),
         ),
         (
-            "end of speech → first reply audio (plain cascade)",
-            pct(&mut cascade_latency),
+            "true end of speech → first reply audio (plain cascade)",
+            pct(&mut cascade_true_end),
         ),
         ("speech recognition", pct(&mut asr_ms)),
         ("synthesis, first audio", pct(&mut tts_first_ms)),
@@ -128,53 +163,181 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     for (name, (p50, p90)) in rows {
         println!("{name:<58} {p50:>9.0} {p90:>9.0}");
     }
-    let (early_p50, early_p90) = rows[0].1;
-    let (cascade_p50, _) = rows[1].1;
+    let (true_p50, true_p90) = rows[0].1;
+    let (cascade_p50, cascade_p90) = rows[2].1;
     println!(
-        "questions {}   model load {load_ms:.0} ms   peak RSS {:.0} MB   cascade/early p50 {:.2}x",
-        questions.len(),
+        "questions {}   model load {load_ms:.0} ms   peak RSS {:.0} MB   cascade/Sonora p50 {:.2}x",
+        turns.len(),
         peak_rss as f64 / 1e6,
-        cascade_p50 / early_p50.max(1.0)
+        cascade_p50 / true_p50.max(1.0)
     );
-    let summary = serde_json::json!({
+    let ms = |(p50, p90): (f64, f64)| serde_json::json!({"p50": p50, "p90": p90});
+    let latency = serde_json::json!({
         "bench": "local",
-        "questions": questions.len(),
-        "latency_ms": {"p50": early_p50, "p90": early_p90},
-        "cascade_latency_ms": {"p50": cascade_p50, "p90": rows[1].1.1},
-        "asr_ms": {"p50": rows[2].1.0, "p90": rows[2].1.1},
-        "tts_first_audio_ms": {"p50": rows[3].1.0, "p90": rows[3].1.1},
-        "tts_total_ms": {"p50": rows[4].1.0, "p90": rows[4].1.1},
+        "questions": turns.len(),
+        "true_end_latency_ms": {"p50": true_p50, "p90": true_p90},
+        "decision_latency_ms": ms(rows[1].1),
+        "cascade_true_end_latency_ms": {"p50": cascade_p50, "p90": cascade_p90},
+        "asr_ms": ms(rows[3].1),
+        "tts_first_audio_ms": ms(rows[4].1),
+        "tts_total_ms": ms(rows[5].1),
         "model_load_ms": load_ms,
         "peak_rss_bytes": peak_rss,
         "transcripts": early_turns.iter().map(|t| t.transcript.clone()).collect::<Vec<_>>(),
     });
-    println!("{summary}");
+    if let serde_json::Value::Object(latency) = latency {
+        summary.extend(latency);
+    }
+    println!("{}", serde_json::Value::Object(summary));
     Ok(())
 }
 
-/// Speaks `text` with eSpeak NG's Spanish voice at 16 kHz, with 300 ms of
-/// lead-in and light white noise (~17 dB SNR), as a microphone would.
+/// Recognition of every spoken question by the library's own pipeline
+/// (ct2rs computing the features, beam 5: the engine before its reference
+/// features) and by the engine's with and without the knowledge base's
+/// vocabulary at each beam size; prints keyword recall, word error rate and
+/// recognition time for each.
+async fn accuracy_table(
+    settings: &LocalSettings,
+    language: &str,
+    beams: &[usize],
+    margins: &[u32],
+    spoken: &[Spoken],
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut rows = Vec::new();
+    let baseline = library_transcripts(settings, language, spoken).await?;
+    rows.push(("library features, beam 5".to_owned(), baseline));
+    let mut variants = Vec::new();
+    for &beam in beams {
+        variants.push((beam, false, None));
+        variants.push((beam, true, None));
+    }
+    for &margin in margins {
+        variants.push((beams.last().copied().unwrap_or(1), true, Some(margin)));
+    }
+    {
+        for (beam, vocabulary, margin) in variants {
+            let mut variant = settings.clone();
+            variant.asr.beam_size = beam;
+            variant.asr.vocabulary = (!vocabulary).then(String::new);
+            variant.asr.margin_ms = margin;
+            let engine = LocalEngine::load(&variant).map_err(|e| anyhow!(e))?;
+            let mut out = Vec::new();
+            for s in spoken {
+                let started = Instant::now();
+                let text = engine
+                    .transcribe(&s.audio, language)
+                    .await
+                    .map_err(|e| anyhow!(e))?;
+                out.push((text, started.elapsed().as_secs_f64() * 1000.0));
+            }
+            let name = format!(
+                "reference features{}, beam {beam}{}",
+                if vocabulary { " + vocabulary" } else { "" },
+                margin.map_or_else(String::new, |m| format!(", window audio + {m} ms"))
+            );
+            rows.push((name, out));
+        }
+    }
+    println!(
+        "{:<48} {:>15} {:>16} {:>16}",
+        "recognition (16 spoken questions)", "keyword recall", "word error rate", "time p50 (ms)"
+    );
+    let mut json = Vec::new();
+    for (name, transcripts) in rows {
+        let mut score = Score::default();
+        for (s, (text, _)) in spoken.iter().zip(&transcripts) {
+            score.add(&s.question, text);
+        }
+        let mut times: Vec<f64> = transcripts.iter().map(|(_, ms)| *ms).collect();
+        let (p50, _) = pct(&mut times);
+        for (s, (text, _)) in spoken.iter().zip(&transcripts) {
+            eprintln!("{name} | {} | {:?} → {text:?}", s.voice, s.question.text);
+        }
+        println!(
+            "{name:<48} {:>14.1}% {:>15.1}% {p50:>16.0}",
+            score.keyword_recall() * 100.0,
+            score.word_error_rate() * 100.0
+        );
+        json.push(serde_json::json!({
+            "variant": name,
+            "keyword_recall": score.keyword_recall(),
+            "word_error_rate": score.word_error_rate(),
+            "asr_ms_p50": p50,
+            "transcripts": transcripts.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(json)
+}
+
+/// The spoken questions through ct2rs's own Whisper pipeline: its features,
+/// the language given, beam 5.
+async fn library_transcripts(
+    settings: &LocalSettings,
+    language: &str,
+    spoken: &[Spoken],
+) -> anyhow::Result<Vec<(String, f64)>> {
+    let dir = settings.model_dir.clone();
+    let threads = settings.asr.threads;
+    let language = language.split(['-', '_']).next().unwrap_or("es").to_owned();
+    let audio: Vec<Vec<f32>> = spoken
+        .iter()
+        .map(|s| s.audio.iter().map(|&x| f32::from(x) / 32768.0).collect())
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let config = ct2rs::Config {
+            compute_type: ct2rs::ComputeType::INT8,
+            num_threads_per_replica: threads,
+            ..ct2rs::Config::default()
+        };
+        let whisper = ct2rs::Whisper::new(&dir, config)?;
+        let options = ct2rs::WhisperOptions {
+            beam_size: 5,
+            ..ct2rs::WhisperOptions::default()
+        };
+        audio
+            .iter()
+            .map(|samples| {
+                let started = Instant::now();
+                let parts = whisper.generate(samples, Some(&language), false, &options)?;
+                Ok((parts.join(" "), started.elapsed().as_secs_f64() * 1000.0))
+            })
+            .collect()
+    })
+    .await?
+}
+
+/// Speaks `text` with an eSpeak NG voice at 16 kHz, with 300 ms of lead-in
+/// and light white noise (~17 dB SNR), as a microphone would; also returns
+/// where the speech truly ends (its last sample above −44 dBFS before the
+/// noise went in).
 pub(crate) async fn spoken_question(
     program: &std::path::Path,
+    voice: &str,
     text: &str,
     seed: u64,
-) -> anyhow::Result<Vec<i16>> {
+) -> anyhow::Result<(Vec<i16>, usize)> {
     let config = tts::TtsConfig {
         program: program.to_path_buf(),
-        voice: "es".into(),
+        voice: voice.into(),
         rate_wpm: 150,
         output_rate_hz: ENGINE_RATE_HZ,
     };
     let (tx, mut rx) = mpsc::channel(64);
     let speaking = tokio::spawn({
         let text = text.to_owned();
-        async move { tts::speak(&config, "es", &text, &tx).await }
+        let voice = voice.to_owned();
+        async move { tts::speak(&config, &voice, &text, &tx).await }
     });
     let mut audio = vec![0i16; 16 * 300];
     while let Some(frame) = rx.recv().await {
         audio.extend(frame);
     }
     speaking.await?.map_err(|e| anyhow!(e))?;
+    let speech_end = audio
+        .iter()
+        .rposition(|s| s.unsigned_abs() > 200)
+        .map_or(audio.len(), |i| i + 1);
     let mut state = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
     for s in &mut audio {
         state = state
@@ -183,7 +346,7 @@ pub(crate) async fn spoken_question(
         let noise = ((state >> 33) % 801) as i32 - 400;
         *s = (i32::from(*s) + noise).clamp(-32768, 32767) as i16;
     }
-    Ok(audio)
+    Ok((audio, speech_end))
 }
 
 async fn time_tts(config: &tts::TtsConfig, text: &str) -> anyhow::Result<(f64, f64)> {
@@ -207,27 +370,31 @@ async fn time_tts(config: &tts::TtsConfig, text: &str) -> anyhow::Result<(f64, f
 }
 
 /// One question through a fresh conversation, streamed in real time as a
-/// microphone would (so the end-of-speech hangover takes its real time),
-/// then trailing silence; returns end-of-speech → first reply audio.
+/// microphone would (so the end-of-speech wait takes its real time), then
+/// trailing silence; times the first reply audio from the true end of
+/// speech and from the engine's decision.
 async fn one_turn(
     engine: &LocalEngine,
     config: &Config,
-    audio: &[i16],
+    spoken: &Spoken,
 ) -> anyhow::Result<TurnTiming> {
     let options = ConversationOptions {
         language: config.engine.language.clone(),
         voice: config.engine.voice.clone(),
     };
     let mut session = engine.start(options).map_err(|e| anyhow!(e))?;
-    let mut feed = audio.to_vec();
+    let mut feed = spoken.audio.clone();
     feed.extend(std::iter::repeat_n(
         0,
         16 * (config.local.vad_hangover_ms as usize + 600),
     ));
     let input = session.input.clone();
+    let speech_end = spoken.speech_end;
+    let (true_end_tx, true_end_rx) = tokio::sync::oneshot::channel();
     let feeder = tokio::spawn(async move {
+        let mut true_end_tx = Some(true_end_tx);
         let mut pace = tokio::time::interval(Duration::from_millis(20));
-        for frame in feed.chunks(320) {
+        for (i, frame) in feed.chunks(320).enumerate() {
             pace.tick().await;
             if input
                 .send(EngineInput::Audio(frame.to_vec()))
@@ -236,9 +403,20 @@ async fn one_turn(
             {
                 break;
             }
+            // The frame holding the last sample of speech is in: its
+            // position within the frame says how long ago speech ended.
+            let end = (i + 1) * 320;
+            if end >= speech_end
+                && let Some(tx) = true_end_tx.take()
+            {
+                let after = Duration::from_micros(((end - speech_end) as u64 * 1000) / 16);
+                let _ = tx.send(Instant::now() - after);
+            }
         }
     });
-    let mut ended_at = None;
+    let mut true_end_rx = Some(true_end_rx);
+    let mut true_end = None;
+    let mut decided_at = None;
     let mut timing = TurnTiming::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -246,8 +424,14 @@ async fn one_turn(
             .await
             .map_err(|_| anyhow!("no reply within 60 s"))?
             .ok_or_else(|| anyhow!("the engine closed before replying"))?;
+        if let Some(rx) = true_end_rx.as_mut()
+            && let Ok(at) = rx.try_recv()
+        {
+            true_end = Some(at);
+            true_end_rx = None;
+        }
         match event {
-            EngineEvent::SpeechEnded { .. } => ended_at = Some(Instant::now()),
+            EngineEvent::SpeechEnded { .. } => decided_at = Some(Instant::now()),
             EngineEvent::Transcript {
                 role: Role::User,
                 stage: Stage::Final,
@@ -255,9 +439,20 @@ async fn one_turn(
                 ..
             } => timing.transcript = text,
             EngineEvent::Audio(_) => {
-                let ended =
-                    ended_at.ok_or_else(|| anyhow!("reply audio before the end of speech"))?;
-                timing.latency_ms = ended.elapsed().as_secs_f64() * 1000.0;
+                let now = Instant::now();
+                let decided =
+                    decided_at.ok_or_else(|| anyhow!("reply audio before the end of speech"))?;
+                let true_end = match true_end {
+                    Some(at) => at,
+                    None => {
+                        true_end_rx
+                            .take()
+                            .ok_or_else(|| anyhow!("no true end of speech"))?
+                            .await?
+                    }
+                };
+                timing.decided_ms = (now - decided).as_secs_f64() * 1000.0;
+                timing.true_end_ms = now.saturating_duration_since(true_end).as_secs_f64() * 1000.0;
                 break;
             }
             EngineEvent::TurnEnd { .. } => {

@@ -2,6 +2,7 @@
 //! Streaming decode lives here; the gateway load (`serve`), the hostile
 //! clients (`hostile`) and the local engine (`local`) have their own files.
 
+mod accuracy;
 mod client;
 mod hostile;
 mod local;

@@ -15,39 +15,56 @@ pub const MODEL_FILES: [&str; 4] = [
 ];
 
 /// Recognition settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AsrConfig {
     pub beam_size: usize,
     /// CPU threads for one call (0: CTranslate2's default).
     pub threads: usize,
+    /// Words to expect, given to Whisper as the text before the audio:
+    /// `None` for the knowledge base's vocabulary, `Some("")` for none.
+    pub vocabulary: Option<String>,
+    /// `None`: Whisper's full 30 s window, as trained; `Some(ms)`: only the
+    /// audio and this much silence after it (the encoder's time grows with
+    /// the window).
+    pub margin_ms: Option<u32>,
 }
 
 impl Default for AsrConfig {
     fn default() -> Self {
         Self {
-            beam_size: 5,
+            beam_size: 1,
             threads: 0,
+            vocabulary: None,
+            margin_ms: None,
         }
     }
 }
 
+/// Whisper's prompt allows 223 tokens of previous text; the vocabulary
+/// keeps well under it.
+const MAX_PROMPT_TOKENS: usize = 160;
+
 /// A loaded Whisper model.
 pub(super) struct Asr {
-    whisper: ct2rs::Whisper,
+    whisper: ct2rs::sys::Whisper,
+    tokenizer: ct2rs::tokenizers::hf::Tokenizer,
     config: AsrConfig,
+    /// `<|startofprev|>` and the vocabulary's tokens, or nothing.
+    prompt: Vec<String>,
 }
 
 impl std::fmt::Debug for Asr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Asr")
             .field("config", &self.config)
+            .field("prompt_tokens", &self.prompt.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Asr {
     /// Loads the model in `dir`, naming what is missing when it cannot.
-    pub(super) fn load(dir: &Path, config: AsrConfig) -> Result<Self, String> {
+    pub(super) fn load(dir: &Path, config: AsrConfig, vocabulary: &str) -> Result<Self, String> {
         let missing: Vec<&str> = MODEL_FILES
             .iter()
             .copied()
@@ -60,41 +77,95 @@ impl Asr {
                 missing.join(", ")
             ));
         }
-        let ct2_config = ct2rs::Config {
-            compute_type: ct2rs::ComputeType::INT8,
+        let ct2_config = ct2rs::sys::Config {
+            compute_type: ct2rs::sys::ComputeType::INT8,
             num_threads_per_replica: config.threads,
-            ..ct2rs::Config::default()
+            ..ct2rs::sys::Config::default()
         };
-        let whisper = ct2rs::Whisper::new(dir, ct2_config)
+        let whisper = ct2rs::sys::Whisper::new(dir, ct2_config)
             .map_err(|e| format!("cannot load the speech model in {}: {e}", dir.display()))?;
-        Ok(Self { whisper, config })
+        let mut tokenizer = ct2rs::tokenizers::hf::Tokenizer::new(dir)
+            .map_err(|e| format!("cannot load the speech model's tokenizer: {e}"))?;
+        tokenizer.disable_spacial_token();
+        let prompt = vocabulary_prompt(&tokenizer, vocabulary)?;
+        Ok(Self {
+            whisper,
+            tokenizer,
+            config,
+            prompt,
+        })
     }
 
-    /// Transcribes 16 kHz mono speech in `language` (e.g. `es`, `en`).
+    /// Transcribes 16 kHz mono speech in `language` (e.g. `es`, `en`); at
+    /// most Whisper's 30 s window is heard.
     pub(super) fn transcribe(&self, pcm: &[i16], language: &str) -> Result<String, String> {
         if pcm.is_empty() {
             return Ok(String::new());
         }
-        let samples: Vec<f32> = pcm.iter().map(|&s| f32::from(s) / 32768.0).collect();
-        // Cap the output by the audio length: ~6 tokens a second of speech is
-        // generous, and a cap stops the rare repetition loop early.
-        let seconds = pcm.len() / crate::audio::ENGINE_RATE_HZ as usize + 1;
-        let options = ct2rs::WhisperOptions {
-            beam_size: self.config.beam_size,
-            max_length: (16 + seconds * 8).min(448),
-            ..ct2rs::WhisperOptions::default()
+        let frames = match self.config.margin_ms {
+            Some(margin) => {
+                let margin = margin as usize * crate::audio::ENGINE_RATE_HZ as usize / 1000;
+                // The encoder halves the frames: an even count.
+                (super::mel::frames_for(pcm.len() + margin).div_ceil(2) * 2)
+                    .min(super::mel::WINDOW_FRAMES)
+            }
+            None => super::mel::WINDOW_FRAMES,
         };
-        let language = whisper_language(language);
-        let parts = self
+        let mut features = super::mel::whisper_features(pcm, frames);
+        let frames = features.len() / super::mel::N_MELS;
+        let view = ct2rs::sys::StorageView::new(
+            &[1, super::mel::N_MELS, frames],
+            &mut features,
+            Default::default(),
+        )
+        .map_err(|e| format!("speech recognition failed: {e}"))?;
+        let mut prompt = self.prompt.clone();
+        // Cap the output by the audio length: ~6 tokens a second of speech is
+        // generous, and a cap stops the rare repetition loop early. The
+        // length counts the prompt too.
+        let seconds = pcm.len() / crate::audio::ENGINE_RATE_HZ as usize + 1;
+        let options = ct2rs::sys::WhisperOptions {
+            beam_size: self.config.beam_size.max(1),
+            max_length: (prompt.len() + 4 + 16 + seconds * 8).min(448),
+            ..ct2rs::sys::WhisperOptions::default()
+        };
+        prompt.extend([
+            "<|startoftranscript|>".to_owned(),
+            format!("<|{}|>", whisper_language(language)),
+            "<|transcribe|>".to_owned(),
+            "<|notimestamps|>".to_owned(),
+        ]);
+        let result = self
             .whisper
-            .generate(&samples, Some(language), false, &options)
+            .generate(&view, &[prompt], &options)
             .map_err(|e| format!("speech recognition failed: {e}"))?;
-        Ok(parts
-            .join(" ")
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" "))
+        let tokens = result
+            .into_iter()
+            .next()
+            .and_then(|r| r.sequences.into_iter().next())
+            .unwrap_or_default();
+        let text = ct2rs::Tokenizer::decode(&self.tokenizer, tokens)
+            .map_err(|e| format!("speech recognition failed: {e}"))?;
+        Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
     }
+}
+
+/// `<|startofprev|>` and the tokens of ` vocabulary` (Whisper's previous
+/// text starts with a space), cut to [`MAX_PROMPT_TOKENS`].
+fn vocabulary_prompt(
+    tokenizer: &ct2rs::tokenizers::hf::Tokenizer,
+    vocabulary: &str,
+) -> Result<Vec<String>, String> {
+    let vocabulary = vocabulary.trim();
+    if vocabulary.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut tokens = ct2rs::Tokenizer::encode(tokenizer, &format!(" {vocabulary}"))
+        .map_err(|e| format!("cannot tokenize the vocabulary: {e}"))?;
+    tokens.retain(|t| !t.starts_with("<|"));
+    tokens.truncate(MAX_PROMPT_TOKENS);
+    tokens.insert(0, "<|startofprev|>".to_owned());
+    Ok(tokens)
 }
 
 /// Whisper's language code for a BCP-47 tag: `es-419` → `es`.

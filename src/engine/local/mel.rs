@@ -117,16 +117,23 @@ pub(super) fn log_mel(signal: &[f32], frames: usize, tail: Tail) -> Vec<f32> {
     out
 }
 
+/// Whisper's window: 30 s.
+pub(super) const WINDOW_FRAMES: usize = 3000;
+
 /// Features for speech recognition: 16-bit PCM as Whisper's reference
-/// transcribes it (padded with silence to its 3,000-frame window).
-pub(super) fn whisper_window(pcm: &[i16]) -> Vec<f32> {
-    const FRAMES: usize = 3000;
+/// transcribes it, padded with silence to `frames` (its window is 3,000).
+pub(super) fn whisper_features(pcm: &[i16], frames: usize) -> Vec<f32> {
     let audio: Vec<f32> = pcm
         .iter()
-        .take(FRAMES * HOP)
+        .take(frames * HOP)
         .map(|&s| f32::from(s) / 32768.0)
         .collect();
-    log_mel(&audio, FRAMES, Tail::Silence)
+    log_mel(&audio, frames, Tail::Silence)
+}
+
+/// Frames holding `samples` of audio.
+pub(super) fn frames_for(samples: usize) -> usize {
+    samples.div_ceil(HOP)
 }
 
 fn hz_to_mel(hz: f64) -> f64 {
@@ -202,7 +209,7 @@ mod tests {
         );
         let wav = crate::audio::wav::read(std::path::Path::new(path)).unwrap();
         assert_eq!((wav.rate_hz, wav.channels), (16_000, 1));
-        let ours = whisper_window(&wav.samples);
+        let ours = whisper_features(&wav.samples, WINDOW_FRAMES);
         let kept = REFERENCE.len() / 4 / N_MELS;
         let reference: Vec<f32> = REFERENCE
             .chunks_exact(4)
@@ -231,7 +238,7 @@ mod tests {
 
     #[test]
     fn silence_is_flat() {
-        let features = whisper_window(&[0; 16_000]);
+        let features = whisper_features(&[0; 16_000], WINDOW_FRAMES);
         assert_eq!(features.len(), N_MELS * 3000);
         assert!(features.iter().all(|&v| v == (-10.0 + 4.0) / 4.0));
     }

@@ -46,6 +46,9 @@ const SAMPLES_PER_MS: u64 = crate::audio::ENGINE_RATE_HZ as u64 / 1000;
 /// time: past this, a new turn is refused with a `busy` error.
 pub const MAX_PENDING_TURNS: usize = 2;
 
+/// Characters of the knowledge base's vocabulary given to the recogniser.
+const VOCABULARY_CHARS: usize = 400;
+
 /// Everything one local engine shares between its conversations.
 #[derive(Debug)]
 struct Shared {
@@ -86,6 +89,8 @@ impl LocalSettings {
             asr: AsrConfig {
                 beam_size: config.asr_beam_size as usize,
                 threads: config.asr_threads as usize,
+                vocabulary: None,
+                margin_ms: None,
             },
             vad: VadConfig {
                 threshold: config.vad_threshold as f32,
@@ -118,7 +123,12 @@ impl LocalEngine {
         let knowledge =
             Arc::new(KnowledgeBase::load(&settings.knowledge_dir).map_err(|e| e.to_string())?);
         let chat = settings.chat.clone().map(ChatClient::new).transpose()?;
-        let asr = Asr::load(&settings.model_dir, settings.asr)?;
+        let vocabulary = settings
+            .asr
+            .vocabulary
+            .clone()
+            .unwrap_or_else(|| knowledge.vocabulary(VOCABULARY_CHARS));
+        let asr = Asr::load(&settings.model_dir, settings.asr.clone(), &vocabulary)?;
         let model = settings.model_dir.file_name().map_or_else(
             || "whisper".to_owned(),
             |n| n.to_string_lossy().into_owned(),
