@@ -9,7 +9,7 @@ use aws_credential_types::provider::ProvideCredentials;
 
 use super::Failure;
 use crate::config::{Config, EngineKind};
-use crate::engine::local::MODEL_FILES;
+use crate::engine::local::{LocalSettings, MODEL_FILES};
 use crate::engine::nova_sonic::resolve_region;
 use crate::knowledge::KnowledgeBase;
 
@@ -48,6 +48,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             "the local engine's spoken replies (apt-get install espeak-ng)",
         ),
         knowledge_check(Path::new(&local.knowledge_dir)),
+        turn_check(config),
         program_check(
             "ffmpeg",
             "ffmpeg",
@@ -72,7 +73,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         source.describe()
     );
     let local_ready = checks[..3].iter().all(|c| c.ok);
-    let nova_ready = checks[4].ok;
+    let nova_ready = checks[5].ok;
     println!(
         "local engine: {}",
         if local_ready {
@@ -152,6 +153,37 @@ fn model_check(dir: &Path) -> Check {
             format!("{}: missing {}", dir.display(), missing.join(", "))
         },
         disables: "the local engine's speech recognition (scripts/install-model)",
+    }
+}
+
+/// The optional turn-end model: loaded and run once when configured.
+fn turn_check(config: &Config) -> Check {
+    let disables = "only the turn-end model: turns end after local.vad_hangover_ms of silence alone (scripts/install-turn-model)";
+    let Some(turn) = LocalSettings::from_config(&config.local).turn else {
+        return Check {
+            name: "turn-end model",
+            ok: true,
+            detail: "off (local.turn_model is empty): turns end on silence alone".to_owned(),
+            disables,
+        };
+    };
+    let (ok, detail) = match turn.check() {
+        Ok(took) => (
+            true,
+            format!(
+                "{} with {} (one run: {} ms)",
+                turn.model.display(),
+                turn.library.display(),
+                took.as_millis()
+            ),
+        ),
+        Err(e) => (false, e),
+    };
+    Check {
+        name: "turn-end model",
+        ok,
+        detail,
+        disables,
     }
 }
 

@@ -152,6 +152,12 @@ pub struct LocalConfig {
     pub chat_api_key: String,
     /// Time the chat endpoint has to answer before the knowledge base answers instead, in milliseconds.
     pub chat_timeout_ms: u32,
+    /// Smart Turn v3 ONNX model judging from the audio whether the user has finished (path; empty: off, silence alone ends a turn).
+    pub turn_model: String,
+    /// ONNX Runtime shared library that runs the turn-end model (path).
+    pub onnxruntime_library: String,
+    /// Turn-end model probability above which the user has finished, from 0 to 1.
+    pub turn_threshold: f64,
 }
 
 impl Default for LocalConfig {
@@ -173,6 +179,9 @@ impl Default for LocalConfig {
             chat_model: String::new(),
             chat_api_key: String::new(),
             chat_timeout_ms: 8_000,
+            turn_model: "models/smart-turn/smart-turn-v3.2-cpu.onnx".to_owned(),
+            onnxruntime_library: "models/onnxruntime/libonnxruntime.so.1.32.0".to_owned(),
+            turn_threshold: 0.5,
         }
     }
 }

@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 99, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 102, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -355,4 +355,32 @@ fn ledger_amounts_are_whole_micro_dollars_and_a_turn_fits_a_conversation() {
     assert_eq!(config.ledger.conversation_micro_usd(), Some(500_000));
     assert_eq!(config.ledger.turn_reserve_micro_usd(), 30_000);
     assert_eq!(Config::default().ledger.global_daily_micro_usd(), None);
+}
+
+#[test]
+fn the_turn_end_model_is_optional_and_its_threshold_a_probability() {
+    for (key, value) in [
+        ("local.turn_threshold", "1.5"),
+        ("local.turn_threshold", "-0.1"),
+        ("local.onnxruntime_library", ""),
+    ] {
+        let (err, text) = fail(&opts(None, &[], &[(key, value)]));
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{key}: {text}");
+        assert!(text.contains(key), "{key}: {text}");
+    }
+    // Off: no library needed.
+    let off = [
+        ("local.turn_model", ""),
+        ("local.onnxruntime_library", ""),
+        ("local.turn_threshold", "0.7"),
+    ];
+    let config = load(&opts(None, &[], &off), &[]).unwrap();
+    assert!(config.local.turn_model.is_empty());
+    assert_eq!(config.local.turn_threshold, 0.7);
+    let defaults = Config::default().local;
+    assert_eq!(
+        defaults.turn_model,
+        "models/smart-turn/smart-turn-v3.2-cpu.onnx"
+    );
+    assert_eq!(defaults.turn_threshold, 0.5);
 }

@@ -191,6 +191,22 @@ impl Config {
                 reason,
             ));
         }
+        if !(0.0..=1.0).contains(&l.turn_threshold) {
+            let reason = "must be between 0 and 1";
+            return Err(bad(
+                "local.turn_threshold",
+                l.turn_threshold.to_string(),
+                reason,
+            ));
+        }
+        if !l.turn_model.is_empty() && l.onnxruntime_library.is_empty() {
+            let reason = "must name the ONNX Runtime library when local.turn_model is set";
+            return Err(bad(
+                "local.onnxruntime_library",
+                quoted(&l.onnxruntime_library),
+                reason,
+            ));
+        }
         if !(0.05..=0.95).contains(&l.vad_threshold) {
             let reason = "must be between 0.05 and 0.95";
             return Err(bad(

@@ -10,7 +10,7 @@ mod asr;
 pub mod chat;
 mod mel;
 mod reply;
-
+mod turn;
 mod vad;
 
 use std::collections::VecDeque;
@@ -79,6 +79,8 @@ pub struct LocalSettings {
     pub tts: TtsConfig,
     /// An OpenAI-compatible chat endpoint to answer with, if configured.
     pub chat: Option<ChatConfig>,
+    /// The turn-end model, if configured (`local.turn_model`).
+    pub turn: Option<turn::TurnSettings>,
 }
 
 impl LocalSettings {
@@ -111,6 +113,11 @@ impl LocalSettings {
                 api_key: config.chat_api_key.clone(),
                 timeout: std::time::Duration::from_millis(config.chat_timeout_ms.into()),
                 max_tokens: 200,
+            }),
+            turn: (!config.turn_model.is_empty()).then(|| turn::TurnSettings {
+                model: PathBuf::from(&config.turn_model),
+                library: PathBuf::from(&config.onnxruntime_library),
+                threshold: config.turn_threshold as f32,
             }),
         }
     }
