@@ -285,3 +285,100 @@ async fn speaking_over_the_reply_interrupts_it() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// With the turn-end model, a finished question ends the turn at its first
+/// pause; without it, only the hangover does (here 3 s of silence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_turn_end_model_ends_a_finished_question_before_the_hangover() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sonora::engine::local::{LocalEngine, LocalSettings};
+    use sonora::engine::{ConversationOptions, Engine, EngineEvent, EngineInput};
+
+    let turn_model = root().join("models/smart-turn/smart-turn-v3.2-cpu.onnx");
+    let library = root().join("models/onnxruntime/libonnxruntime.so.1.32.0");
+    if !model_present() || !turn_model.is_file() || !library.is_file() {
+        eprintln!("\n*** SKIPPED: needs scripts/install-turn-model ***\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sonora-turn-end-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let question = dir.join("q.wav");
+    spoken("¿Cuál es el horario de la biblioteca?", &question);
+    let mut speech = sonora::audio::wav::read(&question).unwrap().samples;
+    // Only the speech: the silence after it is fed at real time below.
+    let end = speech.iter().rposition(|s| s.unsigned_abs() > 200).unwrap();
+    speech.truncate(end + 1);
+
+    // Silence fed (in 20 ms frames, at real time) when the turn ended.
+    async fn silence_before_the_end(engine: &LocalEngine, speech: &[i16]) -> Option<usize> {
+        let options = ConversationOptions {
+            language: "es".into(),
+            voice: String::new(),
+        };
+        let mut session = engine.start(options).unwrap();
+        let silent_frames = Arc::new(AtomicUsize::new(0));
+        let mut feeder = tokio::spawn({
+            let input = session.input.clone();
+            let speech = speech.to_vec();
+            let silent_frames = Arc::clone(&silent_frames);
+            async move {
+                for frame in speech.chunks(320) {
+                    input.send(EngineInput::Audio(frame.to_vec())).await.ok();
+                }
+                let mut pace = tokio::time::interval(std::time::Duration::from_millis(20));
+                for _ in 0..100 {
+                    pace.tick().await;
+                    if input.send(EngineInput::Audio(vec![0; 320])).await.is_err() {
+                        break;
+                    }
+                    silent_frames.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        });
+        // Past the silence (and a second more for a verdict still running)
+        // nothing can end the turn: no more audio comes.
+        let mut guard = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut fed = false;
+        let ended = loop {
+            tokio::select! {
+                _ = &mut feeder, if !fed => {
+                    fed = true;
+                    guard = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+                }
+                event = tokio::time::timeout_at(guard, session.events.recv()) => match event {
+                    Ok(Some(EngineEvent::SpeechEnded { .. })) => {
+                        break Some(silent_frames.load(Ordering::Acquire) * 20);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break None,
+                },
+            }
+        };
+        feeder.abort();
+        ended
+    }
+
+    let mut config = sonora::config::LocalConfig {
+        model_dir: root().join("models/whisper-base").display().to_string(),
+        knowledge_dir: root().join("knowledge").display().to_string(),
+        turn_model: turn_model.display().to_string(),
+        onnxruntime_library: library.display().to_string(),
+        vad_hangover_ms: 3_000,
+        ..Default::default()
+    };
+    let with_model = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
+    let ended = silence_before_the_end(&with_model, &speech).await;
+    let ended = ended.expect("the turn ended within the 2 s of silence sent");
+    assert!(ended < 1_500, "the turn ended after {ended} ms of silence");
+
+    config.turn_model = String::new();
+    let without = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
+    assert_eq!(
+        silence_before_the_end(&without, &speech).await,
+        None,
+        "without the model the 3 s hangover is not over after 2 s"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -128,6 +128,9 @@ pub struct LocalConfig {
     pub asr_beam_size: u32,
     /// CPU threads for one recognition, in threads; 0 lets the library choose.
     pub asr_threads: u32,
+    /// Silence after the speech that recognition hears, in milliseconds:
+    /// the encoder's time grows with it; 30000 gives Whisper's whole window.
+    pub asr_margin_ms: u32,
     /// Voice activity score at or above which a frame is speech, from 0.05 to 0.95.
     pub vad_threshold: f64,
     /// Silence that ends the user's turn, in milliseconds.
@@ -167,6 +170,7 @@ impl Default for LocalConfig {
             knowledge_dir: "knowledge".to_owned(),
             asr_beam_size: 5,
             asr_threads: 0,
+            asr_margin_ms: 3_000,
             vad_threshold: 0.5,
             vad_hangover_ms: 600,
             vad_preroll_ms: 150,

@@ -102,7 +102,7 @@ impl Config {
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 38] = [
+        let ranges: [(&str, u64, u64, u64, &str); 39] = [
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -125,6 +125,7 @@ impl Config {
             ("server.max_connections", s.max_connections.into(), s.max_sessions.into(), 1_000_000, "connections (each conversation holds one: at least server.max_sessions)"),
             ("local.asr_beam_size", l.asr_beam_size.into(), 1, 16, "hypotheses"),
             ("local.asr_threads", l.asr_threads.into(), 0, 256, "threads"),
+            ("local.asr_margin_ms", l.asr_margin_ms.into(), 0, 30_000, "ms"),
             ("local.vad_hangover_ms", l.vad_hangover_ms.into(), 100, 5_000, "ms"),
             ("local.vad_preroll_ms", l.vad_preroll_ms.into(), 0, 1_000, "ms"),
             ("local.vad_pause_ms", l.vad_pause_ms.into(), 50, 5_000, "ms"),

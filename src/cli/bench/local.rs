@@ -33,7 +33,7 @@ pub(crate) struct LocalBenchArgs {
     /// Recognition windows to compare: the audio and this much silence (ms)
     /// instead of Whisper's full 30 s (at the last beam size, with the
     /// vocabulary).
-    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
     margins: Vec<u32>,
     /// Skip the accuracy comparison (latency only).
     #[arg(long)]
@@ -42,6 +42,9 @@ pub(crate) struct LocalBenchArgs {
     #[arg(long)]
     keep_audio: Option<PathBuf>,
 }
+
+/// A recognition margin that gives Whisper its whole 30 s window.
+const FULL_WINDOW_MS: u32 = 30_000;
 
 /// One spoken question: its audio and where its speech truly ends.
 struct Spoken {
@@ -209,11 +212,11 @@ async fn accuracy_table(
     rows.push(("library features, beam 5".to_owned(), baseline));
     let mut variants = Vec::new();
     for &beam in beams {
-        variants.push((beam, false, None));
-        variants.push((beam, true, None));
+        variants.push((beam, false, FULL_WINDOW_MS));
+        variants.push((beam, true, FULL_WINDOW_MS));
     }
     for &margin in margins {
-        variants.push((beams.last().copied().unwrap_or(1), true, Some(margin)));
+        variants.push((beams.last().copied().unwrap_or(1), true, margin));
     }
     {
         for (beam, vocabulary, margin) in variants {
@@ -234,7 +237,11 @@ async fn accuracy_table(
             let name = format!(
                 "reference features{}, beam {beam}{}",
                 if vocabulary { " + vocabulary" } else { "" },
-                margin.map_or_else(String::new, |m| format!(", window audio + {m} ms"))
+                if margin >= FULL_WINDOW_MS {
+                    String::new()
+                } else {
+                    format!(", window audio + {margin} ms")
+                }
             );
             rows.push((name, out));
         }

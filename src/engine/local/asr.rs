@@ -23,10 +23,9 @@ pub struct AsrConfig {
     /// Words to expect, given to Whisper as the text before the audio:
     /// `None` for the knowledge base's vocabulary, `Some("")` for none.
     pub vocabulary: Option<String>,
-    /// `None`: Whisper's full 30 s window, as trained; `Some(ms)`: only the
-    /// audio and this much silence after it (the encoder's time grows with
-    /// the window).
-    pub margin_ms: Option<u32>,
+    /// Silence after the audio that the encoder hears, up to Whisper's
+    /// 30 s window (the encoder's time grows with the window).
+    pub margin_ms: u32,
 }
 
 impl Default for AsrConfig {
@@ -35,7 +34,7 @@ impl Default for AsrConfig {
             beam_size: 1,
             threads: 0,
             vocabulary: None,
-            margin_ms: None,
+            margin_ms: 3_000,
         }
     }
 }
@@ -102,15 +101,10 @@ impl Asr {
         if pcm.is_empty() {
             return Ok(String::new());
         }
-        let frames = match self.config.margin_ms {
-            Some(margin) => {
-                let margin = margin as usize * crate::audio::ENGINE_RATE_HZ as usize / 1000;
-                // The encoder halves the frames: an even count.
-                (super::mel::frames_for(pcm.len() + margin).div_ceil(2) * 2)
-                    .min(super::mel::WINDOW_FRAMES)
-            }
-            None => super::mel::WINDOW_FRAMES,
-        };
+        let margin = self.config.margin_ms as usize * crate::audio::ENGINE_RATE_HZ as usize / 1000;
+        // The encoder halves the frames: an even count.
+        let frames = (super::mel::frames_for(pcm.len() + margin).div_ceil(2) * 2)
+            .min(super::mel::WINDOW_FRAMES);
         let mut features = super::mel::whisper_features(pcm, frames);
         let frames = features.len() / super::mel::N_MELS;
         let view = ct2rs::sys::StorageView::new(

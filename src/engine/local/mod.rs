@@ -61,6 +61,8 @@ struct Shared {
     vad: VadConfig,
     chat: Option<ChatClient>,
     model: String,
+    /// The turn-end model and the probability above which a pause ends the turn.
+    turn: Option<(Arc<turn::TurnDetector>, f32)>,
 }
 
 /// The local engine: load once, start many conversations.
@@ -92,7 +94,7 @@ impl LocalSettings {
                 beam_size: config.asr_beam_size as usize,
                 threads: config.asr_threads as usize,
                 vocabulary: None,
-                margin_ms: None,
+                margin_ms: config.asr_margin_ms,
             },
             vad: VadConfig {
                 threshold: config.vad_threshold as f32,
@@ -140,8 +142,19 @@ impl LocalEngine {
             || "whisper".to_owned(),
             |n| n.to_string_lossy().into_owned(),
         );
+        // The turn-end model is optional: without it the hangover alone ends turns.
+        let turn = settings.turn.as_ref().and_then(|t| {
+            match turn::TurnDetector::load(&t.model, &t.library) {
+                Ok(detector) => Some((Arc::new(detector), t.threshold)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "turn-end model not loaded: turns end after the hangover");
+                    None
+                }
+            }
+        });
         Ok(Self {
             shared: Arc::new(Shared {
+                turn,
                 asr,
                 asr_gate: Arc::new(tokio::sync::Semaphore::new(1)),
                 knowledge,
@@ -226,6 +239,8 @@ struct Conversation {
     speaking: Option<u64>,
     /// Speculative recognition of the current turn: (samples, task).
     early: Option<(usize, EarlyRecognition)>,
+    /// The turn-end model judging the current pause: (generation, task).
+    turn_check: Option<(u64, JoinHandle<Result<f32, String>>)>,
     /// Bumped whenever speculative recognition becomes stale.
     early_generation: Arc<AtomicU64>,
     queue: VecDeque<Turn>,
@@ -255,6 +270,7 @@ impl Conversation {
             next_turn: 1,
             speaking: None,
             early: None,
+            turn_check: None,
             early_generation: Arc::new(AtomicU64::new(0)),
             queue: VecDeque::new(),
             reply: None,
@@ -307,6 +323,9 @@ impl Conversation {
                         self.report_input_usage().await;
                     }
                 },
+                (generation, verdict) = wait_turn_check(&mut self.turn_check) => {
+                    self.on_turn_verdict(generation, verdict).await;
+                }
                 () = wait_reply(&mut self.reply) => {
                     if let Some(done) = self.reply.take() {
                         self.finished(&done);
@@ -393,6 +412,13 @@ impl Conversation {
             }
             VadEvent::Paused { audio } => {
                 let generation = self.early_generation.fetch_add(1, Ordering::AcqRel) + 1;
+                if let Some((detector, _)) = &self.shared.turn {
+                    let detector = Arc::clone(detector);
+                    let heard = audio.clone();
+                    let task =
+                        tokio::task::spawn_blocking(move || detector.end_probability(&heard));
+                    self.turn_check = Some((generation, task));
+                }
                 let wanted = Some((Arc::clone(&self.early_generation), generation));
                 let len = audio.len();
                 let task = tokio::spawn(recognise(
@@ -406,12 +432,14 @@ impl Conversation {
                 }
             }
             VadEvent::Resumed => {
+                self.turn_check = None;
                 self.early_generation.fetch_add(1, Ordering::AcqRel);
                 if let Some((_, task)) = self.early.take() {
                     task.abort();
                 }
             }
             VadEvent::Ended { audio, extended } => {
+                self.turn_check = None;
                 let Some(id) = self.speaking.take() else {
                     return;
                 };
@@ -439,6 +467,27 @@ impl Conversation {
                     input: TurnInput::Speech { audio, early },
                 });
             }
+        }
+    }
+
+    /// The turn-end model's verdict on a pause: a finished turn ends now,
+    /// without waiting out the hangover, if nothing was said since.
+    async fn on_turn_verdict(&mut self, generation: u64, verdict: Result<f32, String>) {
+        let Some((_, threshold)) = &self.shared.turn else {
+            return;
+        };
+        let current = self.early_generation.load(Ordering::Acquire) == generation;
+        match verdict {
+            Ok(probability) if current && probability > *threshold => {
+                let mut vad_events = Vec::new();
+                if self.segmenter.end_at_pause(&mut vad_events) {
+                    for event in vad_events {
+                        self.on_vad(event).await;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "turn-end model failed: the hangover decides"),
         }
     }
 
@@ -520,6 +569,23 @@ impl Conversation {
             progress,
         });
     }
+}
+
+/// Resolves with the turn-end model's verdict and the pause it judged;
+/// pends forever when none is running.
+async fn wait_turn_check(
+    check: &mut Option<(u64, JoinHandle<Result<f32, String>>)>,
+) -> (u64, Result<f32, String>) {
+    let Some((generation, task)) = check.as_mut() else {
+        return std::future::pending().await;
+    };
+    let verdict = match task.await {
+        Ok(verdict) => verdict,
+        Err(e) => Err(format!("turn-end model stopped: {e}")),
+    };
+    let generation = *generation;
+    *check = None;
+    (generation, verdict)
 }
 
 /// Resolves when the active reply task ends; pends forever when there is none.

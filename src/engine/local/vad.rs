@@ -119,6 +119,17 @@ impl Segmenter {
         }
     }
 
+    /// The turn-end model judged the pause reported last to end the turn:
+    /// the segment closes now, as the hangover would have closed it, unless
+    /// speech went on since. Returns whether it closed.
+    pub(super) fn end_at_pause(&mut self, events: &mut Vec<VadEvent>) -> bool {
+        if self.in_speech && self.paused_reported && !self.voiced_since_pause {
+            self.close(events);
+            return true;
+        }
+        false
+    }
+
     /// End of input: closes an open segment.
     pub(super) fn flush(&mut self, events: &mut Vec<VadEvent>) {
         if self.in_speech {
