@@ -164,10 +164,12 @@ async fn talking_over_the_reply_interrupts_it_over_the_socket() {
             frames.push(next);
         }
     }
-    frames.extend(
-        sink.until(|f| f.is("turn_end") && f.json()["turn"] == 2)
-            .await,
-    );
+    // The second turn may already be over: the turn-end model can end it
+    // at its first pause, before the silence after it has all been sent.
+    let second_over = |f: &Frame| f.is("turn_end") && f.json()["turn"] == 2;
+    if !frames.iter().any(second_over) {
+        frames.extend(sink.until(second_over).await);
+    }
     let interrupted = frames
         .iter()
         .position(|f| f.is("interrupted"))
