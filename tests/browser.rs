@@ -142,6 +142,9 @@ fn check(result: &serde_json::Value, mode: &str, question: &Question) {
         (0.0..15_000.0).contains(&latency),
         "{mode}: latency {latency} ms"
     );
+    // The page's own figure: its last voiced capture frame to the first
+    // reply sample at the speaker (output latency included).
+    eprintln!("{mode}: the page measured {latency:.0} ms from the end of speech to the reply");
     assert_ne!(result["latencyShown"], "—");
     assert!(
         result["metrics"].as_str().unwrap().contains(" ms"),
