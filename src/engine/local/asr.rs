@@ -31,7 +31,7 @@ pub struct AsrConfig {
 impl Default for AsrConfig {
     fn default() -> Self {
         Self {
-            beam_size: 1,
+            beam_size: 5,
             threads: 0,
             vocabulary: None,
             margin_ms: 3_000,
@@ -106,7 +106,6 @@ impl Asr {
         let frames = (super::mel::frames_for(pcm.len() + margin).div_ceil(2) * 2)
             .min(super::mel::WINDOW_FRAMES);
         let mut features = super::mel::whisper_features(pcm, frames);
-        let frames = features.len() / super::mel::N_MELS;
         let view = ct2rs::sys::StorageView::new(
             &[1, super::mel::N_MELS, frames],
             &mut features,

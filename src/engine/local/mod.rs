@@ -239,8 +239,8 @@ struct Conversation {
     speaking: Option<u64>,
     /// Speculative recognition of the current turn: (samples, task).
     early: Option<(usize, EarlyRecognition)>,
-    /// The turn-end model judging the current pause: (generation, task).
-    turn_check: Option<(u64, JoinHandle<Result<f32, String>>)>,
+    /// The turn-end model judging the current pause.
+    turn_check: Option<turn::TurnCheck>,
     /// Bumped whenever speculative recognition becomes stale.
     early_generation: Arc<AtomicU64>,
     queue: VecDeque<Turn>,
@@ -323,7 +323,7 @@ impl Conversation {
                         self.report_input_usage().await;
                     }
                 },
-                (generation, verdict) = wait_turn_check(&mut self.turn_check) => {
+                (generation, verdict) = turn::verdict(&mut self.turn_check) => {
                     self.on_turn_verdict(generation, verdict).await;
                 }
                 () = wait_reply(&mut self.reply) => {
@@ -348,6 +348,7 @@ impl Conversation {
     /// turn are dropped, and one already queued on the blocking pool finds
     /// its generation stale and skips.
     fn cancel_recognition(&mut self) {
+        turn::cancel(&mut self.turn_check);
         self.early_generation.fetch_add(1, Ordering::AcqRel);
         if let Some((_, task)) = self.early.take() {
             task.abort();
@@ -413,11 +414,10 @@ impl Conversation {
             VadEvent::Paused { audio } => {
                 let generation = self.early_generation.fetch_add(1, Ordering::AcqRel) + 1;
                 if let Some((detector, _)) = &self.shared.turn {
-                    let detector = Arc::clone(detector);
-                    let heard = audio.clone();
-                    let task =
-                        tokio::task::spawn_blocking(move || detector.end_probability(&heard));
-                    self.turn_check = Some((generation, task));
+                    let check =
+                        turn::judge(detector, audio.clone(), &self.early_generation, generation);
+                    turn::cancel(&mut self.turn_check);
+                    self.turn_check = Some(check);
                 }
                 let wanted = Some((Arc::clone(&self.early_generation), generation));
                 let len = audio.len();
@@ -432,14 +432,14 @@ impl Conversation {
                 }
             }
             VadEvent::Resumed => {
-                self.turn_check = None;
+                turn::cancel(&mut self.turn_check);
                 self.early_generation.fetch_add(1, Ordering::AcqRel);
                 if let Some((_, task)) = self.early.take() {
                     task.abort();
                 }
             }
             VadEvent::Ended { audio, extended } => {
-                self.turn_check = None;
+                turn::cancel(&mut self.turn_check);
                 let Some(id) = self.speaking.take() else {
                     return;
                 };
@@ -472,13 +472,13 @@ impl Conversation {
 
     /// The turn-end model's verdict on a pause: a finished turn ends now,
     /// without waiting out the hangover, if nothing was said since.
-    async fn on_turn_verdict(&mut self, generation: u64, verdict: Result<f32, String>) {
+    async fn on_turn_verdict(&mut self, generation: u64, verdict: Result<Option<f32>, String>) {
         let Some((_, threshold)) = &self.shared.turn else {
             return;
         };
         let current = self.early_generation.load(Ordering::Acquire) == generation;
         match verdict {
-            Ok(probability) if current && probability > *threshold => {
+            Ok(Some(probability)) if current && probability > *threshold => {
                 let mut vad_events = Vec::new();
                 if self.segmenter.end_at_pause(&mut vad_events) {
                     for event in vad_events {
@@ -569,23 +569,6 @@ impl Conversation {
             progress,
         });
     }
-}
-
-/// Resolves with the turn-end model's verdict and the pause it judged;
-/// pends forever when none is running.
-async fn wait_turn_check(
-    check: &mut Option<(u64, JoinHandle<Result<f32, String>>)>,
-) -> (u64, Result<f32, String>) {
-    let Some((generation, task)) = check.as_mut() else {
-        return std::future::pending().await;
-    };
-    let verdict = match task.await {
-        Ok(verdict) => verdict,
-        Err(e) => Err(format!("turn-end model stopped: {e}")),
-    };
-    let generation = *generation;
-    *check = None;
-    (generation, verdict)
 }
 
 /// Resolves when the active reply task ends; pends forever when there is none.

@@ -10,13 +10,15 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::Tensor;
+use tokio::task::JoinHandle;
 
 use super::mel::{self, N_MELS, Tail};
 
@@ -55,6 +57,8 @@ impl TurnSettings {
 pub(super) struct TurnDetector {
     /// One run at a time: each takes one core for about 100 ms.
     session: Mutex<Session>,
+    /// The turn to run, taken before a blocking thread is used (see [`judge`]).
+    gate: tokio::sync::Semaphore,
     model: PathBuf,
 }
 
@@ -140,6 +144,7 @@ impl TurnDetector {
         })?;
         Ok(Self {
             session: Mutex::new(session),
+            gate: tokio::sync::Semaphore::new(1),
             model: model.to_path_buf(),
         })
     }
@@ -169,6 +174,62 @@ impl TurnDetector {
             Some(&p) if (0.0..=1.0).contains(&p) => Ok(p),
             other => Err(format!("turn-end model: {other:?} is not a probability")),
         }
+    }
+}
+
+/// A pause being judged: the generation it was reported in, and the job
+/// (`Ok(None)`: skipped, the pause went stale before its turn).
+pub(super) type TurnCheck = (u64, JoinHandle<Result<Option<f32>, String>>);
+
+/// Judges the end of `pcm` on the blocking pool, one run at a time per
+/// engine. The turn is taken on an async semaphore before a blocking thread
+/// is used, so waiting jobs cost nothing and an aborted one simply goes;
+/// a job whose pause went stale (`current` moved past `generation`) while
+/// it waited is skipped.
+pub(super) fn judge(
+    detector: &Arc<TurnDetector>,
+    pcm: Vec<i16>,
+    current: &Arc<AtomicU64>,
+    generation: u64,
+) -> TurnCheck {
+    let detector = Arc::clone(detector);
+    let current = Arc::clone(current);
+    let job = tokio::spawn(async move {
+        let _turn = detector
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| "the turn-end model is shut down".to_owned())?;
+        if current.load(Ordering::Acquire) != generation {
+            return Ok(None);
+        }
+        let running = Arc::clone(&detector);
+        tokio::task::spawn_blocking(move || running.end_probability(&pcm).map(Some))
+            .await
+            .map_err(|e| format!("turn-end model stopped: {e}"))?
+    });
+    (generation, job)
+}
+
+/// Resolves with the verdict and the pause it judged; pends forever when
+/// nothing is being judged.
+pub(super) async fn verdict(check: &mut Option<TurnCheck>) -> (u64, Result<Option<f32>, String>) {
+    let Some((generation, job)) = check.as_mut() else {
+        return std::future::pending().await;
+    };
+    let verdict = match job.await {
+        Ok(verdict) => verdict,
+        Err(e) => Err(format!("turn-end model stopped: {e}")),
+    };
+    let generation = *generation;
+    *check = None;
+    (generation, verdict)
+}
+
+/// Drops the pause being judged, if any: it went stale.
+pub(super) fn cancel(check: &mut Option<TurnCheck>) {
+    if let Some((_, job)) = check.take() {
+        job.abort();
     }
 }
 
