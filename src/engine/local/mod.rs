@@ -413,6 +413,11 @@ impl Conversation {
             }
             VadEvent::Paused { audio } => {
                 let generation = self.early_generation.fetch_add(1, Ordering::AcqRel) + 1;
+                tracing::debug!(
+                    generation,
+                    audio_ms = audio.len() / 16,
+                    "pause: recognition and turn check start"
+                );
                 if let Some((detector, _)) = &self.shared.turn {
                     let check =
                         turn::judge(detector, audio.clone(), &self.early_generation, generation);
@@ -477,6 +482,7 @@ impl Conversation {
             return;
         };
         let current = self.early_generation.load(Ordering::Acquire) == generation;
+        tracing::debug!(generation, current, ?verdict, "turn-end verdict");
         match verdict {
             Ok(Some(probability)) if current && probability > *threshold => {
                 let mut vad_events = Vec::new();

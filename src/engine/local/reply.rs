@@ -101,7 +101,14 @@ pub(super) async fn recognise(
     }
     tokio::task::spawn_blocking(move || {
         let _turn = turn;
-        shared.asr.transcribe(&audio, &language).map(Some)
+        let started = std::time::Instant::now();
+        let text = shared.asr.transcribe(&audio, &language);
+        tracing::debug!(
+            audio_ms = audio.len() / 16,
+            ms = started.elapsed().as_millis() as u64,
+            "recognised"
+        );
+        text.map(Some)
     })
     .await
     .map_err(|e| format!("speech recognition stopped: {e}"))?
