@@ -8,6 +8,7 @@
 
 mod asr;
 pub mod chat;
+mod gate;
 mod mel;
 mod reply;
 mod turn;

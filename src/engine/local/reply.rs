@@ -76,10 +76,8 @@ pub(super) fn remember(history: &History, heard: &str, answer: &str) {
     }
 }
 
-/// Runs recognition on the blocking pool, one at a time per engine. The
-/// turn is taken on an async semaphore before any blocking thread is used,
-/// so waiting jobs cost nothing and an aborted one (its conversation
-/// closed) simply goes. With a `wanted` generation, the job is skipped
+/// Runs recognition on the blocking pool, one at a time per engine
+/// ([`super::gate::run`]). With a `wanted` generation, the job is skipped
 /// (`Ok(None)`) if the generation moved on while it waited for its turn.
 pub(super) async fn recognise(
     shared: Arc<Shared>,
@@ -87,20 +85,8 @@ pub(super) async fn recognise(
     language: String,
     wanted: Option<(Arc<AtomicU64>, u64)>,
 ) -> Result<Option<String>, String> {
-    let stale = |wanted: &Option<(Arc<AtomicU64>, u64)>| {
-        wanted
-            .as_ref()
-            .is_some_and(|(current, generation)| current.load(Ordering::Acquire) != *generation)
-    };
-    let turn = Arc::clone(&shared.asr_gate)
-        .acquire_owned()
-        .await
-        .map_err(|_| "speech recognition is shut down".to_owned())?;
-    if stale(&wanted) {
-        return Ok(None);
-    }
-    tokio::task::spawn_blocking(move || {
-        let _turn = turn;
+    let gate = Arc::clone(&shared.asr_gate);
+    super::gate::run(&gate, wanted, "speech recognition", move || {
         let started = std::time::Instant::now();
         let text = shared.asr.transcribe(&audio, &language);
         tracing::debug!(
@@ -108,10 +94,9 @@ pub(super) async fn recognise(
             ms = started.elapsed().as_millis() as u64,
             "recognised"
         );
-        text.map(Some)
+        text
     })
     .await
-    .map_err(|e| format!("speech recognition stopped: {e}"))?
 }
 
 /// One reply: recognise (unless typed), answer, speak.

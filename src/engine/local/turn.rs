@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -58,7 +58,7 @@ pub(super) struct TurnDetector {
     /// One run at a time: each takes one core for about 100 ms.
     session: Mutex<Session>,
     /// The turn to run, taken before a blocking thread is used (see [`judge`]).
-    gate: tokio::sync::Semaphore,
+    gate: Arc<tokio::sync::Semaphore>,
     model: PathBuf,
 }
 
@@ -144,7 +144,7 @@ impl TurnDetector {
         })?;
         Ok(Self {
             session: Mutex::new(session),
-            gate: tokio::sync::Semaphore::new(1),
+            gate: Arc::new(tokio::sync::Semaphore::new(1)),
             model: model.to_path_buf(),
         })
     }
@@ -182,10 +182,8 @@ impl TurnDetector {
 pub(super) type TurnCheck = (u64, JoinHandle<Result<Option<f32>, String>>);
 
 /// Judges the end of `pcm` on the blocking pool, one run at a time per
-/// engine. The turn is taken on an async semaphore before a blocking thread
-/// is used, so waiting jobs cost nothing and an aborted one simply goes;
-/// a job whose pause went stale (`current` moved past `generation`) while
-/// it waited is skipped.
+/// engine ([`super::gate::run`]); a job whose pause went stale (`current`
+/// moved past `generation`) while it waited is skipped.
 pub(super) fn judge(
     detector: &Arc<TurnDetector>,
     pcm: Vec<i16>,
@@ -195,18 +193,14 @@ pub(super) fn judge(
     let detector = Arc::clone(detector);
     let current = Arc::clone(current);
     let job = tokio::spawn(async move {
-        let _turn = detector
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| "the turn-end model is shut down".to_owned())?;
-        if current.load(Ordering::Acquire) != generation {
-            return Ok(None);
-        }
-        let running = Arc::clone(&detector);
-        tokio::task::spawn_blocking(move || running.end_probability(&pcm).map(Some))
-            .await
-            .map_err(|e| format!("turn-end model stopped: {e}"))?
+        let gate = Arc::clone(&detector.gate);
+        super::gate::run(
+            &gate,
+            Some((current, generation)),
+            "the turn-end model",
+            move || detector.end_probability(&pcm),
+        )
+        .await
     });
     (generation, job)
 }
