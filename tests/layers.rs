@@ -27,7 +27,13 @@ const LAYERS: &[(&str, u8)] = &[
 ];
 
 /// The engines, by their directory or file under `src/engine/`.
-const ENGINES: &[&str] = &["local", "nova_sonic", "scripted"];
+const ENGINES: &[&str] = &[
+    "gemini_live",
+    "local",
+    "nova_sonic",
+    "openai_realtime",
+    "scripted",
+];
 
 fn rank(module: &str) -> Option<u8> {
     LAYERS

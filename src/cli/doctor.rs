@@ -9,8 +9,10 @@ use aws_credential_types::provider::ProvideCredentials;
 
 use super::Failure;
 use crate::config::{Config, EngineKind};
+use crate::engine::gemini_live::{Credential, GeminiLiveSettings};
 use crate::engine::local::{LocalSettings, MODEL_FILES};
 use crate::engine::nova_sonic::resolve_region;
+use crate::engine::openai_realtime::OpenAiRealtimeSettings;
 use crate::knowledge::KnowledgeBase;
 
 /// The longest wait for the AWS credential chain (the instance metadata
@@ -57,6 +59,8 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         ),
         aws,
         ledger,
+        openai_check(config),
+        gemini_check(config),
     ];
     let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
     for check in &checks {
@@ -99,7 +103,60 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         EngineKind::NovaSonic if !nova_ready => {
             Err(anyhow::anyhow!("the configured nova-sonic engine has no AWS credentials").into())
         }
-        EngineKind::Local | EngineKind::NovaSonic => Ok(()),
+        EngineKind::OpenaiRealtime if !checks[7].ok => {
+            Err(anyhow::anyhow!("the configured openai-realtime engine has no API key").into())
+        }
+        EngineKind::GeminiLive if !checks[8].ok => Err(anyhow::anyhow!(
+            "the configured gemini-live engine has no API key or access token"
+        )
+        .into()),
+        EngineKind::Local
+        | EngineKind::NovaSonic
+        | EngineKind::OpenaiRealtime
+        | EngineKind::GeminiLive => Ok(()),
+    }
+}
+
+/// Whether OpenAI Realtime has a key (it is tried on the first conversation).
+fn openai_check(config: &Config) -> Check {
+    let settings = OpenAiRealtimeSettings::from_config(&config.openai_realtime);
+    let ok = !settings.api_key.is_empty();
+    let detail = if ok {
+        format!("{} at {}", settings.model, settings.endpoint_url)
+    } else {
+        "no openai_realtime.api_key and no OPENAI_API_KEY".to_owned()
+    };
+    Check {
+        name: "OpenAI API key",
+        ok,
+        detail,
+        disables: "the openai-realtime engine",
+    }
+}
+
+/// Whether Gemini Live has a key or a token (tried on the first conversation).
+fn gemini_check(config: &Config) -> Check {
+    let settings = GeminiLiveSettings::from_config(&config.gemini_live);
+    let (ok, detail) = match &settings.credential {
+        Some(credential) => {
+            let how = match credential {
+                Credential::ApiKey(_) => "API key",
+                Credential::Bearer(_) => "access token",
+            };
+            let at = crate::redact::url(&settings.endpoint_url);
+            (true, format!("{how}; {} at {at}", settings.model))
+        }
+        None => (
+            false,
+            "no gemini_live.api_key or access_token, no GEMINI_API_KEY or GOOGLE_API_KEY"
+                .to_owned(),
+        ),
+    };
+    Check {
+        name: "Gemini API key",
+        ok,
+        detail,
+        disables: "the gemini-live engine",
     }
 }
 

@@ -24,7 +24,8 @@ pub(crate) struct NovaFlags {
     /// compatible server (setting `nova_sonic.endpoint_url`).
     #[arg(long, value_name = "URL")]
     bedrock_endpoint: Option<String>,
-    /// PEM certificates to trust for --bedrock-endpoint (setting `nova_sonic.ca_file`).
+    /// PEM certificates to trust for the engine's endpoint besides the system's
+    /// (settings `nova_sonic.ca_file`, `openai_realtime.ca_file`, `gemini_live.ca_file`).
     #[arg(long, value_name = "PEM")]
     ca_file: Option<std::path::PathBuf>,
     /// Hand a conversation over to a new Nova Sonic stream after this many
@@ -44,10 +45,10 @@ impl NovaFlags {
         set("nova_sonic.model", self.model.clone());
         set("nova_sonic.region", self.region.clone());
         set("nova_sonic.endpoint_url", self.bedrock_endpoint.clone());
-        set(
-            "nova_sonic.ca_file",
-            self.ca_file.as_ref().map(|p| p.display().to_string()),
-        );
+        let ca_file = self.ca_file.as_ref().map(|p| p.display().to_string());
+        set("nova_sonic.ca_file", ca_file.clone());
+        set("openai_realtime.ca_file", ca_file.clone());
+        set("gemini_live.ca_file", ca_file);
         set(
             "nova_sonic.rotate_after_s",
             self.rotate_after.map(|s| s.to_string()),
@@ -56,8 +57,10 @@ impl NovaFlags {
     }
 }
 
-/// The Nova Sonic engine as configured, with its tools.
-pub(crate) async fn engine(config: &Config) -> anyhow::Result<NovaSonicEngine> {
+/// The tools a cloud engine's model may call: the knowledge base the local
+/// engine answers from (when it loads), the clock, HTTP tools from the
+/// configuration.
+pub(crate) fn tools(config: &Config) -> anyhow::Result<Tools> {
     let knowledge = if config.tools.knowledge {
         let dir = std::path::PathBuf::from(&config.local.knowledge_dir);
         match KnowledgeBase::load(&dir) {
@@ -73,7 +76,12 @@ pub(crate) async fn engine(config: &Config) -> anyhow::Result<NovaSonicEngine> {
     } else {
         None
     };
-    let tools = Tools::new(&config.tools, knowledge).map_err(|e| anyhow!(e))?;
+    Tools::new(&config.tools, knowledge).map_err(|e| anyhow!(e))
+}
+
+/// The Nova Sonic engine as configured, with its tools.
+pub(crate) async fn engine(config: &Config) -> anyhow::Result<NovaSonicEngine> {
+    let tools = tools(config)?;
     let settings = NovaSonicSettings::from_config(&config.nova_sonic);
     let names: Vec<String> = tools.specs().into_iter().map(|s| s.name).collect();
     let engine = NovaSonicEngine::connect(settings, Some(tools))

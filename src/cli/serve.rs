@@ -7,7 +7,7 @@ use clap::Args;
 use tokio::net::TcpListener;
 
 use super::{Failure, engines};
-use crate::config::{Config, EngineKind};
+use crate::config::Config;
 use crate::engine::Engine;
 use crate::engine::scripted::ScriptedEngine;
 use crate::server::Server;
@@ -17,7 +17,7 @@ pub(crate) struct ServeArgs {
     /// Address to listen on (setting `listen`, SONORA_LISTEN); port 0 picks a free one.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
-    /// Engine: `local` (offline, the default) or `nova-sonic`.
+    /// Engine: `local` (offline, the default), `nova-sonic`, `openai-realtime` or `gemini-live`.
     #[arg(long)]
     engine: Option<String>,
     /// Knowledge base directory (Markdown FAQ files): the local engine's
@@ -140,7 +140,7 @@ async fn serve(
             let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms));
             server.set_engine(engine).map_err(|e| anyhow!(e))?;
         }
-        None if config.engine.kind == EngineKind::NovaSonic => {
+        None if config.engine.kind.is_cloud() => {
             let loaded = engines::load(config).await?;
             server.set_engine(loaded.engine).map_err(|e| anyhow!(e))?;
             eprintln!("sonora: ready — open http://{bound}");

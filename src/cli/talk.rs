@@ -11,7 +11,7 @@ use clap::Args;
 
 use super::Failure;
 use crate::audio::{self, ENGINE_RATE_HZ, StreamResampler};
-use crate::config::{Config, EngineKind};
+use crate::config::Config;
 use crate::engine::{ConversationOptions, Engine, EngineEvent, Role, Stage};
 use crate::session::{
     ClientInput, ClientOutput, CloseReason, Conversation, ConversationSummary, SessionLimits,
@@ -19,7 +19,7 @@ use crate::session::{
 
 #[derive(Debug, Args)]
 pub(crate) struct TalkArgs {
-    /// Engine: `local` (offline, the default) or `nova-sonic`.
+    /// Engine: `local` (offline, the default), `nova-sonic`, `openai-realtime` or `gemini-live`.
     #[arg(long)]
     pub(crate) engine: Option<String>,
     /// WAV file spoken into the conversation (several questions separated by silence are
@@ -146,7 +146,7 @@ async fn converse(
     let mut frames = speech.chunks(FRAME_SAMPLES);
     let mut feeding = true;
     // A cloud engine hears in real time: pace the file like a microphone.
-    let realtime = args.realtime || config.engine.kind == EngineKind::NovaSonic;
+    let realtime = args.realtime || config.engine.kind.is_cloud();
     let mut pace = tokio::time::interval(Duration::from_millis(20));
     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let summary: ConversationSummary;

@@ -6,15 +6,19 @@
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
+mod gemini_live;
 mod ledger;
 mod load;
+mod openai_realtime;
 mod settings;
 mod telemetry;
 mod telephony;
 mod validate;
 
+pub use gemini_live::GeminiLiveConfig;
 pub use ledger::LedgerConfig;
 pub use load::{LoadOptions, env_name, keys, load};
+pub use openai_realtime::OpenAiRealtimeConfig;
 pub use settings::{
     AudioConfig, Config, EngineConfig, EngineKind, HttpToolConfig, LocalConfig, NovaSonicConfig,
     ServerConfig, ToolsConfig,

@@ -21,6 +21,10 @@ pub struct Config {
     pub local: LocalConfig,
     /// Amazon Nova Sonic (section, no unit).
     pub nova_sonic: NovaSonicConfig,
+    /// OpenAI Realtime (section, no unit).
+    pub openai_realtime: super::OpenAiRealtimeConfig,
+    /// Gemini Live (section, no unit).
+    pub gemini_live: super::GeminiLiveConfig,
     /// Tools a speech model may call (section, no unit).
     pub tools: ToolsConfig,
     /// Log lines (section, no unit).
@@ -215,7 +219,7 @@ pub struct AudioConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Engine implementation, `local` or `nova-sonic` (no unit).
+    /// Engine implementation, `local`, `nova-sonic`, `openai-realtime` or `gemini-live` (no unit).
     pub kind: EngineKind,
     /// Language tag such as `es` or `en-US`, 2 to 16 characters (no unit).
     pub language: String,
@@ -232,6 +236,18 @@ pub enum EngineKind {
     Local,
     /// Amazon Nova Sonic.
     NovaSonic,
+    /// OpenAI Realtime.
+    OpenaiRealtime,
+    /// Google's Gemini Live.
+    GeminiLive,
+}
+
+impl EngineKind {
+    /// Whether the engine is a service that hears in real time (input paced
+    /// like a microphone) and costs money.
+    pub fn is_cloud(self) -> bool {
+        !matches!(self, Self::Local)
+    }
 }
 
 /// Connection and session limits.
@@ -300,6 +316,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             local: LocalConfig::default(),
             nova_sonic: NovaSonicConfig::default(),
+            openai_realtime: super::OpenAiRealtimeConfig::default(),
+            gemini_live: super::GeminiLiveConfig::default(),
             tools: ToolsConfig::default(),
             log: super::LogConfig::default(),
             telemetry: super::TelemetryConfig::default(),

@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 103, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 140, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -383,4 +383,42 @@ fn the_turn_end_model_is_optional_and_its_threshold_a_probability() {
         "models/smart-turn/smart-turn-v3.2-cpu.onnx"
     );
     assert_eq!(defaults.turn_threshold, 0.5);
+}
+
+#[test]
+fn gemini_live_settings_are_checked_and_its_secrets_redacted() {
+    let bad = [
+        (
+            "gemini_live.endpoint_url",
+            "https://generativelanguage.googleapis.com",
+        ),
+        ("gemini_live.model", "models/a b"),
+        ("gemini_live.voice", "  "),
+        ("gemini_live.access_token", "Bearer ya29.x"),
+        ("gemini_live.connect_timeout_ms", "100"),
+        ("gemini_live.stall_timeout_ms", "500"),
+        ("gemini_live.max_retries", "11"),
+        ("gemini_live.cooldown_ms", "700000"),
+        ("gemini_live.speech_out_usd_per_1k", "-1"),
+        ("gemini_live.text_in_usd_per_1k", "0.0000001"),
+    ];
+    for (key, value) in bad {
+        let (err, text) = fail(&opts(None, &[], &[(key, value)]));
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{key}: {text}");
+        assert_eq!(err.key(), Some(key), "{text}");
+        assert!(!text.contains("ya29"), "a token is never shown: {text}");
+    }
+    let file = TempFile::new(
+        "[engine]\nkind = \"gemini-live\"\n[gemini_live]\nmodel = \
+         \"gemini-2.5-flash-native-audio-preview-12-2025\"\nvoice = \"Puck\"\n\
+         access_token = \"ya29.secret\"\nspeech_out_usd_per_1k = 0.015\n",
+    );
+    let config = load(&opts(Some(&file), &[], &[]), &[]).unwrap();
+    assert_eq!(config.engine.kind, EngineKind::GeminiLive);
+    assert!(config.engine.kind.is_cloud());
+    assert_eq!(config.gemini_live.voice, "Puck");
+    assert!((config.gemini_live.speech_out_usd_per_1k - 0.015).abs() < 1e-12);
+    let shown = config.to_redacted_toml();
+    assert!(!shown.contains("ya29.secret"), "{shown}");
+    assert!(shown.contains("[gemini_live]"), "{shown}");
 }

@@ -171,6 +171,8 @@ impl Config {
         self.telemetry.check(&bad)?;
         self.ledger.check(&bad)?;
         self.telephony.check(&bad)?;
+        self.openai_realtime.check(&bad)?;
+        self.gemini_live.check(&bad)?;
         let public = &self.server.public_url;
         let public_ok = public.is_empty()
             || ((public.starts_with("https://") || public.starts_with("http://"))

@@ -4,9 +4,15 @@
 //! typed text, tool results) into [`EngineEvent`]s (transcripts, reply audio,
 //! barge-in, usage). Everything outside `engine::*` speaks only these types.
 
+pub(crate) mod cooldown;
+pub mod gemini_live;
 pub mod local;
 pub mod nova_sonic;
+pub mod openai_realtime;
 pub mod scripted;
+pub(crate) mod text_history;
+pub(crate) mod tool_runner;
+pub(crate) mod wss;
 
 use std::time::Duration;
 
@@ -14,6 +20,15 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::usage::UsageDelta;
+
+/// The system prompt of the cloud engines when none is configured: a
+/// Spanish-first help desk.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "Eres el asistente de voz de la mesa de ayuda de una \
+universidad. Responde en el idioma en que te hablen (por defecto, en español), con frases \
+cortas y naturales para ser escuchadas: dos o tres oraciones como máximo. Usa la herramienta \
+search_knowledge antes de responder preguntas sobre servicios, horarios o trámites, y \
+current_datetime cuando la respuesta dependa de la fecha o la hora. Si no sabes algo, dilo \
+y ofrece derivar la consulta.";
 
 /// Channel capacity between a conversation and its engine, in messages.
 /// Audio frames are 20–40 ms, so 64 is one to three seconds.

@@ -337,13 +337,34 @@ impl UsageMeter {
     /// Adds `counted` to the conversation and returns it as a delta carrying
     /// its share of the rounded cost.
     pub fn count(&mut self, counted: &Tokens) -> UsageDelta {
+        let rates = self.rates;
+        self.record(counted, counted, rates.as_ref())
+    }
+
+    /// Like [`count`](Self::count), at other rates than the model's (a
+    /// service's discounted cached input): the tokens join the totals, their
+    /// cost is at `rates`. An unpriced meter stays unpriced.
+    pub fn count_at(&mut self, counted: &Tokens, rates: &Rates) -> UsageDelta {
+        let rates = self.rates.map(|_| *rates);
+        self.record(counted, counted, rates.as_ref())
+    }
+
+    /// Adds the cost of `billed` at `rates` without counting its tokens (a
+    /// service the engine uses besides the model, such as a transcription
+    /// model billed on its own): the delta carries cost and no tokens.
+    pub fn charge(&mut self, billed: &Tokens, rates: &Rates) -> UsageDelta {
+        let rates = self.rates.map(|_| *rates);
+        self.record(&Tokens::default(), billed, rates.as_ref())
+    }
+
+    fn record(&mut self, counted: &Tokens, billed: &Tokens, rates: Option<&Rates>) -> UsageDelta {
         self.tokens = self.tokens.saturating_add(counted);
         let mut modality_share = [0u64; 2];
-        if let Some(rates) = &self.rates {
-            self.cost_nano = self.cost_nano.saturating_add(counted.cost_nano(rates));
+        if let Some(rates) = rates {
+            self.cost_nano = self.cost_nano.saturating_add(billed.cost_nano(rates));
             for (i, modality) in [Modality::Speech, Modality::Text].into_iter().enumerate() {
                 let nano = &mut self.modality_nano[i];
-                *nano = nano.saturating_add(counted.modality_cost_nano(rates, modality));
+                *nano = nano.saturating_add(billed.modality_cost_nano(rates, modality));
                 let rounded = u64::try_from(round_micro(*nano)).unwrap_or(u64::MAX);
                 modality_share[i] = rounded.saturating_sub(self.modality_reported[i]);
                 self.modality_reported[i] = rounded;

@@ -148,3 +148,34 @@ fn cost_is_split_by_modality() {
     );
     assert_eq!(tokens(1, 2, 3, 4).checked_sub(&tokens(2, 0, 0, 0)), None);
 }
+
+#[test]
+fn other_rates_and_charges_join_one_exactly_rounded_total() {
+    let prices = PriceTable::default().with_override("m", V1);
+    let mut meter = UsageMeter::new("m", &prices);
+    let cached = Rates {
+        speech_in: 300,
+        text_in: 15,
+        ..Rates::default()
+    };
+    let full = meter.count(&tokens(100, 10, 0, 0)); // 340,000 + 600 n$
+    let discounted = meter.count_at(&tokens(100, 100, 0, 0), &cached); // 30,000 + 1,500 n$
+    assert_eq!(discounted.speech_in_tokens, 100);
+    let charged = meter.charge(&tokens(0, 0, 0, 7), &V1); // 1,680 n$, no tokens
+    assert_eq!(charged.text_out_tokens, 0);
+    assert_eq!(meter.tokens(Modality::Speech, Direction::Input), 200);
+    assert_eq!(meter.tokens(Modality::Text, Direction::Output), 0);
+    assert_eq!(meter.cost_nano_usd(), 373_780);
+    let sum = full.cost_micro_usd + discounted.cost_micro_usd + charged.cost_micro_usd;
+    assert_eq!(sum, 374);
+    assert_eq!(meter.totals().cost_micro_usd, 374);
+
+    // An unpriced meter stays unpriced whatever rates a call brings.
+    let mut unpriced = UsageMeter::new("other", &prices);
+    assert_eq!(
+        unpriced.count_at(&tokens(5, 5, 5, 5), &V1).cost_micro_usd,
+        0
+    );
+    assert_eq!(unpriced.charge(&tokens(5, 5, 5, 5), &V1).cost_micro_usd, 0);
+    assert!(!unpriced.priced());
+}

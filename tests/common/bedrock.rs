@@ -161,16 +161,7 @@ pub struct Endpoint {
     pub ca_file: PathBuf,
     pub log: Arc<Mutex<Log>>,
     task: tokio::task::JoinHandle<()>,
-    _dir: TempDir,
-}
-
-#[derive(Debug)]
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    _cert: crate::common::tls::TestCert,
 }
 
 impl Drop for Endpoint {
@@ -183,32 +174,9 @@ impl Endpoint {
     /// Starts on 127.0.0.1:0. Connection `i` follows `scripts[i]`, the last
     /// script repeating.
     pub async fn start(scripts: Vec<Script>) -> Self {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        let certified = rcgen::generate_simple_self_signed(names).expect("certificate");
-        let dir = std::env::temp_dir().join(format!(
-            "sonora-bedrock-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, certified.cert.pem()).expect("write ca.pem");
-        let cert = certified.cert.der().clone();
-        let key =
-            rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(vec![cert], key)
-            .expect("server certificate");
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+        let cert = crate::common::tls::self_signed("bedrock", &[b"h2"]);
+        let ca_file = cert.ca_file.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -256,7 +224,7 @@ impl Endpoint {
             ca_file,
             log,
             task,
-            _dir: TempDir(dir),
+            _cert: cert,
         }
     }
 

@@ -368,4 +368,5 @@ pub mod browser;
 pub use base64::{base64, unbase64};
 pub mod postgres;
 pub mod proxy;
+pub mod tls;
 pub mod twilio;

@@ -46,13 +46,7 @@ use crate::config::NovaSonicConfig;
 use crate::tools::Tools;
 use crate::usage::{PriceTable, Rates};
 
-/// The system prompt when none is configured: a Spanish-first help desk.
-pub const DEFAULT_SYSTEM_PROMPT: &str = "Eres el asistente de voz de la mesa de ayuda de una \
-universidad. Responde en el idioma en que te hablen (por defecto, en español), con frases \
-cortas y naturales para ser escuchadas: dos o tres oraciones como máximo. Usa la herramienta \
-search_knowledge antes de responder preguntas sobre servicios, horarios o trámites, y \
-current_datetime cuando la respuesta dependa de la fecha o la hora. Si no sabes algo, dilo \
-y ofrece derivar la consulta.";
+pub use super::DEFAULT_SYSTEM_PROMPT;
 
 /// Everything a Nova Sonic conversation is made with.
 #[derive(Debug, Clone)]

@@ -2,8 +2,8 @@
 //!
 //! The driver here owns the loop and hands each concern to its part: the
 //! [`pump`] (user audio in 32 ms frames, silence while the user is mute,
-//! the replay buffer), the [`stall`] watch, the [`tools`] runner (tools off
-//! the loop) and the [`handover`] (opening streams, the warm hand-off
+//! the replay buffer), the [`stall`] watch, the tool runner
+//! (`engine::tool_runner`: tools off the loop) and the [`handover`] (opening streams, the warm hand-off
 //! before a stream's age limit, reconnection, closing). Every open goes
 //! through the conversation's [`OpenPolicy`] and the engine's breaker. All
 //! timing is on Tokio's clock, so tests run it under paused time.
@@ -16,7 +16,6 @@ use tokio::time::Instant;
 
 use self::pump::{AudioPump, SILENCE};
 use self::stall::StallWatch;
-use self::tools::{ToolDone, ToolRunner};
 use super::history::{History, MAX_PIECE_BYTES};
 use super::input::{BlockRole, Builder};
 use super::output::{BlockKind, Output};
@@ -24,6 +23,7 @@ use super::policy::OpenPolicy;
 use super::stream::{Failure, SendError, StreamItem, Upstream};
 use super::translate::Translator;
 use super::{Shared, is_v1};
+use crate::engine::tool_runner::{ToolDone, ToolRunner};
 use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, Stage};
 use crate::usage::UsageMeter;
 
@@ -32,7 +32,6 @@ mod pump;
 mod stall;
 #[cfg(test)]
 mod tests;
-mod tools;
 
 /// The loop's tick: one audio frame.
 const FRAME: Duration = Duration::from_millis(32);

@@ -1,6 +1,7 @@
-//! The tool runner: tool calls for tools in the engine's registry run on
-//! tasks of their own, so the conversation never waits on one; each result
-//! comes back with the stream generation that asked for it.
+//! The tool runner an engine's conversation uses: calls of tools in the
+//! engine's registry run on tasks of their own, so the conversation never
+//! waits on one; each result comes back with the upstream generation (stream
+//! or connection) that asked for it.
 
 use std::collections::HashMap;
 
@@ -13,15 +14,15 @@ const RESULTS_CAPACITY: usize = 16;
 
 /// A tool call's result.
 #[derive(Debug)]
-pub(super) struct ToolDone {
-    pub(super) id: String,
+pub(crate) struct ToolDone {
+    pub(crate) id: String,
     /// The stream generation that asked.
-    pub(super) generation: u32,
-    pub(super) result: serde_json::Value,
+    pub(crate) generation: u32,
+    pub(crate) result: serde_json::Value,
 }
 
 #[derive(Debug)]
-pub(super) struct ToolRunner {
+pub(crate) struct ToolRunner {
     tools: Option<Tools>,
     /// Calls running here, by id, with the generation that asked.
     pending: HashMap<String, u32>,
@@ -29,7 +30,7 @@ pub(super) struct ToolRunner {
 }
 
 impl ToolRunner {
-    pub(super) fn new(tools: Option<Tools>) -> (Self, mpsc::Receiver<ToolDone>) {
+    pub(crate) fn new(tools: Option<Tools>) -> (Self, mpsc::Receiver<ToolDone>) {
         let (done, results) = mpsc::channel(RESULTS_CAPACITY);
         let runner = Self {
             tools,
@@ -41,7 +42,7 @@ impl ToolRunner {
 
     /// Starts the call if the tool is in the registry; `false` when it is
     /// not, and the client is asked instead.
-    pub(super) fn run(
+    pub(crate) fn run(
         &mut self,
         id: &str,
         name: &str,
@@ -71,12 +72,12 @@ impl ToolRunner {
     }
 
     /// A result went back (or was dropped): the call is over.
-    pub(super) fn finished(&mut self, id: &str) {
+    pub(crate) fn finished(&mut self, id: &str) {
         self.pending.remove(id);
     }
 
     /// No call of this conversation is running.
-    pub(super) fn idle(&self) -> bool {
+    pub(crate) fn idle(&self) -> bool {
         self.pending.is_empty()
     }
 }

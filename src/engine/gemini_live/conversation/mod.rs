@@ -1,0 +1,545 @@
+//! One conversation across connections. The loop reads the conversation's
+//! input, the connection's messages, tool results and the connection being
+//! opened: the first, a resumed one after `goAway` (opened in the
+//! background while audio still goes to the old connection, switched to at
+//! once when ready, so no audio is lost or held), or a replacement after a
+//! loss (resumed with the latest handle, or fresh with the conversation as
+//! text when there is none yet). User audio that arrives while no
+//! connection is open waits in a bounded backlog.
+
+mod events;
+
+use crate::engine::Role;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::connect::{self, Conn, Failure, Opening, Verdict};
+use super::cost::Costing;
+use super::wire::{self, ClientMessage};
+use super::{INPUT_RATE_HZ, Shared};
+use crate::engine::text_history::History;
+use crate::engine::tool_runner::{ToolDone, ToolRunner};
+use crate::engine::{EngineEvent, EngineInput, ErrorKind, TurnEndReason};
+
+/// User audio kept while no connection is open (16 kHz samples: 5 s).
+const MAX_BACKLOG: usize = 5 * INPUT_RATE_HZ as usize;
+/// Most audio in one message (100 ms).
+const MAX_CHUNK: usize = INPUT_RATE_HZ as usize / 10;
+/// Wait for the service to take one message.
+const SEND_WAIT: Duration = Duration::from_secs(2);
+/// After `Close`, the longest wait for the reply in progress.
+const CLOSE_LIMIT: Duration = Duration::from_secs(30);
+/// Housekeeping: stall, resumption and close checks.
+const TICK: Duration = Duration::from_millis(250);
+/// Backoff before each reconnection.
+const BACKOFF: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    First,
+    /// After `goAway`: the old connection still works.
+    Resume,
+    /// After a loss: no connection meanwhile.
+    Reconnect,
+}
+
+#[derive(Debug)]
+struct Pending {
+    purpose: Purpose,
+    started: Instant,
+    ready: oneshot::Receiver<Result<Conn, Failure>>,
+}
+
+/// The turn in progress: the user's words and the model's reply to them.
+#[derive(Debug, Default)]
+struct Turn {
+    id: u64,
+    user: String,
+    assistant: String,
+    /// The model produced something (audio, transcript, a tool call).
+    output: bool,
+    audio: bool,
+    calls: u32,
+}
+
+enum Step {
+    Go,
+    Stop,
+}
+
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    voice: String,
+    language: String,
+    input: mpsc::Receiver<EngineInput>,
+    events: mpsc::Sender<EngineEvent>,
+) {
+    let settings = &shared.settings;
+    let (tools, tool_rx) = ToolRunner::new(shared.tools.clone());
+    let mut driver = Driver {
+        costing: Costing::new(&settings.model, &settings.prices),
+        shared: shared.clone(),
+        voice,
+        language,
+        events,
+        history: History::default(),
+        tools,
+        calls: HashMap::new(),
+        conn: None,
+        generation: 0,
+        pending: None,
+        backlog: VecDeque::new(),
+        dropped_samples: 0,
+        handle: None,
+        go_away: None,
+        turn_ids: 0,
+        turn: None,
+        stale_turn_complete: false,
+        retries: 0,
+        retried_once: false,
+        awaiting: None,
+        lost_at: None,
+        closing_since: None,
+    };
+    driver.main(input, tool_rx).await;
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    voice: String,
+    language: String,
+    events: mpsc::Sender<EngineEvent>,
+    costing: Costing,
+    history: History,
+    tools: ToolRunner,
+    /// Tool calls not answered yet (the registry's and the client's): id to
+    /// name and the connection generation that asked.
+    calls: HashMap<String, (String, u32)>,
+    conn: Option<Conn>,
+    /// Counts connections: a tool result goes back only to the one that asked.
+    generation: u32,
+    pending: Option<Pending>,
+    /// User audio waiting for a connection.
+    backlog: VecDeque<i16>,
+    dropped_samples: u64,
+    /// The latest resumable session handle.
+    handle: Option<String>,
+    /// After `goAway`: when to open the resumed connection even if the
+    /// conversation is not quiet.
+    go_away: Option<Instant>,
+    turn_ids: u64,
+    turn: Option<Turn>,
+    /// A turn was ended here (barge-in) before the service's `turnComplete`
+    /// for it, which is then skipped.
+    stale_turn_complete: bool,
+    /// Reconnections since the last completed reply.
+    retries: u32,
+    /// The one retry of a "not implemented" refusal is used.
+    retried_once: bool,
+    /// Since when a reply is due (the user's last words, a tool result).
+    awaiting: Option<Instant>,
+    /// When the connection was lost, for the reconnection's gap.
+    lost_at: Option<Instant>,
+    closing_since: Option<Instant>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("generation", &self.generation)
+            .field("turn", &self.turn)
+            .finish_non_exhaustive()
+    }
+}
+
+type Read = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
+
+async fn next_message(conn: &mut Option<Conn>) -> Read {
+    match conn {
+        Some(c) => c.stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_ready(pending: &mut Option<Pending>) -> Result<Conn, Failure> {
+    match pending {
+        Some(p) => (&mut p.ready)
+            .await
+            .unwrap_or_else(|_| Err(Failure::retry("the opener stopped"))),
+        None => std::future::pending().await,
+    }
+}
+
+impl Driver {
+    async fn main(
+        &mut self,
+        mut input: mpsc::Receiver<EngineInput>,
+        mut tool_rx: mpsc::Receiver<ToolDone>,
+    ) {
+        self.emit(EngineEvent::Ready {
+            engine: "gemini-live".into(),
+            model: self.shared.settings.model.clone(),
+            voice: self.voice.clone(),
+        })
+        .await;
+        if !self.costing.priced() {
+            tracing::warn!(
+                model = %self.shared.settings.model,
+                "no prices for this Gemini Live model: its cost is counted as 0"
+            );
+        }
+        self.open(Purpose::First, Duration::ZERO);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut input_open = true;
+        loop {
+            let step = tokio::select! {
+                message = input.recv(), if input_open && self.closing_since.is_none() => {
+                    match message {
+                        Some(message) => self.on_input(message).await,
+                        None => {
+                            input_open = false;
+                            self.on_input(EngineInput::Close).await
+                        }
+                    }
+                }
+                message = next_message(&mut self.conn) => self.on_message(message).await,
+                ready = next_ready(&mut self.pending) => self.on_ready(ready).await,
+                Some(done) = tool_rx.recv() => self.on_tool_done(done).await,
+                _ = tick.tick() => self.on_tick().await,
+            };
+            if matches!(step, Step::Stop) {
+                break;
+            }
+        }
+        if let Some(conn) = self.conn.take() {
+            close(conn).await;
+        }
+        if self.dropped_samples > 0 {
+            tracing::warn!(
+                dropped_ms = self.dropped_samples * 1000 / u64::from(INPUT_RATE_HZ),
+                "user audio dropped while no Gemini Live connection was open"
+            );
+        }
+        let totals = self.costing.totals();
+        tracing::debug!(
+            cost_micro_usd = totals.cost_micro_usd,
+            "Gemini Live conversation over"
+        );
+        self.emit(EngineEvent::Closed).await;
+    }
+
+    async fn emit(&self, event: EngineEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    async fn fail(&self, message: String) -> Step {
+        self.emit(EngineEvent::Error {
+            kind: ErrorKind::Fatal,
+            message,
+        })
+        .await;
+        Step::Stop
+    }
+
+    /// Starts opening a connection: resumed with the latest handle, or fresh
+    /// with the conversation so far.
+    fn open(&mut self, purpose: Purpose, delay: Duration) {
+        let opening = Opening {
+            voice: self.voice.clone(),
+            language: self.language.clone(),
+            handle: self.handle.clone(),
+            history: self.history.messages().to_vec(),
+            delay,
+        };
+        let (tx, ready) = oneshot::channel();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(connect::open(shared, opening).await);
+        });
+        self.pending = Some(Pending {
+            purpose,
+            started: Instant::now(),
+            ready,
+        });
+    }
+
+    /// Nothing is going on that a switch of connection would cut: no turn
+    /// (user words or a reply) and no tool call open.
+    fn quiet(&self) -> bool {
+        self.turn.is_none() && self.calls.is_empty()
+    }
+
+    async fn on_ready(&mut self, ready: Result<Conn, Failure>) -> Step {
+        let Some(pending) = self.pending.take() else {
+            return Step::Go;
+        };
+        let now = Instant::now();
+        let mut conn = match ready {
+            Ok(conn) => conn,
+            Err(failure) => return self.on_open_failed(pending.purpose, failure).await,
+        };
+        self.generation += 1;
+        let backlog: Vec<i16> = self.backlog.drain(..).collect();
+        if let Err(failure) = send_audio(&mut conn, &backlog).await {
+            self.conn = Some(conn);
+            return self.lost(failure).await;
+        }
+        let old = self.conn.replace(conn);
+        match pending.purpose {
+            Purpose::First => {}
+            Purpose::Resume => {
+                self.go_away = None;
+                if let Some(old) = old {
+                    tokio::spawn(close(old));
+                }
+                // A reply the old connection was still giving is cut: the
+                // resumed session does not go on with it.
+                self.abandon_turn().await;
+                self.shared
+                    .stats
+                    .resumptions
+                    .fetch_add(1, Ordering::Relaxed);
+                let prepared_ms = now.duration_since(pending.started).as_secs_f64() * 1000.0;
+                tracing::info!(
+                    generation = self.generation,
+                    prepared_ms,
+                    "Gemini Live resumed"
+                );
+                self.emit(EngineEvent::Rotated {
+                    generation: self.generation,
+                    gap_ms: 0.0,
+                })
+                .await;
+            }
+            Purpose::Reconnect => {
+                self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                let since = self.lost_at.take().unwrap_or(pending.started);
+                self.emit(EngineEvent::Rotated {
+                    generation: self.generation,
+                    gap_ms: now.duration_since(since).as_secs_f64() * 1000.0,
+                })
+                .await;
+            }
+        }
+        Step::Go
+    }
+
+    async fn on_open_failed(&mut self, purpose: Purpose, failure: Failure) -> Step {
+        tracing::warn!(?purpose, error = %failure.message, "Gemini Live connection not opened");
+        if purpose == Purpose::Resume && self.conn.is_some() && failure.verdict == Verdict::Retry {
+            // The old connection still works: try again in a moment.
+            self.open(Purpose::Resume, BACKOFF[1]);
+            return Step::Go;
+        }
+        self.on_failure(purpose, failure).await
+    }
+
+    /// What a failure leads to: another try, or the end of the conversation.
+    async fn on_failure(&mut self, purpose: Purpose, failure: Failure) -> Step {
+        let message = failure.message;
+        match failure.verdict {
+            Verdict::Fatal => self.fail(format!("Gemini Live: {message}")).await,
+            Verdict::Throttled => {
+                self.shared.cool_down();
+                self.fail(format!(
+                    "Gemini Live is throttling or out of quota: {message}"
+                ))
+                .await
+            }
+            Verdict::RetryOnce if self.retried_once => {
+                self.fail(format!("Gemini Live refused again: {message}"))
+                    .await
+            }
+            Verdict::RetryOnce | Verdict::Retry => {
+                if failure.verdict == Verdict::RetryOnce {
+                    self.retried_once = true;
+                }
+                self.retries += 1;
+                if self.retries > self.shared.settings.max_retries {
+                    return self
+                        .fail(format!("Gemini Live could not be reached: {message}"))
+                        .await;
+                }
+                let delay = BACKOFF[(self.retries as usize - 1).min(BACKOFF.len() - 1)];
+                let purpose = if purpose == Purpose::First {
+                    Purpose::First
+                } else {
+                    Purpose::Reconnect
+                };
+                self.open(purpose, delay);
+                Step::Go
+            }
+        }
+    }
+
+    /// The connection is gone: end the turn it was in and open another.
+    async fn lost(&mut self, failure: Failure) -> Step {
+        self.conn = None;
+        if self.closing_since.is_some() {
+            return Step::Stop;
+        }
+        tracing::warn!(reason = %failure.message, "Gemini Live connection lost");
+        self.lost_at = Some(Instant::now());
+        self.awaiting = None;
+        self.go_away = None;
+        self.stale_turn_complete = false;
+        if let Some(turn) = self.turn.take() {
+            self.finish_turn(turn, TurnEndReason::Error).await;
+        }
+        self.calls.clear();
+        let passing = matches!(failure.verdict, Verdict::Retry | Verdict::RetryOnce);
+        if passing {
+            self.emit(EngineEvent::Error {
+                kind: ErrorKind::Transient,
+                message: format!(
+                    "Gemini Live connection lost ({}); reconnecting",
+                    failure.message
+                ),
+            })
+            .await;
+            if let Some(pending) = self.pending.as_mut() {
+                // The resumption under way takes over, as a reconnection.
+                pending.purpose = Purpose::Reconnect;
+                return Step::Go;
+            }
+        }
+        self.pending = None;
+        self.on_failure(Purpose::Reconnect, failure).await
+    }
+
+    /// Sends on the current connection; a failure is a lost connection,
+    /// seen on the next read.
+    async fn send(&mut self, message: &ClientMessage) {
+        if let Some(conn) = self.conn.as_mut()
+            && connect::send(&mut conn.sink, message, SEND_WAIT)
+                .await
+                .is_err()
+        {
+            let _ = conn.sink.close().await;
+        }
+    }
+
+    async fn on_input(&mut self, message: EngineInput) -> Step {
+        match message {
+            EngineInput::Audio(samples) => {
+                if let Some(conn) = self.conn.as_mut() {
+                    if let Err(failure) = send_audio(conn, &samples).await {
+                        return self.lost(failure).await;
+                    }
+                } else {
+                    self.backlog.extend(samples.iter().copied());
+                    let excess = self.backlog.len().saturating_sub(MAX_BACKLOG);
+                    self.backlog.drain(..excess);
+                    self.dropped_samples += excess as u64;
+                }
+            }
+            EngineInput::Text(text) => {
+                self.begin_turn();
+                self.history.push(Role::User, &text);
+                self.send(&ClientMessage::text(&text)).await;
+                self.awaiting = Some(Instant::now());
+            }
+            EngineInput::ToolResult { id, json } => {
+                self.tools.finished(&id);
+                self.answer_call(&id, &json).await;
+            }
+            EngineInput::Close => {
+                self.closing_since = Some(Instant::now());
+                if self.quiet() {
+                    return Step::Stop;
+                }
+            }
+        }
+        Step::Go
+    }
+
+    async fn on_tool_done(&mut self, done: ToolDone) -> Step {
+        self.tools.finished(&done.id);
+        self.answer_call(&done.id, &done.result).await;
+        Step::Go
+    }
+
+    /// Sends a call's result to the connection that asked for it; a call
+    /// that was cancelled or whose connection is gone is dropped.
+    async fn answer_call(&mut self, id: &str, result: &serde_json::Value) {
+        let Some((name, generation)) = self.calls.remove(id) else {
+            tracing::debug!(id, "result of a cancelled or unknown tool call dropped");
+            return;
+        };
+        if generation != self.generation {
+            tracing::debug!(id, "tool result for a replaced connection dropped");
+            return;
+        }
+        self.send(&ClientMessage::tool_response(id, &name, result))
+            .await;
+        self.awaiting = Some(Instant::now());
+    }
+
+    async fn on_tick(&mut self) -> Step {
+        let now = Instant::now();
+        let settings = &self.shared.settings;
+        if let Some(since) = self.closing_since
+            && now.duration_since(since) >= CLOSE_LIMIT
+        {
+            return Step::Stop;
+        }
+        if let Some(since) = self.awaiting
+            && self.conn.is_some()
+            && now.duration_since(since) >= settings.stall_timeout
+        {
+            let why = format!("no reply within {} ms", settings.stall_timeout.as_millis());
+            return self.lost(Failure::retry(why)).await;
+        }
+        if let Some(force_at) = self.go_away
+            && self.pending.is_none()
+            && self.closing_since.is_none()
+            && (self.quiet() || now >= force_at)
+        {
+            self.open(Purpose::Resume, Duration::ZERO);
+        }
+        Step::Go
+    }
+
+    async fn on_message(&mut self, message: Read) -> Step {
+        let parsed = match message {
+            Some(Ok(Message::Text(text))) => wire::parse(text.as_bytes()),
+            Some(Ok(Message::Binary(bytes))) => wire::parse(&bytes),
+            Some(Ok(Message::Close(frame))) => {
+                return self.lost(Failure::from_close(frame.as_ref())).await;
+            }
+            Some(Ok(_)) => return Step::Go,
+            Some(Err(e)) => return self.lost(Failure::retry(e.to_string())).await,
+            None => return self.lost(Failure::retry("connection closed")).await,
+        };
+        let Some(message) = parsed else {
+            self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("unreadable Gemini Live message ignored");
+            return Step::Go;
+        };
+        self.on_server(message).await
+    }
+}
+
+/// Sends user audio in messages of at most 100 ms.
+async fn send_audio(conn: &mut Conn, samples: &[i16]) -> Result<(), Failure> {
+    for chunk in samples.chunks(MAX_CHUNK) {
+        connect::send(&mut conn.sink, &ClientMessage::audio(chunk), SEND_WAIT).await?;
+    }
+    Ok(())
+}
+
+async fn close(mut conn: Conn) {
+    let _ = tokio::time::timeout(SEND_WAIT, conn.sink.close()).await;
+}

@@ -1,0 +1,189 @@
+//! A conversation with an engine under test: audio frames sent at real-time
+//! pace, the engine's events collected with their arrival time, and the
+//! questions tests ask of them.
+
+#![allow(
+    clippy::unwrap_used,
+    dead_code,
+    unreachable_pub,
+    missing_debug_implementations,
+    reason = "a test helper that fails must fail the test; not every binary uses every helper"
+)]
+
+use std::time::{Duration, Instant};
+
+use sonora::engine::{
+    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
+};
+use tokio::sync::mpsc;
+
+/// The longest any step waits.
+pub const GUARD: Duration = Duration::from_secs(120);
+
+/// A conversation under test: events collected with their arrival time.
+pub struct Talk {
+    pub input: mpsc::Sender<EngineInput>,
+    events: mpsc::UnboundedReceiver<(Instant, EngineEvent)>,
+    pub seen: Vec<(Instant, EngineEvent)>,
+    pub started: Instant,
+}
+
+impl Talk {
+    pub fn start(engine: &dyn Engine) -> Self {
+        Self::start_in(engine, "es")
+    }
+
+    pub fn start_in(engine: &dyn Engine, language: &str) -> Self {
+        let session = engine
+            .start(ConversationOptions {
+                language: language.into(),
+                voice: String::new(),
+            })
+            .unwrap();
+        let (tx, events) = mpsc::unbounded_channel();
+        let mut from_engine = session.events;
+        // Read events as they come, as every client does.
+        tokio::spawn(async move {
+            while let Some(event) = from_engine.recv().await {
+                if tx.send((Instant::now(), event)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self {
+            input: session.input,
+            events,
+            seen: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn collect(&mut self) {
+        while let Ok(item) = self.events.try_recv() {
+            self.seen.push(item);
+        }
+    }
+
+    /// Sends `ms` of audio in 20 ms frames at real-time pace; `sample(i)`
+    /// gives sample `i` of the frame sequence.
+    pub async fn speak(&mut self, ms: u64, mut frame: impl FnMut(u64) -> Vec<i16>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for k in 0..ms / 20 {
+            tick.tick().await;
+            self.input.send(EngineInput::Audio(frame(k))).await.unwrap();
+            self.collect();
+        }
+    }
+
+    pub async fn tone(&mut self, ms: u64) {
+        self.speak(ms, tone_frame).await;
+    }
+
+    pub async fn quiet(&mut self, ms: u64) {
+        self.speak(ms, |_| vec![-3; 320]).await;
+    }
+
+    /// Waits until `pred` holds for some event seen, quiet audio flowing.
+    pub async fn until(&mut self, what: &str, pred: impl Fn(&EngineEvent) -> bool) {
+        let deadline = Instant::now() + GUARD;
+        while !self.seen.iter().any(|(_, e)| pred(e)) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what}; seen: {:?}",
+                self.kinds()
+            );
+            self.quiet(100).await;
+        }
+    }
+
+    /// Waits without sending audio (the engine streams silence).
+    pub async fn idle_until(&mut self, what: &str, pred: impl Fn(&EngineEvent) -> bool) {
+        let deadline = tokio::time::Instant::now() + GUARD;
+        while !self.seen.iter().any(|(_, e)| pred(e)) {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(item)) => self.seen.push(item),
+                _ => panic!("no {what}; seen: {:?}", self.kinds()),
+            }
+        }
+    }
+
+    pub async fn close(&mut self) {
+        self.input.send(EngineInput::Close).await.unwrap();
+        self.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
+            .await;
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.seen
+            .iter()
+            .map(|(t, e)| {
+                let ms = t.duration_since(self.started).as_millis();
+                match e {
+                    EngineEvent::Audio(p) => format!("{ms}:audio({})", p.samples.len()),
+                    other => format!("{ms}:{other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = &EngineEvent> {
+        self.seen.iter().map(|(_, e)| e)
+    }
+
+    pub fn transcripts(&self, role: Role, stage: Stage) -> Vec<String> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Transcript {
+                    role: r,
+                    stage: s,
+                    text,
+                    ..
+                } if *r == role && *s == stage => Some(text.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn errors(&self, kind: ErrorKind) -> Vec<String> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Error { kind: k, message } if *k == kind => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn turn_ends(&self) -> Vec<TurnEndReason> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::TurnEnd { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// 20 ms of a loud 300 Hz tone: speech to the endpoint's detector.
+pub fn tone_frame(k: u64) -> Vec<i16> {
+    (0..320)
+        .map(|i| {
+            let t = (k * 320 + i) as f64 / 16_000.0;
+            ((t * 300.0 * std::f64::consts::TAU).sin() * 8_000.0) as i16
+        })
+        .collect()
+}
+
+pub fn is_turn_end(e: &EngineEvent) -> bool {
+    matches!(e, EngineEvent::TurnEnd { .. })
+}
+
+pub fn turn_ends(n: usize) -> impl Fn(&EngineEvent) -> bool {
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    move |e| {
+        if is_turn_end(e) {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= n
+        } else {
+            false
+        }
+    }
+}
