@@ -2,8 +2,8 @@
 //!
 //! `wire` holds the messages as serde types, `prices` the models' prices
 //! (third-party quotes, unconfirmed), `cost` bills a turn's usage from its
-//! per-modality lists, `history` keeps the conversation as text for a
-//! session that cannot be resumed, `connect` opens a connection (`setup`,
+//! per-modality lists (the conversation as text for a session that cannot
+//! be resumed is `engine::text_history`'s), `connect` opens a connection (`setup`,
 //! `setupComplete`) and reads close codes, and `conversation` drives one
 //! conversation: 16 kHz audio in, 24 kHz audio out, barge-in, tools, the
 //! move to a resumed connection on `goAway` and reconnection after a loss.

@@ -2,11 +2,12 @@
 //!
 //! `wire` holds the events as serde types, `prices` the models' published
 //! prices (cached input and the transcription model included), `cost` turns
-//! a response's usage into exact per-modality cost, `history` keeps the
-//! conversation as text for a new connection, and `conversation` drives one
-//! conversation: 24 kHz audio in and out, the service's voice detection,
-//! barge-in with the reply cut where the user stopped hearing it, tools,
-//! reconnection and the warm hand-off before the service's session limit.
+//! a response's usage into exact per-modality cost, `connect` opens a session
+//! (with the conversation as text, `engine::text_history`), and
+//! `conversation` drives one conversation: 24 kHz audio in and out, the
+//! service's voice detection, barge-in with the reply cut where the user
+//! stopped hearing it, tools, reconnection and the warm hand-off before the
+//! service's session limit.
 //! The wire types never leave this module.
 
 mod connect;
