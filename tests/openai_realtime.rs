@@ -624,3 +624,99 @@ async fn talk_as_a_process_answers_with_the_exact_cost() {
     assert_eq!(reply.samples.len(), 36_000, "1.5 s of reply audio");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_a_conversation_and_refuses_new_ones_while_throttled() {
+    use common::gateway::{self, metric};
+    let service = Service::start(vec![
+        plan(vec![answer(QUESTION, ANSWER, 1_000)]),
+        Plan {
+            refuse: Some(429),
+            turns: vec![],
+        },
+    ])
+    .await;
+    let mut config = sonora::config::Config::default();
+    config.engine.kind = sonora::config::EngineKind::OpenaiRealtime;
+    config.openai_realtime.endpoint_url = service.url.clone();
+    config.openai_realtime.ca_file = service.ca_file.display().to_string();
+    config.openai_realtime.api_key = openai::KEY.into();
+    let engine: std::sync::Arc<dyn Engine> =
+        std::sync::Arc::new(engine(&service, None, |s| s.max_retries = 0));
+    let mut running = gateway::start(&config, Some(engine)).await;
+
+    let mut client = running.client().await;
+    client.hello_pcm().await;
+    let ready = client.until(|f| f.is("ready")).await;
+    let ready = ready.last().unwrap().json().clone();
+    assert_eq!(ready["engine"], "openai-realtime", "{ready}");
+    assert_eq!(ready["voice"], "marin");
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for k in 0..75 {
+        tick.tick().await;
+        let frame = if k < 40 {
+            talk::tone_frame(k)
+        } else {
+            vec![0; 320]
+        };
+        client.send_pcm(&frame).await;
+    }
+    let frames = client.until(|f| f.is("turn_end")).await;
+    let texts: Vec<(String, String)> = frames
+        .iter()
+        .filter(|f| f.is("transcript"))
+        .map(|f| {
+            let j = f.json();
+            (
+                j["role"].as_str().unwrap().to_owned(),
+                j["text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        texts.contains(&("user".into(), QUESTION.into())),
+        "{texts:?}"
+    );
+    assert!(
+        texts.contains(&("assistant".into(), ANSWER.into())),
+        "{texts:?}"
+    );
+    client.send_json(json!({"type": "stop"})).await;
+    let rest = client.until(|f| f.is("end")).await;
+    let end = rest.last().unwrap().json().clone();
+    let usage = &end["summary"]["usage"];
+    assert_eq!(
+        usage["cost_micro_usd"],
+        expected_cost(&service.connections()),
+        "{end}"
+    );
+    let text = running.metrics().await;
+    assert!(
+        metric(&text, "sonora_cost_micro_usd_total{modality=\"speech\"}") > 0.0,
+        "{text}"
+    );
+
+    // The next conversation's session is refused with 429: it ends, and
+    // the engine refuses new ones with 1013 while it cools down.
+    let mut second = running.client().await;
+    second.hello_pcm().await;
+    second
+        .until(|f| matches!(f, gateway::Frame::Closed(_)))
+        .await;
+    let mut late = running.client().await;
+    match late.next().await {
+        gateway::Frame::Closed(Some((code, reason))) => {
+            assert_eq!(code, 1013);
+            assert!(reason.starts_with("engine_busy"), "{reason}");
+        }
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+    let text = running.metrics().await;
+    assert_eq!(
+        metric(&text, "sonora_engine_throttled_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "sonora_engine_cooling_down"), 1.0, "{text}");
+    running.stop();
+}

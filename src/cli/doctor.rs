@@ -76,8 +76,14 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         "AWS Region",
         source.describe()
     );
-    let local_ready = checks[..3].iter().all(|c| c.ok);
-    let nova_ready = checks[5].ok;
+    // Each engine's parts, by the checks' names.
+    let ready = |names: &[&str]| {
+        names
+            .iter()
+            .all(|name| checks.iter().any(|c| c.name == *name && c.ok))
+    };
+    let local_ready = ready(&["speech model", "speech synthesis", "knowledge base"]);
+    let nova_ready = ready(&["AWS credentials"]);
     println!(
         "local engine: {}",
         if local_ready {
@@ -103,10 +109,10 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         EngineKind::NovaSonic if !nova_ready => {
             Err(anyhow::anyhow!("the configured nova-sonic engine has no AWS credentials").into())
         }
-        EngineKind::OpenaiRealtime if !checks[7].ok => {
+        EngineKind::OpenaiRealtime if !ready(&["OpenAI API key"]) => {
             Err(anyhow::anyhow!("the configured openai-realtime engine has no API key").into())
         }
-        EngineKind::GeminiLive if !checks[8].ok => Err(anyhow::anyhow!(
+        EngineKind::GeminiLive if !ready(&["Gemini API key"]) => Err(anyhow::anyhow!(
             "the configured gemini-live engine has no API key or access token"
         )
         .into()),

@@ -85,14 +85,14 @@ impl Driver {
 
     /// Final transcripts, the history, and the turn's end.
     pub(super) async fn finish_turn(&mut self, turn: Turn, reason: TurnEndReason) {
-        for (role, text, kind) in [
-            (Role::User, turn.user.trim(), Role::User),
-            (Role::Assistant, turn.assistant.trim(), Role::Assistant),
+        for (role, text) in [
+            (Role::User, turn.user.trim()),
+            (Role::Assistant, turn.assistant.trim()),
         ] {
             if text.is_empty() {
                 continue;
             }
-            self.history.push(kind, text);
+            self.history.push(role, text);
             self.emit(EngineEvent::Transcript {
                 role,
                 text: text.to_owned(),
