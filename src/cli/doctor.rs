@@ -100,6 +100,21 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             "not ready (no AWS credentials)"
         }
     );
+    for (engine, check, missing) in [
+        ("openai-realtime", "OpenAI API key", "no API key"),
+        (
+            "gemini-live",
+            "Gemini API key",
+            "no API key or access token",
+        ),
+    ] {
+        let state = if ready(&[check]) {
+            "ready".to_owned()
+        } else {
+            format!("not ready ({missing})")
+        };
+        println!("{engine} engine: {state}");
+    }
     // Only the configured engine's parts decide the exit code.
     let kind = config.engine.kind;
     match kind {
