@@ -78,6 +78,7 @@ async fn run(warm: bool) -> Outcome {
         .start(ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         })
         .unwrap();
     let mut events = session.events;

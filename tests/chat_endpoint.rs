@@ -211,6 +211,7 @@ async fn the_local_engine_answers_through_the_endpoint_and_falls_back() {
         let options = ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         };
         let mut session = engine.start(options).unwrap();
         session

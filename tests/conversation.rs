@@ -42,6 +42,7 @@ fn start_engine(
     let options = ConversationOptions {
         language: "es".into(),
         voice: String::new(),
+        history: Vec::new(),
     };
     let session = engine.start(options).unwrap();
     (engine, Conversation::spawn(session, decoder, limits))

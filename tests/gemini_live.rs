@@ -647,6 +647,7 @@ async fn a_used_up_quota_is_fatal_and_cools_the_engine_down() {
     let refused = engine.start(ConversationOptions {
         language: "es".into(),
         voice: String::new(),
+        history: Vec::new(),
     });
     assert!(
         matches!(refused, Err(StartError::Busy { .. })),
@@ -681,6 +682,7 @@ async fn a_refused_key_is_fatal_and_a_token_is_sent_as_bearer() {
     let refused = engine.start(ConversationOptions {
         language: "es".into(),
         voice: "Lupe".into(),
+        history: Vec::new(),
     });
     assert!(
         matches!(refused, Err(StartError::Unsupported(_))),

@@ -184,6 +184,7 @@ async fn speaking_over_the_reply_interrupts_it() {
     let options = ConversationOptions {
         language: "es".into(),
         voice: String::new(),
+        history: Vec::new(),
     };
     let session = engine.start(options).unwrap();
     // A client reads events while it speaks: the engine's event channel is
@@ -316,6 +317,7 @@ async fn the_turn_end_model_ends_a_finished_question_before_the_hangover() {
         let options = ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         };
         let mut session = engine.start(options).unwrap();
         let silent_frames = Arc::new(AtomicUsize::new(0));

@@ -739,6 +739,7 @@ async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldow
     let refused = engine.start(ConversationOptions {
         language: "es".into(),
         voice: String::new(),
+        history: Vec::new(),
     });
     let error = refused.expect_err("refused while busy");
     let StartError::Busy {

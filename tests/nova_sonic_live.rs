@@ -50,6 +50,7 @@ async fn a_spanish_question_gets_a_spoken_priced_answer() {
         .start(ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         })
         .unwrap();
     let path =

@@ -434,6 +434,7 @@ async fn throttling_cools_the_engine_down_for_new_conversations() {
     let refused = engine.start(ConversationOptions {
         language: "es".into(),
         voice: String::new(),
+        history: Vec::new(),
     });
     assert!(
         matches!(refused, Err(StartError::Busy { .. })),
@@ -557,6 +558,7 @@ async fn typed_text_is_answered_and_unknown_voices_are_refused() {
     let refused = engine.start(ConversationOptions {
         language: "es".into(),
         voice: "lupe".into(),
+        history: Vec::new(),
     });
     assert!(
         matches!(refused, Err(StartError::Unsupported(_))),

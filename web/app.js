@@ -1,9 +1,10 @@
 // Sonora web client, the page itself: the talk button and the text box
 // start a conversation over /ws (protocol.js) that captures the microphone
 // (capture.js), plays the reply (player.js) and shows transcripts, tool
-// calls, engine hand-offs, usage and latency in the page's language
-// (text.js). No build step, no network use but this server (and, when
-// the server names one, the host application's client-token URL).
+// calls, engine hand-offs, the wait for a free engine, usage and latency
+// in the page's language (text.js). No build step, no network use but this
+// server (and, when the server names one, the host application's
+// client-token URL).
 
 import { openMicrophone, pickRecorderType, startRecorderCapture, startWorkletCapture, workletsAvailable } from '/capture.js';
 import { Player } from '/player.js';
@@ -15,8 +16,10 @@ const params = new URLSearchParams(location.search);
 // to any server or kept in its logs; `?token=` still works for static ones.
 const fragment = new URLSearchParams(location.hash.slice(1));
 const pageToken = fragment.get('token') || params.get('token');
-// Set from /api/engine: where the host application hands out client tokens.
+// Set from /api/engine: where the host application hands out client tokens,
+// and the engine instances the gateway routes between, with their voices.
 let tokenUrl = '';
+let engines = { instances: [], voices: [] };
 const $ = (id) => document.getElementById(id);
 const VOICE_LEVEL = 0.02; // RMS above which a capture frame counts as speech
 const RENDER_EVERY_MS = 100;
@@ -36,7 +39,7 @@ const state = {
   connection: null, capture: null, player: null, mode: null, running: false, conversation: 0,
   sentMs: 0, lastVoiceAt: 0, speechEndAt: null, latencies: [], serverLatencyMs: null,
   usage: null, budget: null, stats: null, engine: null, ended: null, errors: [], pendingText: null,
-  toolCalls: 0, rotations: 0, lastGapMs: null, resumes: 0, reconnecting: false,
+  toolCalls: 0, rotations: 0, lastGapMs: null, resumes: 0, reconnecting: false, queued: null,
 };
 
 function setStatus(text, isError = false) {
@@ -180,6 +183,7 @@ async function start({ withMicrophone = true } = {}) {
   state.lastGapMs = null;
   state.resumes = 0;
   state.reconnecting = false;
+  state.queued = null;
   state.player?.close(); // a previous reply's tail, if it is still playing
   updateButton();
   setStatus(t('connecting'));
@@ -202,10 +206,12 @@ async function start({ withMicrophone = true } = {}) {
   }
   state.mode = mode;
   // Capture starts now, not when the server is ready: what the user says
-  // right after pressing the button is queued, then sent on `ready`.
+  // right after pressing the button is queued, then sent on `ready`; if the
+  // conversation has to wait for a free engine (`queued`), it is dropped.
   let connection = null;
   const early = [];
   const onAudio = (bytes, ms) => {
+    if (connection?.queued) return; // waiting for a free engine: nobody would hear it
     state.sentMs += ms;
     if (connection) connection.sendAudio(bytes);
     else early.push(bytes.slice(0));
@@ -236,7 +242,7 @@ async function start({ withMicrophone = true } = {}) {
   }
   connection = new Connection({
     url: socketUrl(),
-    greeting: hello({ format, language: $('language').value, voice: $('voice').value, token }),
+    greeting: hello({ format, language: $('language').value, voice: $('voice').value, engine: $('engine').value, token }),
     handlers: conversationHandlers(() => connection, stream != null),
     queueLimit: MAX_PENDING_FRAMES,
     dropOldest: mode === 'worklet',
@@ -249,11 +255,21 @@ async function start({ withMicrophone = true } = {}) {
 /** What one conversation does with each server message. */
 function conversationHandlers(connection, listening) {
   let outputRate = 24000;
+  let refused = false; // the hello was refused: the status says why
   const player = state.player;
   return {
     audio: (bytes) => player?.push(bytes, outputRate),
+    queued: (m) => {
+      state.queued = { position: m.position, waiting: m.waiting };
+      setStatus(t('queued', { position: m.position, waiting: m.waiting }));
+      scheduleRender();
+    },
     ready: (message) => {
       outputRate = message.output.rate;
+      // What a recorder wrote while queued was dropped: the server hears a
+      // new stream, header first.
+      if (state.queued) state.capture?.restart?.();
+      state.queued = null;
       state.engine = message;
       state.budget = message.budget ?? null;
       scheduleRender();
@@ -304,12 +320,26 @@ function conversationHandlers(connection, listening) {
     rotated: (m) => {
       state.rotations += 1;
       state.lastGapMs = m.gap_ms;
-      showNote('rotated', 'rotation', 'rotated', { generation: m.generation, gap: fmtMs(m.gap_ms) });
+      if (typeof m.engine !== 'string' || !m.engine) {
+        showNote('rotated', 'rotation', 'rotated', { generation: m.generation, gap: fmtMs(m.gap_ms) });
+        return;
+      }
+      // Another engine instance took the conversation over, history and all.
+      const voice = typeof m.voice === 'string' ? m.voice : state.engine?.voice;
+      state.engine = { ...state.engine, engine: m.engine, model: m.model ?? state.engine?.model, voice };
+      showNote('rotated', 'engine', voice ? 'rotated-engine-voice' : 'rotated-engine', { engine: m.engine, voice });
+      scheduleRender();
     },
     error: (m) => {
       state.errors.push(m);
       if (m.code === 'budget_exceeded') setStatus(t(m.fatal ? 'budget-refused' : 'budget-spent'), true);
-      else if (m.fatal) setStatus(m.message, true);
+      else if (m.code === 'unknown_engine' || m.code === 'unknown_voice') {
+        // The lists were out of date; the page sends no second hello. They
+        // are loaded again once the socket closes.
+        refused = true;
+        setStatus(t(m.code === 'unknown_engine' ? 'unknown-engine' : 'unknown-voice', { engine: connection().greeting.engine ?? '' }), true);
+        connection().close();
+      } else if (m.fatal) setStatus(m.message, true);
     },
     end: (m) => {
       state.ended = m;
@@ -319,7 +349,9 @@ function conversationHandlers(connection, listening) {
     },
     close: (event) => {
       state.reconnecting = false;
-      if (event.code === 1013) setStatus(event.reason || t('busy'), true);
+      state.queued = null;
+      if (refused) { /* the status already says why */ }
+      else if (event.code === 1013) setStatus(event.reason || t('busy'), true);
       else if (!state.ended && connection().stopped) setStatus(t('ended'));
       else if (!state.ended && event.code !== 1000) setStatus(event.reason || t('socket-failed'), true);
       state.capture?.stop();
@@ -329,6 +361,7 @@ function conversationHandlers(connection, listening) {
         state.running = false;
         updateButton();
       }
+      loadEngines(); // which instances are busy now, and any change of configuration
       scheduleRender();
     },
   };
@@ -345,18 +378,51 @@ function updateButton() {
   label($('talk-label'), state.running ? 'stop' : 'start');
 }
 
-async function loadVoices() {
+async function loadEngines() {
   try {
     const info = await (await fetch('/api/engine')).json();
     tokenUrl = info.token_url || '';
-    const select = $('voice');
-    for (const voice of info.voices || []) {
-      const option = document.createElement('option');
-      option.value = voice.id;
-      option.textContent = voice.label;
-      select.append(option);
-    }
-  } catch { /* the default voice still works */ }
+    engines = {
+      instances: Array.isArray(info.instances) ? info.instances : [],
+      voices: Array.isArray(info.voices) ? info.voices : [],
+    };
+    fillEngines();
+    fillVoices();
+  } catch { /* "any engine" and the default voice still work */ }
+}
+
+/** Keeps the first option (the default) and the choice, when it is still there. */
+function refill(select, options) {
+  const chosen = select.value;
+  select.replaceChildren(select.options[0], ...options);
+  select.value = options.some((option) => option.value === chosen) ? chosen : '';
+}
+
+// The engine list shows only when there is a choice; an instance with no
+// room keeps its place, since a conversation can wait for it.
+function fillEngines() {
+  const several = engines.instances.length > 1;
+  refill($('engine'), !several ? [] : engines.instances.map((instance) => {
+    const option = document.createElement('option');
+    option.value = instance.name;
+    const name = instance.kind && instance.kind !== instance.name ? `${instance.name} · ${instance.kind}` : instance.name;
+    if (instance.available === false) label(option, 'engine-busy', { name });
+    else option.textContent = name;
+    return option;
+  }));
+  $('engine-field').hidden = !several;
+}
+
+/** The voices of the chosen engine, or of every engine for "any". */
+function fillVoices() {
+  const instance = engines.instances.find((i) => i.name === $('engine').value);
+  const voices = instance ? instance.voices || [] : engines.voices;
+  refill($('voice'), voices.map((voice) => {
+    const option = document.createElement('option');
+    option.value = voice.id;
+    option.textContent = voice.label;
+    return option;
+  }));
 }
 
 /** `?lang=` picks the conversation's language, added to the list when it is not there. */
@@ -389,6 +455,7 @@ function facts() {
     rotations: state.rotations,
     resumes: state.resumes,
     reconnecting: state.reconnecting,
+    queued: state.queued,
     errors: state.errors,
     end: state.ended,
     audio: {
@@ -403,6 +470,7 @@ function facts() {
 Object.defineProperty(window, 'sonora', { value: Object.freeze({ facts }), enumerable: true });
 
 $('talk').addEventListener('click', () => (state.running ? stop() : start()));
+$('engine').addEventListener('change', fillVoices);
 $('ui-lang').addEventListener('click', () => {
   setLanguage(language() === 'es' ? 'en' : 'es');
   applyLanguage();
@@ -425,4 +493,4 @@ $('text-form').addEventListener('submit', (event) => {
 });
 applyLanguageParameter();
 applyLanguage();
-loadVoices();
+loadEngines();

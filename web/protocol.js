@@ -1,13 +1,15 @@
 // The `/ws` conversation protocol, version 1 (docs/protocol.md), from the
-// page's side. Up: the hello, user audio (queued until `ready`), typed text,
-// tool results and stop. Down: reply audio, and server messages checked for
-// the fields the page reads, each handed to the handler named by its type.
+// page's side. Up: the hello, user audio (queued until `ready`, dropped while
+// the conversation waits for a free engine), typed text, tool results and
+// stop. Down: reply audio, and server messages checked for the fields the
+// page reads, each handed to the handler named by its type.
 
 export const VERSION = 1;
 
 /** The fields each server message the page acts on must carry, by type. */
 const REQUIRED = {
   ready: { output: 'object' },
+  queued: { position: 'number', waiting: 'number' },
   speech: { state: 'string' },
   transcript: { role: 'string', stage: 'string', text: 'string', turn: 'number' },
   latency: { ms: 'number' },
@@ -28,8 +30,11 @@ export function socketUrl(page = location) {
   return `${page.protocol === 'https:' ? 'wss' : 'ws'}://${page.host}/ws`;
 }
 
-/** The hello for audio in `format` (`pcm16` at 16 kHz, `webm` or `ogg`). */
-export function hello({ format, language, voice, token }) {
+/**
+ * The hello for audio in `format` (`pcm16` at 16 kHz, `webm` or `ogg`);
+ * `engine` (an instance name or an engine kind) and `token` only when given.
+ */
+export function hello({ format, language, voice, engine, token }) {
   const message = {
     type: 'hello',
     version: VERSION,
@@ -37,6 +42,7 @@ export function hello({ format, language, voice, token }) {
     language,
     voice,
   };
+  if (engine) message.engine = engine;
   if (token) message.token = token;
   return message;
 }
@@ -72,6 +78,9 @@ const RESUME_WINDOW_MS = 30000;
  * pieces the oldest is dropped when `dropOldest` (PCM frames), never
  * otherwise (a container's first blob holds its header). Audio captured
  * while the connection is down is not sent: the server hears silence.
+ * While the conversation waits for a free engine (`queued`, before
+ * `ready`) audio is dropped, not held: the server would not hear it, and
+ * a recorder starts a new stream, header first, once `ready` comes.
  *
  * Every frame of the conversation is numbered (`seq`; a binary frame takes
  * the next number): a socket that drops before `end` is replaced by one
@@ -88,6 +97,7 @@ export class Connection {
     this.dropOldest = dropOldest;
     this.pending = [];
     this.ready = false;
+    this.queued = false; // waiting for a free engine, before `ready`
     this.stopped = false; // `stop` was called
     this.ended = false; // `end` arrived
     this.lastSeq = 0;
@@ -111,9 +121,11 @@ export class Connection {
 
   closed(event) {
     this.ready = false;
+    this.queued = false;
     this.pending.length = 0;
     // 1008: the secret was refused (`resume_failed`); a busy server (1013)
-    // is tried again while the conversation waits.
+    // is tried again while the conversation waits. One still in the queue
+    // has no secret: it lost its place.
     if (this.secret && !this.stopped && !this.ended && event.code !== 1008) {
       const now = performance.now();
       if (!this.awaySince) this.awaySince = now;
@@ -123,7 +135,8 @@ export class Connection {
         this.handlers.reconnecting?.(this.attempts);
         this.retry = setTimeout(() => {
           this.retry = null;
-          this.connect({ ...this.greeting, token: undefined, resume: this.secret, last_seq: this.lastSeq });
+          // The engine is the conversation's already (perhaps another one since).
+          this.connect({ ...this.greeting, token: undefined, engine: undefined, resume: this.secret, last_seq: this.lastSeq });
         }, wait);
         return;
       }
@@ -154,6 +167,9 @@ export class Connection {
     if (message.type === 'ready') {
       if (typeof message.resume === 'string') this.secret = message.resume;
       this.attached();
+    } else if (message.type === 'queued') {
+      this.queued = true;
+      this.pending.length = 0;
     } else if (message.type === 'resumed') {
       this.awaySince = 0;
       this.attempts = 0;
@@ -166,6 +182,7 @@ export class Connection {
 
   attached() {
     this.ready = true;
+    this.queued = false;
     for (const bytes of this.pending.splice(0)) this.socket.send(bytes);
   }
 
@@ -175,7 +192,7 @@ export class Connection {
       if (this.open) this.socket.send(bytes);
       return;
     }
-    if (this.reconnecting) return;
+    if (this.reconnecting || this.queued) return;
     this.pending.push(bytes.slice(0));
     if (this.dropOldest && this.pending.length > this.queueLimit) this.pending.shift();
   }
@@ -194,7 +211,10 @@ export class Connection {
     return this.sendJson({ type: 'tool_result', id, result });
   }
 
-  /** Asks the server to end the conversation; a socket still connecting is just closed. */
+  /**
+   * Asks the server to end the conversation; a socket still connecting, or
+   * one still waiting for a free engine, is just closed.
+   */
   stop() {
     this.stopped = true;
     if (this.retry) {
@@ -203,7 +223,14 @@ export class Connection {
       this.handlers.close?.({ code: 1000, reason: '' });
       return;
     }
-    if (this.open) this.socket.send(JSON.stringify({ type: 'stop' }));
+    if (this.queued) this.close();
+    else if (this.open) this.socket.send(JSON.stringify({ type: 'stop' }));
     else if (this.socket.readyState === WebSocket.CONNECTING) this.socket.close();
+  }
+
+  /** Gives up on a conversation that never started (its hello refused, or still queued): closes without `stop`. */
+  close() {
+    this.stopped = true;
+    if (this.socket.readyState !== WebSocket.CLOSED) this.socket.close(1000);
   }
 }

@@ -10,12 +10,68 @@ use crate::engine::Engine;
 use crate::engine::gemini_live::{GeminiLiveEngine, GeminiLiveSettings};
 use crate::engine::local::{LocalEngine, LocalSettings};
 use crate::engine::openai_realtime::{OpenAiRealtimeEngine, OpenAiRealtimeSettings};
+use crate::engine::pool::{InstanceSpec, Pool, PoolSettings};
 
 /// An engine ready for conversations, and a few words about it for the
 /// ready line.
 pub(crate) struct Loaded {
     pub(crate) engine: Arc<dyn Engine>,
     pub(crate) about: String,
+}
+
+/// The engines `config` names: each `[[engine.instances]]` table loaded
+/// with its own configuration, or the one `engine.kind`.
+pub(crate) async fn load_pool(config: &Config) -> anyhow::Result<(Pool, String)> {
+    let instances = &config.engine.instances;
+    if instances.is_empty() {
+        let loaded = load(config).await?;
+        return Ok((Pool::single(loaded.engine), loaded.about));
+    }
+    let mut specs = Vec::with_capacity(instances.len());
+    let mut about = Vec::with_capacity(instances.len());
+    for (index, instance) in instances.iter().enumerate() {
+        let own = config.for_instance(index).map_err(|e| anyhow!(e))?;
+        let loaded = load(&own)
+            .await
+            .with_context(|| format!("engine instance {}", instance.name))?;
+        let limit = match instance.max_concurrent {
+            0 => "no limit".to_owned(),
+            n => format!("at most {n}"),
+        };
+        about.push(format!(
+            "{} ({}, {limit})",
+            instance.name,
+            instance.kind.as_str()
+        ));
+        specs.push(InstanceSpec {
+            name: instance.name.clone(),
+            engine: loaded.engine,
+            max_concurrent: instance.max_concurrent,
+            priority: instance.priority,
+        });
+    }
+    let engine = &config.engine;
+    let settings = PoolSettings {
+        queue_max: engine.queue_max as usize,
+        queue_timeout: std::time::Duration::from_secs(engine.queue_timeout_s.into()),
+        failover: engine.failover,
+        failure_cooldown: std::time::Duration::from_millis(engine.failure_cooldown_ms.into()),
+    };
+    Ok((
+        Pool::new(specs, settings),
+        format!("engines: {}", about.join(", ")),
+    ))
+}
+
+/// Whether loading takes a while (models on this machine): the page is
+/// served meanwhile.
+pub(crate) fn loads_models(config: &Config) -> bool {
+    let instances = &config.engine.instances;
+    if instances.is_empty() {
+        !config.engine.kind.is_cloud()
+    } else {
+        instances.iter().any(|i| !i.kind.is_cloud())
+    }
 }
 
 /// The engine `config` names: the local one loads its models on the

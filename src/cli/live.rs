@@ -123,7 +123,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let engine = runtime.block_on(super::engines::load(config))?.engine;
+    let engine = std::sync::Arc::new(runtime.block_on(super::engines::load_pool(config))?.0);
     let devices = Devices {
         mic_rate_hz: mic_config.sample_rate(),
         out_rate_hz: out_config.sample_rate(),
@@ -228,6 +228,7 @@ async fn converse(
     let options = ConversationOptions {
         language: config.engine.language.clone(),
         voice: config.engine.voice.clone(),
+        history: Vec::new(),
     };
     let session = engine.start(options).map_err(|e| anyhow!(e))?;
     let mut handle = Conversation::spawn(session, None, SessionLimits::from_config(config));

@@ -140,20 +140,20 @@ async fn serve(
             let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms));
             server.set_engine(engine).map_err(|e| anyhow!(e))?;
         }
-        None if config.engine.kind.is_cloud() => {
-            let loaded = engines::load(config).await?;
-            server.set_engine(loaded.engine).map_err(|e| anyhow!(e))?;
-            eprintln!("sonora: ready — open http://{bound}");
+        None if !engines::loads_models(config) => {
+            let (pool, about) = engines::load_pool(config).await?;
+            server.set_pool(pool).map_err(|e| anyhow!(e))?;
+            eprintln!("sonora: ready — open http://{bound} ({about})");
         }
         None => {
             // The page is served while the speech model loads.
             let (loading, config) = (server.clone(), config.clone());
             eprintln!("sonora: loading the local engine…");
             tokio::spawn(async move {
-                match engines::load(&config).await {
-                    Ok(loaded) => {
-                        eprintln!("sonora: ready — open http://{bound} ({})", loaded.about);
-                        let _ = loading.set_engine(loaded.engine);
+                match engines::load_pool(&config).await {
+                    Ok((pool, about)) => {
+                        eprintln!("sonora: ready — open http://{bound} ({about})");
+                        let _ = loading.set_pool(pool);
                     }
                     Err(e) => {
                         let _ = failed_tx.try_send(format!("{e:#}"));

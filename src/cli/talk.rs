@@ -84,7 +84,7 @@ pub(crate) fn run(config: &Config, args: &TalkArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let engine = runtime.block_on(super::engines::load(config))?.engine;
+    let engine = std::sync::Arc::new(runtime.block_on(super::engines::load_pool(config))?.0);
     let summary = runtime.block_on(converse(config, args, engine.as_ref(), speech))?;
     println!("{summary}");
     match summary["close"].as_str() {
@@ -121,6 +121,7 @@ async fn converse(
     let options = ConversationOptions {
         language: config.engine.language.clone(),
         voice: config.engine.voice.clone(),
+        history: Vec::new(),
     };
     let session = engine.start(options).map_err(|e| anyhow!(e))?;
     let limits = SessionLimits {

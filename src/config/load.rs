@@ -113,12 +113,7 @@ impl Config {
     /// (where keys travel), tables in arrays (`tools.http`) included.
     pub fn to_redacted_toml(&self) -> String {
         let mut table = to_table(self);
-        for (key, value) in leaves(&table) {
-            if is_secret(&key) {
-                set_leaf(&mut table, &key, redact(&value));
-            }
-        }
-        redact_urls(&mut table);
+        redact_table(&mut table);
         toml::to_string(&table).unwrap_or_default()
     }
 }
@@ -260,18 +255,20 @@ fn set_leaf(table: &mut Table, key: &str, value: Value) {
     }
 }
 
-/// Redacts every string under a key ending in `url`, at any depth.
-fn redact_urls(table: &mut Table) {
+/// Redacts every secret, and every string under a key ending in `url`, at
+/// any depth (tables in arrays too: `engine.instances`, `tools.http`).
+fn redact_table(table: &mut Table) {
     for (key, value) in table.iter_mut() {
         match value {
+            _ if is_secret(key) => *value = redact(value),
             Value::String(text) if is_url_key(key) => {
                 *text = crate::redact::url(text);
             }
-            Value::Table(inner) => redact_urls(inner),
+            Value::Table(inner) => redact_table(inner),
             Value::Array(items) => {
                 for item in items {
                     if let Value::Table(inner) = item {
-                        redact_urls(inner);
+                        redact_table(inner);
                     }
                 }
             }

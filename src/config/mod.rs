@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 
 mod gemini_live;
+mod instances;
 mod ledger;
 mod load;
 mod openai_realtime;
@@ -16,6 +17,7 @@ mod telephony;
 mod validate;
 
 pub use gemini_live::GeminiLiveConfig;
+pub use instances::EngineInstanceConfig;
 pub use ledger::LedgerConfig;
 pub use load::{LoadOptions, env_name, keys, load};
 pub use openai_realtime::OpenAiRealtimeConfig;

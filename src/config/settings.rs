@@ -225,6 +225,20 @@ pub struct EngineConfig {
     pub language: String,
     /// Voice name; empty selects the engine's default voice (no unit).
     pub voice: String,
+    /// Several engines at once (`[[engine.instances]]`), routed by capacity
+    /// in priority order; empty: `engine.kind` serves every conversation.
+    pub instances: Vec<super::EngineInstanceConfig>,
+    /// Conversations that may wait for an instance when all are full, in
+    /// conversations; with no instances there is no queue.
+    pub queue_max: u32,
+    /// Longest a conversation waits for an instance before it is refused, in seconds.
+    pub queue_timeout_s: u32,
+    /// Whether a conversation whose instance fails goes on with another at a
+    /// turn boundary, carrying the history as text (no unit).
+    pub failover: bool,
+    /// How long an instance that failed to start or keep a conversation gets
+    /// no new ones, in milliseconds.
+    pub failure_cooldown_ms: u32,
 }
 
 /// Speech engine implementations.
@@ -243,6 +257,26 @@ pub enum EngineKind {
 }
 
 impl EngineKind {
+    /// The name in configuration and on the wire: `nova-sonic`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::NovaSonic => "nova-sonic",
+            Self::OpenaiRealtime => "openai-realtime",
+            Self::GeminiLive => "gemini-live",
+        }
+    }
+
+    /// The configuration section with its settings: `nova_sonic`.
+    pub fn section(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::NovaSonic => "nova_sonic",
+            Self::OpenaiRealtime => "openai_realtime",
+            Self::GeminiLive => "gemini_live",
+        }
+    }
+
     /// Whether the engine is a service that hears in real time (input paced
     /// like a microphone) and costs money.
     pub fn is_cloud(self) -> bool {
@@ -348,6 +382,11 @@ impl Default for EngineConfig {
             kind: EngineKind::Local,
             language,
             voice: String::new(),
+            instances: Vec::new(),
+            queue_max: 32,
+            queue_timeout_s: 120,
+            failover: true,
+            failure_cooldown_ms: 30_000,
         }
     }
 }

@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 140, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 145, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -421,4 +421,68 @@ fn gemini_live_settings_are_checked_and_its_secrets_redacted() {
     let shown = config.to_redacted_toml();
     assert!(!shown.contains("ya29.secret"), "{shown}");
     assert!(shown.contains("[gemini_live]"), "{shown}");
+}
+
+const TWO_INSTANCES: &str = r#"
+[engine]
+queue_max = 4
+
+[[engine.instances]]
+name = "nova-east"
+kind = "nova-sonic"
+max_concurrent = 2
+region = "us-east-1"
+top_p = 1
+
+[[engine.instances]]
+name = "openai-backup"
+kind = "openai-realtime"
+priority = 1
+api_key = "sk-secret-value"
+endpoint_url = "wss://example.test/v1/realtime?key=abc"
+"#;
+
+#[test]
+fn instances_carry_their_own_settings_over_their_kinds_section() {
+    let file = TempFile::new(TWO_INSTANCES);
+    let config = load(&opts(Some(&file), &[], &[]), &[]).expect("loads");
+    let instances = &config.engine.instances;
+    assert_eq!(instances.len(), 2);
+    assert_eq!(
+        (instances[0].kind, instances[0].max_concurrent),
+        (EngineKind::NovaSonic, 2)
+    );
+    let east = config.for_instance(0).expect("its configuration");
+    assert_eq!(east.engine.kind, EngineKind::NovaSonic);
+    assert_eq!(east.nova_sonic.region, "us-east-1");
+    // An integer where the section has a float is widened.
+    assert!((east.nova_sonic.top_p - 1.0).abs() < f64::EPSILON);
+    assert!(east.engine.instances.is_empty());
+    let backup = config.for_instance(1).expect("its configuration");
+    assert_eq!(backup.openai_realtime.api_key, "sk-secret-value");
+    // The main section is untouched.
+    assert_eq!(config.nova_sonic.region, "");
+    // Secrets and URL queries inside instances are redacted too.
+    let shown = config.to_redacted_toml();
+    assert!(!shown.contains("sk-secret-value"), "{shown}");
+    assert!(!shown.contains("key=abc"), "{shown}");
+}
+
+#[test]
+fn a_bad_instance_is_named_by_its_own_key() {
+    let with =
+        |extra: &str| format!("[[engine.instances]]\nname = \"a\"\nkind = \"nova-sonic\"\n{extra}");
+    let (err, text, _) = file_fail(&with("regoin = \"us-east-1\"\n"));
+    assert_eq!(err.key(), Some("engine.instances[0].regoin"), "{text}");
+    assert!(text.contains("not a setting of [nova_sonic]"), "{text}");
+    let (err, text, _) = file_fail(&with("top_p = 3.0\n"));
+    assert_eq!(err.key(), Some("engine.instances[0].top_p"), "{text}");
+    let (err, text, _) = file_fail(&with("region = 5\n"));
+    assert_eq!(err.key(), Some("engine.instances[0].region"), "{text}");
+    let twice = format!("{}{}", with(""), with(""));
+    let (err, text, _) = file_fail(&twice);
+    assert_eq!(err.key(), Some("engine.instances[1].name"), "{text}");
+    assert!(text.contains("another instance"), "{text}");
+    let (err, _, _) = file_fail("[[engine.instances]]\nname = \"Bad Name\"\nkind = \"local\"\n");
+    assert_eq!(err.key(), Some("engine.instances[0].name"));
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use toml::Value;
 
 use super::load::invalid;
-use super::{Check, Config, ConfigError, KIB, MIB, REDACTED, quoted};
+use super::{Check, Config, ConfigError, KIB, MIB, REDACTED, SettingError, quoted};
 
 impl Config {
     /// Checks every generic range and format rule, then each of `checks`.
@@ -101,8 +101,12 @@ impl Config {
         let (a, s, l, n) = (&self.audio, &self.server, &self.local, &self.nova_sonic);
         let (cap, block) = (a.decoder_input_cap_bytes as u64, a.max_block_bytes as u64);
         let block_unit = "bytes (audio.decoder_input_cap_bytes)";
+        let e = &self.engine;
         #[rustfmt::skip]
-        let ranges: [(&str, u64, u64, u64, &str); 39] = [
+        let ranges: [(&str, u64, u64, u64, &str); 42] = [
+            ("engine.queue_max", e.queue_max.into(), 0, 100_000, "conversations"),
+            ("engine.queue_timeout_s", e.queue_timeout_s.into(), 1, 3_600, "s"),
+            ("engine.failure_cooldown_ms", e.failure_cooldown_ms.into(), 0, 3_600_000, "ms"),
             ("audio.decoder_input_cap_bytes", cap, 64 * KIB, 64 * MIB, "bytes"),
             ("audio.max_block_bytes", block, KIB, cap, block_unit),
             ("audio.uplink_queue_ms", a.uplink_queue_ms.into(), 100, 60_000, "ms"),
@@ -233,6 +237,15 @@ impl Config {
         for check in checks {
             check(self).map_err(|e| bad(&e.key, e.value, &e.reason))?;
         }
+        self.check_instances(&|config| {
+            config.validate(checks).map_err(|e| match e {
+                ConfigError::Invalid {
+                    key, value, reason, ..
+                } => SettingError::new(key, value, reason),
+                other => SettingError::new("engine.instances", "", other.to_string()),
+            })
+        })
+        .map_err(|e| bad(&e.key, e.value, &e.reason))?;
         Ok(())
     }
 }

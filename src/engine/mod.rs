@@ -9,6 +9,7 @@ pub mod gemini_live;
 pub mod local;
 pub mod nova_sonic;
 pub mod openai_realtime;
+pub mod pool;
 pub mod scripted;
 pub(crate) mod text_history;
 pub(crate) mod tool_runner;
@@ -153,6 +154,20 @@ pub enum EngineEvent {
         /// milliseconds (frames arriving meanwhile wait, none are lost).
         gap_ms: f64,
     },
+    /// The conversation went on with another engine instance after its
+    /// own failed, at a turn boundary, carrying the conversation as text.
+    Moved {
+        /// The instance now serving it.
+        engine: String,
+        model: String,
+        voice: String,
+        /// Its price table, stamped on usage from now on.
+        prices: String,
+        /// Moves so far.
+        generation: u32,
+        /// From the failure to the new engine's readiness, in milliseconds.
+        gap_ms: f64,
+    },
     Error {
         kind: ErrorKind,
         message: String,
@@ -182,12 +197,15 @@ impl Voice {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConversationOptions {
     /// BCP-47 language, e.g. `es` or `en-US`.
     pub language: String,
     /// Engine voice name; empty for the engine's default.
     pub voice: String,
+    /// The conversation so far, oldest first, when it goes on from another
+    /// engine: cloud engines give it to their service as text.
+    pub history: Vec<(Role, String)>,
 }
 
 /// The two ends of one engine conversation.

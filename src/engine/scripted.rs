@@ -67,6 +67,8 @@ pub struct Received {
     /// Every input in arrival order (empty for [`ScriptedEngine::echo_turns`],
     /// which runs for long load tests).
     pub log: Vec<Arrival>,
+    /// The options of each conversation started, in order.
+    pub started: Vec<ConversationOptions>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +118,8 @@ impl Engine for ScriptedEngine {
         "scripted"
     }
 
-    fn start(&self, _options: ConversationOptions) -> Result<EngineSession, super::StartError> {
+    fn start(&self, options: ConversationOptions) -> Result<EngineSession, super::StartError> {
+        lock(&self.received).started.push(options);
         let (session, input, events) = EngineSession::channel();
         let keep_log = matches!(self.behaviour, Behaviour::Script(_));
         let inbox = Inbox {
@@ -369,6 +372,7 @@ mod tests {
         ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         }
     }
 

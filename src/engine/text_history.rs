@@ -16,6 +16,16 @@ pub(crate) struct History {
 }
 
 impl History {
+    /// A history that starts with `messages` (a conversation carried over
+    /// from another engine).
+    pub(crate) fn from_messages(messages: &[(Role, String)]) -> Self {
+        let mut history = Self::default();
+        for (role, text) in messages {
+            history.push(*role, text);
+        }
+        history
+    }
+
     pub(crate) fn push(&mut self, role: Role, text: &str) {
         let text = text.trim();
         if text.is_empty() {

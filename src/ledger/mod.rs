@@ -274,10 +274,12 @@ impl Ledger {
         }
     }
 
-    /// The engine's model and voice, once it is ready (not waited for).
-    pub fn ready(&self, conversation: &str, model: &str, voice: &str) {
+    /// The engine (instance), model and voice, once it is ready, and again
+    /// when the conversation moves to another engine (not waited for).
+    pub fn ready(&self, conversation: &str, engine: &str, model: &str, voice: &str) {
         self.queue(writer::Write::Ready {
             conversation: conversation.to_owned(),
+            engine: engine.to_owned(),
             model: model.to_owned(),
             voice: voice.to_owned(),
         });

@@ -73,7 +73,7 @@ async fn a_conversation_its_usage_and_its_end_are_recorded_exactly() {
     assert!(dir.join("sub/ledger.db").exists());
     assert_eq!(ledger.backend(), Backend::Sqlite);
     ledger.started(start("c1")).await.expect("started");
-    ledger.ready("c1", "amazon.nova-2-sonic-v1:0", "lupe");
+    ledger.ready("c1", "nova-east", "amazon.nova-2-sonic-v1:0", "lupe");
     ledger
         .usage(usage("c1", 0, 0, delta(100, 1_234)))
         .await
@@ -97,6 +97,8 @@ async fn a_conversation_its_usage_and_its_end_are_recorded_exactly() {
     assert_eq!(row.conversation, "c1");
     assert_eq!(row.gateway, "gw-a");
     assert_eq!(row.model, "amazon.nova-2-sonic-v1:0");
+    // Ready names the instance that serves it.
+    assert_eq!(row.engine, "nova-east");
     assert_eq!(row.end_reason.as_deref(), Some("client_stopped"));
     assert_eq!(row.turns, 2);
     assert_eq!(row.speech_in_tokens, 150);

@@ -38,6 +38,7 @@ pub(super) enum Write {
     },
     Ready {
         conversation: String,
+        engine: String,
         model: String,
         voice: String,
     },
@@ -206,11 +207,15 @@ impl Writer {
                 }
                 Write::Ready {
                     conversation,
+                    engine,
                     model,
                     voice,
                 } => {
-                    sqlx::query("UPDATE conversations SET model = $1, voice = $2 WHERE id = $3")
-                        .bind(model.as_str())
+                    sqlx::query(
+                        "UPDATE conversations SET engine = $1, model = $2, voice = $3 WHERE id = $4",
+                    )
+                    .bind(engine.as_str())
+                    .bind(model.as_str())
                         .bind(voice.as_str())
                         .bind(conversation.as_str())
                         .execute(&mut *tx)

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::clients::ClientPermit;
 use super::{Caller, READ_BUFFER_BYTES, Shared, WRITE_BUFFER_BYTES, metrics, net, socket};
+use crate::engine::Engine as _;
 
 /// A conversation's places: one of `server.max_sessions` and one of its
 /// address's `server.max_sessions_per_client`. Both are given back when it

@@ -47,6 +47,7 @@ pub fn frames(data: &[u8]) {
         let options = ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         };
         let Ok(session) = engine.start(options) else {
             return;

@@ -39,6 +39,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::engine::pool::Pool;
 use crate::ledger::Ledger;
 use crate::session::SessionLimits;
 use clients::Clients;
@@ -66,7 +67,8 @@ const METRICS_CONNECTIONS: usize = 64;
 struct Shared {
     config: Config,
     limits: SessionLimits,
-    engine: OnceLock<Arc<dyn Engine>>,
+    /// The engines conversations are placed on, once loaded.
+    engine: OnceLock<Pool>,
     metrics: Arc<Metrics>,
     admission: Arc<Semaphore>,
     /// Conversations and request rates per client address.
@@ -163,9 +165,15 @@ impl Server {
     /// Hands over the loaded engine; `/readyz` says ready from now on. A
     /// second engine is refused.
     pub fn set_engine(&self, engine: Arc<dyn Engine>) -> Result<(), String> {
+        self.set_pool(Pool::single(engine))
+    }
+
+    /// Hands over the loaded engine instances (`[[engine.instances]]`);
+    /// `/readyz` says ready from now on. A second set is refused.
+    pub fn set_pool(&self, pool: Pool) -> Result<(), String> {
         self.shared
             .engine
-            .set(engine)
+            .set(pool)
             .map_err(|_| "the engine is already set".to_owned())?;
         self.shared.metrics.set_ready(true);
         Ok(())
@@ -481,24 +489,46 @@ async fn issue_token(
     }
 }
 
-/// The engine and its voices, for the UI's menus.
+/// The engines, their voices and whether they have room, for the UI's
+/// menus and for operators.
 async fn engine_info(State(shared): State<Arc<Shared>>) -> Response {
-    let engine = shared.engine.get();
+    let pool = shared.engine.get();
+    let instances: Vec<serde_json::Value> = pool
+        .map(|pool| pool.instances().iter().map(|i| instance_info(i)).collect())
+        .unwrap_or_default();
     let body = serde_json::json!({
-        "engine": engine.map(|e| e.name()),
+        "engine": pool.and_then(|p| p.instances().first()).map(|i| i.name()),
         "ready": shared.metrics.is_ready(),
         "language": shared.config.engine.language,
-        "voices": engine.map(|e| e.voices()).unwrap_or_default(),
+        "voices": pool.map(Pool::voices).unwrap_or_default(),
+        "instances": instances,
+        "queue": {
+            "waiting": pool.map_or(0, Pool::waiting),
+            "max": pool.map_or(0, |p| p.settings().queue_max),
+        },
         "protocol": protocol::VERSION,
         "token_url": shared.config.server.client_token_url,
     });
     axum::Json(body).into_response()
 }
 
+fn instance_info(instance: &crate::engine::pool::Instance) -> serde_json::Value {
+    let cooling = instance.cooling().map_or(0, |d| d.as_millis());
+    serde_json::json!({
+        "name": instance.name(),
+        "kind": instance.kind(),
+        "voices": instance.engine().voices(),
+        "max_concurrent": instance.max_concurrent(),
+        "active": instance.active(),
+        "available": instance.available(),
+        "cooling_ms": u64::try_from(cooling).unwrap_or(u64::MAX),
+    })
+}
+
 async fn metrics_text(State(shared): State<Arc<Shared>>) -> Response {
     let mut text = shared.metrics.render();
-    if let Some(engine) = shared.engine.get() {
-        metrics::render_engine(&mut text, &engine.stats());
+    if let Some(pool) = shared.engine.get() {
+        metrics::render_engines(&mut text, pool);
     }
     if let Some(ledger) = shared.ledger.get() {
         metrics::render_ledger(&mut text, ledger);

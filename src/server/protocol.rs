@@ -41,6 +41,8 @@ crate::names::named_enum! {
         UnsupportedAudio = "unsupported_audio",
         /// `hello` with a voice the engine does not offer.
         UnknownVoice = "unknown_voice",
+        /// `hello` naming an engine the server does not run.
+        UnknownEngine = "unknown_engine",
         /// Audio, text or stop before a `hello` was accepted.
         HelloFirst = "hello_first",
         /// A second `hello` on a session that already has one.
@@ -121,6 +123,8 @@ impl ProtocolError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Hello {
     pub(crate) audio: AudioFormat,
+    /// An engine instance or kind to run on; empty for any.
+    pub(crate) engine: String,
     pub(crate) voice: String,
     pub(crate) language: String,
     pub(crate) token: String,
@@ -296,6 +300,7 @@ fn parse_hello(object: &serde_json::Map<String, Value>) -> Result<Hello, Protoco
     };
     Ok(Hello {
         audio,
+        engine: text("engine")?,
         voice: text("voice")?,
         language: text("language")?,
         token: text("token")?,

@@ -55,6 +55,12 @@ impl Record {
         }
     }
 
+    /// The price table of the engine the conversation moved to, stamped
+    /// on its usage from now on.
+    pub(super) fn set_prices(&mut self, prices: String) {
+        self.prices = prices;
+    }
+
     /// The usage recorded so far.
     pub(super) fn total(&self) -> &UsageDelta {
         &self.total

@@ -10,6 +10,7 @@ mod conversing;
 mod downlink;
 mod handshake;
 mod ledger;
+mod queue;
 mod replay;
 mod resume;
 
@@ -28,8 +29,10 @@ use tokio_tungstenite::tungstenite;
 use tracing::Instrument;
 
 use super::Shared;
+use super::metrics::Refusal;
 use super::protocol::{ErrorCode, Hello, MAX_TEXT_MESSAGE_BYTES, ProtocolError, ServerMessage};
 use crate::audio::{StreamDecoder, StreamResampler};
+use crate::engine::pool::{Admission, Hold, Instance, Want};
 use crate::engine::{ConversationOptions, StartError};
 use crate::session::{CloseReason, Conversation, ConversationHandle};
 
@@ -115,6 +118,11 @@ struct Running {
     /// How its client re-attaches, when the server keeps conversations for
     /// their clients (see `resume.rs`).
     resume: Option<resume::Slot>,
+    /// Its place on an engine instance, until the connection ends.
+    _hold: Hold,
+    /// The instance whose cost it counts (one engine on its own: routed
+    /// conversations are counted by their relay).
+    counted: Option<Arc<Instance>>,
 }
 
 impl Connection {
@@ -343,9 +351,10 @@ impl Connection {
         }
     }
 
-    /// Starts the engine and the conversation for an accepted hello.
+    /// Starts the engine and the conversation for an accepted hello, after
+    /// a wait for a place on an engine instance if every one is full.
     async fn start(&mut self, hello: Hello) -> Option<Running> {
-        let Some(engine) = self.shared.engine.get().cloned() else {
+        let Some(pool) = self.shared.engine.get().cloned() else {
             self.close(CLOSE_TRY_AGAIN, "the engine is still loading")
                 .await;
             return None;
@@ -362,23 +371,33 @@ impl Connection {
             } else {
                 hello.voice.clone()
             },
+            history: Vec::new(),
         };
-        let record = self
-            .record_start(&options, engine.as_ref(), &hello.token)
-            .await?;
-        let session = match engine.start(options) {
-            Ok(session) => session,
+        let want = Want {
+            engine: hello.engine.clone(),
+            voice: options.voice.clone(),
+        };
+        let slot = match pool.enter(&want) {
+            Admission::Placed(slot) => slot,
+            Admission::Queued(entry) => self.wait_for_place(entry, &hello.token).await?,
+            Admission::Full => {
+                let message =
+                    "every engine that fits is full, and so is the queue; try again later";
+                self.refuse_busy(Refusal::QueueFull, message, &hello.token)
+                    .await;
+                return None;
+            }
+        };
+        let placed = Arc::clone(slot.instance());
+        let mut record = self.record_start(&options, &placed, &hello.token).await?;
+        let started = match pool.start(slot, &want, options) {
+            Ok(started) => started,
             Err(StartError::Busy { message, .. }) => {
                 // Shedding load: a refusal like a full server, not a failure.
-                self.shared
-                    .metrics
-                    .refused(super::metrics::Refusal::EngineBusy);
                 self.record_end(&record, ErrorCode::EngineBusy.as_str(), 0)
                     .await;
-                self.release_token(&hello.token).await;
-                let error = ProtocolError::new(ErrorCode::EngineBusy, message);
-                self.send_error(&error, true).await;
-                self.close(CLOSE_TRY_AGAIN, ENGINE_BUSY_REASON).await;
+                self.refuse_busy(Refusal::EngineBusy, &message, &hello.token)
+                    .await;
                 return None;
             }
             Err(message) => {
@@ -386,13 +405,19 @@ impl Connection {
                 self.record_end(&record, ErrorCode::EngineUnavailable.as_str(), 0)
                     .await;
                 self.release_token(&hello.token).await;
-                let message = format!("the {} engine could not start", engine.name());
+                let message = format!("the {} engine could not start", placed.name());
                 let error = ProtocolError::new(ErrorCode::EngineUnavailable, message.clone());
                 self.send_error(&error, true).await;
                 self.close(CLOSE_INTERNAL, "engine unavailable").await;
                 return None;
             }
         };
+        if !Arc::ptr_eq(&started.instance, &placed) {
+            // Another instance took it: its prices apply.
+            record.set_prices(started.instance.engine().prices());
+        }
+        let counted = (!pool.routed()).then(|| Arc::clone(&started.instance));
+        let session = started.session;
         let decoder = StreamDecoder::new(Some(hello.audio), self.shared.limits.decoder);
         let handle = Conversation::spawn(session, Some(decoder), self.shared.limits);
         let resume = self.shared.resumable.register(&self.shared.config.server);
@@ -414,6 +439,8 @@ impl Connection {
             tool_calls: HashSet::new(),
             record,
             resume,
+            _hold: started.hold,
+            counted,
         })
     }
 

@@ -38,6 +38,7 @@ impl Talk {
             .start(ConversationOptions {
                 language: language.into(),
                 voice: String::new(),
+                history: Vec::new(),
             })
             .unwrap();
         let (tx, events) = mpsc::unbounded_channel();

@@ -388,6 +388,7 @@ async fn one_turn(
     let options = ConversationOptions {
         language: config.engine.language.clone(),
         voice: config.engine.voice.clone(),
+        history: Vec::new(),
     };
     let mut session = engine.start(options).map_err(|e| anyhow!(e))?;
     let mut feed = spoken.audio.clone();

@@ -258,6 +258,7 @@ impl Engine for GeminiLiveEngine {
             self.shared.clone(),
             voice.to_owned(),
             options.language,
+            options.history,
             input,
             events,
         );

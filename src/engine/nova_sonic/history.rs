@@ -25,6 +25,20 @@ pub(crate) struct History {
 }
 
 impl History {
+    /// A history that starts with a conversation carried over from another
+    /// engine.
+    pub(crate) fn carried(messages: &[(crate::engine::Role, String)]) -> Self {
+        let mut history = Self::default();
+        for (role, text) in messages {
+            let role = match role {
+                crate::engine::Role::User => BlockRole::User,
+                crate::engine::Role::Assistant => BlockRole::Assistant,
+            };
+            history.push(role, text);
+        }
+        history
+    }
+
     /// Records a final transcript; same-role runs become one message.
     pub(crate) fn push(&mut self, role: BlockRole, text: &str) {
         let text = text.trim();

@@ -308,7 +308,7 @@ impl Engine for NovaSonicEngine {
         }
         let (session, input, events) = EngineSession::channel();
         // The caller's span (the conversation's) follows the driver.
-        let driver = conversation::run(self.shared.clone(), voice, input, events);
+        let driver = conversation::run(self.shared.clone(), voice, options.history, input, events);
         tokio::spawn(tracing::Instrument::in_current_span(driver));
         Ok(session)
     }

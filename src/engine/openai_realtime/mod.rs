@@ -256,7 +256,14 @@ impl Engine for OpenAiRealtimeEngine {
             });
         }
         let (session, input, events) = EngineSession::channel();
-        let driver = conversation::run(self.shared.clone(), voice, options.language, input, events);
+        let driver = conversation::run(
+            self.shared.clone(),
+            voice,
+            options.language,
+            options.history,
+            input,
+            events,
+        );
         tokio::spawn(tracing::Instrument::in_current_span(driver));
         Ok(session)
     }

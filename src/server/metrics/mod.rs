@@ -9,7 +9,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::engine::{EngineStat, StatKind};
 use crate::session::{CloseReason, Counters, CountersSnapshot};
 use crate::usage::UsageDelta;
 
@@ -35,6 +34,10 @@ crate::names::named_enum! {
         NotReady = "not_ready",
         /// The engine sheds load: its service throttles.
         EngineBusy = "engine_busy",
+        /// Every fitting engine instance was full, and so was the queue.
+        QueueFull = "queue_full",
+        /// No engine instance had room within `engine.queue_timeout_s`.
+        QueueTimeout = "queue_timeout",
         /// The client address is at `server.max_sessions_per_client`.
         ClientBusy = "client_busy",
         /// The client address is over `server.connections_per_minute_per_client`.
@@ -588,21 +591,6 @@ pub fn render_ledger(out: &mut String, ledger: &crate::ledger::Ledger) {
     }
 }
 
-pub fn render_engine(out: &mut String, stats: &[EngineStat]) {
-    for stat in stats {
-        let name = format!("sonora_engine_{}", stat.name);
-        let kind = match stat.kind {
-            StatKind::Counter => "counter",
-            StatKind::Gauge => "gauge",
-        };
-        let _ = writeln!(
-            out,
-            "# HELP {name} {}\n# TYPE {name} {kind}\n{name} {}",
-            stat.help, stat.value
-        );
-    }
-}
-
 /// Adds the ever-growing counters of `more` to `total`; gauges are left.
 fn add_cumulative(total: &mut CountersSnapshot, more: &CountersSnapshot) {
     total.uplink_dropped_ms += more.uplink_dropped_ms;
@@ -621,5 +609,8 @@ fn add_cumulative(total: &mut CountersSnapshot, more: &CountersSnapshot) {
     total.engine_lingered += more.engine_lingered;
 }
 
+mod engines;
 #[cfg(test)]
 mod tests;
+
+pub use engines::{render_engine, render_engines};

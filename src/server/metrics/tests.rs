@@ -1,4 +1,5 @@
 use super::*;
+use crate::engine::{EngineStat, StatKind};
 
 fn value(text: &str, line_start: &str) -> String {
     text.lines()

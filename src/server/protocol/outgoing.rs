@@ -73,6 +73,20 @@ pub(crate) enum ServerMessage<'a> {
     Rotated {
         generation: u32,
         gap_ms: f64,
+        /// The engine instance a conversation moved to after its own
+        /// failed; absent for a hand-off within the same engine.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        engine: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        model: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        voice: Option<&'a str>,
+    },
+    /// Every engine that fits the hello is full: the conversation waits
+    /// for a place, `position` from 1 among `waiting`.
+    Queued {
+        position: usize,
+        waiting: usize,
     },
     Latency {
         turn: u64,
@@ -224,6 +238,23 @@ impl<'a> ServerMessage<'a> {
             EngineEvent::Rotated { generation, gap_ms } => Self::Rotated {
                 generation: *generation,
                 gap_ms: *gap_ms,
+                engine: None,
+                model: None,
+                voice: None,
+            },
+            EngineEvent::Moved {
+                engine,
+                model,
+                voice,
+                generation,
+                gap_ms,
+                ..
+            } => Self::Rotated {
+                generation: *generation,
+                gap_ms: *gap_ms,
+                engine: Some(engine),
+                model: Some(model),
+                voice: Some(voice),
             },
             EngineEvent::Error { kind, message } => Self::Error {
                 code: match kind {

@@ -43,7 +43,7 @@ impl Connection {
                 voice,
             }) => {
                 if let Some(ledger) = self.shared.ledger.get() {
-                    ledger.ready(&self.conversation, &model, &voice);
+                    ledger.ready(&self.conversation, &engine, &model, &voice);
                 }
                 let session = self.conversation.clone();
                 let language = if running.hello.language.is_empty() {
@@ -80,6 +80,9 @@ impl Connection {
                     return None;
                 }
                 self.shared.metrics.usage(&delta);
+                if let Some(instance) = &running.counted {
+                    instance.count(&delta);
+                }
                 let text = ServerMessage::Usage {
                     delta: &delta,
                     total: running.record.total(),
@@ -107,6 +110,18 @@ impl Connection {
                         if running.tool_calls.len() < MAX_OPEN_TOOL_CALLS =>
                     {
                         running.tool_calls.insert(id.clone());
+                    }
+                    EngineEvent::Moved {
+                        engine,
+                        model,
+                        voice,
+                        prices,
+                        ..
+                    } => {
+                        if let Some(ledger) = self.shared.ledger.get() {
+                            ledger.ready(&self.conversation, engine, model, voice);
+                        }
+                        running.record.set_prices(std::mem::take(prices));
                     }
                     EngineEvent::Error { kind, message } => {
                         self.shared.metrics.error(match kind {

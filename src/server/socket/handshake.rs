@@ -6,6 +6,7 @@ use tokio::time::{Duration, Instant, sleep_until};
 
 use super::super::protocol::{self, ClientMessage, ErrorCode, Hello, ProtocolError};
 use super::{CLOSE_GOING_AWAY, CLOSE_POLICY, Connection, shutting_down};
+use crate::engine::pool::{Mismatch, Want};
 
 impl Connection {
     /// Reads until a valid `hello`; errors in between are reported and the
@@ -134,15 +135,22 @@ impl Connection {
             Err(e) => return Err(unauthorized(e.to_string())),
         };
         let limits = &redeemed.restrictions;
-        let engine = self.shared.engine.get().map(|e| e.name()).unwrap_or("");
-        if let Some(wanted) = &limits.engine
-            && wanted != engine
-        {
-            return Err(unauthorized(format!(
-                "this token is for the {wanted} engine, and this server runs {engine}"
-            )));
+        if let Some(wanted) = &limits.engine {
+            let runs = self.shared.engine.get().is_some_and(|pool| {
+                pool.check(&Want {
+                    engine: wanted.clone(),
+                    voice: String::new(),
+                })
+                .is_ok()
+            });
+            if !runs {
+                return Err(unauthorized(format!(
+                    "this token is for the {wanted} engine, which this server does not run"
+                )));
+            }
         }
         for (field, limit, asked) in [
+            ("engine", &limits.engine, &mut hello.engine),
             ("voice", &limits.voice, &mut hello.voice),
             ("language", &limits.language, &mut hello.language),
         ] {
@@ -159,27 +167,22 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether the engine offers the hello's voice.
+    /// Whether the hello's engine runs here and offers its voice.
     fn check_voice(&self, hello: &Hello) -> Result<(), ProtocolError> {
-        if hello.voice.is_empty() {
+        let Some(pool) = self.shared.engine.get() else {
             return Ok(());
-        }
-        let voices = self
-            .shared
-            .engine
-            .get()
-            .map(|e| e.voices())
-            .unwrap_or_default();
-        if voices.is_empty() || voices.iter().any(|v| v.id == hello.voice) {
-            return Ok(());
-        }
-        let known: Vec<&str> = voices.iter().map(|v| v.id.as_str()).collect();
-        let message = format!(
-            "voice {:?} is not offered; choose one of {} or leave it empty",
-            hello.voice,
-            known.join(", ")
-        );
-        Err(ProtocolError::new(ErrorCode::UnknownVoice, message))
+        };
+        let want = Want {
+            engine: hello.engine.clone(),
+            voice: hello.voice.clone(),
+        };
+        pool.check(&want).map_err(|mismatch| {
+            let code = match mismatch {
+                Mismatch::UnknownEngine(..) => ErrorCode::UnknownEngine,
+                Mismatch::UnknownVoice(..) => ErrorCode::UnknownVoice,
+            };
+            ProtocolError::new(code, mismatch.to_string())
+        })
     }
 }
 

@@ -10,7 +10,8 @@ use super::super::metrics::Refusal;
 use super::super::protocol::{ErrorCode, ProtocolError};
 use super::super::record::Record;
 use super::{CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, Exit, Running};
-use crate::engine::{ConversationOptions, Engine};
+use crate::engine::ConversationOptions;
+use crate::engine::pool::Instance;
 use crate::ledger::{Admission, Refusal as BudgetRefusal, Started};
 use crate::session::CloseReason;
 use crate::usage::UsageDelta;
@@ -26,9 +27,10 @@ impl Connection {
     pub(super) async fn record_start(
         &mut self,
         options: &ConversationOptions,
-        engine: &dyn Engine,
+        instance: &Instance,
         token: &str,
     ) -> Option<Record> {
+        let engine = instance.engine();
         let Some(ledger) = self.shared.ledger.get() else {
             return Some(Record::new(None, &self.conversation, engine.prices(), None));
         };
@@ -42,7 +44,7 @@ impl Connection {
             key_id: self.key.clone(),
             client: crate::ledger::client_hash(&self.peer.ip().to_string()),
             channel: "web",
-            engine: engine.name().to_owned(),
+            engine: instance.name().to_owned(),
             language: options.language.clone(),
             voice: options.voice.clone(),
             reserve_micro_usd: reserve,

@@ -24,6 +24,7 @@ use super::RATE_HZ;
 use super::messages::{Inbound, Start};
 use super::playback::{Due, Playback};
 use crate::audio::{AudioFormat, StreamDecoder, g711};
+use crate::engine::pool::{Hold, Instance, Want};
 use crate::engine::{ConversationOptions, EngineEvent};
 use crate::ledger::{Admission, Started};
 use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
@@ -51,6 +52,10 @@ pub(super) struct Call {
     hanging_up: bool,
     /// What the ledger keeps of the call, once it is answered.
     record: Option<Record>,
+    /// Its place on an engine instance, until the call ends.
+    hold: Option<Hold>,
+    /// The instance whose cost it counts (one engine on its own).
+    counted: Option<Arc<Instance>>,
 }
 
 impl Call {
@@ -66,6 +71,8 @@ impl Call {
             speech: None,
             hanging_up: false,
             record: None,
+            hold: None,
+            counted: None,
         };
         let Some(start) = call.await_start().await else {
             return;
@@ -129,12 +136,27 @@ impl Call {
 
     /// The ledger's record and the engine's session; `None` after refusing.
     async fn start_conversation(&mut self, caller: &str) -> Option<ConversationHandle> {
-        let engine = self.shared.engine.get().cloned()?;
+        let pool = self.shared.engine.get().cloned()?;
         let config = &self.shared.config;
         let options = ConversationOptions {
             language: config.engine.language.clone(),
             voice: config.engine.voice.clone(),
+            history: Vec::new(),
         };
+        let want = Want {
+            engine: String::new(),
+            voice: options.voice.clone(),
+        };
+        // A caller cannot be told a place in a queue: a call takes a place
+        // now or is refused.
+        let Some(slot) = pool.place_now(&want) else {
+            tracing::warn!(conversation = %self.conversation, "call refused: every engine is full");
+            self.shared.metrics.refused(Refusal::EngineBusy);
+            self.close(CLOSE_TRY_AGAIN, "engine_busy").await;
+            return None;
+        };
+        let placed = Arc::clone(slot.instance());
+        let engine = placed.engine();
         let mut account = None;
         if let Some(ledger) = self.shared.ledger.get() {
             let reserve = if engine.paid() {
@@ -147,7 +169,7 @@ impl Call {
                 key_id: None,
                 client: caller.to_owned(),
                 channel: "phone",
-                engine: engine.name().to_owned(),
+                engine: placed.name().to_owned(),
                 language: options.language.clone(),
                 voice: options.voice.clone(),
                 reserve_micro_usd: reserve,
@@ -176,8 +198,8 @@ impl Call {
             engine.prices(),
             account,
         ));
-        let session = match engine.start(options) {
-            Ok(session) => session,
+        let started = match pool.start(slot, &want, options) {
+            Ok(started) => started,
             Err(e) => {
                 tracing::warn!(conversation = %self.conversation, "the engine could not take a call: {e}");
                 self.shared.metrics.refused(Refusal::EngineBusy);
@@ -191,7 +213,14 @@ impl Call {
             channels: 1,
         };
         let decoder = StreamDecoder::new(Some(format), self.shared.limits.decoder);
-        let handle = Conversation::spawn(session, Some(decoder), self.shared.limits);
+        if let Some(record) = self.record.as_mut()
+            && !Arc::ptr_eq(&started.instance, &placed)
+        {
+            record.set_prices(started.instance.engine().prices());
+        }
+        self.counted = (!pool.routed()).then(|| Arc::clone(&started.instance));
+        self.hold = Some(started.hold);
+        let handle = Conversation::spawn(started.session, Some(decoder), self.shared.limits);
         self.shared
             .metrics
             .opened(self.id, Arc::clone(&handle.counters));
@@ -346,7 +375,26 @@ impl Call {
                 // The reply's tail, then a mark Twilio echoes once it is heard.
                 self.playback.end_reply(format!("turn-{turn_id}"));
             }
-            EngineEvent::Usage(delta) => self.record_usage(handle, delta).await,
+            EngineEvent::Usage(delta) => {
+                if let Some(instance) = &self.counted {
+                    instance.count(&delta);
+                }
+                self.record_usage(handle, delta).await;
+            }
+            EngineEvent::Moved {
+                engine,
+                model,
+                voice,
+                prices,
+                ..
+            } => {
+                if let Some(ledger) = self.shared.ledger.get() {
+                    ledger.ready(&self.conversation, &engine, &model, &voice);
+                }
+                if let Some(record) = self.record.as_mut() {
+                    record.set_prices(prices);
+                }
+            }
             EngineEvent::ToolCall { id, .. } => {
                 // A telephone runs no client tools.
                 let json =

@@ -82,6 +82,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     voice: String,
     language: String,
+    history: Vec<(Role, String)>,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
 ) {
@@ -93,7 +94,7 @@ pub(super) async fn run(
         voice,
         language,
         events,
-        history: History::default(),
+        history: History::from_messages(&history),
         tools,
         calls: HashMap::new(),
         conn: None,

@@ -74,6 +74,7 @@ struct Rotation {
 pub(super) async fn run(
     shared: Arc<Shared>,
     voice: String,
+    history: Vec<(Role, String)>,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
 ) {
@@ -87,7 +88,7 @@ pub(super) async fn run(
         shared: shared.clone(),
         voice,
         events,
-        history: History::default(),
+        history: History::carried(&history),
         current: None,
         next: None,
         generation: 0,

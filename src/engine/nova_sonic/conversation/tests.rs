@@ -80,6 +80,7 @@ impl Talk {
         let options = ConversationOptions {
             language: "es".into(),
             voice: String::new(),
+            history: Vec::new(),
         };
         let session = engine.start(options).unwrap();
         let (tx, events) = mpsc::unbounded_channel();

@@ -22,7 +22,7 @@ use crate::audio::StreamResampler;
 use crate::engine::text_history::History;
 use crate::engine::tool_runner::{ToolDone, ToolRunner};
 use crate::engine::wss::{self, ConnectError};
-use crate::engine::{EngineEvent, EngineInput, ErrorKind, TurnEndReason};
+use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, TurnEndReason};
 
 /// User audio kept while no session is open (24 kHz samples: 5 s).
 const MAX_BACKLOG: usize = 5 * RATE_HZ as usize;
@@ -105,6 +105,7 @@ pub(super) async fn run(
     shared: Arc<Shared>,
     voice: String,
     language: String,
+    history: Vec<(Role, String)>,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
 ) {
@@ -132,7 +133,7 @@ pub(super) async fn run(
         voice,
         language,
         events,
-        history: History::default(),
+        history: History::from_messages(&history),
         tools,
         resampler,
         resampled: Vec::new(),
