@@ -1,0 +1,346 @@
+//! Several engine instances behind one gateway, each an OpenAI Realtime
+//! engine against an in-suite service (WebSocket over TLS): conversations
+//! fill the instances in priority order, a client arriving when all are
+//! full waits and is told its place, and starts when a place frees; an
+//! instance whose service throttles gets no new conversations while it
+//! cools down; and a conversation whose instance fails goes on with
+//! another at a turn boundary, carrying the conversation as text.
+
+#![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
+
+mod common;
+#[path = "common/openai.rs"]
+mod openai;
+#[path = "common/talk.rs"]
+mod talk;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::gateway::{self, Client, Frame, metric};
+use openai::{Plan, Service, Turn};
+use serde_json::{Value, json};
+use sonora::config::{Config, OpenAiRealtimeConfig};
+use sonora::engine::openai_realtime::{OpenAiRealtimeEngine, OpenAiRealtimeSettings};
+use sonora::engine::pool::{InstanceSpec, Pool, PoolSettings};
+
+const QUESTION: &str = "¿Cuál es el horario de la biblioteca?";
+const ANSWER: &str = "La biblioteca abre de lunes a viernes de ocho a veintidós horas.";
+const FOLLOW_UP: &str = "¿Y los sábados?";
+const FOLLOW_UP_ANSWER: &str = "Los sábados abre de nueve a trece horas.";
+
+fn instance(name: &str, service: &Service, max_concurrent: u32, priority: i32) -> InstanceSpec {
+    let config = OpenAiRealtimeConfig {
+        endpoint_url: service.url.clone(),
+        ca_file: service.ca_file.display().to_string(),
+        api_key: openai::KEY.into(),
+        ..OpenAiRealtimeConfig::default()
+    };
+    let mut settings = OpenAiRealtimeSettings::from_config(&config);
+    settings.connect_timeout = Duration::from_secs(5);
+    settings.stall_timeout = Duration::from_secs(5);
+    settings.max_retries = 0;
+    InstanceSpec {
+        name: name.to_owned(),
+        engine: Arc::new(OpenAiRealtimeEngine::new(settings, None).unwrap()),
+        max_concurrent,
+        priority,
+    }
+}
+
+fn settings() -> PoolSettings {
+    PoolSettings {
+        queue_max: 2,
+        queue_timeout: Duration::from_secs(60),
+        failover: true,
+        failure_cooldown: Duration::from_secs(30),
+    }
+}
+
+fn answering(turns: Vec<(&'static str, &'static str)>) -> Plan {
+    Plan {
+        refuse: None,
+        turns: turns
+            .into_iter()
+            .map(|(heard, text)| Turn::Answer {
+                heard,
+                text,
+                reply_ms: 600,
+            })
+            .collect(),
+    }
+}
+
+async fn serve(pool: Pool) -> gateway::Running {
+    let mut config = Config::default();
+    config.engine.kind = sonora::config::EngineKind::OpenaiRealtime;
+    let running = gateway::start(&config, None).await;
+    running.server.set_pool(pool).unwrap();
+    running
+}
+
+async fn hello(running: &gateway::Running) -> Client {
+    let mut client = running.client().await;
+    client.hello_pcm().await;
+    client
+}
+
+/// The `ready` (after any `queued`), as JSON.
+async fn ready(client: &mut Client) -> Value {
+    let frames = client.until(|f| f.is("ready")).await;
+    frames.last().unwrap().json().clone()
+}
+
+async fn queued(client: &mut Client) -> (u64, u64) {
+    let frame = client.next().await;
+    assert!(frame.is("queued"), "{frame:?}");
+    let j = frame.json();
+    (
+        j["position"].as_u64().unwrap(),
+        j["waiting"].as_u64().unwrap(),
+    )
+}
+
+/// One user turn in real time: 0.8 s of speech, then quiet; the frames up
+/// to its `turn_end`.
+async fn turn(client: &mut Client) -> Vec<Frame> {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    for k in 0..75 {
+        tick.tick().await;
+        let frame = if k < 40 {
+            talk::tone_frame(k)
+        } else {
+            vec![0; 320]
+        };
+        client.send_pcm(&frame).await;
+    }
+    client.until(|f| f.is("turn_end")).await
+}
+
+fn said(frames: &[Frame], role: &str) -> Vec<String> {
+    frames
+        .iter()
+        .filter(|f| f.is("transcript") && f.json()["role"] == role && f.json()["stage"] == "final")
+        .map(|f| f.json()["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn stop(client: &mut Client) {
+    client.send_json(json!({"type": "stop"})).await;
+    client.until(|f| f.is("end")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_third_client_waits_for_a_place_told_its_position() {
+    let service = Service::start(vec![answering(vec![(QUESTION, ANSWER)])]).await;
+    let pool = Pool::new(
+        vec![
+            instance("openai-b", &service, 1, 1),
+            instance("openai-a", &service, 1, 0),
+        ],
+        settings(),
+    );
+    let running = serve(pool).await;
+
+    let mut first = hello(&running).await;
+    assert_eq!(ready(&mut first).await["engine"], "openai-a");
+    let mut second = hello(&running).await;
+    assert_eq!(ready(&mut second).await["engine"], "openai-b");
+    let mut third = hello(&running).await;
+    assert_eq!(queued(&mut third).await, (1, 1));
+    let mut fourth = hello(&running).await;
+    assert_eq!(queued(&mut fourth).await, (2, 2));
+    // Audio while waiting is dropped unheard.
+    third.send_pcm(&talk::tone_frame(0)).await;
+    let text = running.metrics().await;
+    assert_eq!(metric(&text, "sonora_engine_queue_waiting"), 2.0, "{text}");
+    let info: Value = reqwest::get(running.url("/api/engine"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["queue"]["waiting"], 2, "{info}");
+    let instances = info["instances"].as_array().unwrap();
+    assert_eq!(instances[0]["name"], "openai-a");
+    assert_eq!(instances[0]["active"], 1);
+    assert_eq!(instances[0]["available"], false);
+
+    // The first conversation ends: the third takes its place, and the
+    // fourth moves up.
+    let frames = turn(&mut first).await;
+    assert_eq!(said(&frames, "assistant"), [ANSWER]);
+    stop(&mut first).await;
+    assert_eq!(ready(&mut third).await["engine"], "openai-a");
+    assert_eq!(queued(&mut fourth).await, (1, 1));
+    let frames = turn(&mut third).await;
+    assert_eq!(said(&frames, "user"), [QUESTION]);
+    // The fourth gives up: the queue is empty again.
+    fourth.close_normally().await;
+    stop(&mut second).await;
+    stop(&mut third).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = running.metrics().await;
+        let idle = metric(
+            &text,
+            "sonora_engine_instance_active{instance=\"openai-a\",kind=\"openai-realtime\"}",
+        ) == 0.0;
+        if (idle && metric(&text, "sonora_engine_queue_waiting") == 0.0)
+            || tokio::time::Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(metric(&text, "sonora_engine_queue_waiting"), 0.0, "{text}");
+    assert_eq!(metric(&text, "sonora_engine_queued_total"), 2.0, "{text}");
+    assert_eq!(
+        metric(&text, "sonora_engine_queue_wait_seconds_count"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "sonora_engine_instance_started_total{instance=\"openai-a\",kind=\"openai-realtime\"}"
+        ),
+        2.0,
+        "{text}"
+    );
+    // Each instance's cost, by modality.
+    assert!(
+        metric(
+            &text,
+            "sonora_engine_instance_cost_micro_usd_total{instance=\"openai-a\",kind=\"openai-realtime\",modality=\"speech\"}"
+        ) > 0.0,
+        "{text}"
+    );
+    // Three conversations reached the service; the fourth never did.
+    assert_eq!(service.connections().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttling_instance_gets_no_new_conversations_while_it_cools_down() {
+    let throttled = Service::start(vec![Plan {
+        refuse: Some(429),
+        turns: vec![],
+    }])
+    .await;
+    let backup = Service::start(vec![answering(vec![(QUESTION, ANSWER)])]).await;
+    let pool = Pool::new(
+        vec![
+            instance("primary", &throttled, 0, 0),
+            instance("backup", &backup, 0, 1),
+        ],
+        settings(),
+    );
+    let running = serve(pool).await;
+
+    // The first conversation meets the throttling and goes on with the
+    // backup before its first turn.
+    let mut first = hello(&running).await;
+    assert_eq!(ready(&mut first).await["engine"], "primary");
+    let moved = first.until(|f| f.is("rotated")).await;
+    assert_eq!(moved.last().unwrap().json()["engine"], "backup");
+    let frames = turn(&mut first).await;
+    assert_eq!(said(&frames, "assistant"), [ANSWER]);
+    // While the primary cools down, new conversations go straight to the
+    // backup: the throttling service hears of no one else.
+    let mut second = hello(&running).await;
+    assert_eq!(ready(&mut second).await["engine"], "backup");
+    assert_eq!(throttled.connections().len(), 1);
+    let text = running.metrics().await;
+    let primary = "{instance=\"primary\",kind=\"openai-realtime\"}";
+    assert_eq!(
+        metric(&text, &format!("sonora_engine_instance_available{primary}")),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("sonora_engine_instance_failed_total{primary}")
+        ),
+        1.0,
+        "{text}"
+    );
+    stop(&mut first).await;
+    stop(&mut second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_instance_hands_the_conversation_on_with_its_history() {
+    // The first service answers once, drops the connection on the next
+    // turn and refuses to take it back; the second answers.
+    let failing = Service::start(vec![
+        Plan {
+            refuse: None,
+            turns: vec![
+                Turn::Answer {
+                    heard: QUESTION,
+                    text: ANSWER,
+                    reply_ms: 600,
+                },
+                Turn::Drop { heard: FOLLOW_UP },
+            ],
+        },
+        Plan {
+            refuse: Some(500),
+            turns: vec![],
+        },
+    ])
+    .await;
+    let backup = Service::start(vec![answering(vec![(FOLLOW_UP, FOLLOW_UP_ANSWER)])]).await;
+    let pool = Pool::new(
+        vec![
+            instance("primary", &failing, 0, 0),
+            instance("backup", &backup, 0, 1),
+        ],
+        settings(),
+    );
+    let running = serve(pool).await;
+
+    let mut client = hello(&running).await;
+    assert_eq!(ready(&mut client).await["engine"], "primary");
+    let frames = turn(&mut client).await;
+    assert_eq!(said(&frames, "assistant"), [ANSWER]);
+    let first_turn = frames.last().unwrap().json()["turn"].as_u64().unwrap();
+    // The next turn is cut short by the failure: it ends as an error, and
+    // the conversation moves on.
+    let frames = turn(&mut client).await;
+    let end = frames.last().unwrap().json();
+    assert_eq!(end["reason"], "error", "{frames:?}");
+    let moved = client.until(|f| f.is("rotated")).await;
+    let moved = moved.last().unwrap().json().clone();
+    assert_eq!(moved["engine"], "backup", "{moved}");
+    assert_eq!(moved["generation"], 1);
+    assert_eq!(moved["voice"], "marin");
+    // The user asks again, on the backup, which knows the conversation.
+    let frames = turn(&mut client).await;
+    assert_eq!(said(&frames, "assistant"), [FOLLOW_UP_ANSWER]);
+    let later_turn = frames.last().unwrap().json()["turn"].as_u64().unwrap();
+    assert!(
+        later_turn > first_turn + 1,
+        "{later_turn} after {first_turn}"
+    );
+    let carried: Vec<String> = backup.connections()[0]
+        .of_type("conversation.item.create")
+        .iter()
+        .map(|e| {
+            e["item"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert!(carried.iter().any(|t| t == QUESTION), "{carried:?}");
+    assert!(carried.iter().any(|t| t == ANSWER), "{carried:?}");
+    stop(&mut client).await;
+    let text = running.metrics().await;
+    assert_eq!(
+        metric(&text, "sonora_engine_failovers_total"),
+        1.0,
+        "{text}"
+    );
+}
