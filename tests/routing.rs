@@ -344,3 +344,79 @@ async fn a_failed_instance_hands_the_conversation_on_with_its_history() {
         "{text}"
     );
 }
+
+/// `sonora doctor` with a config file of two OpenAI Realtime instances,
+/// the second with `second_key`: its stdout and whether it passed.
+async fn doctor(service: &Service, second_key: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "sonora-routing-doctor-{}-{second_key}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = service.ca_file.display().to_string();
+    let config = format!(
+        r#"
+[engine]
+kind = "openai-realtime"
+
+[[engine.instances]]
+name = "first"
+kind = "openai-realtime"
+max_concurrent = 2
+endpoint_url = "{url}"
+ca_file = "{ca}"
+api_key = "{key}"
+
+[[engine.instances]]
+name = "second"
+kind = "openai-realtime"
+priority = 1
+endpoint_url = "{url}"
+ca_file = "{ca}"
+api_key = "{second_key}"
+"#,
+        url = service.url,
+        key = openai::KEY,
+    );
+    std::fs::write(dir.join("sonora.toml"), config).unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .current_dir(&dir)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", &dir)
+        .args([
+            "--config",
+            "sonora.toml",
+            "--set",
+            "local.model_dir=no-model",
+        ])
+        .arg("doctor")
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output.status.success(), stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_opens_a_session_on_each_instance() {
+    let service = Service::start(vec![answering(vec![(QUESTION, ANSWER)])]).await;
+    let (passed, stdout) = doctor(&service, openai::KEY).await;
+    assert!(passed, "{stdout}");
+    assert!(
+        stdout.contains(
+            "ok      instance first (openai-realtime, at most 2): gpt-realtime took the key"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("instance second (openai-realtime, no limit)"),
+        "{stdout}"
+    );
+    assert_eq!(service.connections().len(), 2);
+    // A key the service refuses fails the check, naming the instance.
+    let (passed, stdout) = doctor(&service, "sk-wrong").await;
+    assert!(!passed, "{stdout}");
+    assert!(stdout.contains("REFUSED instance second"), "{stdout}");
+}

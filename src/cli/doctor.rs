@@ -9,6 +9,7 @@ use aws_credential_types::provider::ProvideCredentials;
 
 use super::Failure;
 use crate::config::{Config, EngineKind};
+use crate::engine::ProbeError;
 use crate::engine::gemini_live::{Credential, GeminiLiveSettings};
 use crate::engine::local::{LocalSettings, MODEL_FILES};
 use crate::engine::nova_sonic::resolve_region;
@@ -33,12 +34,13 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(anyhow::Error::from)?;
-    let (aws, region, ledger) = runtime.block_on(async {
+    let (aws, region, ledger, engines) = runtime.block_on(async {
         let region = resolve_region(&config.nova_sonic.region).await;
         (
             aws_check(&region.0).await,
             region,
             ledger_check(config).await,
+            super::probe::engines(config).await,
         )
     });
     let checks = [
@@ -114,6 +116,41 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
             format!("not ready ({missing})")
         };
         println!("{engine} engine: {state}");
+    }
+    // Each configured cloud engine reached for real.
+    // A service that refuses fails the check; one not reached from here
+    // (no network, a fault, throttling) is reported only.
+    for verdict in &engines {
+        let mark = match verdict.failed {
+            None => "ok     ",
+            Some(ProbeError::Refused(_)) => "REFUSED",
+            Some(ProbeError::Unreached(_)) => "unreached",
+        };
+        println!("{mark} {}: {}", verdict.label, verdict.detail);
+    }
+    if let Some(failed) = engines
+        .iter()
+        .find(|v| matches!(v.failed, Some(ProbeError::Refused(_))))
+    {
+        return Err(anyhow::anyhow!("{} cannot serve: {}", failed.label, failed.detail).into());
+    }
+    if !config.engine.instances.is_empty() {
+        let needs_local = config.engine.instances.iter().any(|i| !i.kind.is_cloud());
+        let needs_nova = config
+            .engine
+            .instances
+            .iter()
+            .any(|i| i.kind == EngineKind::NovaSonic);
+        if needs_local && !local_ready {
+            return Err(anyhow::anyhow!("a configured local instance is missing parts").into());
+        }
+        if needs_nova && !nova_ready {
+            return Err(anyhow::anyhow!(
+                "the configured nova-sonic instances have no AWS credentials"
+            )
+            .into());
+        }
+        return Ok(());
     }
     // Only the configured engine's parts decide the exit code.
     let kind = config.engine.kind;

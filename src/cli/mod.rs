@@ -7,6 +7,7 @@ mod engines;
 mod keys;
 mod live;
 mod nova;
+mod probe;
 mod serve;
 mod talk;
 mod usage;

@@ -307,4 +307,25 @@ pub trait Engine: Send + Sync {
     fn paid(&self) -> bool {
         false
     }
+    /// Opens one session with its service and closes it, for `sonora
+    /// doctor`: what answered, or why it did not. `None` for an engine
+    /// that has no such check.
+    fn probe(&self) -> Option<Probe<'_>> {
+        None
+    }
+}
+
+/// A check of an engine's service: what answered, or why it did not.
+pub type Probe<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, ProbeError>> + Send + 'a>>;
+
+/// Why a [`Probe`] failed: the service said no (credentials, a bad model:
+/// fix the setup), or it could not be reached (the network, a server
+/// fault, throttling: perhaps only from here, or only now).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unreached(String),
 }

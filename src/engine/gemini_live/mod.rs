@@ -215,6 +215,31 @@ impl GeminiLiveEngine {
 }
 
 impl Engine for GeminiLiveEngine {
+    fn probe(&self) -> Option<super::Probe<'_>> {
+        Some(Box::pin(async move {
+            let settings = &self.shared.settings;
+            let opening = connect::Opening {
+                voice: settings.voice.clone(),
+                language: "es".to_owned(),
+                handle: None,
+                history: Vec::new(),
+                delay: Duration::ZERO,
+            };
+            let conn = connect::open(self.shared.clone(), opening)
+                .await
+                .map_err(|e| match e.verdict {
+                    connect::Verdict::Fatal => super::ProbeError::Refused(e.message),
+                    _ => super::ProbeError::Unreached(e.message),
+                })?;
+            let mut sink = conn.sink;
+            let _ = futures_util::SinkExt::close(&mut sink).await;
+            Ok(format!(
+                "{} took the credentials and the setup",
+                settings.model
+            ))
+        }))
+    }
+
     fn name(&self) -> &'static str {
         "gemini-live"
     }

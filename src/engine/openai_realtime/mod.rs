@@ -26,7 +26,7 @@ use std::time::Duration;
 
 pub use self::prices::{Prices, builtin_prices};
 use super::cooldown::Cooldown;
-use super::wss::Tls;
+use super::wss::{ConnectError, Tls};
 use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
 use crate::config::OpenAiRealtimeConfig;
 use crate::tools::Tools;
@@ -212,6 +212,34 @@ impl OpenAiRealtimeEngine {
 }
 
 impl Engine for OpenAiRealtimeEngine {
+    fn probe(&self) -> Option<super::Probe<'_>> {
+        Some(Box::pin(async move {
+            let settings = &self.shared.settings;
+            let opening = connect::Opening {
+                voice: settings.voice.clone(),
+                language: "es".to_owned(),
+                history: Vec::new(),
+                delay: Duration::ZERO,
+            };
+            let conn = connect::open(self.shared.clone(), opening)
+                .await
+                .map_err(|e| match e {
+                    ConnectError::Auth(_) | ConnectError::Refused(_) => {
+                        super::ProbeError::Refused(e.to_string())
+                    }
+                    ConnectError::Throttled(_) | ConnectError::Unavailable(_) => {
+                        super::ProbeError::Unreached(e.to_string())
+                    }
+                })?;
+            let mut sink = conn.sink;
+            let _ = futures_util::SinkExt::close(&mut sink).await;
+            Ok(format!(
+                "{} took the key and opened a session",
+                settings.model
+            ))
+        }))
+    }
+
     fn name(&self) -> &'static str {
         "openai-realtime"
     }

@@ -397,11 +397,13 @@ impl Inner {
     }
 
     /// A place on the first instance that fits `want`, is not in `skip`,
-    /// is not cooling down and has room.
+    /// is not cooling down and has room. One engine on its own is never
+    /// passed over: its `start` says why it refuses.
     fn place(self: &Arc<Self>, want: &Want, skip: &[String]) -> Option<Slot> {
         self.instances
             .iter()
-            .filter(|i| i.fits(want) && !skip.contains(&i.name) && i.cooling().is_none())
+            .filter(|i| i.fits(want) && !skip.contains(&i.name))
+            .filter(|i| !self.relayed || i.cooling().is_none())
             .find(|i| i.take())
             .map(|instance| Slot {
                 instance: Arc::clone(instance),
