@@ -150,8 +150,11 @@ async fn a_third_client_waits_for_a_place_told_its_position() {
     assert_eq!(queued(&mut third).await, (1, 1));
     let mut fourth = hello(&running).await;
     assert_eq!(queued(&mut fourth).await, (2, 2));
-    // Audio while waiting is dropped unheard.
+    // Audio while waiting is dropped unheard, a flood of it too.
     third.send_pcm(&talk::tone_frame(0)).await;
+    for _ in 0..200 {
+        fourth.send_binary(vec![0x55; 16 * 1024]).await;
+    }
     let text = running.metrics().await;
     assert_eq!(metric(&text, "sonora_engine_queue_waiting"), 2.0, "{text}");
     let info: Value = reqwest::get(running.url("/api/engine"))
@@ -345,13 +348,10 @@ async fn a_failed_instance_hands_the_conversation_on_with_its_history() {
     );
 }
 
-/// `sonora doctor` with a config file of two OpenAI Realtime instances,
-/// the second with `second_key`: its stdout and whether it passed.
-async fn doctor(service: &Service, second_key: &str) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "sonora-routing-doctor-{}-{second_key}",
-        std::process::id()
-    ));
+/// A directory holding `sonora.toml` with two OpenAI Realtime instances on
+/// `service`, the second with `second_key`.
+fn config_dir(service: &Service, tag: &str, second_key: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sonora-routing-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = service.ca_file.display().to_string();
     let config = format!(
@@ -374,11 +374,18 @@ priority = 1
 endpoint_url = "{url}"
 ca_file = "{ca}"
 api_key = "{second_key}"
+voice = "cedar"
 "#,
         url = service.url,
         key = openai::KEY,
     );
     std::fs::write(dir.join("sonora.toml"), config).unwrap();
+    dir
+}
+
+/// `sonora doctor` on [`config_dir`]: its stdout and whether it passed.
+async fn doctor(service: &Service, second_key: &str) -> (bool, String) {
+    let dir = config_dir(service, &format!("doctor-{second_key}"), second_key);
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
         .current_dir(&dir)
         .env_clear()
@@ -397,6 +404,108 @@ api_key = "{second_key}"
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     (output.status.success(), stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sonora_serve_routes_over_the_instances_of_its_config_file() {
+    use std::io::BufRead as _;
+    let service = Service::start(vec![answering(vec![(QUESTION, ANSWER)])]).await;
+    let dir = config_dir(&service, "serve", openai::KEY);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+        .current_dir(&dir)
+        .args([
+            "--config",
+            "sonora.toml",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--ledger", "off"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("first line: {line:?}"))
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        let info: Value = reqwest::get(format!("http://{addr}/api/engine"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if info["ready"] == true || tokio::time::Instant::now() > deadline {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(info["ready"], true, "{info}");
+    let instances = info["instances"].as_array().unwrap();
+    let names: Vec<&str> = instances
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first", "second"], "{info}");
+    assert_eq!(instances[0]["max_concurrent"], 2);
+    assert_eq!(instances[1]["max_concurrent"], Value::Null);
+    assert_eq!(instances[0]["kind"], "openai-realtime");
+    // A hello may name an instance; its own settings (the voice) apply.
+    let mut client = Client::connect(addr).await;
+    client
+        .send_json(json!({"type": "hello", "version": 1, "audio": {"format": "pcm16", "rate": 16000}, "engine": "second"}))
+        .await;
+    let ready = ready(&mut client).await;
+    assert_eq!(
+        (ready["engine"].as_str(), ready["voice"].as_str()),
+        (Some("second"), Some("cedar")),
+        "{ready}"
+    );
+    let frames = turn(&mut client).await;
+    assert_eq!(said(&frames, "assistant"), [ANSWER]);
+    stop(&mut client).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_naming_no_engine_here_is_told_the_choices() {
+    let service = Service::start(vec![answering(vec![(QUESTION, ANSWER)])]).await;
+    let pool = Pool::new(vec![instance("east", &service, 1, 0)], settings());
+    let running = serve(pool).await;
+    let mut client = running.client().await;
+    let hello = |engine: Value| json!({"type": "hello", "version": 1, "audio": {"format": "pcm16", "rate": 16000}, "engine": engine});
+    client.send_json(hello(json!("west"))).await;
+    let error = client
+        .until(|f| f.is("error"))
+        .await
+        .last()
+        .unwrap()
+        .json()
+        .clone();
+    assert_eq!(error["code"], "unknown_engine", "{error}");
+    assert_eq!(error["fatal"], false, "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("east"),
+        "{error}"
+    );
+    for bad in [json!(7), json!("x".repeat(300))] {
+        client.send_json(hello(bad)).await;
+        assert_eq!(client.error_code().await, "bad_message");
+    }
+    // The same socket may try again, by kind this time.
+    client.send_json(hello(json!("openai-realtime"))).await;
+    assert_eq!(ready(&mut client).await["engine"], "east");
+    stop(&mut client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
