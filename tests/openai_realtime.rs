@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use openai::{Plan, Service, Turn};
 use serde_json::{Value, json};
-use sonora::config::{OpenAiRealtimeConfig, ToolsConfig};
+use sonora::config::ToolsConfig;
 use sonora::engine::openai_realtime::{OpenAiRealtimeEngine, OpenAiRealtimeSettings};
 use sonora::engine::{
     ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, StartError,
@@ -35,15 +35,7 @@ fn engine(
     tools: Option<Tools>,
     tweak: impl FnOnce(&mut OpenAiRealtimeSettings),
 ) -> OpenAiRealtimeEngine {
-    let config = OpenAiRealtimeConfig {
-        endpoint_url: service.url.clone(),
-        ca_file: service.ca_file.display().to_string(),
-        api_key: openai::KEY.into(),
-        ..OpenAiRealtimeConfig::default()
-    };
-    let mut settings = OpenAiRealtimeSettings::from_config(&config);
-    settings.connect_timeout = Duration::from_secs(5);
-    settings.stall_timeout = Duration::from_secs(5);
+    let mut settings = openai::settings(service);
     tweak(&mut settings);
     OpenAiRealtimeEngine::new(settings, tools).unwrap()
 }

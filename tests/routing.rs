@@ -20,8 +20,8 @@ use std::time::Duration;
 use common::gateway::{self, Client, Frame, metric};
 use openai::{Plan, Service, Turn};
 use serde_json::{Value, json};
-use sonora::config::{Config, OpenAiRealtimeConfig};
-use sonora::engine::openai_realtime::{OpenAiRealtimeEngine, OpenAiRealtimeSettings};
+use sonora::config::Config;
+use sonora::engine::openai_realtime::OpenAiRealtimeEngine;
 use sonora::engine::pool::{InstanceSpec, Pool, PoolSettings};
 
 const QUESTION: &str = "¿Cuál es el horario de la biblioteca?";
@@ -30,15 +30,7 @@ const FOLLOW_UP: &str = "¿Y los sábados?";
 const FOLLOW_UP_ANSWER: &str = "Los sábados abre de nueve a trece horas.";
 
 fn instance(name: &str, service: &Service, max_concurrent: u32, priority: i32) -> InstanceSpec {
-    let config = OpenAiRealtimeConfig {
-        endpoint_url: service.url.clone(),
-        ca_file: service.ca_file.display().to_string(),
-        api_key: openai::KEY.into(),
-        ..OpenAiRealtimeConfig::default()
-    };
-    let mut settings = OpenAiRealtimeSettings::from_config(&config);
-    settings.connect_timeout = Duration::from_secs(5);
-    settings.stall_timeout = Duration::from_secs(5);
+    let mut settings = openai::settings(service);
     settings.max_retries = 0;
     InstanceSpec {
         name: name.to_owned(),

@@ -61,6 +61,15 @@ impl Record {
         self.prices = prices;
     }
 
+    /// The conversation moved to another engine instance: its row names
+    /// that one, and its usage is costed at that one's prices.
+    pub(super) fn moved(&mut self, engine: &str, model: &str, voice: &str, prices: String) {
+        if let Some(ledger) = &self.ledger {
+            ledger.ready(&self.conversation, engine, model, voice);
+        }
+        self.prices = prices;
+    }
+
     /// The usage recorded so far.
     pub(super) fn total(&self) -> &UsageDelta {
         &self.total

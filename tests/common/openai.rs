@@ -126,6 +126,22 @@ impl Drop for Service {
     }
 }
 
+/// The engine's settings for `service`: its URL, certificate and key, and
+/// short timeouts.
+pub fn settings(service: &Service) -> sonora::engine::openai_realtime::OpenAiRealtimeSettings {
+    let config = sonora::config::OpenAiRealtimeConfig {
+        endpoint_url: service.url.clone(),
+        ca_file: service.ca_file.display().to_string(),
+        api_key: KEY.into(),
+        ..sonora::config::OpenAiRealtimeConfig::default()
+    };
+    let mut settings =
+        sonora::engine::openai_realtime::OpenAiRealtimeSettings::from_config(&config);
+    settings.connect_timeout = std::time::Duration::from_secs(5);
+    settings.stall_timeout = std::time::Duration::from_secs(5);
+    settings
+}
+
 impl Service {
     /// Starts on 127.0.0.1:0; connection `i` follows `plans[i]`, the last repeating.
     pub async fn start(plans: Vec<Plan>) -> Self {

@@ -117,12 +117,9 @@ impl Connection {
                         voice,
                         prices,
                         ..
-                    } => {
-                        if let Some(ledger) = self.shared.ledger.get() {
-                            ledger.ready(&self.conversation, engine, model, voice);
-                        }
-                        running.record.set_prices(std::mem::take(prices));
-                    }
+                    } => running
+                        .record
+                        .moved(engine, model, voice, std::mem::take(prices)),
                     EngineEvent::Error { kind, message } => {
                         self.shared.metrics.error(match kind {
                             ErrorKind::Busy => ErrorCode::Busy,

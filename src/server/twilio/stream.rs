@@ -388,11 +388,8 @@ impl Call {
                 prices,
                 ..
             } => {
-                if let Some(ledger) = self.shared.ledger.get() {
-                    ledger.ready(&self.conversation, &engine, &model, &voice);
-                }
                 if let Some(record) = self.record.as_mut() {
-                    record.set_prices(prices);
+                    record.moved(&engine, &model, &voice, prices);
                 }
             }
             EngineEvent::ToolCall { id, .. } => {
