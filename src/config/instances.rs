@@ -88,6 +88,15 @@ impl Config {
                 reason,
             ));
         }
+        if !instances.is_empty() && !self.engine.voice.is_empty() {
+            // Voices differ between engines: each instance names its own.
+            let reason = "must be empty with engine.instances: set each instance's voice";
+            return Err(SettingError::new(
+                "engine.voice",
+                super::quoted(&self.engine.voice),
+                reason,
+            ));
+        }
         for (index, instance) in instances.iter().enumerate() {
             let key = |name: &str| format!("engine.instances[{index}].{name}");
             let name = &instance.name;

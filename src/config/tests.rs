@@ -485,4 +485,6 @@ fn a_bad_instance_is_named_by_its_own_key() {
     assert!(text.contains("another instance"), "{text}");
     let (err, _, _) = file_fail("[[engine.instances]]\nname = \"Bad Name\"\nkind = \"local\"\n");
     assert_eq!(err.key(), Some("engine.instances[0].name"));
+    let (err, text, _) = file_fail(&format!("[engine]\nvoice = \"lupe\"\n{}", with("")));
+    assert_eq!(err.key(), Some("engine.voice"), "{text}");
 }
