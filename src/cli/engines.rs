@@ -50,17 +50,19 @@ pub(crate) async fn load_pool(config: &Config) -> anyhow::Result<(Pool, String)>
             priority: instance.priority,
         });
     }
+    let pool = Pool::new(specs, pool_settings(config));
+    Ok((pool, format!("engines: {}", about.join(", "))))
+}
+
+/// How configured instances queue and fail over.
+pub(crate) fn pool_settings(config: &Config) -> PoolSettings {
     let engine = &config.engine;
-    let settings = PoolSettings {
+    PoolSettings {
         queue_max: engine.queue_max as usize,
         queue_timeout: std::time::Duration::from_secs(engine.queue_timeout_s.into()),
         failover: engine.failover,
         failure_cooldown: std::time::Duration::from_millis(engine.failure_cooldown_ms.into()),
-    };
-    Ok((
-        Pool::new(specs, settings),
-        format!("engines: {}", about.join(", ")),
-    ))
+    }
 }
 
 /// Whether loading takes a while (models on this machine): the page is

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use super::{Failure, engines};
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::engine::pool::{InstanceSpec, Pool};
 use crate::engine::scripted::ScriptedEngine;
 use crate::server::Server;
 
@@ -41,6 +42,10 @@ pub(crate) struct ServeArgs {
     /// Load tests only: answer every TURN_MS of audio with REPLY_MS of tone.
     #[arg(long, hide = true, value_name = "TURN_MS:REPLY_MS")]
     scripted_echo: Option<String>,
+    /// Load tests only: route over this many echo engines (0: one, no
+    /// routing).
+    #[arg(long, hide = true, default_value_t = 0)]
+    scripted_echo_instances: usize,
 }
 
 impl ServeArgs {
@@ -68,7 +73,10 @@ impl ServeArgs {
 
 pub(crate) fn run(config: &Config, args: &ServeArgs) -> Result<(), Failure> {
     let echo = match &args.scripted_echo {
-        Some(spec) => Some(parse_echo(spec)?),
+        Some(spec) => {
+            let (turn_ms, reply_ms) = parse_echo(spec)?;
+            Some((turn_ms, reply_ms, args.scripted_echo_instances))
+        }
         None => None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -91,7 +99,7 @@ fn parse_echo(spec: &str) -> anyhow::Result<(u64, u64)> {
 
 async fn serve(
     config: &Config,
-    echo: Option<(u64, u64)>,
+    echo: Option<(u64, u64, usize)>,
     allow_anonymous: bool,
 ) -> anyhow::Result<()> {
     let address = config.listen_addr();
@@ -136,9 +144,21 @@ async fn serve(
     }
     let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<String>(1);
     match echo {
-        Some((turn_ms, reply_ms)) => {
+        Some((turn_ms, reply_ms, 0)) => {
             let engine: Arc<dyn Engine> = Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms));
             server.set_engine(engine).map_err(|e| anyhow!(e))?;
+        }
+        Some((turn_ms, reply_ms, instances)) => {
+            let specs = (0..instances)
+                .map(|i| InstanceSpec {
+                    name: format!("echo-{i}"),
+                    engine: Arc::new(ScriptedEngine::echo_turns(turn_ms, reply_ms)),
+                    max_concurrent: 0,
+                    priority: 0,
+                })
+                .collect();
+            let pool = Pool::new(specs, engines::pool_settings(config));
+            server.set_pool(pool).map_err(|e| anyhow!(e))?;
         }
         None if !engines::loads_models(config) => {
             let (pool, about) = engines::load_pool(config).await?;

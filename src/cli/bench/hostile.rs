@@ -70,7 +70,14 @@ pub(crate) fn run(args: &HostileBenchArgs) -> Result<(), Failure> {
         return Err(anyhow!("--honest and --seconds must be positive").into());
     }
     raise_open_files((args.honest + args.hostile * 32) * 2 + 256)?;
-    let mut server = Server::start(2_000, 1_000, args.honest + args.hostile * 16 + 10, 0, false)?;
+    let mut server = Server::start(
+        2_000,
+        1_000,
+        args.honest + args.hostile * 16 + 10,
+        0,
+        false,
+        0,
+    )?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
     result?;

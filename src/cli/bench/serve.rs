@@ -49,6 +49,11 @@ pub(crate) struct ServeBenchArgs {
     /// Stream (the webhook, then μ-law in JSON on `/twilio/stream`).
     #[arg(long)]
     phone: bool,
+    /// Engine instances the gateway routes over (each an echo engine with
+    /// no limit of its own): every conversation runs behind the pool's
+    /// relay. 0: the one engine, no relay.
+    #[arg(long, default_value_t = 0)]
+    instances: usize,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -72,6 +77,7 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
         args.sessions + 10,
         args.gateway_workers,
         args.phone,
+        args.instances,
     )?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
@@ -108,8 +114,12 @@ async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde
     } else {
         "sessions"
     };
+    let routing = match args.instances {
+        0 => "one engine".to_owned(),
+        n => format!("{n} engine instances (relayed)"),
+    };
     println!(
-        "sonora bench serve: {held}/{} {kind} held, {} s, {} ms frames, echo {} ms → {} ms, gateway workers: {workers}",
+        "sonora bench serve: {held}/{} {kind} held, {} s, {} ms frames, echo {} ms → {} ms, gateway workers: {workers}, {routing}",
         args.sessions, args.seconds, args.frame_ms, args.turn_ms, args.reply_ms
     );
     println!(
@@ -324,6 +334,7 @@ impl Server {
         max_sessions: usize,
         workers: usize,
         phone: bool,
+        instances: usize,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the sonora binary")?;
         let mut command = Command::new(exe);
@@ -345,6 +356,7 @@ impl Server {
         }
         let mut child = command
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
+            .arg(format!("--scripted-echo-instances={instances}"))
             .arg(format!(
                 "--ledger=sqlite://{}",
                 ledger_dir.join("ledger.db").display()
