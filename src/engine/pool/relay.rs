@@ -84,8 +84,9 @@ struct Relay {
     engine_events: mpsc::Receiver<EngineEvent>,
     /// A failed engine's last events: only its usage still counts.
     old_events: Option<mpsc::Receiver<EngineEvent>>,
-    /// The failed engine's instance, whose cost that usage is.
-    old_instance: Option<Arc<Instance>>,
+    /// The failed engine's instance, whose cost that usage is, and how
+    /// many moves came before it (its streams' numbering).
+    old_instance: Option<(Arc<Instance>, u32)>,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
     pending_in: Option<EngineInput>,
@@ -149,8 +150,8 @@ impl Relay {
                 Woke::Engine(event) => self.on_event(event),
                 Woke::Old(Some(EngineEvent::Usage(mut delta))) => {
                     // The failed engine's streams, numbered as they were.
-                    restream(&mut delta, self.moves.saturating_sub(1));
-                    if let Some(old) = &self.old_instance {
+                    if let Some((old, moves)) = &self.old_instance {
+                        restream(&mut delta, *moves);
                         old.count(&delta);
                     }
                     self.out.push_back(EngineEvent::Usage(delta));
@@ -284,11 +285,39 @@ impl Relay {
         }
         self.dead = true;
         self.engine_input = None;
+        // What it still reports is not shown, but its usage was spent.
+        self.retire_engine(None);
         self.out.push_back(EngineEvent::Error {
             kind: ErrorKind::Fatal,
             message,
         });
         self.out.push_back(EngineEvent::Closed);
+    }
+
+    /// Stops listening to the current engine for anything but its usage
+    /// (a failed engine's late cost still counts); `next` is the new
+    /// engine's events, if any. A failed engine still draining from an
+    /// earlier move keeps draining in its own task.
+    fn retire_engine(&mut self, next: Option<mpsc::Receiver<EngineEvent>>) {
+        let next = next.unwrap_or_else(|| mpsc::channel(1).1);
+        let old = std::mem::replace(&mut self.engine_events, next);
+        let earlier = self.old_events.replace(old);
+        let instance = Arc::clone(&self.slot.instance);
+        let earlier_instance = self.old_instance.replace((instance, self.moves));
+        if let (Some(mut events), Some((instance, moves))) = (earlier, earlier_instance) {
+            let out = self.events.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.recv().await {
+                    if let EngineEvent::Usage(mut delta) = event {
+                        restream(&mut delta, moves);
+                        instance.count(&delta);
+                        if out.send(EngineEvent::Usage(delta)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
     }
 
     /// Starts the conversation on the next instance with room.
@@ -311,9 +340,7 @@ impl Relay {
                     instance.counters.started.fetch_add(1, Ordering::Relaxed);
                     instance.counters.taken_over.fetch_add(1, Ordering::Relaxed);
                     self.pool.counters.failovers.fetch_add(1, Ordering::Relaxed);
-                    let old = std::mem::replace(&mut self.engine_events, session.events);
-                    self.old_events = Some(old);
-                    self.old_instance = Some(Arc::clone(&self.slot.instance));
+                    self.retire_engine(Some(session.events));
                     self.engine_input = Some(session.input);
                     // The old place goes back only now: the failed
                     // instance is cooling down anyway.

@@ -277,10 +277,18 @@ async fn a_failed_engine_hands_the_conversation_over_at_a_turn_boundary() {
 
 #[tokio::test]
 async fn without_room_elsewhere_the_failure_reaches_the_conversation() {
-    let failing = Arc::new(ScriptedEngine::new(vec![Step::Emit(EngineEvent::Error {
-        kind: ErrorKind::Fatal,
-        message: "invalid key".into(),
-    })]));
+    // The usage it reports after failing was spent: it still arrives.
+    let late = crate::usage::UsageDelta {
+        cost_micro_usd: 7,
+        ..crate::usage::UsageDelta::default()
+    };
+    let failing = Arc::new(ScriptedEngine::new(vec![
+        Step::Emit(EngineEvent::Error {
+            kind: ErrorKind::Fatal,
+            message: "invalid key".into(),
+        }),
+        Step::Emit(EngineEvent::Usage(late)),
+    ]));
     let pool = Pool::new(vec![spec("only", failing, 1, 0)], settings());
     let want = Want::default();
     let slot = placed(pool.enter(&want));
@@ -296,6 +304,9 @@ async fn without_room_elsewhere_the_failure_reaches_the_conversation() {
         }
     ));
     assert_eq!(next_event(&mut session).await, EngineEvent::Closed);
+    assert_eq!(next_event(&mut session).await, EngineEvent::Usage(late));
     assert_eq!(session.events.recv().await, None);
-    assert_eq!(pool.instances()[0].active(), 0);
+    let only = &pool.instances()[0];
+    assert_eq!(only.active(), 0);
+    assert_eq!(only.counters().cost_micro_usd.load(Ordering::Relaxed), 7);
 }
