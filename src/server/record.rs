@@ -4,7 +4,10 @@
 //! and, with `ledger.store_transcripts`, what was said, and the end.
 //! Without a ledger every call here does nothing and succeeds.
 
+use std::sync::Arc;
+
 use super::protocol::Budget;
+use crate::engine::pool::{Instance, Started};
 use crate::engine::{Role, Stage, TurnEndReason};
 use crate::ledger::{Account, Ledger, LedgerError, TurnRecord, UsageRecord};
 use crate::usage::UsageDelta;
@@ -32,6 +35,9 @@ pub(super) struct Record {
     told_spent: bool,
     /// The usage the ledger holds (all of it, without a ledger).
     total: UsageDelta,
+    /// The instance whose cost this conversation's usage adds to (one
+    /// engine on its own: a routed conversation's relay counts it).
+    counted: Option<Arc<Instance>>,
 }
 
 impl Record {
@@ -52,13 +58,20 @@ impl Record {
             account,
             told_spent: false,
             total: UsageDelta::default(),
+            counted: None,
         }
     }
 
-    /// The price table of the engine the conversation moved to, stamped
-    /// on its usage from now on.
-    pub(super) fn set_prices(&mut self, prices: String) {
-        self.prices = prices;
+    /// The engine started: when another instance than the one placed on
+    /// took it, its prices apply; one engine on its own has its cost
+    /// counted here.
+    pub(super) fn started_on(&mut self, placed: &Arc<Instance>, started: &Started, routed: bool) {
+        if !Arc::ptr_eq(&started.instance, placed) {
+            self.prices = started.instance.engine().prices();
+        }
+        if !routed {
+            self.counted = Some(Arc::clone(&started.instance));
+        }
     }
 
     /// The conversation moved to another engine instance: its row names
@@ -100,6 +113,9 @@ impl Record {
     /// the ledger holds it, it counts in [`Record::total`]. A delta the
     /// ledger could not take is not counted (nobody may be shown it).
     pub(super) async fn usage(&mut self, delta: UsageDelta) -> Result<(), LedgerError> {
+        if let Some(instance) = &self.counted {
+            instance.count(&delta);
+        }
         let Some(ledger) = &self.ledger else {
             self.total.add(&delta);
             return Ok(());

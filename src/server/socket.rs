@@ -32,7 +32,7 @@ use super::Shared;
 use super::metrics::Refusal;
 use super::protocol::{ErrorCode, Hello, MAX_TEXT_MESSAGE_BYTES, ProtocolError, ServerMessage};
 use crate::audio::{StreamDecoder, StreamResampler};
-use crate::engine::pool::{Admission, Hold, Instance, Want};
+use crate::engine::pool::{Admission, Hold, Want};
 use crate::engine::{ConversationOptions, StartError};
 use crate::session::{CloseReason, Conversation, ConversationHandle};
 
@@ -120,9 +120,6 @@ struct Running {
     resume: Option<resume::Slot>,
     /// Its place on an engine instance, until the connection ends.
     _hold: Hold,
-    /// The instance whose cost it counts (one engine on its own: routed
-    /// conversations are counted by their relay).
-    counted: Option<Arc<Instance>>,
 }
 
 impl Connection {
@@ -412,11 +409,7 @@ impl Connection {
                 return None;
             }
         };
-        if !Arc::ptr_eq(&started.instance, &placed) {
-            // Another instance took it: its prices apply.
-            record.set_prices(started.instance.engine().prices());
-        }
-        let counted = (!pool.routed()).then(|| Arc::clone(&started.instance));
+        record.started_on(&placed, &started, pool.routed());
         let session = started.session;
         let decoder = StreamDecoder::new(Some(hello.audio), self.shared.limits.decoder);
         let handle = Conversation::spawn(session, Some(decoder), self.shared.limits);
@@ -440,7 +433,6 @@ impl Connection {
             record,
             resume,
             _hold: started.hold,
-            counted,
         })
     }
 

@@ -329,13 +329,8 @@ impl Pool {
         let mut tried: Vec<String> = Vec::new();
         loop {
             let instance = Arc::clone(&slot.instance);
-            let mut options = options.clone();
-            if !instance.offers(&options.voice) {
-                options.voice.clear();
-            }
-            match instance.engine.start(options.clone()) {
+            match self.inner.start_on(&instance, &options) {
                 Ok(session) => {
-                    instance.counters.started.fetch_add(1, Ordering::Relaxed);
                     return Ok(if self.inner.relayed {
                         let session =
                             relay::spawn(&self.inner, slot, want.clone(), options, session);
@@ -353,17 +348,6 @@ impl Pool {
                     });
                 }
                 Err(error) => {
-                    instance.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    let cooldown = match &error {
-                        StartError::Busy { retry_after, .. } => Some(*retry_after),
-                        StartError::Unavailable(_) | StartError::Misconfigured(_) => {
-                            Some(self.inner.settings.failure_cooldown)
-                        }
-                        StartError::Unsupported(_) => None,
-                    };
-                    if let Some(cooldown) = cooldown {
-                        instance.failed(cooldown);
-                    }
                     tried.push(instance.name.clone());
                     drop(slot);
                     let next = if self.inner.relayed {
@@ -390,6 +374,42 @@ impl Pool {
 }
 
 impl Inner {
+    /// Starts a conversation on `instance`, in its default voice when it
+    /// lacks the one asked for. A refusal is counted and cools the
+    /// instance down: as long as a throttling service asks, or
+    /// `failure_cooldown` when it is unreachable or misconfigured.
+    fn start_on(
+        &self,
+        instance: &Instance,
+        options: &ConversationOptions,
+    ) -> Result<EngineSession, StartError> {
+        let mut options = options.clone();
+        if !instance.offers(&options.voice) {
+            options.voice.clear();
+        }
+        let counters = &instance.counters;
+        match instance.engine.start(options) {
+            Ok(session) => {
+                counters.started.fetch_add(1, Ordering::Relaxed);
+                Ok(session)
+            }
+            Err(error) => {
+                counters.refused.fetch_add(1, Ordering::Relaxed);
+                let cooldown = match &error {
+                    StartError::Busy { retry_after, .. } => Some(*retry_after),
+                    StartError::Unavailable(_) | StartError::Misconfigured(_) => {
+                        Some(self.settings.failure_cooldown)
+                    }
+                    StartError::Unsupported(_) => None,
+                };
+                if let Some(cooldown) = cooldown {
+                    instance.failed(cooldown);
+                }
+                Err(error)
+            }
+        }
+    }
+
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, queue::Queue> {
         self.queue
             .lock()

@@ -332,12 +332,8 @@ impl Relay {
             let instance = Arc::clone(&slot.instance);
             let mut options = self.options.clone();
             options.history = self.history.messages().to_vec();
-            if !instance.offers(&options.voice) {
-                options.voice.clear();
-            }
-            match instance.engine.start(options) {
+            match self.pool.start_on(&instance, &options) {
                 Ok(session) => {
-                    instance.counters.started.fetch_add(1, Ordering::Relaxed);
                     instance.counters.taken_over.fetch_add(1, Ordering::Relaxed);
                     self.pool.counters.failovers.fetch_add(1, Ordering::Relaxed);
                     self.retire_engine(Some(session.events));
@@ -350,11 +346,7 @@ impl Relay {
                     self.failed_at.get_or_insert_with(Instant::now);
                     return Some(());
                 }
-                Err(_) => {
-                    instance.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    instance.failed(self.pool.settings.failure_cooldown);
-                    self.tried.push(instance.name.clone());
-                }
+                Err(_) => self.tried.push(instance.name.clone()),
             }
         }
     }

@@ -80,9 +80,6 @@ impl Connection {
                     return None;
                 }
                 self.shared.metrics.usage(&delta);
-                if let Some(instance) = &running.counted {
-                    instance.count(&delta);
-                }
                 let text = ServerMessage::Usage {
                     delta: &delta,
                     total: running.record.total(),

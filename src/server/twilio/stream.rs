@@ -24,7 +24,7 @@ use super::RATE_HZ;
 use super::messages::{Inbound, Start};
 use super::playback::{Due, Playback};
 use crate::audio::{AudioFormat, StreamDecoder, g711};
-use crate::engine::pool::{Hold, Instance, Want};
+use crate::engine::pool::{Hold, Want};
 use crate::engine::{ConversationOptions, EngineEvent};
 use crate::ledger::{Admission, Started};
 use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
@@ -54,8 +54,6 @@ pub(super) struct Call {
     record: Option<Record>,
     /// Its place on an engine instance, until the call ends.
     hold: Option<Hold>,
-    /// The instance whose cost it counts (one engine on its own).
-    counted: Option<Arc<Instance>>,
 }
 
 impl Call {
@@ -72,7 +70,6 @@ impl Call {
             hanging_up: false,
             record: None,
             hold: None,
-            counted: None,
         };
         let Some(start) = call.await_start().await else {
             return;
@@ -213,12 +210,9 @@ impl Call {
             channels: 1,
         };
         let decoder = StreamDecoder::new(Some(format), self.shared.limits.decoder);
-        if let Some(record) = self.record.as_mut()
-            && !Arc::ptr_eq(&started.instance, &placed)
-        {
-            record.set_prices(started.instance.engine().prices());
+        if let Some(record) = self.record.as_mut() {
+            record.started_on(&placed, &started, pool.routed());
         }
-        self.counted = (!pool.routed()).then(|| Arc::clone(&started.instance));
         self.hold = Some(started.hold);
         let handle = Conversation::spawn(started.session, Some(decoder), self.shared.limits);
         self.shared
@@ -375,12 +369,7 @@ impl Call {
                 // The reply's tail, then a mark Twilio echoes once it is heard.
                 self.playback.end_reply(format!("turn-{turn_id}"));
             }
-            EngineEvent::Usage(delta) => {
-                if let Some(instance) = &self.counted {
-                    instance.count(&delta);
-                }
-                self.record_usage(handle, delta).await;
-            }
+            EngineEvent::Usage(delta) => self.record_usage(handle, delta).await,
             EngineEvent::Moved {
                 engine,
                 model,
