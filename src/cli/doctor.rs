@@ -53,6 +53,7 @@ pub(crate) fn run(config: &Config) -> Result<(), Failure> {
         ),
         knowledge_check(Path::new(&local.knowledge_dir)),
         turn_check(config),
+        word_list_check(config),
         program_check(
             "ffmpeg",
             "ffmpeg",
@@ -297,6 +298,35 @@ fn turn_check(config: &Config) -> Check {
     Check {
         name: "turn-end model",
         ok,
+        detail,
+        disables,
+    }
+}
+
+/// The optional list of words recognition never corrects.
+fn word_list_check(config: &Config) -> Check {
+    let disables = "only part of the word correction: without the list, only the knowledge base's own words are known to be right (apt-get install wspanish)";
+    let local = &config.local;
+    let detail = if !local.correct_words {
+        "off (local.correct_words = false)".to_owned()
+    } else if local.word_list.is_empty() {
+        "none (local.word_list is empty): only the knowledge base's words are known".to_owned()
+    } else {
+        match std::fs::read_to_string(&local.word_list) {
+            Ok(words) => format!("{} ({} words)", local.word_list, words.lines().count()),
+            Err(e) => {
+                return Check {
+                    name: "word list",
+                    ok: false,
+                    detail: format!("{}: {e}", local.word_list),
+                    disables,
+                };
+            }
+        }
+    };
+    Check {
+        name: "word list",
+        ok: true,
         detail,
         disables,
     }

@@ -135,6 +135,10 @@ pub struct LocalConfig {
     /// Silence after the speech that recognition hears, in milliseconds:
     /// the encoder's time grows with it; 30000 gives Whisper's whole window.
     pub asr_margin_ms: u32,
+    /// Whether a recognised word that no list knows, one or two letters off a word of the knowledge base's questions, becomes that word (no unit).
+    pub correct_words: bool,
+    /// Words known to be right besides the knowledge base's, one a line, never corrected (path; empty: the base's words only).
+    pub word_list: String,
     /// Voice activity score at or above which a frame is speech, from 0.05 to 0.95.
     pub vad_threshold: f64,
     /// Silence that ends the user's turn, in milliseconds.
@@ -175,6 +179,8 @@ impl Default for LocalConfig {
             asr_beam_size: 5,
             asr_threads: 0,
             asr_margin_ms: 3_000,
+            correct_words: true,
+            word_list: "/usr/share/dict/spanish".to_owned(),
             vad_threshold: 0.5,
             vad_hangover_ms: 600,
             vad_preroll_ms: 150,

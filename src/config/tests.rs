@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 145, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 147, "every leaf appears once: {:?}", keys());
 }
 
 #[test]

@@ -159,8 +159,18 @@ impl KnowledgeBase {
             });
         }
         let index = Index::build(&parsed);
-        let entries = parsed.into_iter().map(|(entry, _)| entry).collect();
-        Ok(Self { entries, index })
+        let mut entries = Vec::with_capacity(parsed.len());
+        let mut phrasings = Vec::new();
+        for (entry, alternatives) in parsed {
+            phrasings.push(entry.question.clone());
+            phrasings.extend(alternatives);
+            entries.push(entry);
+        }
+        Ok(Self {
+            entries,
+            phrasings,
+            index,
+        })
     }
 }
 

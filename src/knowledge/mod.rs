@@ -10,16 +10,19 @@
 //!
 //! Layers: [`load`](self::load) (Markdown → entries), `text` (folding,
 //! stop words, stemming), `index` (BM25 and near matches), `answer` (when
-//! the best entry is an answer).
+//! the best entry is an answer), `lexicon` (a transcript's near misses of
+//! the questions' words).
 
 mod answer;
 mod index;
+mod lexicon;
 mod load;
 mod text;
 
 use std::sync::Arc;
 
 pub use answer::{MIN_COVERAGE, MIN_SCORE};
+pub use lexicon::{Correction, Lexicon};
 pub use load::KnowledgeError;
 
 use index::Index;
@@ -57,6 +60,8 @@ pub enum Reply {
 #[derive(Debug)]
 pub struct KnowledgeBase {
     entries: Vec<Entry>,
+    /// Every question and alternative wording, in order.
+    phrasings: Vec<String>,
     index: Index,
 }
 

@@ -338,3 +338,40 @@ fn as_context_respects_max_bytes() {
     let all = kb.as_context(usize::MAX);
     assert_eq!(all.matches("Q: ").count(), kb.entries().len());
 }
+
+#[test]
+fn the_example_bases_words_come_back_from_near_misses_and_right_words_stay() {
+    let kb = example();
+    let lexicon = Lexicon::new(&kb, "");
+    // What Whisper base wrote for eSpeak's questions.
+    for (heard, meant) in [
+        (
+            "Quiero saber el horario de la rilioteca.",
+            "Quiero saber el horario de la biblioteca.",
+        ),
+        (
+            "Donde pimo a constancia me estúlios.",
+            "Donde pimo a constancia me estudios.",
+        ),
+        ("¿Cómo hago la matrigula?", "¿Cómo hago la matrícula?"),
+    ] {
+        assert_eq!(
+            lexicon.correct(heard).map(|(text, _)| text).as_deref(),
+            Some(meant),
+            "{heard}"
+        );
+    }
+    // Other forms of the base's words are not misses.
+    assert_eq!(lexicon.correct("¿Cómo me matriculo en un curso?"), None);
+    // Every wording the base was written with is left as it is, and so
+    // are its answers and unrelated questions.
+    let untouched = kb
+        .phrasings
+        .iter()
+        .chain(kb.entries.iter().map(|e| &e.answer))
+        .map(String::as_str)
+        .chain(UNRELATED.iter().copied());
+    for text in untouched {
+        assert_eq!(lexicon.correct(text), None, "{text}");
+    }
+}

@@ -210,20 +210,29 @@ async fn accuracy_table(
     let mut rows = Vec::new();
     let baseline = library_transcripts(settings, language, spoken).await?;
     rows.push(("library features, beam 5".to_owned(), baseline));
+    // (beam, vocabulary, margin, words corrected to the base's)
     let mut variants = Vec::new();
     for &beam in beams {
-        variants.push((beam, false, FULL_WINDOW_MS));
-        variants.push((beam, true, FULL_WINDOW_MS));
+        variants.push((beam, false, FULL_WINDOW_MS, false));
+        variants.push((beam, true, FULL_WINDOW_MS, false));
     }
+    let last_beam = beams.last().copied().unwrap_or(1);
     for &margin in margins {
-        variants.push((beams.last().copied().unwrap_or(1), true, margin));
+        variants.push((last_beam, true, margin, false));
+    }
+    // The engine as configured, correction included.
+    if settings.correction.is_some() {
+        variants.push((last_beam, true, settings.asr.margin_ms, true));
     }
     {
-        for (beam, vocabulary, margin) in variants {
+        for (beam, vocabulary, margin, corrected) in variants {
             let mut variant = settings.clone();
             variant.asr.beam_size = beam;
             variant.asr.vocabulary = (!vocabulary).then(String::new);
             variant.asr.margin_ms = margin;
+            if !corrected {
+                variant.correction = None;
+            }
             let engine = LocalEngine::load(&variant).map_err(|e| anyhow!(e))?;
             let mut out = Vec::new();
             for s in spoken {
@@ -235,19 +244,20 @@ async fn accuracy_table(
                 out.push((text, started.elapsed().as_secs_f64() * 1000.0));
             }
             let name = format!(
-                "reference features{}, beam {beam}{}",
+                "reference features{}, beam {beam}{}{}",
                 if vocabulary { " + vocabulary" } else { "" },
                 if margin >= FULL_WINDOW_MS {
                     String::new()
                 } else {
                     format!(", window audio + {margin} ms")
-                }
+                },
+                if corrected { ", words corrected" } else { "" }
             );
             rows.push((name, out));
         }
     }
     println!(
-        "{:<48} {:>15} {:>16} {:>16}",
+        "{:<72} {:>15} {:>16} {:>16}",
         "recognition (16 spoken questions)", "keyword recall", "word error rate", "time p50 (ms)"
     );
     let mut json = Vec::new();
@@ -262,7 +272,7 @@ async fn accuracy_table(
             eprintln!("{name} | {} | {:?} → {text:?}", s.voice, s.question.text);
         }
         println!(
-            "{name:<48} {:>14.1}% {:>15.1}% {p50:>16.0}",
+            "{name:<72} {:>14.1}% {:>15.1}% {p50:>16.0}",
             score.keyword_recall() * 100.0,
             score.word_error_rate() * 100.0
         );

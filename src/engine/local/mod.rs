@@ -36,7 +36,7 @@ use super::{
     Voice,
 };
 use crate::config::LocalConfig;
-use crate::knowledge::KnowledgeBase;
+use crate::knowledge::{KnowledgeBase, Lexicon};
 use crate::tts::{self, TtsConfig};
 use crate::usage::UsageDelta;
 
@@ -54,6 +54,8 @@ const VOCABULARY_CHARS: usize = 400;
 #[derive(Debug)]
 struct Shared {
     asr: Asr,
+    /// Near misses of the knowledge base's words, corrected in transcripts.
+    lexicon: Option<Lexicon>,
     /// One recognition at a time: each uses every core, so two at once
     /// only make both late.
     asr_gate: Arc<tokio::sync::Semaphore>,
@@ -80,10 +82,20 @@ pub struct LocalSettings {
     pub asr: AsrConfig,
     pub vad: VadConfig,
     pub tts: TtsConfig,
+    /// Transcripts' near misses of the knowledge base's words corrected,
+    /// with the words of this list (if any) known to be right.
+    pub correction: Option<WordCorrection>,
     /// An OpenAI-compatible chat endpoint to answer with, if configured.
     pub chat: Option<ChatConfig>,
     /// The turn-end model, if configured (`local.turn_model`).
     pub turn: Option<turn::TurnSettings>,
+}
+
+/// Where the words known to be right come from (see [`Lexicon`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WordCorrection {
+    /// One word a line; none: only the knowledge base's words.
+    pub word_list: Option<PathBuf>,
 }
 
 impl LocalSettings {
@@ -97,6 +109,9 @@ impl LocalSettings {
                 vocabulary: None,
                 margin_ms: config.asr_margin_ms,
             },
+            correction: config.correct_words.then(|| WordCorrection {
+                word_list: (!config.word_list.is_empty()).then(|| PathBuf::from(&config.word_list)),
+            }),
             vad: VadConfig {
                 threshold: config.vad_threshold as f32,
                 hangover_ms: config.vad_hangover_ms.into(),
@@ -139,6 +154,10 @@ impl LocalEngine {
             .clone()
             .unwrap_or_else(|| knowledge.vocabulary(VOCABULARY_CHARS));
         let asr = Asr::load(&settings.model_dir, settings.asr.clone(), &vocabulary)?;
+        let lexicon = settings
+            .correction
+            .as_ref()
+            .map(|c| lexicon(&knowledge, c.word_list.as_deref()));
         let model = settings.model_dir.file_name().map_or_else(
             || "whisper".to_owned(),
             |n| n.to_string_lossy().into_owned(),
@@ -157,6 +176,7 @@ impl LocalEngine {
             shared: Arc::new(Shared {
                 turn,
                 asr,
+                lexicon,
                 asr_gate: Arc::new(tokio::sync::Semaphore::new(1)),
                 knowledge,
                 tts: settings.tts.clone(),
@@ -183,6 +203,22 @@ impl LocalEngine {
     pub fn knowledge_entries(&self) -> usize {
         self.shared.knowledge.entries().len()
     }
+}
+
+/// The lexicon of `knowledge`, with the words of `word_list` if it can be
+/// read (a missing list only narrows what is known to be right).
+fn lexicon(knowledge: &KnowledgeBase, word_list: Option<&std::path::Path>) -> Lexicon {
+    let words = word_list.map_or_else(String::new, |path| {
+        std::fs::read_to_string(path).unwrap_or_else(|e| {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "word list not read: only the knowledge base's words are known to be right"
+            );
+            String::new()
+        })
+    });
+    Lexicon::new(knowledge, &words)
 }
 
 impl Engine for LocalEngine {

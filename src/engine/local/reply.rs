@@ -88,13 +88,20 @@ pub(super) async fn recognise(
     let gate = Arc::clone(&shared.asr_gate);
     super::gate::run(&gate, wanted, "speech recognition", move || {
         let started = std::time::Instant::now();
-        let text = shared.asr.transcribe(&audio, &language);
+        let text = shared.asr.transcribe(&audio, &language)?;
         tracing::debug!(
             audio_ms = audio.len() / 16,
             ms = started.elapsed().as_millis() as u64,
             "recognised"
         );
-        text
+        let corrected = shared.lexicon.as_ref().and_then(|l| l.correct(&text));
+        Ok(match corrected {
+            Some((corrected, corrections)) => {
+                tracing::debug!(?corrections, "words corrected to the knowledge base's");
+                corrected
+            }
+            None => text,
+        })
     })
     .await
 }
