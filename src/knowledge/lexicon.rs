@@ -88,6 +88,20 @@ impl Lexicon {
         self.known.len()
     }
 
+    /// How many words of `text` neither the base nor the word list knows
+    /// (stop words and numbers are known).
+    pub fn unknown_words(&self, text: &str) -> usize {
+        words(text)
+            .map(fold)
+            .filter(|w| {
+                w.chars().any(char::is_alphabetic)
+                    && !is_stop_word(w)
+                    && !self.known.contains(w)
+                    && !self.known.contains(&stem(w))
+            })
+            .count()
+    }
+
     /// `text` with its near misses of the base's words replaced, and what
     /// was replaced; `None` when nothing was.
     pub fn correct(&self, text: &str) -> Option<(String, Vec<Correction>)> {
@@ -299,6 +313,14 @@ mod tests {
         assert_eq!(lexicon.correct("horaria"), None);
         assert_eq!(lexicon.correct("bivlioteka").unwrap().0, "biblioteca");
         assert_eq!(lexicon.correct("bixxiotexa"), None);
+    }
+
+    #[test]
+    fn unknown_words_are_those_no_list_knows() {
+        let lexicon = Lexicon::new(&base(), "casa\n");
+        assert_eq!(lexicon.unknown_words("el horario de la casa, 2024"), 0);
+        assert_eq!(lexicon.unknown_words("Nel horarios de las casas"), 1);
+        assert_eq!(lexicon.unknown_words("que recastuemos solicitar"), 2);
     }
 
     #[test]

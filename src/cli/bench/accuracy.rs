@@ -9,6 +9,7 @@ use unicode_normalization::char::is_combining_mark;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Question {
     pub(super) text: &'static str,
+    /// Folded words; `a|b` for a word with two standard spellings.
     pub(super) keywords: &'static [&'static str],
 }
 
@@ -40,7 +41,8 @@ pub(super) const QUESTIONS: [Question; 8] = [
     },
     Question {
         text: "¿Cómo obtengo el carné de estudiante?",
-        keywords: &["obtengo", "carne", "estudiante"],
+        // "carnet" is the same word (both spellings are standard).
+        keywords: &["obtengo", "carne|carnet", "estudiante"],
     },
     Question {
         text: "¿Qué documentos necesito para la matrícula?",
@@ -65,13 +67,14 @@ pub(super) fn words(text: &str) -> Vec<String> {
         .collect()
 }
 
-/// Keywords of `question` found among the transcript's words.
+/// Keywords of `question` found among the transcript's words (a keyword
+/// `a|b` is found as either spelling).
 pub(super) fn keywords_heard(question: &Question, transcript: &str) -> usize {
     let heard = words(transcript);
     question
         .keywords
         .iter()
-        .filter(|k| heard.iter().any(|w| w == *k))
+        .filter(|k| k.split('|').any(|k| heard.iter().any(|w| w == k)))
         .count()
 }
 
@@ -135,6 +138,13 @@ mod tests {
         );
         assert_eq!(keywords_heard(&q, "olvide la contra sena del portal"), 2);
         assert_eq!(keywords_heard(&q, ""), 0);
+        let q = QUESTIONS[6];
+        assert_eq!(
+            keywords_heard(&q, "como obtengo el carnet de estudiante"),
+            3
+        );
+        assert_eq!(keywords_heard(&q, "como obtengo el carne de estudiante"), 3);
+        assert_eq!(keywords_heard(&q, "como obtengo el car de estudiante"), 2);
     }
 
     #[test]

@@ -210,29 +210,33 @@ async fn accuracy_table(
     let mut rows = Vec::new();
     let baseline = library_transcripts(settings, language, spoken).await?;
     rows.push(("library features, beam 5".to_owned(), baseline));
-    // (beam, vocabulary, margin, words corrected to the base's)
+    // (beam, vocabulary, margin, known words: none, weighing, correcting)
     let mut variants = Vec::new();
     for &beam in beams {
-        variants.push((beam, false, FULL_WINDOW_MS, false));
-        variants.push((beam, true, FULL_WINDOW_MS, false));
+        variants.push((beam, false, FULL_WINDOW_MS, None));
+        variants.push((beam, true, FULL_WINDOW_MS, None));
     }
     let last_beam = beams.last().copied().unwrap_or(1);
     for &margin in margins {
-        variants.push((last_beam, true, margin, false));
+        variants.push((last_beam, true, margin, None));
     }
-    // The engine as configured, correction included.
-    if settings.correction.is_some() {
-        variants.push((last_beam, true, settings.asr.margin_ms, true));
+    // The engine as configured: its hypotheses weighed by the known
+    // words, then its near misses corrected.
+    if settings.words.is_some() {
+        variants.push((last_beam, true, settings.asr.margin_ms, Some(false)));
+        variants.push((last_beam, true, settings.asr.margin_ms, Some(true)));
     }
     {
-        for (beam, vocabulary, margin, corrected) in variants {
+        for (beam, vocabulary, margin, correct) in variants {
             let mut variant = settings.clone();
             variant.asr.beam_size = beam;
             variant.asr.vocabulary = (!vocabulary).then(String::new);
             variant.asr.margin_ms = margin;
-            if !corrected {
-                variant.correction = None;
-            }
+            variant.words = correct.and_then(|correct| {
+                let mut words = settings.words.clone()?;
+                words.correct = correct;
+                Some(words)
+            });
             let engine = LocalEngine::load(&variant).map_err(|e| anyhow!(e))?;
             let mut out = Vec::new();
             for s in spoken {
@@ -251,7 +255,11 @@ async fn accuracy_table(
                 } else {
                     format!(", window audio + {margin} ms")
                 },
-                if corrected { ", words corrected" } else { "" }
+                match correct {
+                    None => "",
+                    Some(false) => ", hypotheses weighed by known words",
+                    Some(true) => ", … and near misses corrected",
+                }
             );
             rows.push((name, out));
         }

@@ -96,10 +96,19 @@ impl Asr {
     }
 
     /// Transcribes 16 kHz mono speech in `language` (e.g. `es`, `en`); at
-    /// most Whisper's 30 s window is heard.
-    pub(super) fn transcribe(&self, pcm: &[i16], language: &str) -> Result<String, String> {
+    /// most Whisper's 30 s window is heard. The beam's finished hypotheses
+    /// come back best first (one at beam 1), each with its mean log
+    /// probability per token.
+    pub(super) fn transcribe(
+        &self,
+        pcm: &[i16],
+        language: &str,
+    ) -> Result<Vec<Hypothesis>, String> {
         if pcm.is_empty() {
-            return Ok(String::new());
+            return Ok(vec![Hypothesis {
+                text: String::new(),
+                score: 0.0,
+            }]);
         }
         let margin = self.config.margin_ms as usize * crate::audio::ENGINE_RATE_HZ as usize / 1000;
         // The encoder halves the frames: an even count.
@@ -117,8 +126,11 @@ impl Asr {
         // generous, and a cap stops the rare repetition loop early. The
         // length counts the prompt too.
         let seconds = pcm.len() / crate::audio::ENGINE_RATE_HZ as usize + 1;
+        let beam_size = self.config.beam_size.max(1);
         let options = ct2rs::sys::WhisperOptions {
-            beam_size: self.config.beam_size.max(1),
+            beam_size,
+            num_hypotheses: beam_size,
+            return_scores: true,
             max_length: (prompt.len() + 4 + 16 + seconds * 8).min(448),
             ..ct2rs::sys::WhisperOptions::default()
         };
@@ -132,15 +144,32 @@ impl Asr {
             .whisper
             .generate(&view, &[prompt], &options)
             .map_err(|e| format!("speech recognition failed: {e}"))?;
-        let tokens = result
+        let Some(result) = result.into_iter().next() else {
+            return Ok(Vec::new());
+        };
+        let scores = result.scores.into_iter().chain(std::iter::repeat(0.0));
+        result
+            .sequences
             .into_iter()
-            .next()
-            .and_then(|r| r.sequences.into_iter().next())
-            .unwrap_or_default();
-        let text = ct2rs::Tokenizer::decode(&self.tokenizer, tokens)
-            .map_err(|e| format!("speech recognition failed: {e}"))?;
-        Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
+            .zip(scores)
+            .map(|(tokens, score)| {
+                let text = ct2rs::Tokenizer::decode(&self.tokenizer, tokens)
+                    .map_err(|e| format!("speech recognition failed: {e}"))?;
+                Ok(Hypothesis {
+                    text: text.split_whitespace().collect::<Vec<_>>().join(" "),
+                    score,
+                })
+            })
+            .collect()
     }
+}
+
+/// One transcript the beam search finished with.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Hypothesis {
+    pub(super) text: String,
+    /// Mean log probability of its tokens (higher is likelier).
+    pub(super) score: f32,
 }
 
 /// `<|startofprev|>` and the tokens of ` vocabulary` (Whisper's previous

@@ -54,8 +54,9 @@ const VOCABULARY_CHARS: usize = 400;
 #[derive(Debug)]
 struct Shared {
     asr: Asr,
-    /// Near misses of the knowledge base's words, corrected in transcripts.
-    lexicon: Option<Lexicon>,
+    /// The words known to be right: the recogniser's hypotheses are weighed
+    /// by them, and (the flag) near misses of the base's words corrected.
+    lexicon: Option<(Lexicon, bool)>,
     /// One recognition at a time: each uses every core, so two at once
     /// only make both late.
     asr_gate: Arc<tokio::sync::Semaphore>,
@@ -82,20 +83,23 @@ pub struct LocalSettings {
     pub asr: AsrConfig,
     pub vad: VadConfig,
     pub tts: TtsConfig,
-    /// Transcripts' near misses of the knowledge base's words corrected,
-    /// with the words of this list (if any) known to be right.
-    pub correction: Option<WordCorrection>,
+    /// The words known to be right, which the recogniser's hypotheses are
+    /// weighed by and its near misses corrected to; none: the likeliest
+    /// hypothesis as it is.
+    pub words: Option<KnownWords>,
     /// An OpenAI-compatible chat endpoint to answer with, if configured.
     pub chat: Option<ChatConfig>,
     /// The turn-end model, if configured (`local.turn_model`).
     pub turn: Option<turn::TurnSettings>,
 }
 
-/// Where the words known to be right come from (see [`Lexicon`]).
+/// Where the words known to be right come from (see [`Lexicon`]), and
+/// whether near misses of the base's words are corrected.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WordCorrection {
+pub struct KnownWords {
     /// One word a line; none: only the knowledge base's words.
     pub word_list: Option<PathBuf>,
+    pub correct: bool,
 }
 
 impl LocalSettings {
@@ -109,8 +113,9 @@ impl LocalSettings {
                 vocabulary: None,
                 margin_ms: config.asr_margin_ms,
             },
-            correction: config.correct_words.then(|| WordCorrection {
+            words: Some(KnownWords {
                 word_list: (!config.word_list.is_empty()).then(|| PathBuf::from(&config.word_list)),
+                correct: config.correct_words,
             }),
             vad: VadConfig {
                 threshold: config.vad_threshold as f32,
@@ -155,9 +160,9 @@ impl LocalEngine {
             .unwrap_or_else(|| knowledge.vocabulary(VOCABULARY_CHARS));
         let asr = Asr::load(&settings.model_dir, settings.asr.clone(), &vocabulary)?;
         let lexicon = settings
-            .correction
+            .words
             .as_ref()
-            .map(|c| lexicon(&knowledge, c.word_list.as_deref()));
+            .map(|w| (lexicon(&knowledge, w.word_list.as_deref()), w.correct));
         let model = settings.model_dir.file_name().map_or_else(
             || "whisper".to_owned(),
             |n| n.to_string_lossy().into_owned(),

@@ -10,8 +10,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::Shared;
+use super::asr::Hypothesis;
 use crate::engine::{EngineEvent, ErrorKind, Pcm, Role, Stage, TurnEndReason};
-use crate::knowledge::Reply;
+use crate::knowledge::{Lexicon, Reply};
 use crate::tts;
 use crate::usage::UsageDelta;
 
@@ -88,13 +89,18 @@ pub(super) async fn recognise(
     let gate = Arc::clone(&shared.asr_gate);
     super::gate::run(&gate, wanted, "speech recognition", move || {
         let started = std::time::Instant::now();
-        let text = shared.asr.transcribe(&audio, &language)?;
+        let hypotheses = shared.asr.transcribe(&audio, &language)?;
         tracing::debug!(
             audio_ms = audio.len() / 16,
             ms = started.elapsed().as_millis() as u64,
+            ?hypotheses,
             "recognised"
         );
-        let corrected = shared.lexicon.as_ref().and_then(|l| l.correct(&text));
+        let lexicon = shared.lexicon.as_ref();
+        let text = choose(hypotheses, lexicon.map(|(l, _)| l));
+        let corrected = lexicon
+            .filter(|(_, correct)| *correct)
+            .and_then(|(l, _)| l.correct(&text));
         Ok(match corrected {
             Some((corrected, corrections)) => {
                 tracing::debug!(?corrections, "words corrected to the knowledge base's");
@@ -104,6 +110,26 @@ pub(super) async fn recognise(
         })
     })
     .await
+}
+
+/// What one word no list knows costs a hypothesis, in mean log probability
+/// per token: a transcript of real words wins over a likelier one with a
+/// made-up word ("¿Qué becas puedo…" over "que recastuemos…") only when
+/// the model found them nearly as likely.
+const UNKNOWN_WORD_COST: f32 = 0.05;
+
+/// The hypothesis to go on with: the likeliest, each word that neither the
+/// knowledge base nor the word list knows counted against it.
+fn choose(hypotheses: Vec<Hypothesis>, lexicon: Option<&Lexicon>) -> String {
+    let cost = |h: &Hypothesis| {
+        let unknown = lexicon.map_or(0, |l| l.unknown_words(&h.text));
+        h.score - UNKNOWN_WORD_COST * unknown as f32
+    };
+    hypotheses
+        .into_iter()
+        .max_by(|a, b| cost(a).total_cmp(&cost(b)))
+        .map(|h| h.text)
+        .unwrap_or_default()
 }
 
 /// One reply: recognise (unless typed), answer, speak.
@@ -275,5 +301,51 @@ impl ReplyJob {
         }))
         .await?;
         Ok(TurnEndReason::Completed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::knowledge::KnowledgeBase;
+
+    fn hypothesis(text: &str, score: f32) -> Hypothesis {
+        Hypothesis {
+            text: text.to_owned(),
+            score,
+        }
+    }
+
+    #[test]
+    fn a_nearly_as_likely_hypothesis_of_known_words_wins() {
+        let base = KnowledgeBase::from_markdown(&[(
+            "faq.md".to_owned(),
+            "## ¿Dónde está el portal del estudiante?\nEn la web.\n".to_owned(),
+        )])
+        .unwrap();
+        let lexicon = Lexicon::new(&base, "contraseña\n");
+        let heard = || {
+            vec![
+                hypothesis("contraseña, nel portal, nel estudiante", -0.51),
+                hypothesis("contraseña, del portal, del estudiante", -0.57),
+            ]
+        };
+        // Two made-up words cost 0.1: more than the 0.06 between them.
+        assert_eq!(
+            choose(heard(), Some(&lexicon)),
+            "contraseña, del portal, del estudiante"
+        );
+        // Without the lexicon the likeliest stands; so it does when the
+        // known one is much less likely.
+        assert_eq!(
+            choose(heard(), None),
+            "contraseña, nel portal, nel estudiante"
+        );
+        let far = vec![
+            hypothesis("nel portal", -0.5),
+            hypothesis("del portal", -0.9),
+        ];
+        assert_eq!(choose(far, Some(&lexicon)), "nel portal");
+        assert_eq!(choose(Vec::new(), Some(&lexicon)), "");
     }
 }
