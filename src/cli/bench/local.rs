@@ -35,6 +35,10 @@ pub(crate) struct LocalBenchArgs {
     /// vocabulary).
     #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
     margins: Vec<u32>,
+    /// Vocabularies to compare besides the engine's (its first N characters
+    /// of the knowledge base's words; 0: none), as the engine is configured.
+    #[arg(long, value_delimiter = ',')]
+    vocabulary_chars: Vec<usize>,
     /// Skip the accuracy comparison (latency only).
     #[arg(long)]
     no_accuracy: bool,
@@ -97,7 +101,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     let language = &config.engine.language;
     let mut summary = serde_json::Map::new();
     if !args.no_accuracy {
-        let rows = accuracy_table(&settings, language, &args.beams, &args.margins, &spoken).await?;
+        let rows = accuracy_table(&settings, language, args, &spoken).await?;
         summary.insert("accuracy".into(), serde_json::Value::Array(rows));
     }
 
@@ -203,34 +207,40 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
 async fn accuracy_table(
     settings: &LocalSettings,
     language: &str,
-    beams: &[usize],
-    margins: &[u32],
+    args: &LocalBenchArgs,
     spoken: &[Spoken],
 ) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut rows = Vec::new();
     let baseline = library_transcripts(settings, language, spoken).await?;
     rows.push(("library features, beam 5".to_owned(), baseline));
-    // (beam, vocabulary, margin, known words: none, weighing, correcting)
+    // (beam, vocabulary: none, the engine's or this many characters,
+    // margin, known words: none, weighing, correcting)
     let mut variants = Vec::new();
-    for &beam in beams {
-        variants.push((beam, false, FULL_WINDOW_MS, None));
-        variants.push((beam, true, FULL_WINDOW_MS, None));
+    for &beam in &args.beams {
+        variants.push((beam, Some(0), FULL_WINDOW_MS, None));
+        variants.push((beam, None, FULL_WINDOW_MS, None));
     }
-    let last_beam = beams.last().copied().unwrap_or(1);
-    for &margin in margins {
-        variants.push((last_beam, true, margin, None));
+    let last_beam = args.beams.last().copied().unwrap_or(1);
+    for &margin in &args.margins {
+        variants.push((last_beam, None, margin, None));
     }
     // The engine as configured: its hypotheses weighed by the known
     // words, then its near misses corrected.
+    let margin = settings.asr.margin_ms;
     if settings.words.is_some() {
-        variants.push((last_beam, true, settings.asr.margin_ms, Some(false)));
-        variants.push((last_beam, true, settings.asr.margin_ms, Some(true)));
+        variants.push((last_beam, None, margin, Some(false)));
+        variants.push((last_beam, None, margin, Some(true)));
     }
+    let configured = settings.words.as_ref().map(|w| w.correct);
+    for &chars in &args.vocabulary_chars {
+        variants.push((last_beam, Some(chars), margin, configured));
+    }
+    let knowledge = crate::knowledge::KnowledgeBase::load(&settings.knowledge_dir)?;
     {
         for (beam, vocabulary, margin, correct) in variants {
             let mut variant = settings.clone();
             variant.asr.beam_size = beam;
-            variant.asr.vocabulary = (!vocabulary).then(String::new);
+            variant.asr.vocabulary = vocabulary.map(|chars| knowledge.vocabulary(chars));
             variant.asr.margin_ms = margin;
             variant.words = correct.and_then(|correct| {
                 let mut words = settings.words.clone()?;
@@ -249,7 +259,11 @@ async fn accuracy_table(
             }
             let name = format!(
                 "reference features{}, beam {beam}{}{}",
-                if vocabulary { " + vocabulary" } else { "" },
+                match vocabulary {
+                    Some(0) => String::new(),
+                    None => " + vocabulary".to_owned(),
+                    Some(chars) => format!(" + vocabulary of {chars} characters"),
+                },
                 if margin >= FULL_WINDOW_MS {
                     String::new()
                 } else {
