@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 
 use super::KnowledgeBase;
-use super::text::{fold, is_stop_word, stem};
+use super::text::{fold, is_stop_word, stem, words};
 
 /// Shortest transcript word (in characters) that may be corrected: shorter
 /// words are one edit away from too many others.
@@ -176,12 +176,6 @@ impl Lexicon {
         }
         best.filter(|_| !tied).map(|(_, target)| target)
     }
-}
-
-/// The runs of letters and digits of `text`.
-fn words(text: &str) -> impl Iterator<Item = &str> {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
 }
 
 /// `written` capitalised as `heard` is: all capitals, a capital first

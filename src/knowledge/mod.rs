@@ -103,10 +103,7 @@ impl KnowledgeBase {
     pub fn vocabulary(&self, max_chars: usize) -> String {
         let mut seen = std::collections::HashSet::new();
         let mut out = String::new();
-        let words = self
-            .entries
-            .iter()
-            .flat_map(|e| e.question.split(|c: char| !c.is_alphanumeric()));
+        let words = self.entries.iter().flat_map(|e| text::words(&e.question));
         for word in words {
             let folded = text::fold(word);
             if word.chars().count() < 4 || text::is_stop_word(&folded) || !seen.insert(folded) {

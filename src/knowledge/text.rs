@@ -49,13 +49,18 @@ pub(super) fn is_stop_word(folded: &str) -> bool {
     STOP_WORDS.contains(folded)
 }
 
+/// The runs of letters and digits of `text`, as written.
+pub(super) fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+}
+
 /// Lowercases, folds accents, splits on non-alphanumerics, drops stop words and
 /// strips plural endings.
 pub(super) fn tokenize(text: &str) -> Vec<String> {
     let folded = fold(text);
-    folded
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|t| !t.is_empty() && !STOP_WORDS.contains(t))
+    words(&folded)
+        .filter(|t| !STOP_WORDS.contains(t))
         .map(stem)
         .collect()
 }

@@ -121,14 +121,14 @@ const UNKNOWN_WORD_COST: f32 = 0.05;
 /// The hypothesis to go on with: the likeliest, each word that neither the
 /// knowledge base nor the word list knows counted against it.
 fn choose(hypotheses: Vec<Hypothesis>, lexicon: Option<&Lexicon>) -> String {
-    let cost = |h: &Hypothesis| {
-        let unknown = lexicon.map_or(0, |l| l.unknown_words(&h.text));
-        h.score - UNKNOWN_WORD_COST * unknown as f32
-    };
     hypotheses
         .into_iter()
-        .max_by(|a, b| cost(a).total_cmp(&cost(b)))
-        .map(|h| h.text)
+        .map(|h| {
+            let unknown = lexicon.map_or(0, |l| l.unknown_words(&h.text));
+            (h.score - UNKNOWN_WORD_COST * unknown as f32, h.text)
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, text)| text)
         .unwrap_or_default()
 }
 
