@@ -127,8 +127,10 @@ async fn a_chrome_webm_recording_in_its_blobs_is_heard() {
     client.send_json(json!({"type": "stop"})).await;
     let frames = client.until(|f| f.is("end")).await;
     let heard = folded(&final_text(&frames, "user").join(" "));
+    // "voz" and "vos" sound the same wherever s and z are one sound, as in
+    // this speaker's Spanish: either spelling is the word heard.
     assert!(
-        heard.contains("prueba") && heard.contains("voz"),
+        heard.contains("prueba") && (heard.contains("voz") || heard.contains(" vos ")),
         "heard {heard:?}"
     );
     assert!(!final_text(&frames, "assistant").is_empty(), "{frames:?}");

@@ -147,6 +147,8 @@ pub struct LocalConfig {
     pub vad_preroll_ms: u32,
     /// Silence after which recognition starts early, in milliseconds.
     pub vad_pause_ms: u32,
+    /// A frame less than this many decibels over the noise floor (and 25 dB under the turn's loudest) is silence even while voice activity still scores it speech, from 0 (off) to 30.
+    pub vad_quiet_db: f64,
     /// Speech synthesiser program, eSpeak NG (path or command name).
     pub tts_program: String,
     /// eSpeak NG voice; empty picks one from the conversation language (no unit).
@@ -185,6 +187,7 @@ impl Default for LocalConfig {
             vad_hangover_ms: 600,
             vad_preroll_ms: 150,
             vad_pause_ms: 150,
+            vad_quiet_db: 9.0,
             tts_program: "espeak-ng".to_owned(),
             tts_voice: String::new(),
             tts_rate_wpm: 160,

@@ -70,7 +70,7 @@ fn defaults_validate_and_load_unchanged() {
     assert_eq!(config.listen_addr(), DEFAULT_LISTEN);
     assert_eq!(config.audio.decoder_input_cap_bytes, 512 * 1024);
     assert_eq!(load(&opts(None, &[], &[]), &[]).unwrap(), config);
-    assert_eq!(keys().len(), 147, "every leaf appears once: {:?}", keys());
+    assert_eq!(keys().len(), 148, "every leaf appears once: {:?}", keys());
 }
 
 #[test]
@@ -362,6 +362,8 @@ fn the_turn_end_model_is_optional_and_its_threshold_a_probability() {
     for (key, value) in [
         ("local.turn_threshold", "1.5"),
         ("local.turn_threshold", "-0.1"),
+        ("local.vad_quiet_db", "-1"),
+        ("local.vad_quiet_db", "31"),
         ("local.onnxruntime_library", ""),
     ] {
         let (err, text) = fail(&opts(None, &[], &[(key, value)]));

@@ -198,6 +198,14 @@ impl Config {
                 reason,
             ));
         }
+        if !(0.0..=30.0).contains(&l.vad_quiet_db) {
+            let reason = "must be between 0 (off) and 30 dB";
+            return Err(bad(
+                "local.vad_quiet_db",
+                l.vad_quiet_db.to_string(),
+                reason,
+            ));
+        }
         if !(0.0..=1.0).contains(&l.turn_threshold) {
             let reason = "must be between 0 and 1";
             return Err(bad(

@@ -2,7 +2,8 @@
 //! recognition accuracy (keyword recall, word error rate) of the library's
 //! own Whisper pipeline against the engine's; then whole conversations,
 //! timed from the true end of speech (known from the generated audio) and
-//! from the engine's decision, against a plain cascade that starts
+//! from the engine's decision, against the same engine with its pauses
+//! judged by the voice detector alone and a plain cascade that starts
 //! recognising only after the end-of-speech hangover, in one run.
 
 use std::path::PathBuf;
@@ -106,11 +107,21 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     }
 
     let load_started = Instant::now();
-    let early = LocalEngine::load(&settings).map_err(|e| anyhow!(e))?;
+    let engine = LocalEngine::load(&settings).map_err(|e| anyhow!(e))?;
     let load_ms = load_started.elapsed().as_secs_f64() * 1000.0;
-    let mut cascade_settings = settings.clone();
+    // The same engine with its pauses judged by the voice detector alone,
+    // and a plain cascade that starts recognising only after the hangover.
+    let mut detector_settings = settings.clone();
+    detector_settings.vad.quiet_db = 0.0;
+    let detector = LocalEngine::load(&detector_settings).map_err(|e| anyhow!(e))?;
+    let mut cascade_settings = detector_settings.clone();
     cascade_settings.vad.pause_ms = cascade_settings.vad.hangover_ms + 1;
     let cascade = LocalEngine::load(&cascade_settings).map_err(|e| anyhow!(e))?;
+    let contenders = [
+        ("Sonora", &engine),
+        ("voice detector alone", &detector),
+        ("plain cascade", &cascade),
+    ];
 
     // Component timings on the same audio.
     let turns: Vec<&Spoken> = spoken.iter().cycle().take(args.questions.max(1)).collect();
@@ -119,7 +130,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     let mut tts_total_ms = Vec::new();
     for s in &turns {
         let started = Instant::now();
-        early
+        engine
             .transcribe(&s.audio, language)
             .await
             .map_err(|e| anyhow!(e))?;
@@ -129,49 +140,63 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
         tts_total_ms.push(total);
     }
 
-    let mut early_turns = Vec::new();
-    let mut cascade_turns = Vec::new();
+    let mut timings: Vec<Vec<TurnTiming>> = vec![Vec::new(); contenders.len()];
     for (i, s) in turns.iter().enumerate() {
-        // Alternate the order so neither mode always runs on a warm cache.
-        let (first, second) = if i % 2 == 0 {
-            (&early, &cascade)
-        } else {
-            (&cascade, &early)
-        };
-        let a = one_turn(first, config, s).await?;
-        let b = one_turn(second, config, s).await?;
-        let (e, c) = if i % 2 == 0 { (a, b) } else { (b, a) };
+        // Rotate the order so no contender always runs on a warm cache.
+        for k in 0..contenders.len() {
+            let c = (i + k) % contenders.len();
+            timings[c].push(one_turn(contenders[c].1, config, s).await?);
+        }
+        let [e, d, c] = [0, 1, 2].map(|c| &timings[c][i]);
         eprintln!(
-            "q{i} ({}): from true end {:.0} ms (cascade {:.0} ms), from the decision {:.0} ms, heard {:?}",
-            s.voice, e.true_end_ms, c.true_end_ms, e.decided_ms, e.transcript
+            "q{i} ({}): from true end {:.0} ms (detector alone {:.0}, cascade {:.0}), from the decision {:.0} ms, heard {:?}",
+            s.voice, e.true_end_ms, d.true_end_ms, c.true_end_ms, e.decided_ms, e.transcript
         );
-        early_turns.push(e);
-        cascade_turns.push(c);
     }
-    let mut true_end: Vec<f64> = early_turns.iter().map(|t| t.true_end_ms).collect();
-    let mut decided: Vec<f64> = early_turns.iter().map(|t| t.decided_ms).collect();
-    let mut cascade_true_end: Vec<f64> = cascade_turns.iter().map(|t| t.true_end_ms).collect();
     let peak_rss = peak_rss_bytes();
+    println!(
+        "{:<22} {:>24} {:>24} {:>15}",
+        "conversations (ms)", "true end p50 / p90", "decision p50 / p90", "keyword recall"
+    );
+    let mut per_contender = serde_json::Map::new();
+    for ((name, _), turned) in contenders.iter().zip(&timings) {
+        let mut true_end: Vec<f64> = turned.iter().map(|t| t.true_end_ms).collect();
+        let mut decided: Vec<f64> = turned.iter().map(|t| t.decided_ms).collect();
+        let mut score = Score::default();
+        for (t, s) in turned.iter().zip(&turns) {
+            score.add(&s.question, &t.transcript);
+        }
+        let (t50, t90) = pct(&mut true_end);
+        let (d50, d90) = pct(&mut decided);
+        println!(
+            "{name:<22} {:>24} {:>24} {:>14.1}%",
+            format!("{t50:.0} / {t90:.0}"),
+            format!("{d50:.0} / {d90:.0}"),
+            score.keyword_recall() * 100.0
+        );
+        per_contender.insert(
+            (*name).to_owned(),
+            serde_json::json!({
+                "true_end_latency_ms": {"p50": t50, "p90": t90},
+                "decision_latency_ms": {"p50": d50, "p90": d90},
+                "keyword_recall": score.keyword_recall(),
+                "transcripts": turned.iter().map(|t| t.transcript.clone()).collect::<Vec<_>>(),
+            }),
+        );
+    }
     let rows = [
-        ("true end of speech → first reply audio", pct(&mut true_end)),
-        (
-            "engine's end-of-speech decision → first reply audio",
-            pct(&mut decided),
-        ),
-        (
-            "true end of speech → first reply audio (plain cascade)",
-            pct(&mut cascade_true_end),
-        ),
-        ("speech recognition", pct(&mut asr_ms)),
+        ("speech recognition (whole recording)", pct(&mut asr_ms)),
         ("synthesis, first audio", pct(&mut tts_first_ms)),
         ("synthesis, whole reply", pct(&mut tts_total_ms)),
     ];
-    println!("{:<58} {:>9} {:>9}", "measure (ms)", "p50", "p90");
+    println!("{:<58} {:>9} {:>9}", "component (ms)", "p50", "p90");
     for (name, (p50, p90)) in rows {
         println!("{name:<58} {p50:>9.0} {p90:>9.0}");
     }
-    let (true_p50, true_p90) = rows[0].1;
-    let (cascade_p50, cascade_p90) = rows[2].1;
+    let mut sonora_true: Vec<f64> = timings[0].iter().map(|t| t.true_end_ms).collect();
+    let mut cascade_true: Vec<f64> = timings[2].iter().map(|t| t.true_end_ms).collect();
+    let (true_p50, _) = pct(&mut sonora_true);
+    let (cascade_p50, _) = pct(&mut cascade_true);
     println!(
         "questions {}   model load {load_ms:.0} ms   peak RSS {:.0} MB   cascade/Sonora p50 {:.2}x",
         turns.len(),
@@ -182,15 +207,12 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     let latency = serde_json::json!({
         "bench": "local",
         "questions": turns.len(),
-        "true_end_latency_ms": {"p50": true_p50, "p90": true_p90},
-        "decision_latency_ms": ms(rows[1].1),
-        "cascade_true_end_latency_ms": {"p50": cascade_p50, "p90": cascade_p90},
-        "asr_ms": ms(rows[3].1),
-        "tts_first_audio_ms": ms(rows[4].1),
-        "tts_total_ms": ms(rows[5].1),
+        "conversations": per_contender,
+        "asr_ms": ms(rows[0].1),
+        "tts_first_audio_ms": ms(rows[1].1),
+        "tts_total_ms": ms(rows[2].1),
         "model_load_ms": load_ms,
         "peak_rss_bytes": peak_rss,
-        "transcripts": early_turns.iter().map(|t| t.transcript.clone()).collect::<Vec<_>>(),
     });
     if let serde_json::Value::Object(latency) = latency {
         summary.extend(latency);

@@ -122,6 +122,7 @@ impl LocalSettings {
                 hangover_ms: config.vad_hangover_ms.into(),
                 preroll_ms: config.vad_preroll_ms.into(),
                 pause_ms: config.vad_pause_ms.into(),
+                quiet_db: config.vad_quiet_db as f32,
                 ..VadConfig::default()
             },
             tts: TtsConfig {

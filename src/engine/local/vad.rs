@@ -4,6 +4,11 @@
 //! (with pre-roll so the first syllable is kept) and closes after a hangover
 //! of silence. A shorter pause first yields `Paused`, so recognition can
 //! start early and be kept if the speaker does not resume.
+//!
+//! earshot's score falls below the threshold only 110–210 ms after the last
+//! energetic frame of a phrase. The frames' own energy ends speech sooner: a
+//! frame near the noise floor and far below the segment's loudest frame is
+//! quiet, and a quiet frame counts as silence whatever its score.
 
 use std::collections::VecDeque;
 
@@ -14,6 +19,17 @@ const SAMPLES_PER_MS: usize = crate::audio::ENGINE_RATE_HZ as usize / 1000;
 /// The detector adapts to the noise floor over its first frames and scores
 /// a sudden noise onset as voice: no segment may open in this time.
 const WARM_UP_MS: u64 = 160;
+/// Audio kept after the last speaking frame when a segment is cut.
+const TAIL_MS: usize = 150;
+/// A quiet frame is also this far (power, 25 dB) below the segment's loudest.
+const BELOW_PEAK: f32 = 0.003_162;
+/// Outside speech the noise floor follows louder frames by this share of the
+/// difference each frame (about a second to settle); quieter frames lower it
+/// at once, in speech too.
+const FLOOR_RISE: f32 = 0.05;
+/// The floor never goes under the power of a one-step signal, so digital
+/// silence is quiet and the ratio stays finite.
+const MIN_FLOOR: f32 = 1.0;
 
 /// Segmentation settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,6 +47,10 @@ pub struct VadConfig {
     /// A segment this long is closed even without silence. It bounds what
     /// one turn holds (480 KB at 15 s): part of a conversation's memory budget.
     pub max_segment_ms: u64,
+    /// A frame whose power is less than this many dB over the noise floor
+    /// (and 25 dB under the segment's loudest frame) counts as silence even
+    /// when the detector still scores it voiced; 0 turns this off.
+    pub quiet_db: f32,
 }
 
 impl Default for VadConfig {
@@ -42,6 +62,7 @@ impl Default for VadConfig {
             onset_ms: 64,
             pause_ms: 150,
             max_segment_ms: 15_000,
+            quiet_db: 9.0,
         }
     }
 }
@@ -73,12 +94,20 @@ pub(super) struct Segmenter {
     in_speech: bool,
     voiced_run_ms: u64,
     silence_run_ms: u64,
-    /// Length of `speech` at the last voiced frame.
+    /// Length of `speech` at the last speaking frame.
     speech_end: usize,
+    /// Length of the audio the last `Paused` carried.
+    paused_len: usize,
     paused_reported: bool,
     voiced_since_pause: bool,
     /// Audio seen, capped at the warm-up length.
     seen_ms: u64,
+    /// Noise floor: mean square of the quietest recent frames.
+    floor: f32,
+    /// Mean square of the segment's loudest voiced frame.
+    peak: f32,
+    /// `quiet_db` as a power ratio (0: off).
+    quiet_ratio: f32,
 }
 
 impl std::fmt::Debug for Segmenter {
@@ -102,9 +131,17 @@ impl Segmenter {
             voiced_run_ms: 0,
             silence_run_ms: 0,
             speech_end: 0,
+            paused_len: 0,
             paused_reported: false,
             voiced_since_pause: false,
             seen_ms: 0,
+            floor: f32::INFINITY,
+            peak: 0.0,
+            quiet_ratio: if config.quiet_db > 0.0 {
+                10f32.powf(config.quiet_db / 10.0)
+            } else {
+                0.0
+            },
         }
     }
 
@@ -144,6 +181,12 @@ impl Segmenter {
         let warm = self.seen_ms >= WARM_UP_MS;
         self.seen_ms = (self.seen_ms + FRAME_MS).min(WARM_UP_MS);
         let voiced = self.detector.predict_i16(frame) >= self.config.threshold && warm;
+        let power = mean_square(frame);
+        if power < self.floor {
+            self.floor = power.max(MIN_FLOOR);
+        } else if !self.in_speech {
+            self.floor += (power - self.floor) * FLOOR_RISE;
+        }
         if !self.in_speech {
             self.preroll.extend(frame.iter().copied());
             let keep = (self.config.preroll_ms + self.config.onset_ms) as usize * SAMPLES_PER_MS;
@@ -157,6 +200,7 @@ impl Segmenter {
             };
             if self.voiced_run_ms >= self.config.onset_ms {
                 self.in_speech = true;
+                self.peak = power;
                 self.speech = self.preroll.drain(..).collect();
                 self.speech_end = self.speech.len();
                 self.silence_run_ms = 0;
@@ -168,6 +212,9 @@ impl Segmenter {
         }
         self.speech.extend_from_slice(frame);
         if voiced {
+            self.peak = self.peak.max(power);
+        }
+        if voiced && !self.quiet(power) {
             self.silence_run_ms = 0;
             self.speech_end = self.speech.len();
             if self.paused_reported {
@@ -185,22 +232,33 @@ impl Segmenter {
         } else if self.silence_run_ms >= self.config.pause_ms && !self.paused_reported {
             self.paused_reported = true;
             self.voiced_since_pause = false;
-            events.push(VadEvent::Paused {
-                audio: self.trimmed(),
-            });
+            let audio = self.trimmed();
+            self.paused_len = audio.len();
+            events.push(VadEvent::Paused { audio });
         }
+    }
+
+    /// Whether a frame of this power is quiet: near the noise floor and far
+    /// below the segment's loudest frame.
+    fn quiet(&self, power: f32) -> bool {
+        power < self.floor * self.quiet_ratio && power < self.peak * BELOW_PEAK
     }
 
     /// The segment with its trailing silence cut to a short tail.
     fn trimmed(&self) -> Vec<i16> {
-        let tail = 100 * SAMPLES_PER_MS;
-        let end = (self.speech_end + tail).min(self.speech.len());
+        let end = (self.speech_end + TAIL_MS * SAMPLES_PER_MS).min(self.speech.len());
         self.speech[..end].to_vec()
     }
 
     fn close(&mut self, events: &mut Vec<VadEvent>) {
-        let audio = self.trimmed();
         let extended = !self.paused_reported || self.voiced_since_pause;
+        // Not extended: exactly the audio the pause carried, so recognition
+        // started on it stands.
+        let audio = if extended {
+            self.trimmed()
+        } else {
+            self.speech[..self.paused_len].to_vec()
+        };
         self.in_speech = false;
         self.speech.clear();
         self.preroll.clear();
@@ -208,6 +266,12 @@ impl Segmenter {
         self.silence_run_ms = 0;
         events.push(VadEvent::Ended { audio, extended });
     }
+}
+
+/// Mean square of a frame's samples.
+fn mean_square(frame: &[i16]) -> f32 {
+    let sum: i64 = frame.iter().map(|&s| i64::from(s) * i64::from(s)).sum();
+    sum as f32 / frame.len().max(1) as f32
 }
 
 #[cfg(test)]
@@ -309,5 +373,85 @@ mod tests {
         assert!(!paused.is_empty());
         assert!(!extended);
         assert_eq!(paused.last().map(|a| a.len()), Some(audio.len()));
+    }
+
+    /// Where (in ms of input) each `Paused` and the `Ended` came.
+    fn event_times(samples: &[i16], quiet_db: f32) -> (Vec<u64>, Vec<u64>, Vec<VadEvent>) {
+        let mut seg = Segmenter::new(VadConfig {
+            quiet_db,
+            ..VadConfig::default()
+        });
+        let (mut paused, mut ended, mut all) = (Vec::new(), Vec::new(), Vec::new());
+        let mut events = Vec::new();
+        for (i, piece) in samples.chunks(FRAME_SAMPLES).enumerate() {
+            seg.push(piece, &mut events);
+            let at = ((i + 1) * FRAME_SAMPLES / SAMPLES_PER_MS) as u64;
+            for e in events.drain(..) {
+                match e {
+                    VadEvent::Paused { .. } => paused.push(at),
+                    VadEvent::Ended { .. } => ended.push(at),
+                    _ => {}
+                }
+                all.push(e);
+            }
+        }
+        seg.flush(&mut all);
+        (paused, ended, all)
+    }
+
+    #[test]
+    fn quiet_frames_report_the_pause_sooner_than_the_detector_alone() {
+        let mut speech = wav16k("espeak_es_16k.wav");
+        speech.extend(vec![0i16; 16_000]);
+        let noisy = mix(&speech, &noise(speech.len(), 400, 5));
+        let (detector_paused, detector_ended, detector_events) = event_times(&noisy, 0.0);
+        let (paused, ended, events) = event_times(&noisy, 9.0);
+        let (Some(&before), Some(&after)) = (detector_paused.last(), paused.last()) else {
+            panic!("no pause: {detector_events:?} / {events:?}");
+        };
+        // The detector's score lags the end of speech by 110–210 ms.
+        assert!(
+            after + 80 <= before,
+            "pause at {after} ms, detector alone {before} ms"
+        );
+        assert_eq!(ended.len(), 1, "{events:?}");
+        assert_eq!(detector_ended.len(), 1);
+        assert!(ended[0] + 80 <= detector_ended[0]);
+        // The turn's audio is the pause's, so recognition started there stands.
+        let paused_audio = events.iter().rev().find_map(|e| match e {
+            VadEvent::Paused { audio } => Some(audio.len()),
+            _ => None,
+        });
+        let Some(VadEvent::Ended { audio, extended }) = events.last() else {
+            panic!("{events:?}");
+        };
+        assert!(!extended);
+        assert_eq!(paused_audio, Some(audio.len()));
+        // Cut after the speech, not inside it: ~4.7 s of the file is speech.
+        assert!(
+            (4_300..=5_400).contains(&(audio.len() / 16)),
+            "{} ms",
+            audio.len() / 16
+        );
+    }
+
+    #[test]
+    fn a_soft_voice_over_a_quiet_room_is_still_one_whole_segment() {
+        let speech: Vec<i16> = wav16k("espeak_es_16k.wav").iter().map(|s| s / 10).collect();
+        let input = mix(&speech, &noise(speech.len(), 40, 9));
+        let (_, _, events) = event_times(&input, 9.0);
+        let ended: Vec<usize> = events
+            .iter()
+            .filter_map(|e| match e {
+                VadEvent::Ended { audio, .. } => Some(audio.len() / 16),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended.len(), 1, "{events:?}");
+        assert!(
+            (3_500..=5_400).contains(&ended[0]),
+            "segment of {} ms",
+            ended[0]
+        );
     }
 }
