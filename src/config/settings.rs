@@ -178,7 +178,7 @@ impl Default for LocalConfig {
         Self {
             model_dir: "models/whisper-base".to_owned(),
             knowledge_dir: "knowledge".to_owned(),
-            asr_beam_size: 5,
+            asr_beam_size: 3,
             asr_threads: 0,
             asr_margin_ms: 3_000,
             correct_words: true,

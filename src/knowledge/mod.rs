@@ -96,6 +96,24 @@ impl KnowledgeBase {
             .collect()
     }
 
+    /// What a caller is likely to ask, for a speech recogniser's prompt:
+    /// the headings as written, in order, while whole ones fit in
+    /// `max_chars`. Whole questions give the recogniser the words and the
+    /// way they are put together.
+    pub fn questions_text(&self, max_chars: usize) -> String {
+        let mut out = String::new();
+        for entry in &self.entries {
+            let question = entry.question.trim();
+            let separator = if out.is_empty() { "" } else { " " };
+            if out.len() + separator.len() + question.len() > max_chars {
+                break;
+            }
+            out.push_str(separator);
+            out.push_str(question);
+        }
+        out
+    }
+
     /// The words a caller is likely to say, for a speech recogniser's
     /// prompt: the content words of the headings (no stop words, nothing
     /// under four letters), each once, as written, in order, comma

@@ -375,3 +375,21 @@ fn the_example_bases_words_come_back_from_near_misses_and_right_words_stay() {
         assert_eq!(lexicon.correct(text), None, "{text}");
     }
 }
+
+#[test]
+fn the_recogniser_prompt_is_whole_questions_in_order_within_the_budget() {
+    let kb = example();
+    let all = kb.questions_text(10_000);
+    assert!(
+        all.starts_with("¿Cómo hago la matrícula? ¿Cuándo son"),
+        "{all}"
+    );
+    assert!(
+        all.ends_with("¿Cómo contacto con la mesa de ayuda?"),
+        "{all}"
+    );
+    let some = kb.questions_text(80);
+    assert!(some.len() <= 80 && !some.is_empty(), "{some}");
+    assert!(all.starts_with(&some) && some.ends_with('?'), "{some}");
+    assert_eq!(kb.questions_text(5), "");
+}

@@ -33,13 +33,13 @@ pub(crate) struct LocalBenchArgs {
     beams: Vec<usize>,
     /// Recognition windows to compare: the audio and this much silence (ms)
     /// instead of Whisper's full 30 s (at the last beam size, with the
-    /// vocabulary).
+    /// engine's prompt).
     #[arg(long, value_delimiter = ',', default_value = "1000,3000")]
     margins: Vec<u32>,
-    /// Vocabularies to compare besides the engine's (its first N characters
-    /// of the knowledge base's words; 0: none), as the engine is configured.
-    #[arg(long, value_delimiter = ',')]
-    vocabulary_chars: Vec<usize>,
+    /// Prompts to compare besides the engine's: the knowledge base's
+    /// questions within N characters (0: none), as the engine is configured.
+    #[arg(long, value_delimiter = ',', alias = "vocabulary-chars")]
+    prompt_chars: Vec<usize>,
     /// Skip the accuracy comparison (latency only).
     #[arg(long)]
     no_accuracy: bool,
@@ -50,6 +50,18 @@ pub(crate) struct LocalBenchArgs {
 
 /// A recognition margin that gives Whisper its whole 30 s window.
 const FULL_WINDOW_MS: u32 = 30_000;
+
+/// The text Whisper is given before the audio.
+#[derive(Debug, Clone, Copy)]
+enum Prompt {
+    Nothing,
+    /// The engine's: the knowledge base's questions.
+    Engine,
+    /// The base's questions, whole ones within this many characters.
+    Questions(usize),
+    /// The headings' content words within this many characters.
+    Words(usize),
+}
 
 /// One spoken question: its audio and where its speech truly ends.
 struct Spoken {
@@ -224,7 +236,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
 /// Recognition of every spoken question by the library's own pipeline
 /// (ct2rs computing the features, beam 5: the engine before its reference
 /// features) and by the engine's with and without the knowledge base's
-/// vocabulary at each beam size; prints keyword recall, word error rate and
+/// questions as its prompt at each beam size; prints keyword recall, word error rate and
 /// recognition time for each.
 async fn accuracy_table(
     settings: &LocalSettings,
@@ -235,34 +247,45 @@ async fn accuracy_table(
     let mut rows = Vec::new();
     let baseline = library_transcripts(settings, language, spoken).await?;
     rows.push(("library features, beam 5".to_owned(), baseline));
-    // (beam, vocabulary: none, the engine's or this many characters,
-    // margin, known words: none, weighing, correcting)
+    // (beam, prompt, margin, known words: none, weighing, correcting)
     let mut variants = Vec::new();
     for &beam in &args.beams {
-        variants.push((beam, Some(0), FULL_WINDOW_MS, None));
-        variants.push((beam, None, FULL_WINDOW_MS, None));
+        variants.push((beam, Prompt::Nothing, FULL_WINDOW_MS, None));
+        variants.push((beam, Prompt::Engine, FULL_WINDOW_MS, None));
     }
     let last_beam = args.beams.last().copied().unwrap_or(1);
     for &margin in &args.margins {
-        variants.push((last_beam, None, margin, None));
+        variants.push((last_beam, Prompt::Engine, margin, None));
     }
     // The engine as configured: its hypotheses weighed by the known
     // words, then its near misses corrected.
     let margin = settings.asr.margin_ms;
     if settings.words.is_some() {
-        variants.push((last_beam, None, margin, Some(false)));
-        variants.push((last_beam, None, margin, Some(true)));
+        variants.push((last_beam, Prompt::Engine, margin, Some(false)));
+        variants.push((last_beam, Prompt::Engine, margin, Some(true)));
     }
     let configured = settings.words.as_ref().map(|w| w.correct);
-    for &chars in &args.vocabulary_chars {
-        variants.push((last_beam, Some(chars), margin, configured));
+    // The prompt the engine had before: the headings' content words.
+    variants.push((last_beam, Prompt::Words(400), margin, configured));
+    for &chars in &args.prompt_chars {
+        let prompt = if chars == 0 {
+            Prompt::Nothing
+        } else {
+            Prompt::Questions(chars)
+        };
+        variants.push((last_beam, prompt, margin, configured));
     }
     let knowledge = crate::knowledge::KnowledgeBase::load(&settings.knowledge_dir)?;
     {
-        for (beam, vocabulary, margin, correct) in variants {
+        for (beam, prompt, margin, correct) in variants {
             let mut variant = settings.clone();
             variant.asr.beam_size = beam;
-            variant.asr.vocabulary = vocabulary.map(|chars| knowledge.vocabulary(chars));
+            variant.asr.vocabulary = match prompt {
+                Prompt::Nothing => Some(String::new()),
+                Prompt::Engine => None,
+                Prompt::Questions(chars) => Some(knowledge.questions_text(chars)),
+                Prompt::Words(chars) => Some(knowledge.vocabulary(chars)),
+            };
             variant.asr.margin_ms = margin;
             variant.words = correct.and_then(|correct| {
                 let mut words = settings.words.clone()?;
@@ -281,10 +304,11 @@ async fn accuracy_table(
             }
             let name = format!(
                 "reference features{}, beam {beam}{}{}",
-                match vocabulary {
-                    Some(0) => String::new(),
-                    None => " + vocabulary".to_owned(),
-                    Some(chars) => format!(" + vocabulary of {chars} characters"),
+                match prompt {
+                    Prompt::Nothing => String::new(),
+                    Prompt::Engine => " + questions".to_owned(),
+                    Prompt::Questions(chars) => format!(" + questions in {chars} characters"),
+                    Prompt::Words(chars) => format!(" + headings' words in {chars} characters"),
                 },
                 if margin >= FULL_WINDOW_MS {
                     String::new()

@@ -20,8 +20,8 @@ pub struct AsrConfig {
     pub beam_size: usize,
     /// CPU threads for one call (0: CTranslate2's default).
     pub threads: usize,
-    /// Words to expect, given to Whisper as the text before the audio:
-    /// `None` for the knowledge base's vocabulary, `Some("")` for none.
+    /// Text to expect, given to Whisper as the text before the audio:
+    /// `None` for the knowledge base's questions, `Some("")` for none.
     pub vocabulary: Option<String>,
     /// Silence after the audio that the encoder hears, up to Whisper's
     /// 30 s window (the encoder's time grows with the window).
@@ -31,7 +31,7 @@ pub struct AsrConfig {
 impl Default for AsrConfig {
     fn default() -> Self {
         Self {
-            beam_size: 5,
+            beam_size: 3,
             threads: 0,
             vocabulary: None,
             margin_ms: 3_000,
@@ -39,8 +39,8 @@ impl Default for AsrConfig {
     }
 }
 
-/// Whisper's prompt allows 223 tokens of previous text; the vocabulary
-/// keeps well under it.
+/// Whisper's prompt allows 223 tokens of previous text; the prompt keeps
+/// well under it (each token of it costs decoding time).
 const MAX_PROMPT_TOKENS: usize = 160;
 
 /// A loaded Whisper model.
@@ -173,7 +173,8 @@ pub(super) struct Hypothesis {
 }
 
 /// `<|startofprev|>` and the tokens of ` vocabulary` (Whisper's previous
-/// text starts with a space), cut to [`MAX_PROMPT_TOKENS`].
+/// text starts with a space), cut to [`MAX_PROMPT_TOKENS`] at the end of a
+/// sentence.
 fn vocabulary_prompt(
     tokenizer: &ct2rs::tokenizers::hf::Tokenizer,
     vocabulary: &str,
@@ -185,7 +186,13 @@ fn vocabulary_prompt(
     let mut tokens = ct2rs::Tokenizer::encode(tokenizer, &format!(" {vocabulary}"))
         .map_err(|e| format!("cannot tokenize the vocabulary: {e}"))?;
     tokens.retain(|t| !t.starts_with("<|"));
-    tokens.truncate(MAX_PROMPT_TOKENS);
+    if tokens.len() > MAX_PROMPT_TOKENS {
+        tokens.truncate(MAX_PROMPT_TOKENS);
+        // End on a whole sentence when there is one.
+        if let Some(end) = tokens.iter().rposition(|t| t.ends_with(['?', '.', '!'])) {
+            tokens.truncate(end + 1);
+        }
+    }
     tokens.insert(0, "<|startofprev|>".to_owned());
     Ok(tokens)
 }

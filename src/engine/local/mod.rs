@@ -47,8 +47,10 @@ const SAMPLES_PER_MS: u64 = crate::audio::ENGINE_RATE_HZ as u64 / 1000;
 /// time: past this, a new turn is refused with a `busy` error.
 pub const MAX_PENDING_TURNS: usize = 2;
 
-/// Characters of the knowledge base's vocabulary given to the recogniser.
-const VOCABULARY_CHARS: usize = 400;
+/// Characters of the knowledge base's questions given to the recogniser
+/// as the text before the audio (about 160 tokens, Whisper's prompt cap
+/// here; more questions than fit are left out whole).
+pub const PROMPT_CHARS: usize = 600;
 
 /// Everything one local engine shares between its conversations.
 #[derive(Debug)]
@@ -158,7 +160,7 @@ impl LocalEngine {
             .asr
             .vocabulary
             .clone()
-            .unwrap_or_else(|| knowledge.vocabulary(VOCABULARY_CHARS));
+            .unwrap_or_else(|| knowledge.questions_text(PROMPT_CHARS));
         let asr = Asr::load(&settings.model_dir, settings.asr.clone(), &vocabulary)?;
         let lexicon = settings
             .words

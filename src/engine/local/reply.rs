@@ -97,7 +97,7 @@ pub(super) async fn recognise(
             "recognised"
         );
         let lexicon = shared.lexicon.as_ref();
-        let text = choose(hypotheses, lexicon.map(|(l, _)| l));
+        let text = without_repeats(&choose(hypotheses, lexicon.map(|(l, _)| l)));
         let corrected = lexicon
             .filter(|(_, correct)| *correct)
             .and_then(|(l, _)| l.correct(&text));
@@ -130,6 +130,33 @@ fn choose(hypotheses: Vec<Hypothesis>, lexicon: Option<&Lexicon>) -> String {
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, text)| text)
         .unwrap_or_default()
+}
+
+/// The transcript with each sentence said again right after itself kept
+/// once: on a short clip Whisper sometimes loops ("¿Qué hago? ¿Qué hago?
+/// ¿Qué hago?"); a speaker repeating a sentence word for word means it once.
+fn without_repeats(text: &str) -> String {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut last = String::new();
+    let mut start = 0;
+    for (i, c) in text.char_indices() {
+        let end = i + c.len_utf8();
+        let at_end = end == text.len();
+        if matches!(c, '.' | '?' | '!') || at_end {
+            let sentence = text[start..end].trim();
+            let key: String = sentence
+                .chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect();
+            if !key.is_empty() && key != last {
+                kept.push(sentence);
+                last = key;
+            }
+            start = end;
+        }
+    }
+    kept.join(" ")
 }
 
 /// One reply: recognise (unless typed), answer, speak.
@@ -306,6 +333,28 @@ impl ReplyJob {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sentence_looped_by_the_recogniser_is_kept_once() {
+        assert_eq!(
+            without_repeats("¿Qué hago? ¿Qué hago? ¿Qué hago?"),
+            "¿Qué hago?"
+        );
+        assert_eq!(
+            without_repeats("¿Qué recaso hemos solicitar? ¿qué recaso hemos solicitar"),
+            "¿Qué recaso hemos solicitar?"
+        );
+        // Other sentences, and words said twice within one, stay.
+        for same in [
+            "Hola. ¿Dónde pido una constancia? Gracias.",
+            "no, no, no lo encuentro",
+            "del portal del estudiante",
+            "Sí. No. Sí.",
+            "",
+        ] {
+            assert_eq!(without_repeats(same), same);
+        }
+    }
+
     use super::*;
     use crate::knowledge::KnowledgeBase;
 

@@ -21,6 +21,10 @@ const SAMPLES_PER_MS: usize = crate::audio::ENGINE_RATE_HZ as usize / 1000;
 const WARM_UP_MS: u64 = 160;
 /// Audio kept after the last speaking frame when a segment is cut.
 const TAIL_MS: usize = 150;
+/// Silence before the turn-end model's verdict may close a segment: a
+/// phrase's pause at a comma lasts ~300 ms, and recognition, started at the
+/// first pause, takes longer than this anyway.
+const END_MIN_SILENCE_MS: u64 = 350;
 /// A quiet frame is also this far (power, 25 dB) below the segment's loudest.
 const BELOW_PEAK: f32 = 0.003_162;
 /// Outside speech the noise floor follows louder frames by this share of the
@@ -100,6 +104,9 @@ pub(super) struct Segmenter {
     paused_len: usize,
     paused_reported: bool,
     voiced_since_pause: bool,
+    /// The turn-end model called the pause the end, before
+    /// [`END_MIN_SILENCE_MS`]: the segment closes when the silence gets there.
+    end_requested: bool,
     /// Audio seen, capped at the warm-up length.
     seen_ms: u64,
     /// Noise floor: mean square of the quietest recent frames.
@@ -134,6 +141,7 @@ impl Segmenter {
             paused_len: 0,
             paused_reported: false,
             voiced_since_pause: false,
+            end_requested: false,
             seen_ms: 0,
             floor: f32::INFINITY,
             peak: 0.0,
@@ -157,14 +165,23 @@ impl Segmenter {
     }
 
     /// The turn-end model judged the pause reported last to end the turn:
-    /// the segment closes now, as the hangover would have closed it, unless
-    /// speech went on since. Returns whether it closed.
+    /// the segment closes as the hangover would have closed it, unless
+    /// speech went on since; now if the silence has lasted
+    /// [`END_MIN_SILENCE_MS`] (or the hangover, if shorter), else when it
+    /// has. Returns whether it closed now.
     pub(super) fn end_at_pause(&mut self, events: &mut Vec<VadEvent>) -> bool {
         if self.in_speech && self.paused_reported && !self.voiced_since_pause {
-            self.close(events);
-            return true;
+            if self.silence_run_ms >= self.end_min_silence_ms() {
+                self.close(events);
+                return true;
+            }
+            self.end_requested = true;
         }
         false
+    }
+
+    fn end_min_silence_ms(&self) -> u64 {
+        END_MIN_SILENCE_MS.min(self.config.hangover_ms)
     }
 
     /// End of input: closes an open segment.
@@ -222,11 +239,15 @@ impl Segmenter {
                 events.push(VadEvent::Resumed);
             }
             self.paused_reported = false;
+            self.end_requested = false;
         } else {
             self.silence_run_ms += FRAME_MS;
         }
         let length_ms = (self.speech.len() / SAMPLES_PER_MS) as u64;
-        if self.silence_run_ms >= self.config.hangover_ms || length_ms >= self.config.max_segment_ms
+        let end_due = self.end_requested && self.silence_run_ms >= self.end_min_silence_ms();
+        if end_due
+            || self.silence_run_ms >= self.config.hangover_ms
+            || length_ms >= self.config.max_segment_ms
         {
             self.close(events);
         } else if self.silence_run_ms >= self.config.pause_ms && !self.paused_reported {
@@ -260,6 +281,7 @@ impl Segmenter {
             self.speech[..self.paused_len].to_vec()
         };
         self.in_speech = false;
+        self.end_requested = false;
         self.speech.clear();
         self.preroll.clear();
         self.voiced_run_ms = 0;
@@ -453,5 +475,64 @@ mod tests {
             "segment of {} ms",
             ended[0]
         );
+    }
+
+    /// Feeds `input`, asking for the end of the turn at every pause after
+    /// `from_ms`: each segment's audio length and when it closed, in ms
+    /// after the last pause before it; and how many times the end was asked.
+    fn ended_after_verdicts(input: &[i16], from_ms: usize) -> (Vec<(usize, usize)>, usize) {
+        let mut seg = Segmenter::new(VadConfig::default());
+        let (mut events, mut out) = (Vec::new(), Vec::new());
+        let (mut paused_at, mut asked) = (0, 0);
+        for (i, frame) in input.chunks(FRAME_SAMPLES).enumerate() {
+            seg.push(frame, &mut events);
+            let at = (i + 1) * FRAME_SAMPLES / SAMPLES_PER_MS;
+            for e in std::mem::take(&mut events) {
+                match e {
+                    VadEvent::Paused { .. } if at > from_ms => {
+                        paused_at = at;
+                        asked += 1;
+                        let mut now = Vec::new();
+                        assert!(!seg.end_at_pause(&mut now), "closed at once: {now:?}");
+                    }
+                    VadEvent::Ended { audio, .. } => out.push((audio.len() / 16, at - paused_at)),
+                    _ => {}
+                }
+            }
+        }
+        (out, asked)
+    }
+
+    #[test]
+    fn a_turn_end_verdict_closes_only_after_enough_silence_and_not_if_speech_goes_on() {
+        let mut speech = wav16k("espeak_es_16k.wav");
+        // The file's own silence after the sentence cut off.
+        let end = speech.iter().rposition(|s| s.unsigned_abs() > 200).unwrap();
+        speech.truncate(end + 1);
+        let quiet = |ms: usize| vec![0i16; 16 * ms];
+        let with_noise = |a: Vec<i16>| mix(&a, &noise(a.len(), 400, 13));
+        // The pause comes after 150 ms of silence; the verdict closes the
+        // segment when the silence reaches 350 ms, before the 600 ms hangover.
+        let mut input = speech.clone();
+        input.extend(quiet(1_000));
+        let (ended, _) = ended_after_verdicts(&with_noise(input), 4_000);
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert!(
+            (180..=240).contains(&ended[0].1),
+            "closed {} ms after the pause",
+            ended[0].1
+        );
+        // Speech going on within 350 ms of silence (the sentence's faint
+        // end and its start again): one segment holding both.
+        let mut input = speech.clone();
+        input.extend(&speech);
+        input.extend(quiet(1_000));
+        let (ended, asked) = ended_after_verdicts(&with_noise(input), 4_000);
+        assert!(
+            asked >= 2,
+            "the end was asked at the sentences' junction too"
+        );
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert!(ended[0].0 > speech.len() / 16 * 2, "{ended:?}");
     }
 }
