@@ -171,6 +171,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
         "conversations (ms)", "true end p50 / p90", "decision p50 / p90", "keyword recall"
     );
     let mut per_contender = serde_json::Map::new();
+    let mut true_end_p50 = Vec::new();
     for ((name, _), turned) in contenders.iter().zip(&timings) {
         let mut true_end: Vec<f64> = turned.iter().map(|t| t.true_end_ms).collect();
         let mut decided: Vec<f64> = turned.iter().map(|t| t.decided_ms).collect();
@@ -179,6 +180,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
             score.add(&s.question, &t.transcript);
         }
         let (t50, t90) = pct(&mut true_end);
+        true_end_p50.push(t50);
         let (d50, d90) = pct(&mut decided);
         println!(
             "{name:<22} {:>24} {:>24} {:>14.1}%",
@@ -205,10 +207,7 @@ async fn bench(config: &Config, args: &LocalBenchArgs) -> anyhow::Result<()> {
     for (name, (p50, p90)) in rows {
         println!("{name:<58} {p50:>9.0} {p90:>9.0}");
     }
-    let mut sonora_true: Vec<f64> = timings[0].iter().map(|t| t.true_end_ms).collect();
-    let mut cascade_true: Vec<f64> = timings[2].iter().map(|t| t.true_end_ms).collect();
-    let (true_p50, _) = pct(&mut sonora_true);
-    let (cascade_p50, _) = pct(&mut cascade_true);
+    let (true_p50, cascade_p50) = (true_end_p50[0], true_end_p50[2]);
     println!(
         "questions {}   model load {load_ms:.0} ms   peak RSS {:.0} MB   cascade/Sonora p50 {:.2}x",
         turns.len(),
