@@ -120,11 +120,7 @@ pub async fn speak(
         };
         let whole = raw.len() / 2 * 2;
         mono.clear();
-        mono.extend(
-            raw[..whole]
-                .chunks_exact(2)
-                .map(|b| i16::from_le_bytes([b[0], b[1]])),
-        );
+        mono.extend(crate::audio::samples_from_le(&raw[..whole]));
         raw.drain(..whole);
         resampler.push(&mono, &mut pending);
         if end {

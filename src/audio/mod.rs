@@ -37,6 +37,13 @@ use webm::WebmDemuxer;
 /// stream comes out at: the one constant for it.
 pub const ENGINE_RATE_HZ: u32 = 16_000;
 
+/// 16-bit little-endian PCM as samples; an odd last byte is left out.
+pub fn samples_from_le(bytes: &[u8]) -> impl Iterator<Item = i16> + '_ {
+    bytes
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+}
+
 /// Why a stream could not be decoded. Each variant says what the caller does.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -289,11 +296,7 @@ impl PcmStage {
         self.mono.clear();
         if self.channels == 1 {
             // The usual stream, without the downmix.
-            self.mono.extend(
-                frames
-                    .chunks_exact(2)
-                    .map(|s| i16::from_le_bytes([s[0], s[1]])),
-            );
+            self.mono.extend(samples_from_le(frames));
             self.resampler.push(&self.mono, out);
             return;
         }

@@ -4,6 +4,7 @@
 //! typed text, tool results) into [`EngineEvent`]s (transcripts, reply audio,
 //! barge-in, usage). Everything outside `engine::*` speaks only these types.
 
+pub(crate) mod cloud;
 pub(crate) mod cooldown;
 pub mod gemini_live;
 pub mod local;
@@ -247,6 +248,22 @@ pub struct EngineStat {
     pub help: &'static str,
     pub kind: StatKind,
     pub value: u64,
+}
+
+impl EngineStat {
+    /// A counter read from `value`.
+    pub fn counter(
+        name: &'static str,
+        help: &'static str,
+        value: &std::sync::atomic::AtomicU64,
+    ) -> Self {
+        Self {
+            name,
+            help,
+            kind: StatKind::Counter,
+            value: value.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 /// Why an engine did not start a conversation. Each kind says what the

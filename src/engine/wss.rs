@@ -8,15 +8,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderValue, Uri};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Error as WsError, Message};
 
 /// The byte stream under a connection: TCP, or TLS over TCP.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -24,6 +28,87 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// An open connection to a service.
 pub(crate) type Socket = WebSocketStream<Box<dyn Io>>;
+
+/// One open connection, split so that a send never waits for a read.
+pub(crate) struct Conn {
+    pub(crate) sink: SplitSink<Socket, Message>,
+    pub(crate) stream: SplitStream<Socket>,
+    pub(crate) opened_at: Instant,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("opened_at", &self.opened_at)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    pub(crate) fn new(socket: Socket) -> Self {
+        let (sink, stream) = socket.split();
+        Self {
+            sink,
+            stream,
+            opened_at: Instant::now(),
+        }
+    }
+
+    /// Sends one text message within `wait`; a failure is passing.
+    pub(crate) async fn send_text(
+        &mut self,
+        text: String,
+        wait: Duration,
+    ) -> Result<(), ConnectError> {
+        match tokio::time::timeout(wait, self.sink.send(Message::text(text))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ConnectError::Unavailable(format!("sending: {e}"))),
+            Err(_) => Err(ConnectError::Unavailable(format!(
+                "the service took no data for {} ms",
+                wait.as_millis()
+            ))),
+        }
+    }
+
+    /// The next message, or `deadline`'s passing as `None`.
+    pub(crate) async fn next_until(&mut self, deadline: Instant) -> Option<Received> {
+        let message = tokio::time::timeout_at(deadline, self.stream.next())
+            .await
+            .ok()?;
+        Some(Received::from(message))
+    }
+
+    /// Sends a close frame, waiting at most `wait` for the service.
+    pub(crate) async fn close(mut self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.sink.close()).await;
+    }
+}
+
+/// What reading a connection gave.
+#[derive(Debug)]
+pub(crate) enum Received {
+    /// A text or binary message's payload.
+    Data(Bytes),
+    /// The service closed the connection (with its frame, when it sent one).
+    Closed(Option<CloseFrame>),
+    /// A ping or pong: nothing for the conversation.
+    Control,
+    /// The connection broke.
+    Lost(String),
+}
+
+impl From<Option<Result<Message, WsError>>> for Received {
+    fn from(message: Option<Result<Message, WsError>>) -> Self {
+        match message {
+            Some(Ok(Message::Text(text))) => Self::Data(text.into()),
+            Some(Ok(Message::Binary(bytes))) => Self::Data(bytes),
+            Some(Ok(Message::Close(frame))) => Self::Closed(frame),
+            Some(Ok(_)) => Self::Control,
+            Some(Err(e)) => Self::Lost(e.to_string()),
+            None => Self::Lost("connection closed".to_owned()),
+        }
+    }
+}
 
 /// Largest message a service may send: one reply's audio delta is a few KB,
 /// a session description tens of KB.

@@ -72,10 +72,7 @@ pub fn frames(data: &[u8]) {
                 },
                 1 => Some(ClientInput::Audio(bytes::Bytes::copy_from_slice(payload))),
                 2 => Some(ClientInput::Pcm(
-                    payload
-                        .chunks_exact(2)
-                        .map(|b| i16::from_le_bytes([b[0], b[1]]))
-                        .collect(),
+                    crate::audio::samples_from_le(payload).collect(),
                 )),
                 _ => {
                     while let Ok(item) = output.try_recv() {

@@ -6,31 +6,15 @@
 
 use crate::engine::Role;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::Shared;
 use super::wire::{self, ClientMessage};
-use crate::engine::wss::{self, ConnectError, Socket};
-
-/// One open connection.
-pub(super) struct Conn {
-    pub(super) sink: SplitSink<Socket, Message>,
-    pub(super) stream: SplitStream<Socket>,
-}
-
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").finish_non_exhaustive()
-    }
-}
+use crate::engine::wss::{self, Conn, ConnectError, Received};
 
 /// What a new connection is opened with.
 #[derive(Debug, Clone)]
@@ -120,62 +104,49 @@ pub(super) async fn open(shared: Arc<Shared>, opening: Opening) -> Result<Conn, 
     let result: Result<Conn, Failure> = async {
         let headers: Vec<_> = settings.auth_header().into_iter().collect();
         let socket = wss::connect(&settings.endpoint_url, &headers, &shared.tls, wait).await?;
-        let (mut sink, mut stream) = socket.split();
+        let mut conn = Conn::new(socket);
         let setup = ClientMessage::Setup(setup(&shared, &opening));
-        send(&mut sink, &setup, wait).await?;
-        set_up(&mut stream, wait).await?;
+        send(&mut conn, &setup, wait).await?;
+        set_up(&mut conn, wait).await?;
         if opening.handle.is_none() && !opening.history.is_empty() {
-            send(&mut sink, &ClientMessage::history(&opening.history), wait).await?;
+            send(&mut conn, &ClientMessage::history(&opening.history), wait).await?;
         }
-        Ok(Conn { sink, stream })
+        Ok(conn)
     }
     .await;
-    let stats = &shared.stats;
-    match &result {
-        Ok(_) => stats.connects.fetch_add(1, Ordering::Relaxed),
-        Err(_) => stats.connect_failures.fetch_add(1, Ordering::Relaxed),
-    };
-    if matches!(&result, Err(f) if f.verdict == Verdict::Throttled) {
-        shared.cool_down();
-    }
+    shared.count_open(
+        result.is_ok(),
+        matches!(&result, Err(f) if f.verdict == Verdict::Throttled),
+    );
     result
 }
 
 /// Sends one message, within `wait`.
 pub(super) async fn send(
-    sink: &mut SplitSink<Socket, Message>,
+    conn: &mut Conn,
     message: &ClientMessage,
     wait: Duration,
 ) -> Result<(), Failure> {
-    match tokio::time::timeout(wait, sink.send(Message::text(message.to_text()))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Failure::retry(format!("sending: {e}"))),
-        Err(_) => Err(Failure::retry(format!(
-            "the service took no data for {} ms",
-            wait.as_millis()
-        ))),
-    }
+    Ok(conn.send_text(message.to_text(), wait).await?)
 }
 
 /// Reads until `setupComplete`; a close is the failure its code says.
-async fn set_up(stream: &mut SplitStream<Socket>, wait: Duration) -> Result<(), Failure> {
+async fn set_up(conn: &mut Conn, wait: Duration) -> Result<(), Failure> {
     let deadline = Instant::now() + wait;
     loop {
-        let message = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| {
-                Failure::retry(format!(
-                    "the setup was not accepted within {} ms",
-                    wait.as_millis()
-                ))
-            })?;
+        let message = conn.next_until(deadline).await.ok_or_else(|| {
+            Failure::retry(format!(
+                "the setup was not accepted within {} ms",
+                wait.as_millis()
+            ))
+        })?;
         let bytes = match message {
-            Some(Ok(Message::Text(text))) => text.as_bytes().to_vec(),
-            Some(Ok(Message::Binary(bytes))) => bytes.to_vec(),
-            Some(Ok(Message::Close(frame))) => return Err(Failure::from_close(frame.as_ref())),
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(Failure::retry(e.to_string())),
-            None => return Err(Failure::retry("connection closed during the setup")),
+            Received::Data(bytes) => bytes,
+            Received::Closed(frame) => return Err(Failure::from_close(frame.as_ref())),
+            Received::Control => continue,
+            Received::Lost(why) => {
+                return Err(Failure::retry(format!("{why} during the setup")));
+            }
         };
         if wire::parse(&bytes).is_some_and(|m| m.setup_complete.is_some()) {
             return Ok(());

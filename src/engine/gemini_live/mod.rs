@@ -28,13 +28,12 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use self::prices::{builtin_prices, stamp};
-use super::cooldown::Cooldown;
 use super::wss::Tls;
-use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
+use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, Voice};
 use crate::config::GeminiLiveConfig;
 use crate::tools::Tools;
 use crate::usage::PriceTable;
@@ -142,34 +141,14 @@ fn voice_named(name: &str) -> Option<&'static str> {
 /// Numbers for `/metrics`.
 #[derive(Debug, Default)]
 struct Stats {
-    connects: AtomicU64,
-    connect_failures: AtomicU64,
     resumptions: AtomicU64,
     reconnects: AtomicU64,
-    throttled: AtomicU64,
-    refused: AtomicU64,
     malformed: AtomicU64,
     usage_mismatches: AtomicU64,
 }
 
-#[derive(Debug)]
-struct Shared {
-    settings: GeminiLiveSettings,
-    tls: Tls,
-    tools: Option<Tools>,
-    /// New conversations are refused for a while after throttling.
-    cooling: Cooldown,
-    stats: Stats,
-}
-
-impl Shared {
-    /// The service throttled or the quota is used up: refuse new
-    /// conversations for a while.
-    fn cool_down(&self) {
-        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-        self.cooling.start(self.settings.cooldown);
-    }
-}
+/// What the engine's conversations share.
+type Shared = super::cloud::Shared<GeminiLiveSettings, Stats>;
 
 /// The Gemini Live engine: one connection (and its resumptions) per
 /// conversation.
@@ -197,14 +176,9 @@ impl GeminiLiveEngine {
             ));
         }
         let tls = Tls::new(settings.ca_file.as_deref())?;
+        let shared = Shared::new(tls, settings.cooldown, settings, tools);
         Ok(Self {
-            shared: Arc::new(Shared {
-                settings,
-                tls,
-                tools,
-                cooling: Cooldown::default(),
-                stats: Stats::default(),
-            }),
+            shared: Arc::new(shared),
         })
     }
 
@@ -231,8 +205,7 @@ impl Engine for GeminiLiveEngine {
                     connect::Verdict::Fatal => super::ProbeError::Refused(e.message),
                     _ => super::ProbeError::Unreached(e.message),
                 })?;
-            let mut sink = conn.sink;
-            let _ = futures_util::SinkExt::close(&mut sink).await;
+            conn.close(Duration::from_secs(2)).await;
             Ok(format!(
                 "{} took the credentials and the setup",
                 settings.model
@@ -268,52 +241,27 @@ impl Engine for GeminiLiveEngine {
                 "Gemini Live has no voice {asked:?}"
             )));
         };
-        if let Some(wait) = self.busy() {
-            self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(StartError::Busy {
-                retry_after: wait,
-                message: format!(
-                    "Gemini Live is throttling: no new conversations for {:.1} s",
-                    wait.as_secs_f64()
-                ),
-            });
+        if let Some(refusal) = self.shared.refusal("Gemini Live") {
+            return Err(refusal);
         }
-        let (session, input, events) = EngineSession::channel();
-        let driver = conversation::run(
-            self.shared.clone(),
-            voice.to_owned(),
-            options.language,
-            options.history,
-            input,
-            events,
-        );
-        tokio::spawn(tracing::Instrument::in_current_span(driver));
-        Ok(session)
+        let options = ConversationOptions {
+            voice: voice.to_owned(),
+            ..options
+        };
+        let shared = self.shared.clone();
+        Ok(super::cloud::start(move |input, events| {
+            conversation::run(shared, options, input, events)
+        }))
     }
 
     fn busy(&self) -> Option<Duration> {
-        self.shared.cooling.remaining()
+        self.shared.busy()
     }
 
     fn stats(&self) -> Vec<EngineStat> {
         let stats = &self.shared.stats;
-        let counter = |name, help, value: &AtomicU64| EngineStat {
-            name,
-            help,
-            kind: StatKind::Counter,
-            value: value.load(Ordering::Relaxed),
-        };
-        vec![
-            counter(
-                "connects_total",
-                "Gemini Live connections opened (first, resumption, reconnection).",
-                &stats.connects,
-            ),
-            counter(
-                "connect_failures_total",
-                "Gemini Live connections that could not be opened.",
-                &stats.connect_failures,
-            ),
+        let counter = EngineStat::counter;
+        let own = vec![
             counter(
                 "resumptions_total",
                 "Conversations moved to a resumed Gemini Live connection after goAway.",
@@ -325,16 +273,6 @@ impl Engine for GeminiLiveEngine {
                 &stats.reconnects,
             ),
             counter(
-                "throttled_total",
-                "Throttling or quota answers from Gemini Live.",
-                &stats.throttled,
-            ),
-            counter(
-                "conversations_refused_total",
-                "New conversations refused while the engine cooled down after throttling.",
-                &stats.refused,
-            ),
-            counter(
                 "malformed_events_total",
                 "Messages from Gemini Live that were not the messages they claimed to be.",
                 &stats.malformed,
@@ -344,12 +282,7 @@ impl Engine for GeminiLiveEngine {
                 "Gemini Live usage reports whose per-modality lists did not add up to their totals.",
                 &stats.usage_mismatches,
             ),
-            EngineStat {
-                name: "cooling_down",
-                help: "1 while new conversations are refused after throttling.",
-                kind: StatKind::Gauge,
-                value: u64::from(self.busy().is_some()),
-            },
-        ]
+        ];
+        self.shared.stats(own)
     }
 }

@@ -163,10 +163,7 @@ pub(crate) fn parse_output(bytes: &[u8]) -> Result<Output, String> {
             if bytes.len() % 2 != 0 {
                 return Err("audioOutput: an odd number of bytes".into());
             }
-            let samples = bytes
-                .chunks_exact(2)
-                .map(|b| i16::from_le_bytes([b[0], b[1]]))
-                .collect();
+            let samples = crate::audio::samples_from_le(&bytes).collect();
             Output::AudioOutput {
                 content_id: raw.content_id,
                 samples,

@@ -4,33 +4,14 @@
 
 use crate::engine::Role;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
 use super::wire::{self, ClientEvent, ServerEvent};
 use super::{RATE_HZ, Shared, TurnDetection};
-use crate::engine::wss::{self, ConnectError, Socket};
-
-/// One open session.
-pub(super) struct Conn {
-    pub(super) sink: SplitSink<Socket, Message>,
-    pub(super) stream: SplitStream<Socket>,
-    pub(super) opened_at: Instant,
-}
-
-impl std::fmt::Debug for Conn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("opened_at", &self.opened_at)
-            .finish_non_exhaustive()
-    }
-}
+use crate::engine::wss::{self, Conn, ConnectError, Received};
 
 /// What a new session is opened with.
 #[derive(Debug, Clone)]
@@ -54,84 +35,66 @@ pub(super) async fn open(shared: Arc<Shared>, opening: Opening) -> Result<Conn, 
             settings.connect_timeout,
         )
         .await?;
-        let (mut sink, mut stream) = socket.split();
+        let mut conn = Conn::new(socket);
         let wait = settings.connect_timeout;
-        expect(&mut stream, wait, |e| {
+        expect(&mut conn, wait, |e| {
             matches!(e, ServerEvent::SessionCreated {})
         })
         .await?;
         let update = ClientEvent::SessionUpdate {
             session: session_config(&shared, &opening.voice, &opening.language),
         };
-        send(&mut sink, &update, wait).await?;
-        expect(&mut stream, wait, |e| {
+        send(&mut conn, &update, wait).await?;
+        expect(&mut conn, wait, |e| {
             matches!(e, ServerEvent::SessionUpdated {})
         })
         .await?;
         for (role, text) in &opening.history {
-            send(&mut sink, &ClientEvent::history(*role, text), wait).await?;
+            send(&mut conn, &ClientEvent::history(*role, text), wait).await?;
         }
-        Ok(Conn {
-            sink,
-            stream,
-            opened_at: Instant::now(),
-        })
+        Ok(conn)
     }
     .await;
-    let stats = &shared.stats;
-    match &result {
-        Ok(_) => stats.connects.fetch_add(1, Ordering::Relaxed),
-        Err(_) => stats.connect_failures.fetch_add(1, Ordering::Relaxed),
-    };
-    if matches!(result, Err(ConnectError::Throttled(_))) {
-        shared.cool_down();
-    }
+    shared.count_open(
+        result.is_ok(),
+        matches!(result, Err(ConnectError::Throttled(_))),
+    );
     result
 }
 
 /// Sends one event, within `wait`.
 pub(super) async fn send(
-    sink: &mut SplitSink<Socket, Message>,
+    conn: &mut Conn,
     event: &ClientEvent,
     wait: Duration,
 ) -> Result<(), ConnectError> {
-    match tokio::time::timeout(wait, sink.send(Message::text(event.to_text()))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ConnectError::Unavailable(format!("sending: {e}"))),
-        Err(_) => Err(ConnectError::Unavailable(format!(
-            "the service took no data for {} ms",
-            wait.as_millis()
-        ))),
-    }
+    conn.send_text(event.to_text(), wait).await
 }
 
 /// Reads until an event `wanted` accepts; an `error` event or a close is
 /// the failure it says.
 async fn expect(
-    stream: &mut SplitStream<Socket>,
+    conn: &mut Conn,
     wait: Duration,
     wanted: impl Fn(&ServerEvent) -> bool,
 ) -> Result<(), ConnectError> {
     let deadline = Instant::now() + wait;
     loop {
-        let message = tokio::time::timeout_at(deadline, stream.next())
-            .await
-            .map_err(|_| {
-                ConnectError::Unavailable(format!(
-                    "the session was not ready within {} ms",
-                    wait.as_millis()
-                ))
-            })?;
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text.to_string(),
-            Some(Ok(Message::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
-            Some(Ok(Message::Close(frame))) => {
+        let message = conn.next_until(deadline).await.ok_or_else(|| {
+            ConnectError::Unavailable(format!(
+                "the session was not ready within {} ms",
+                wait.as_millis()
+            ))
+        })?;
+        let bytes = match message {
+            Received::Data(bytes) => bytes,
+            Received::Closed(frame) => {
                 return Err(ConnectError::Unavailable(wss::close_text(frame.as_ref())));
             }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(ConnectError::Unavailable(e.to_string())),
-            None => return Err(ConnectError::Unavailable("connection closed".into())),
+            Received::Control => continue,
+            Received::Lost(why) => return Err(ConnectError::Unavailable(why)),
         };
+        let text = String::from_utf8_lossy(&bytes);
         match wire::parse(&text) {
             Some(ServerEvent::Error { error }) => {
                 let said = format!("{}: {}", error.code(), error.message);

@@ -21,13 +21,12 @@ mod tests;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use self::prices::{Prices, builtin_prices};
-use super::cooldown::Cooldown;
 use super::wss::{ConnectError, Tls};
-use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, StatKind, Voice};
+use super::{ConversationOptions, Engine, EngineSession, EngineStat, StartError, Voice};
 use crate::config::OpenAiRealtimeConfig;
 use crate::tools::Tools;
 
@@ -153,31 +152,12 @@ impl OpenAiRealtimeSettings {
 /// Numbers for `/metrics`.
 #[derive(Debug, Default)]
 struct Stats {
-    connects: AtomicU64,
-    connect_failures: AtomicU64,
     hand_offs: AtomicU64,
-    throttled: AtomicU64,
-    refused: AtomicU64,
     malformed: AtomicU64,
 }
 
-#[derive(Debug)]
-struct Shared {
-    settings: OpenAiRealtimeSettings,
-    tls: Tls,
-    tools: Option<Tools>,
-    /// New conversations are refused for a while after throttling.
-    cooling: Cooldown,
-    stats: Stats,
-}
-
-impl Shared {
-    /// The service throttled: refuse new conversations for a while.
-    fn cool_down(&self) {
-        self.stats.throttled.fetch_add(1, Ordering::Relaxed);
-        self.cooling.start(self.settings.cooldown);
-    }
-}
+/// What the engine's conversations share.
+type Shared = super::cloud::Shared<OpenAiRealtimeSettings, Stats>;
 
 /// The OpenAI Realtime engine: one connection per conversation.
 #[derive(Debug, Clone)]
@@ -195,14 +175,9 @@ impl OpenAiRealtimeEngine {
             );
         }
         let tls = Tls::new(settings.ca_file.as_deref())?;
+        let shared = Shared::new(tls, settings.cooldown, settings, tools);
         Ok(Self {
-            shared: Arc::new(Shared {
-                settings,
-                tls,
-                tools,
-                cooling: Cooldown::default(),
-                stats: Stats::default(),
-            }),
+            shared: Arc::new(shared),
         })
     }
 
@@ -231,8 +206,7 @@ impl Engine for OpenAiRealtimeEngine {
                         super::ProbeError::Unreached(e.to_string())
                     }
                 })?;
-            let mut sink = conn.sink;
-            let _ = futures_util::SinkExt::close(&mut sink).await;
+            conn.close(Duration::from_secs(2)).await;
             Ok(format!(
                 "{} took the key and opened a session",
                 settings.model
@@ -273,78 +247,35 @@ impl Engine for OpenAiRealtimeEngine {
                 "OpenAI Realtime has no voice {voice:?}"
             )));
         }
-        if let Some(wait) = self.busy() {
-            self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(StartError::Busy {
-                retry_after: wait,
-                message: format!(
-                    "OpenAI Realtime is throttling: no new conversations for {:.1} s",
-                    wait.as_secs_f64()
-                ),
-            });
+        if let Some(refusal) = self.shared.refusal("OpenAI Realtime") {
+            return Err(refusal);
         }
-        let (session, input, events) = EngineSession::channel();
-        let driver = conversation::run(
-            self.shared.clone(),
-            voice,
-            options.language,
-            options.history,
-            input,
-            events,
-        );
-        tokio::spawn(tracing::Instrument::in_current_span(driver));
-        Ok(session)
+        let options = ConversationOptions { voice, ..options };
+        let shared = self.shared.clone();
+        Ok(super::cloud::start(move |input, events| {
+            conversation::run(shared, options, input, events)
+        }))
     }
 
     fn busy(&self) -> Option<Duration> {
-        self.shared.cooling.remaining()
+        self.shared.busy()
     }
 
     fn stats(&self) -> Vec<EngineStat> {
         let stats = &self.shared.stats;
-        let counter = |name, help, value: &AtomicU64| EngineStat {
-            name,
-            help,
-            kind: StatKind::Counter,
-            value: value.load(Ordering::Relaxed),
-        };
-        vec![
-            counter(
-                "connects_total",
-                "OpenAI Realtime sessions opened (first, reconnection, hand-off).",
-                &stats.connects,
-            ),
-            counter(
-                "connect_failures_total",
-                "OpenAI Realtime sessions that could not be opened.",
-                &stats.connect_failures,
-            ),
+        let counter = EngineStat::counter;
+        let own = vec![
             counter(
                 "hand_offs_total",
                 "Conversations moved to a new OpenAI Realtime session before the session limit.",
                 &stats.hand_offs,
             ),
             counter(
-                "throttled_total",
-                "Throttling or quota answers from OpenAI Realtime.",
-                &stats.throttled,
-            ),
-            counter(
-                "conversations_refused_total",
-                "New conversations refused while the engine cooled down after throttling.",
-                &stats.refused,
-            ),
-            counter(
                 "malformed_events_total",
                 "Messages from OpenAI Realtime that were not the events they claimed to be.",
                 &stats.malformed,
             ),
-            EngineStat {
-                name: "cooling_down",
-                help: "1 while new conversations are refused after throttling.",
-                kind: StatKind::Gauge,
-                value: u64::from(self.busy().is_some()),
-            },
-        ]
+        ];
+        self.shared.stats(own)
     }
 }

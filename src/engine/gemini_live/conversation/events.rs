@@ -93,19 +93,21 @@ impl Driver {
                 continue;
             }
             self.history.push(role, text);
-            self.emit(EngineEvent::Transcript {
-                role,
-                text: text.to_owned(),
-                stage: Stage::Final,
+            self.events
+                .emit(EngineEvent::Transcript {
+                    role,
+                    text: text.to_owned(),
+                    stage: Stage::Final,
+                    turn_id: turn.id,
+                })
+                .await;
+        }
+        self.events
+            .emit(EngineEvent::TurnEnd {
                 turn_id: turn.id,
+                reason,
             })
             .await;
-        }
-        self.emit(EngineEvent::TurnEnd {
-            turn_id: turn.id,
-            reason,
-        })
-        .await;
     }
 
     /// The user spoke over the reply: the client drops the audio it queued
@@ -114,7 +116,8 @@ impl Driver {
         let Some(turn) = self.turn.take_if(|t| t.output) else {
             return;
         };
-        self.emit(EngineEvent::Interrupted { turn_id: turn.id })
+        self.events
+            .emit(EngineEvent::Interrupted { turn_id: turn.id })
             .await;
         self.finish_turn(turn, TurnEndReason::Interrupted).await;
         self.stale_turn_complete = true;
@@ -126,7 +129,8 @@ impl Driver {
         self.calls.clear();
         if let Some(turn) = self.turn.take() {
             if turn.audio {
-                self.emit(EngineEvent::Interrupted { turn_id: turn.id })
+                self.events
+                    .emit(EngineEvent::Interrupted { turn_id: turn.id })
                     .await;
             }
             self.finish_turn(turn, TurnEndReason::Error).await;
@@ -138,13 +142,15 @@ impl Driver {
             "ACTIVITY_START" => {
                 self.barge_in().await;
                 let id = self.begin_turn().id;
-                self.emit(EngineEvent::SpeechStarted { turn_id: id }).await;
+                self.events
+                    .emit(EngineEvent::SpeechStarted { turn_id: id })
+                    .await;
             }
             "ACTIVITY_END" => {
                 if let Some(turn) = self.turn.as_ref().filter(|t| !t.output) {
                     let turn_id = turn.id;
                     self.awaiting = Some(Instant::now());
-                    self.emit(EngineEvent::SpeechEnded { turn_id }).await;
+                    self.events.emit(EngineEvent::SpeechEnded { turn_id }).await;
                 }
             }
             _ => {}
@@ -164,12 +170,13 @@ impl Driver {
         self.calls
             .insert(call.id.clone(), (call.name.clone(), self.generation));
         if !self.tools.run(&call.id, &call.name, &args, self.generation) {
-            self.emit(EngineEvent::ToolCall {
-                id: call.id,
-                name: call.name,
-                json: args,
-            })
-            .await;
+            self.events
+                .emit(EngineEvent::ToolCall {
+                    id: call.id,
+                    name: call.name,
+                    json: args,
+                })
+                .await;
         }
     }
 
@@ -198,13 +205,9 @@ impl Driver {
             if let Some(turn) = self.turn.as_mut() {
                 turn.assistant.push_str(&said.text);
                 let text = turn.assistant.trim().to_owned();
-                self.emit(EngineEvent::Transcript {
-                    role: Role::Assistant,
-                    text,
-                    stage: Stage::Speculative,
-                    turn_id,
-                })
-                .await;
+                self.events
+                    .reply_transcript(text, Stage::Speculative, turn_id)
+                    .await;
             }
         }
         if content.interrupted {
@@ -228,10 +231,7 @@ impl Driver {
             malformed();
             return;
         };
-        let samples: Vec<i16> = bytes
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]))
-            .collect();
+        let samples: Vec<i16> = crate::audio::samples_from_le(&bytes).collect();
         if samples.is_empty() {
             return;
         }
@@ -239,7 +239,8 @@ impl Driver {
         if let Some(turn) = self.turn.as_mut() {
             turn.audio = true;
         }
-        self.emit(EngineEvent::Audio(Pcm { rate_hz, samples }))
+        self.events
+            .emit(EngineEvent::Audio(Pcm { rate_hz, samples }))
             .await;
     }
 
@@ -266,7 +267,7 @@ impl Driver {
             self.finish_turn(turn, TurnEndReason::Empty).await;
             return;
         }
-        self.retries = 0;
+        self.retries.reset();
         self.retried_once = false;
         self.awaiting = None;
         self.finish_turn(turn, TurnEndReason::Completed).await;
@@ -285,7 +286,7 @@ impl Driver {
             );
         }
         if !billed.delta.is_empty() {
-            self.emit(EngineEvent::Usage(billed.delta)).await;
+            self.events.emit(EngineEvent::Usage(billed.delta)).await;
         }
     }
 }

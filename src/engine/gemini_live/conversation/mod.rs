@@ -10,40 +10,29 @@
 mod events;
 
 use crate::engine::Role;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::connect::{self, Conn, Failure, Opening, Verdict};
+use super::connect::{self, Failure, Opening, Verdict};
 use super::cost::Costing;
 use super::wire::{self, ClientMessage};
 use super::{INPUT_RATE_HZ, Shared};
+use crate::engine::cloud::{self, Backlog, Connections, Events, Opener, Retries, Step, backoff};
+use crate::engine::cloud::{CLOSE_LIMIT, SEND_WAIT};
 use crate::engine::text_history::History;
 use crate::engine::tool_runner::{ToolDone, ToolRunner};
-use crate::engine::{EngineEvent, EngineInput, ErrorKind, TurnEndReason};
+use crate::engine::wss::{Conn, Received};
+use crate::engine::{ConversationOptions, EngineEvent, EngineInput, ErrorKind, TurnEndReason};
 
-/// User audio kept while no connection is open (16 kHz samples: 5 s).
-const MAX_BACKLOG: usize = 5 * INPUT_RATE_HZ as usize;
+/// Seconds of user audio kept while no connection is open.
+const BACKLOG_SECONDS: u32 = 5;
 /// Most audio in one message (100 ms).
 const MAX_CHUNK: usize = INPUT_RATE_HZ as usize / 10;
-/// Wait for the service to take one message.
-const SEND_WAIT: Duration = Duration::from_secs(2);
-/// After `Close`, the longest wait for the reply in progress.
-const CLOSE_LIMIT: Duration = Duration::from_secs(30);
-/// Housekeeping: stall, resumption and close checks.
-const TICK: Duration = Duration::from_millis(250);
-/// Backoff before each reconnection.
-const BACKOFF: [Duration; 3] = [
-    Duration::ZERO,
-    Duration::from_secs(1),
-    Duration::from_secs(3),
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
@@ -52,13 +41,6 @@ enum Purpose {
     Resume,
     /// After a loss: no connection meanwhile.
     Reconnect,
-}
-
-#[derive(Debug)]
-struct Pending {
-    purpose: Purpose,
-    started: Instant,
-    ready: oneshot::Receiver<Result<Conn, Failure>>,
 }
 
 /// The turn in progress: the user's words and the model's reply to them.
@@ -73,19 +55,17 @@ struct Turn {
     calls: u32,
 }
 
-enum Step {
-    Go,
-    Stop,
-}
-
 pub(super) async fn run(
     shared: Arc<Shared>,
-    voice: String,
-    language: String,
-    history: Vec<(Role, String)>,
+    options: ConversationOptions,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
 ) {
+    let ConversationOptions {
+        voice,
+        language,
+        history,
+    } = options;
     let settings = &shared.settings;
     let (tools, tool_rx) = ToolRunner::new(shared.tools.clone());
     let mut driver = Driver {
@@ -93,34 +73,33 @@ pub(super) async fn run(
         shared: shared.clone(),
         voice,
         language,
-        events,
+        events: Events::new(events),
         history: History::from_messages(&history),
         tools,
         calls: HashMap::new(),
         conn: None,
         generation: 0,
         pending: None,
-        backlog: VecDeque::new(),
-        dropped_samples: 0,
+        backlog: Backlog::new(INPUT_RATE_HZ, BACKLOG_SECONDS),
         handle: None,
         go_away: None,
         turn_ids: 0,
         turn: None,
         stale_turn_complete: false,
-        retries: 0,
+        retries: Retries::new(settings.max_retries),
         retried_once: false,
         awaiting: None,
         lost_at: None,
         closing_since: None,
     };
-    driver.main(input, tool_rx).await;
+    cloud::run(&mut driver, input, tool_rx).await;
 }
 
 struct Driver {
     shared: Arc<Shared>,
     voice: String,
     language: String,
-    events: mpsc::Sender<EngineEvent>,
+    events: Events,
     costing: Costing,
     history: History,
     tools: ToolRunner,
@@ -130,10 +109,9 @@ struct Driver {
     conn: Option<Conn>,
     /// Counts connections: a tool result goes back only to the one that asked.
     generation: u32,
-    pending: Option<Pending>,
+    pending: Option<Opener<Purpose, Failure>>,
     /// User audio waiting for a connection.
-    backlog: VecDeque<i16>,
-    dropped_samples: u64,
+    backlog: Backlog,
     /// The latest resumable session handle.
     handle: Option<String>,
     /// After `goAway`: when to open the resumed connection even if the
@@ -145,7 +123,7 @@ struct Driver {
     /// for it, which is then skipped.
     stale_turn_complete: bool,
     /// Reconnections since the last completed reply.
-    retries: u32,
+    retries: Retries,
     /// The one retry of a "not implemented" refusal is used.
     retried_once: bool,
     /// Since when a reply is due (the user's last words, a tool result).
@@ -155,134 +133,78 @@ struct Driver {
     closing_since: Option<Instant>,
 }
 
-impl std::fmt::Debug for Driver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver")
-            .field("generation", &self.generation)
-            .field("turn", &self.turn)
-            .finish_non_exhaustive()
+impl cloud::Driver for Driver {
+    type Purpose = Purpose;
+    type Error = Failure;
+    const SERVICE: &'static str = "Gemini Live";
+    /// Housekeeping: stall, resumption and close checks.
+    const TICK: Duration = Duration::from_millis(250);
+
+    fn events(&self) -> &Events {
+        &self.events
     }
-}
 
-type Read = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
-
-async fn next_message(conn: &mut Option<Conn>) -> Read {
-    match conn {
-        Some(c) => c.stream.next().await,
-        None => std::future::pending().await,
+    async fn on_input(&mut self, message: EngineInput) -> Step {
+        match message {
+            EngineInput::Audio(samples) => {
+                if let Some(conn) = self.conn.as_mut() {
+                    if let Err(failure) = send_audio(conn, &samples).await {
+                        return self.lost(failure).await;
+                    }
+                } else {
+                    self.backlog.hold(&samples);
+                }
+            }
+            EngineInput::Text(text) => {
+                self.begin_turn();
+                self.history.push(Role::User, &text);
+                self.send(&ClientMessage::text(&text)).await;
+                self.awaiting = Some(Instant::now());
+            }
+            EngineInput::ToolResult { id, json } => {
+                self.tools.finished(&id);
+                self.answer_call(&id, &json).await;
+            }
+            EngineInput::Close => {
+                self.closing_since = Some(Instant::now());
+                if self.quiet() {
+                    return Step::Stop;
+                }
+            }
+        }
+        Step::Go
     }
-}
 
-async fn next_ready(pending: &mut Option<Pending>) -> Result<Conn, Failure> {
-    match pending {
-        Some(p) => (&mut p.ready)
-            .await
-            .unwrap_or_else(|_| Err(Failure::retry("the opener stopped"))),
-        None => std::future::pending().await,
-    }
-}
-
-impl Driver {
-    async fn main(
-        &mut self,
-        mut input: mpsc::Receiver<EngineInput>,
-        mut tool_rx: mpsc::Receiver<ToolDone>,
-    ) {
-        self.emit(EngineEvent::Ready {
+    fn ready(&self) -> EngineEvent {
+        EngineEvent::Ready {
             engine: "gemini-live".into(),
             model: self.shared.settings.model.clone(),
             voice: self.voice.clone(),
-        })
-        .await;
-        if !self.costing.priced() {
-            tracing::warn!(
-                model = %self.shared.settings.model,
-                "no prices for this Gemini Live model: its cost is counted as 0"
-            );
         }
-        self.open(Purpose::First, Duration::ZERO);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut input_open = true;
-        loop {
-            let step = tokio::select! {
-                message = input.recv(), if input_open && self.closing_since.is_none() => {
-                    match message {
-                        Some(message) => self.on_input(message).await,
-                        None => {
-                            input_open = false;
-                            self.on_input(EngineInput::Close).await
-                        }
-                    }
-                }
-                message = next_message(&mut self.conn) => self.on_message(message).await,
-                ready = next_ready(&mut self.pending) => self.on_ready(ready).await,
-                Some(done) = tool_rx.recv() => self.on_tool_done(done).await,
-                _ = tick.tick() => self.on_tick().await,
-            };
-            if matches!(step, Step::Stop) {
-                break;
+    }
+
+    async fn on_message(&mut self, message: Received) -> Step {
+        let parsed = match message {
+            Received::Data(bytes) => wire::parse(&bytes),
+            Received::Closed(frame) => {
+                return self.lost(Failure::from_close(frame.as_ref())).await;
             }
-        }
-        if let Some(conn) = self.conn.take() {
-            close(conn).await;
-        }
-        if self.dropped_samples > 0 {
-            tracing::warn!(
-                dropped_ms = self.dropped_samples * 1000 / u64::from(INPUT_RATE_HZ),
-                "user audio dropped while no Gemini Live connection was open"
-            );
-        }
-        let totals = self.costing.totals();
-        tracing::debug!(
-            cost_micro_usd = totals.cost_micro_usd,
-            "Gemini Live conversation over"
-        );
-        self.emit(EngineEvent::Closed).await;
-    }
-
-    async fn emit(&self, event: EngineEvent) {
-        let _ = self.events.send(event).await;
-    }
-
-    async fn fail(&self, message: String) -> Step {
-        self.emit(EngineEvent::Error {
-            kind: ErrorKind::Fatal,
-            message,
-        })
-        .await;
-        Step::Stop
-    }
-
-    /// Starts opening a connection: resumed with the latest handle, or fresh
-    /// with the conversation so far.
-    fn open(&mut self, purpose: Purpose, delay: Duration) {
-        let opening = Opening {
-            voice: self.voice.clone(),
-            language: self.language.clone(),
-            handle: self.handle.clone(),
-            history: self.history.messages().to_vec(),
-            delay,
+            Received::Control => return Step::Go,
+            Received::Lost(why) => return self.lost(Failure::retry(why)).await,
         };
-        let (tx, ready) = oneshot::channel();
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(connect::open(shared, opening).await);
-        });
-        self.pending = Some(Pending {
-            purpose,
-            started: Instant::now(),
-            ready,
-        });
+        let Some(message) = parsed else {
+            self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("unreadable Gemini Live message ignored");
+            return Step::Go;
+        };
+        self.on_server(message).await
     }
 
-    /// Nothing is going on that a switch of connection would cut: no turn
-    /// (user words or a reply) and no tool call open.
-    fn quiet(&self) -> bool {
-        self.turn.is_none() && self.calls.is_empty()
+    fn priced(&self) -> bool {
+        self.costing.priced()
     }
 
-    async fn on_ready(&mut self, ready: Result<Conn, Failure>) -> Step {
+    async fn on_opened(&mut self, ready: Result<Conn, Failure>) -> Step {
         let Some(pending) = self.pending.take() else {
             return Step::Go;
         };
@@ -292,7 +214,7 @@ impl Driver {
             Err(failure) => return self.on_open_failed(pending.purpose, failure).await,
         };
         self.generation += 1;
-        let backlog: Vec<i16> = self.backlog.drain(..).collect();
+        let backlog = self.backlog.take();
         if let Err(failure) = send_audio(&mut conn, &backlog).await {
             self.conn = Some(conn);
             return self.lost(failure).await;
@@ -303,7 +225,7 @@ impl Driver {
             Purpose::Resume => {
                 self.go_away = None;
                 if let Some(old) = old {
-                    tokio::spawn(close(old));
+                    cloud::close_in_background(old);
                 }
                 // A reply the old connection was still giving is cut: the
                 // resumed session does not go on with it.
@@ -318,30 +240,102 @@ impl Driver {
                     prepared_ms,
                     "Gemini Live resumed"
                 );
-                self.emit(EngineEvent::Rotated {
-                    generation: self.generation,
-                    gap_ms: 0.0,
-                })
-                .await;
+                self.events.rotated(self.generation, 0.0).await;
             }
             Purpose::Reconnect => {
                 self.shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 let since = self.lost_at.take().unwrap_or(pending.started);
-                self.emit(EngineEvent::Rotated {
-                    generation: self.generation,
-                    gap_ms: now.duration_since(since).as_secs_f64() * 1000.0,
-                })
-                .await;
+                self.events
+                    .rotated(
+                        self.generation,
+                        now.duration_since(since).as_secs_f64() * 1000.0,
+                    )
+                    .await;
             }
         }
         Step::Go
+    }
+
+    fn open_first(&mut self) {
+        self.open(Purpose::First, Duration::ZERO);
+    }
+
+    async fn on_tool_done(&mut self, done: ToolDone) -> Step {
+        self.tools.finished(&done.id);
+        self.answer_call(&done.id, &done.result).await;
+        Step::Go
+    }
+
+    fn closing(&self) -> bool {
+        self.closing_since.is_some()
+    }
+
+    async fn on_tick(&mut self) -> Step {
+        let now = Instant::now();
+        let settings = &self.shared.settings;
+        if let Some(since) = self.closing_since
+            && now.duration_since(since) >= CLOSE_LIMIT
+        {
+            return Step::Stop;
+        }
+        if let Some(since) = self.awaiting
+            && self.conn.is_some()
+            && now.duration_since(since) >= settings.stall_timeout
+        {
+            let why = format!("no reply within {} ms", settings.stall_timeout.as_millis());
+            return self.lost(Failure::retry(why)).await;
+        }
+        if let Some(force_at) = self.go_away
+            && self.pending.is_none()
+            && self.closing_since.is_none()
+            && (self.quiet() || now >= force_at)
+        {
+            self.open(Purpose::Resume, Duration::ZERO);
+        }
+        Step::Go
+    }
+
+    fn connections(&mut self) -> Connections<'_, Purpose, Failure> {
+        (&mut self.conn, &mut self.pending)
+    }
+
+    fn dropped_ms(&self) -> u64 {
+        self.backlog.dropped_ms()
+    }
+
+    fn cost_micro_usd(&self) -> u64 {
+        self.costing.totals().cost_micro_usd
+    }
+}
+
+impl Driver {
+    /// Starts opening a connection: resumed with the latest handle, or fresh
+    /// with the conversation so far.
+    fn open(&mut self, purpose: Purpose, delay: Duration) {
+        let opening = Opening {
+            voice: self.voice.clone(),
+            language: self.language.clone(),
+            handle: self.handle.clone(),
+            history: self.history.messages().to_vec(),
+            delay,
+        };
+        self.pending = Some(Opener::spawn(
+            purpose,
+            connect::open(self.shared.clone(), opening),
+        ));
+    }
+
+    /// Nothing is going on that a switch of connection would cut: no turn
+    /// (user words or a reply) and no tool call open.
+    fn quiet(&self) -> bool {
+        self.turn.is_none() && self.calls.is_empty()
     }
 
     async fn on_open_failed(&mut self, purpose: Purpose, failure: Failure) -> Step {
         tracing::warn!(?purpose, error = %failure.message, "Gemini Live connection not opened");
         if purpose == Purpose::Resume && self.conn.is_some() && failure.verdict == Verdict::Retry {
             // The old connection still works: try again in a moment.
-            self.open(Purpose::Resume, BACKOFF[1]);
+            self.open(Purpose::Resume, backoff(2));
             return Step::Go;
         }
         self.on_failure(purpose, failure).await
@@ -351,29 +345,30 @@ impl Driver {
     async fn on_failure(&mut self, purpose: Purpose, failure: Failure) -> Step {
         let message = failure.message;
         match failure.verdict {
-            Verdict::Fatal => self.fail(format!("Gemini Live: {message}")).await,
+            Verdict::Fatal => self.events.fail(format!("Gemini Live: {message}")).await,
             Verdict::Throttled => {
                 self.shared.cool_down();
-                self.fail(format!(
-                    "Gemini Live is throttling or out of quota: {message}"
-                ))
-                .await
+                self.events
+                    .fail(format!(
+                        "Gemini Live is throttling or out of quota: {message}"
+                    ))
+                    .await
             }
             Verdict::RetryOnce if self.retried_once => {
-                self.fail(format!("Gemini Live refused again: {message}"))
+                self.events
+                    .fail(format!("Gemini Live refused again: {message}"))
                     .await
             }
             Verdict::RetryOnce | Verdict::Retry => {
                 if failure.verdict == Verdict::RetryOnce {
                     self.retried_once = true;
                 }
-                self.retries += 1;
-                if self.retries > self.shared.settings.max_retries {
+                let Some(delay) = self.retries.next() else {
                     return self
+                        .events
                         .fail(format!("Gemini Live could not be reached: {message}"))
                         .await;
-                }
-                let delay = BACKOFF[(self.retries as usize - 1).min(BACKOFF.len() - 1)];
+                };
                 let purpose = if purpose == Purpose::First {
                     Purpose::First
                 } else {
@@ -402,14 +397,15 @@ impl Driver {
         self.calls.clear();
         let passing = matches!(failure.verdict, Verdict::Retry | Verdict::RetryOnce);
         if passing {
-            self.emit(EngineEvent::Error {
-                kind: ErrorKind::Transient,
-                message: format!(
-                    "Gemini Live connection lost ({}); reconnecting",
-                    failure.message
-                ),
-            })
-            .await;
+            self.events
+                .emit(EngineEvent::Error {
+                    kind: ErrorKind::Transient,
+                    message: format!(
+                        "Gemini Live connection lost ({}); reconnecting",
+                        failure.message
+                    ),
+                })
+                .await;
             if let Some(pending) = self.pending.as_mut() {
                 // The resumption under way takes over, as a reconnection.
                 pending.purpose = Purpose::Reconnect;
@@ -424,52 +420,10 @@ impl Driver {
     /// seen on the next read.
     async fn send(&mut self, message: &ClientMessage) {
         if let Some(conn) = self.conn.as_mut()
-            && connect::send(&mut conn.sink, message, SEND_WAIT)
-                .await
-                .is_err()
+            && connect::send(conn, message, SEND_WAIT).await.is_err()
         {
-            let _ = conn.sink.close().await;
+            let _ = futures_util::SinkExt::close(&mut conn.sink).await;
         }
-    }
-
-    async fn on_input(&mut self, message: EngineInput) -> Step {
-        match message {
-            EngineInput::Audio(samples) => {
-                if let Some(conn) = self.conn.as_mut() {
-                    if let Err(failure) = send_audio(conn, &samples).await {
-                        return self.lost(failure).await;
-                    }
-                } else {
-                    self.backlog.extend(samples.iter().copied());
-                    let excess = self.backlog.len().saturating_sub(MAX_BACKLOG);
-                    self.backlog.drain(..excess);
-                    self.dropped_samples += excess as u64;
-                }
-            }
-            EngineInput::Text(text) => {
-                self.begin_turn();
-                self.history.push(Role::User, &text);
-                self.send(&ClientMessage::text(&text)).await;
-                self.awaiting = Some(Instant::now());
-            }
-            EngineInput::ToolResult { id, json } => {
-                self.tools.finished(&id);
-                self.answer_call(&id, &json).await;
-            }
-            EngineInput::Close => {
-                self.closing_since = Some(Instant::now());
-                if self.quiet() {
-                    return Step::Stop;
-                }
-            }
-        }
-        Step::Go
-    }
-
-    async fn on_tool_done(&mut self, done: ToolDone) -> Step {
-        self.tools.finished(&done.id);
-        self.answer_call(&done.id, &done.result).await;
-        Step::Go
     }
 
     /// Sends a call's result to the connection that asked for it; a call
@@ -487,60 +441,12 @@ impl Driver {
             .await;
         self.awaiting = Some(Instant::now());
     }
-
-    async fn on_tick(&mut self) -> Step {
-        let now = Instant::now();
-        let settings = &self.shared.settings;
-        if let Some(since) = self.closing_since
-            && now.duration_since(since) >= CLOSE_LIMIT
-        {
-            return Step::Stop;
-        }
-        if let Some(since) = self.awaiting
-            && self.conn.is_some()
-            && now.duration_since(since) >= settings.stall_timeout
-        {
-            let why = format!("no reply within {} ms", settings.stall_timeout.as_millis());
-            return self.lost(Failure::retry(why)).await;
-        }
-        if let Some(force_at) = self.go_away
-            && self.pending.is_none()
-            && self.closing_since.is_none()
-            && (self.quiet() || now >= force_at)
-        {
-            self.open(Purpose::Resume, Duration::ZERO);
-        }
-        Step::Go
-    }
-
-    async fn on_message(&mut self, message: Read) -> Step {
-        let parsed = match message {
-            Some(Ok(Message::Text(text))) => wire::parse(text.as_bytes()),
-            Some(Ok(Message::Binary(bytes))) => wire::parse(&bytes),
-            Some(Ok(Message::Close(frame))) => {
-                return self.lost(Failure::from_close(frame.as_ref())).await;
-            }
-            Some(Ok(_)) => return Step::Go,
-            Some(Err(e)) => return self.lost(Failure::retry(e.to_string())).await,
-            None => return self.lost(Failure::retry("connection closed")).await,
-        };
-        let Some(message) = parsed else {
-            self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("unreadable Gemini Live message ignored");
-            return Step::Go;
-        };
-        self.on_server(message).await
-    }
 }
 
 /// Sends user audio in messages of at most 100 ms.
 async fn send_audio(conn: &mut Conn, samples: &[i16]) -> Result<(), Failure> {
     for chunk in samples.chunks(MAX_CHUNK) {
-        connect::send(&mut conn.sink, &ClientMessage::audio(chunk), SEND_WAIT).await?;
+        connect::send(conn, &ClientMessage::audio(chunk), SEND_WAIT).await?;
     }
     Ok(())
-}
-
-async fn close(mut conn: Conn) {
-    let _ = tokio::time::timeout(SEND_WAIT, conn.sink.close()).await;
 }

@@ -27,13 +27,15 @@ impl Driver {
                 if self.items.len() > MAX_ITEMS {
                     self.items.pop_front();
                 }
-                self.emit(EngineEvent::SpeechStarted { turn_id: self.turn })
+                self.events
+                    .emit(EngineEvent::SpeechStarted { turn_id: self.turn })
                     .await;
             }
             ServerEvent::SpeechStopped { .. } => {
                 self.user_speaking = false;
                 self.awaiting = Some(now);
-                self.emit(EngineEvent::SpeechEnded { turn_id: self.turn })
+                self.events
+                    .emit(EngineEvent::SpeechEnded { turn_id: self.turn })
                     .await;
             }
             ServerEvent::InputTranscriptDelta { .. }
@@ -50,18 +52,19 @@ impl Driver {
                     .map_or(self.turn, |(_, turn)| *turn);
                 if !transcript.trim().is_empty() {
                     self.history.push(Role::User, &transcript);
-                    self.emit(EngineEvent::Transcript {
-                        role: Role::User,
-                        text: transcript.trim().to_owned(),
-                        stage: Stage::Final,
-                        turn_id,
-                    })
-                    .await;
+                    self.events
+                        .emit(EngineEvent::Transcript {
+                            role: Role::User,
+                            text: transcript.trim().to_owned(),
+                            stage: Stage::Final,
+                            turn_id,
+                        })
+                        .await;
                 }
                 if let Some(delta) = usage.and_then(|u| self.costing.transcription(&u))
                     && !delta.is_empty()
                 {
-                    self.emit(EngineEvent::Usage(delta)).await;
+                    self.events.emit(EngineEvent::Usage(delta)).await;
                 }
             }
             ServerEvent::ResponseCreated { .. } => {
@@ -82,25 +85,17 @@ impl Driver {
                 };
                 reply.transcript.push_str(&delta);
                 let (text, turn_id) = (reply.transcript.clone(), reply.turn);
-                self.emit(EngineEvent::Transcript {
-                    role: Role::Assistant,
-                    text,
-                    stage: Stage::Speculative,
-                    turn_id,
-                })
-                .await;
+                self.events
+                    .reply_transcript(text, Stage::Speculative, turn_id)
+                    .await;
             }
             ServerEvent::TranscriptDone { transcript, .. } => {
                 let turn_id = self.reply.as_ref().map_or(self.turn, |r| r.turn);
                 if !transcript.trim().is_empty() {
                     self.history.push(Role::Assistant, &transcript);
-                    self.emit(EngineEvent::Transcript {
-                        role: Role::Assistant,
-                        text: transcript.trim().to_owned(),
-                        stage: Stage::Final,
-                        turn_id,
-                    })
-                    .await;
+                    self.events
+                        .reply_transcript(transcript.trim().to_owned(), Stage::Final, turn_id)
+                        .await;
                 }
             }
             ServerEvent::FunctionCall {
@@ -118,12 +113,13 @@ impl Driver {
                         .unwrap_or_else(|_| serde_json::json!({"unreadable_arguments": arguments}))
                 };
                 if !self.tools.run(&call_id, &name, &json, self.generation) {
-                    self.emit(EngineEvent::ToolCall {
-                        id: call_id,
-                        name,
-                        json,
-                    })
-                    .await;
+                    self.events
+                        .emit(EngineEvent::ToolCall {
+                            id: call_id,
+                            name,
+                            json,
+                        })
+                        .await;
                 }
             }
             ServerEvent::ResponseDone { response } => return self.on_response_done(response).await,
@@ -142,10 +138,7 @@ impl Driver {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         };
-        let samples: Vec<i16> = bytes
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]))
-            .collect();
+        let samples: Vec<i16> = crate::audio::samples_from_le(&bytes).collect();
         if samples.is_empty() {
             return;
         }
@@ -172,11 +165,12 @@ impl Driver {
                 });
             }
         }
-        self.emit(EngineEvent::Audio(Pcm {
-            rate_hz: RATE_HZ,
-            samples,
-        }))
-        .await;
+        self.events
+            .emit(EngineEvent::Audio(Pcm {
+                rate_hz: RATE_HZ,
+                samples,
+            }))
+            .await;
     }
 
     /// The user spoke over reply audio still playing: the client drops what
@@ -201,17 +195,18 @@ impl Driver {
             "reply cut by the user"
         );
         self.cut_item = Some(playing.item_id);
-        self.emit(EngineEvent::Interrupted {
-            turn_id: playing.turn,
-        })
-        .await;
+        self.events
+            .emit(EngineEvent::Interrupted {
+                turn_id: playing.turn,
+            })
+            .await;
     }
 
     async fn on_response_done(&mut self, response: ResponseInfo) -> Step {
         if let Some(usage) = &response.usage {
             let delta = self.costing.response(usage);
             if !delta.is_empty() {
-                self.emit(EngineEvent::Usage(delta)).await;
+                self.events.emit(EngineEvent::Usage(delta)).await;
             }
         }
         let reply = self.reply.take().unwrap_or(Reply {
@@ -231,30 +226,32 @@ impl Driver {
                 if error.throttled() {
                     self.shared.cool_down();
                 }
-                self.emit(EngineEvent::Error {
-                    kind: ErrorKind::Transient,
-                    message: format!(
-                        "OpenAI Realtime could not answer: {} {}",
-                        error.code(),
-                        error.message
-                    ),
-                })
-                .await;
+                self.events
+                    .emit(EngineEvent::Error {
+                        kind: ErrorKind::Transient,
+                        message: format!(
+                            "OpenAI Realtime could not answer: {} {}",
+                            error.code(),
+                            error.message
+                        ),
+                    })
+                    .await;
                 Some(TurnEndReason::Error)
             }
             // A reply that only called tools goes on once they answer.
             _ if reply.calls > 0 && !reply.audio => None,
             _ => {
-                self.retries = 0;
+                self.retries.reset();
                 Some(TurnEndReason::Completed)
             }
         };
         if let Some(reason) = reason {
-            self.emit(EngineEvent::TurnEnd {
-                turn_id: reply.turn,
-                reason,
-            })
-            .await;
+            self.events
+                .emit(EngineEvent::TurnEnd {
+                    turn_id: reply.turn,
+                    reason,
+                })
+                .await;
         }
         if self.closing_since.is_some() && self.tools.idle() && reason.is_some() {
             return Step::Stop;
@@ -273,6 +270,7 @@ impl Driver {
         }
         if code.contains("api_key") || error.kind.contains("authentication") {
             return self
+                .events
                 .fail(format!(
                     "OpenAI Realtime refused the key: {}",
                     error.message
@@ -281,11 +279,12 @@ impl Driver {
         }
         // Most errors leave the session usable (a truncate past the end,
         // nothing to cancel).
-        self.emit(EngineEvent::Error {
-            kind: ErrorKind::Transient,
-            message: format!("OpenAI Realtime: {code}: {}", error.message),
-        })
-        .await;
+        self.events
+            .emit(EngineEvent::Error {
+                kind: ErrorKind::Transient,
+                message: format!("OpenAI Realtime: {code}: {}", error.message),
+            })
+            .await;
         Step::Go
     }
 }

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{CLOSE_LIMIT, CLOSE_QUIET, Driver, MAX_BACKLOG, MUTE_AFTER, Purpose, REPLAY, Step};
+use super::{CLOSE_LIMIT, CLOSE_QUIET, Driver, MUTE_AFTER, Purpose, REPLAY, Step};
 use crate::engine::EngineInput;
 use crate::engine::openai_realtime::RATE_HZ;
 use crate::engine::openai_realtime::wire::ClientEvent;
 use crate::engine::tool_runner::ToolDone;
 
 impl Driver {
-    pub(super) async fn on_input(&mut self, message: EngineInput) -> Step {
+    pub(super) async fn input(&mut self, message: EngineInput) -> Step {
         match message {
             EngineInput::Audio(samples) => {
                 let now = Instant::now();
@@ -35,10 +35,7 @@ impl Driver {
                         return self.lost(e.to_string()).await;
                     }
                 } else {
-                    self.backlog.extend(audio.iter().copied());
-                    let excess = self.backlog.len().saturating_sub(MAX_BACKLOG);
-                    self.backlog.drain(..excess);
-                    self.dropped_samples += excess as u64;
+                    self.backlog.hold(&audio);
                 }
                 self.resampled = audio;
             }
@@ -57,14 +54,14 @@ impl Driver {
             }
             EngineInput::Close => {
                 // The reply in progress, and one to words the service has
-                // not yet heard end, still come (see `on_tick`).
+                // not yet heard end, still come (see `tick`).
                 self.closing_since = Some(Instant::now());
             }
         }
         Step::Go
     }
 
-    pub(super) async fn on_tool_done(&mut self, done: ToolDone) -> Step {
+    pub(super) async fn tool_done(&mut self, done: ToolDone) -> Step {
         self.tools.finished(&done.id);
         if done.generation != self.generation {
             tracing::debug!(id = %done.id, "tool result for a replaced session dropped");
@@ -77,7 +74,7 @@ impl Driver {
         Step::Go
     }
 
-    pub(super) async fn on_tick(&mut self) -> Step {
+    pub(super) async fn tick(&mut self) -> Step {
         let now = Instant::now();
         let shared = self.shared.clone();
         let settings = &shared.settings;
@@ -114,7 +111,7 @@ impl Driver {
             .as_ref()
             .is_some_and(|c| now.duration_since(c.opened_at) >= settings.rotate_after);
         if due && self.pending.is_none() && self.closing_since.is_none() && self.quiet(now) {
-            self.open(Purpose::HandOff, Duration::ZERO);
+            self.open(Purpose::HandOff { turn: self.turn }, Duration::ZERO);
         }
         Step::Go
     }

@@ -9,60 +9,42 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::connect::{self, Conn, Opening};
+use super::connect::{self, Opening};
 use super::cost::Costing;
 use super::wire::{self, ClientEvent};
 use super::{RATE_HZ, Shared};
 use crate::audio::StreamResampler;
+use crate::engine::cloud::{self, Backlog, Connections, Events, Opener, Retries, Step};
+use crate::engine::cloud::{CLOSE_LIMIT, SEND_WAIT};
 use crate::engine::text_history::History;
 use crate::engine::tool_runner::{ToolDone, ToolRunner};
-use crate::engine::wss::{self, ConnectError};
-use crate::engine::{EngineEvent, EngineInput, ErrorKind, Role, TurnEndReason};
+use crate::engine::wss::{self, Conn, ConnectError, Received};
+use crate::engine::{ConversationOptions, EngineEvent, EngineInput, ErrorKind, TurnEndReason};
 
-/// User audio kept while no session is open (24 kHz samples: 5 s).
-const MAX_BACKLOG: usize = 5 * RATE_HZ as usize;
+/// Seconds of user audio kept while no connection is open.
+const BACKLOG_SECONDS: u32 = 5;
 /// Control events (text, tool results) kept while no session is open.
 const MAX_QUEUED: usize = 64;
 /// The latest user audio, replayed into a hand-off's new session (300 ms).
 const REPLAY: usize = RATE_HZ as usize * 3 / 10;
-/// Wait for the service to take one event.
-const SEND_WAIT: Duration = Duration::from_secs(2);
-/// After `Close`, the longest wait for the reply in progress.
-const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 /// After `Close`, how long with nothing going on before the session ends
 /// (the service may still be about to hear the end of the last words).
 const CLOSE_QUIET: Duration = Duration::from_millis(1_500);
-/// Housekeeping: silence while the user is mute, stall, hand-off and close.
-const TICK: Duration = Duration::from_millis(50);
 /// No user audio for this long means the user is mute: silence is sent in
 /// its place, so the service's voice detection hears the end of a turn.
 const MUTE_AFTER: Duration = Duration::from_millis(100);
-/// Backoff before the second and later reconnections.
-const BACKOFF: [Duration; 3] = [
-    Duration::ZERO,
-    Duration::from_secs(1),
-    Duration::from_secs(3),
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     First,
     Reconnect,
-    HandOff,
-}
-
-#[derive(Debug)]
-struct Pending {
-    purpose: Purpose,
-    started: Instant,
-    /// The user turn when it started: a hand-off's history lacks later ones.
-    turn: u64,
-    ready: oneshot::Receiver<Result<Conn, ConnectError>>,
+    /// To the user turn `turn`: a hand-off's history lacks later ones.
+    HandOff {
+        turn: u64,
+    },
 }
 
 /// The reply in progress.
@@ -96,19 +78,17 @@ impl Playing {
     }
 }
 
-enum Step {
-    Go,
-    Stop,
-}
-
 pub(super) async fn run(
     shared: Arc<Shared>,
-    voice: String,
-    language: String,
-    history: Vec<(Role, String)>,
+    options: ConversationOptions,
     input: mpsc::Receiver<EngineInput>,
     events: mpsc::Sender<EngineEvent>,
 ) {
+    let ConversationOptions {
+        voice,
+        language,
+        history,
+    } = options;
     let settings = &shared.settings;
     let resampler = match StreamResampler::new(16_000, RATE_HZ) {
         Ok(r) => r,
@@ -124,62 +104,57 @@ pub(super) async fn run(
     };
     let (tools, tool_rx) = ToolRunner::new(shared.tools.clone());
     let mut driver = Driver {
-        costing: Costing::new(
-            &settings.model,
-            &settings.transcription_model,
-            &settings.prices,
-        ),
-        shared: shared.clone(),
-        voice,
-        language,
-        events,
-        history: History::from_messages(&history),
-        tools,
+        conn: None,
+        pending: None,
+        generation: 0,
+        retries: Retries::new(settings.max_retries),
         resampler,
         resampled: Vec::new(),
-        conn: None,
-        generation: 0,
-        pending: None,
-        backlog: VecDeque::new(),
-        queued: Vec::new(),
+        backlog: Backlog::new(RATE_HZ, BACKLOG_SECONDS),
         recent: VecDeque::new(),
-        dropped_samples: 0,
+        queued: Vec::new(),
         turn: 0,
         items: VecDeque::new(),
         user_speaking: false,
         reply: None,
         playing: None,
         cut_item: None,
-        retries: 0,
         awaiting: None,
         closing_since: None,
         audio_at: Instant::now(),
         activity_at: Instant::now(),
+        history: History::from_messages(&history),
+        tools,
+        costing: Costing::new(
+            &settings.model,
+            &settings.transcription_model,
+            &settings.prices,
+        ),
+        voice,
+        language,
+        events: Events::new(events),
+        shared: shared.clone(),
     };
-    driver.main(input, tool_rx).await;
+    cloud::run(&mut driver, input, tool_rx).await;
 }
 
 struct Driver {
-    shared: Arc<Shared>,
-    voice: String,
-    language: String,
-    events: mpsc::Sender<EngineEvent>,
-    costing: Costing,
-    history: History,
-    tools: ToolRunner,
-    resampler: StreamResampler,
-    resampled: Vec<i16>,
+    /// The open session and the one being opened.
     conn: Option<Conn>,
+    pending: Option<Opener<Purpose, ConnectError>>,
     /// Counts sessions: a tool result goes back only to the one that asked.
     generation: u32,
-    pending: Option<Pending>,
+    /// Reconnections since the last completed reply.
+    retries: Retries,
+    /// User audio, resampled for the service.
+    resampler: StreamResampler,
+    resampled: Vec<i16>,
     /// User audio waiting for a session.
-    backlog: VecDeque<i16>,
-    /// Control events waiting for a session.
-    queued: Vec<ClientEvent>,
+    backlog: Backlog,
     /// The latest user audio sent.
     recent: VecDeque<i16>,
-    dropped_samples: u64,
+    /// Control events waiting for a session.
+    queued: Vec<ClientEvent>,
     /// The user turn: one per speech start or typed message.
     turn: u64,
     /// Recent user audio items and their turns (transcripts come late).
@@ -190,8 +165,6 @@ struct Driver {
     playing: Option<Playing>,
     /// The reply item cut by barge-in: its late audio is dropped.
     cut_item: Option<String>,
-    /// Reconnections since the last completed reply.
-    retries: u32,
     /// Since when a reply is due (the user finished, a result went back).
     awaiting: Option<Instant>,
     closing_since: Option<Instant>,
@@ -199,142 +172,36 @@ struct Driver {
     audio_at: Instant,
     /// When the user or the service last did something.
     activity_at: Instant,
+    /// What the conversation was started with.
+    history: History,
+    tools: ToolRunner,
+    costing: Costing,
+    voice: String,
+    language: String,
+    events: Events,
+    shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for Driver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Driver")
-            .field("generation", &self.generation)
-            .field("turn", &self.turn)
-            .finish_non_exhaustive()
-    }
-}
+impl cloud::Driver for Driver {
+    type Purpose = Purpose;
+    type Error = ConnectError;
+    const SERVICE: &'static str = "OpenAI Realtime";
+    /// Housekeeping: silence while the user is mute, stall, hand-off and close.
+    const TICK: Duration = Duration::from_millis(50);
 
-async fn next_message(
-    conn: &mut Option<Conn>,
-) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
-    match conn {
-        Some(c) => c.stream.next().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn next_ready(pending: &mut Option<Pending>) -> Result<Conn, ConnectError> {
-    match pending {
-        Some(p) => (&mut p.ready)
-            .await
-            .unwrap_or_else(|_| Err(ConnectError::Unavailable("the opener stopped".into()))),
-        None => std::future::pending().await,
-    }
-}
-
-impl Driver {
-    async fn main(
-        &mut self,
-        mut input: mpsc::Receiver<EngineInput>,
-        mut tool_rx: mpsc::Receiver<ToolDone>,
-    ) {
-        self.emit(EngineEvent::Ready {
+    fn ready(&self) -> EngineEvent {
+        EngineEvent::Ready {
             engine: "openai-realtime".into(),
             model: self.shared.settings.model.clone(),
             voice: self.voice.clone(),
-        })
-        .await;
-        if !self.costing.priced() {
-            tracing::warn!(
-                model = %self.shared.settings.model,
-                "no prices for this OpenAI Realtime model: its cost is counted as 0"
-            );
         }
+    }
+
+    fn open_first(&mut self) {
         self.open(Purpose::First, Duration::ZERO);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut input_open = true;
-        loop {
-            let step = tokio::select! {
-                message = input.recv(), if input_open && self.closing_since.is_none() => {
-                    match message {
-                        Some(message) => self.on_input(message).await,
-                        None => {
-                            input_open = false;
-                            self.on_input(EngineInput::Close).await
-                        }
-                    }
-                }
-                message = next_message(&mut self.conn) => self.on_message(message).await,
-                ready = next_ready(&mut self.pending) => self.on_ready(ready).await,
-                Some(done) = tool_rx.recv() => self.on_tool_done(done).await,
-                _ = tick.tick() => self.on_tick().await,
-            };
-            if matches!(step, Step::Stop) {
-                break;
-            }
-        }
-        if let Some(mut conn) = self.conn.take() {
-            let _ = tokio::time::timeout(SEND_WAIT, conn.sink.close()).await;
-        }
-        if self.dropped_samples > 0 {
-            tracing::warn!(
-                dropped_ms = self.dropped_samples * 1000 / u64::from(RATE_HZ),
-                "user audio dropped while no OpenAI Realtime session was open"
-            );
-        }
-        let totals = self.costing.totals();
-        tracing::debug!(
-            cost_micro_usd = totals.cost_micro_usd,
-            "OpenAI Realtime conversation over"
-        );
-        self.emit(EngineEvent::Closed).await;
     }
 
-    async fn emit(&self, event: EngineEvent) {
-        let _ = self.events.send(event).await;
-    }
-
-    async fn fail(&self, message: String) -> Step {
-        self.emit(EngineEvent::Error {
-            kind: ErrorKind::Fatal,
-            message,
-        })
-        .await;
-        Step::Stop
-    }
-
-    /// Starts opening a session with the conversation so far.
-    fn open(&mut self, purpose: Purpose, delay: Duration) {
-        let opening = Opening {
-            voice: self.voice.clone(),
-            language: self.language.clone(),
-            history: self.history.messages().to_vec(),
-            delay,
-        };
-        let (tx, ready) = oneshot::channel();
-        let shared = self.shared.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(connect::open(shared, opening).await);
-        });
-        self.pending = Some(Pending {
-            purpose,
-            started: Instant::now(),
-            turn: self.turn,
-            ready,
-        });
-    }
-
-    /// Nothing is going on: no reply, no user speech, no tool running.
-    fn quiet(&self, now: Instant) -> bool {
-        let playing = self
-            .playing
-            .as_ref()
-            .is_some_and(|p| p.heard_ms(now) < p.ms());
-        self.reply.is_none()
-            && self.awaiting.is_none()
-            && !playing
-            && !self.user_speaking
-            && self.tools.idle()
-    }
-
-    async fn on_ready(&mut self, ready: Result<Conn, ConnectError>) -> Step {
+    async fn on_opened(&mut self, ready: Result<Conn, ConnectError>) -> Step {
         let Some(pending) = self.pending.take() else {
             return Step::Go;
         };
@@ -345,11 +212,11 @@ impl Driver {
         };
         self.generation += 1;
         match pending.purpose {
-            Purpose::HandOff => {
-                if !self.quiet(now) || self.turn != pending.turn {
+            Purpose::HandOff { turn } => {
+                if !self.quiet(now) || self.turn != turn {
                     // Something happened meanwhile: the new session lacks it.
                     // Try again at the next quiet moment.
-                    tokio::spawn(close(conn));
+                    cloud::close_in_background(conn);
                     return Step::Go;
                 }
                 let mut conn = conn;
@@ -358,7 +225,7 @@ impl Driver {
                     return Step::Go;
                 }
                 if let Some(old) = self.conn.replace(conn) {
-                    tokio::spawn(close(old));
+                    cloud::close_in_background(old);
                 }
                 self.shared.stats.hand_offs.fetch_add(1, Ordering::Relaxed);
                 let gap_ms = now.duration_since(pending.started).as_secs_f64() * 1000.0;
@@ -367,15 +234,11 @@ impl Driver {
                     prepared_ms = gap_ms,
                     "OpenAI Realtime hand-off"
                 );
-                self.emit(EngineEvent::Rotated {
-                    generation: self.generation,
-                    gap_ms: 0.0,
-                })
-                .await;
+                self.events.rotated(self.generation, 0.0).await;
             }
             Purpose::First | Purpose::Reconnect => {
                 let mut conn = conn;
-                let backlog: Vec<i16> = self.backlog.drain(..).collect();
+                let backlog = self.backlog.take();
                 if self.append(&mut conn, &backlog).await.is_err() {
                     return self.lost("the new session took no audio".into()).await;
                 }
@@ -391,11 +254,7 @@ impl Driver {
                 }
                 if reconnect {
                     let gap_ms = now.duration_since(pending.started).as_secs_f64() * 1000.0;
-                    self.emit(EngineEvent::Rotated {
-                        generation: self.generation,
-                        gap_ms,
-                    })
-                    .await;
+                    self.events.rotated(self.generation, gap_ms).await;
                     // A user message the lost session never answered.
                     if self.awaiting.is_some() && !asks {
                         self.send(&ClientEvent::respond()).await;
@@ -407,21 +266,105 @@ impl Driver {
         Step::Go
     }
 
+    fn events(&self) -> &Events {
+        &self.events
+    }
+
+    fn priced(&self) -> bool {
+        self.costing.priced()
+    }
+
+    async fn on_message(&mut self, message: Received) -> Step {
+        let bytes = match message {
+            Received::Data(bytes) => bytes,
+            Received::Closed(frame) => return self.lost(wss::close_text(frame.as_ref())).await,
+            Received::Control => return Step::Go,
+            Received::Lost(why) => return self.lost(why).await,
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        self.activity_at = Instant::now();
+        let Some(event) = wire::parse(&text) else {
+            self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                bytes = text.len(),
+                "unreadable OpenAI Realtime event ignored"
+            );
+            return Step::Go;
+        };
+        self.on_event(event).await
+    }
+
+    fn connections(&mut self) -> Connections<'_, Purpose, ConnectError> {
+        (&mut self.conn, &mut self.pending)
+    }
+
+    fn closing(&self) -> bool {
+        self.closing_since.is_some()
+    }
+
+    async fn on_input(&mut self, input: EngineInput) -> Step {
+        self.input(input).await
+    }
+
+    fn dropped_ms(&self) -> u64 {
+        self.backlog.dropped_ms()
+    }
+
+    async fn on_tool_done(&mut self, done: ToolDone) -> Step {
+        self.tool_done(done).await
+    }
+
+    fn cost_micro_usd(&self) -> u64 {
+        self.costing.totals().cost_micro_usd
+    }
+
+    async fn on_tick(&mut self) -> Step {
+        self.tick().await
+    }
+}
+
+impl Driver {
+    /// Starts opening a session with the conversation so far.
+    fn open(&mut self, purpose: Purpose, delay: Duration) {
+        let opening = Opening {
+            voice: self.voice.clone(),
+            language: self.language.clone(),
+            history: self.history.messages().to_vec(),
+            delay,
+        };
+        self.pending = Some(Opener::spawn(
+            purpose,
+            connect::open(self.shared.clone(), opening),
+        ));
+    }
+
+    /// Nothing is going on: no reply, no user speech, no tool running.
+    fn quiet(&self, now: Instant) -> bool {
+        let playing = self
+            .playing
+            .as_ref()
+            .is_some_and(|p| p.heard_ms(now) < p.ms());
+        self.reply.is_none()
+            && self.awaiting.is_none()
+            && !playing
+            && !self.user_speaking
+            && self.tools.idle()
+    }
+
     async fn on_open_failed(&mut self, purpose: Purpose, error: ConnectError) -> Step {
         tracing::warn!(?purpose, %error, "OpenAI Realtime session not opened");
         match (&error, purpose) {
             (ConnectError::Auth(_) | ConnectError::Refused(_), _) => {
-                self.fail(format!("OpenAI Realtime: {error}")).await
+                self.events.fail(format!("OpenAI Realtime: {error}")).await
             }
-            (_, Purpose::HandOff) => Step::Go,
+            (_, Purpose::HandOff { .. }) => Step::Go,
             _ => {
-                self.retries += 1;
-                if self.retries > self.shared.settings.max_retries {
+                let Some(delay) = self.retries.next() else {
                     return self
+                        .events
                         .fail(format!("OpenAI Realtime could not be reached: {error}"))
                         .await;
-                }
-                let delay = BACKOFF[(self.retries as usize - 1).min(BACKOFF.len() - 1)];
+                };
                 self.open(purpose, delay.max(Duration::from_millis(200)));
                 Step::Go
             }
@@ -436,34 +379,35 @@ impl Driver {
         }
         tracing::warn!(reason = %why, "OpenAI Realtime session lost");
         if let Some(reply) = self.reply.take() {
-            self.emit(EngineEvent::TurnEnd {
-                turn_id: reply.turn,
-                reason: TurnEndReason::Error,
-            })
-            .await;
+            self.events
+                .emit(EngineEvent::TurnEnd {
+                    turn_id: reply.turn,
+                    reason: TurnEndReason::Error,
+                })
+                .await;
         }
         self.playing = None;
         self.user_speaking = false;
-        self.emit(EngineEvent::Error {
-            kind: ErrorKind::Transient,
-            message: format!("OpenAI Realtime session lost ({why}); reconnecting"),
-        })
-        .await;
+        self.events
+            .emit(EngineEvent::Error {
+                kind: ErrorKind::Transient,
+                message: format!("OpenAI Realtime session lost ({why}); reconnecting"),
+            })
+            .await;
         if self
             .pending
             .as_ref()
-            .is_some_and(|p| p.purpose == Purpose::HandOff)
+            .is_some_and(|p| matches!(p.purpose, Purpose::HandOff { .. }))
         {
             self.pending = None;
         }
         if self.pending.is_none() {
-            self.retries += 1;
-            if self.retries > self.shared.settings.max_retries {
+            let Some(delay) = self.retries.next() else {
                 return self
+                    .events
                     .fail(format!("OpenAI Realtime session lost too often: {why}"))
                     .await;
-            }
-            let delay = BACKOFF[(self.retries as usize - 1).min(BACKOFF.len() - 1)];
+            };
             self.open(Purpose::Reconnect, delay);
         }
         Step::Go
@@ -480,12 +424,9 @@ impl Driver {
             self.queued.push(event.clone());
             return;
         };
-        if connect::send(&mut conn.sink, event, SEND_WAIT)
-            .await
-            .is_err()
-        {
+        if connect::send(conn, event, SEND_WAIT).await.is_err() {
             // The read side reports the loss.
-            let _ = conn.sink.close().await;
+            let _ = futures_util::SinkExt::close(&mut conn.sink).await;
         }
     }
 
@@ -496,40 +437,10 @@ impl Driver {
             let event = ClientEvent::Append {
                 audio: crate::base64::encode(&bytes),
             };
-            connect::send(&mut conn.sink, &event, SEND_WAIT).await?;
+            connect::send(conn, &event, SEND_WAIT).await?;
         }
         Ok(())
     }
-
-    async fn on_message(
-        &mut self,
-        message: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
-    ) -> Step {
-        let text = match message {
-            Some(Ok(Message::Text(text))) => text.to_string(),
-            Some(Ok(Message::Binary(bytes))) => String::from_utf8_lossy(&bytes).into_owned(),
-            Some(Ok(Message::Close(frame))) => {
-                return self.lost(wss::close_text(frame.as_ref())).await;
-            }
-            Some(Ok(_)) => return Step::Go,
-            Some(Err(e)) => return self.lost(e.to_string()).await,
-            None => return self.lost("connection closed".into()).await,
-        };
-        self.activity_at = Instant::now();
-        let Some(event) = wire::parse(&text) else {
-            self.shared.stats.malformed.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                bytes = text.len(),
-                "unreadable OpenAI Realtime event ignored"
-            );
-            return Step::Go;
-        };
-        self.on_event(event).await
-    }
-}
-
-async fn close(mut conn: Conn) {
-    let _ = tokio::time::timeout(SEND_WAIT, conn.sink.close()).await;
 }
 
 mod events;
