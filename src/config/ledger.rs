@@ -123,12 +123,7 @@ impl LedgerConfig {
             ("ledger.queue_records", self.queue_records, 16, 1_000_000, "records"),
             ("ledger.write_timeout_ms", self.write_timeout_ms, 100, 600_000, "ms"),
         ];
-        for (key, value, min, max, unit) in ranges {
-            if !(min..=max).contains(&value) {
-                let reason = format!("must be between {min} and {max} {unit}");
-                return Err(bad(key, value.to_string(), &reason));
-            }
-        }
+        super::check_ranges(&ranges, &bad)?;
         Ok(())
     }
 }

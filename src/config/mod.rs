@@ -137,5 +137,37 @@ pub fn quoted(text: &str) -> String {
     toml::Value::from(text).to_string()
 }
 
+/// The first of `ranges` (key, value, lowest, highest, unit) whose value is
+/// out of its range, made into an error by `bad(key, value shown, reason)`.
+pub(crate) fn check_ranges<T: PartialOrd + std::fmt::Display + Copy>(
+    ranges: &[(&str, T, T, T, &str)],
+    bad: &dyn Fn(&str, String, &str) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for &(key, value, min, max, unit) in ranges {
+        if !(min..=max).contains(&value) {
+            let reason = format!("must be between {min} and {max} {unit}");
+            return Err(bad(key, value.to_string(), &reason));
+        }
+    }
+    Ok(())
+}
+
+/// The first of `prices` (key, US dollars per thousand tokens) that is not
+/// a usable price; 0 (the built-in price) is always fine.
+pub(crate) fn check_prices(
+    prices: &[(&str, f64)],
+    bad: &dyn Fn(&str, String, &str) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for &(key, usd) in prices {
+        if usd == 0.0 {
+            continue;
+        }
+        if let Err(reason) = crate::usage::PriceTable::from_usd_per_1k(usd, 0.0, 0.0, 0.0) {
+            return Err(bad(key, usd.to_string(), &reason));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;

@@ -121,12 +121,7 @@ impl OpenAiRealtimeConfig {
             ("openai_realtime.max_retries", self.max_retries, 0, 10, "tries"),
             ("openai_realtime.cooldown_ms", self.cooldown_ms, 0, 600_000, "ms"),
         ];
-        for (key, value, min, max, unit) in ranges {
-            if !(min..=max).contains(&value) {
-                let reason = format!("must be between {min} and {max} {unit}");
-                return Err(bad(key, value.to_string(), &reason));
-            }
-        }
+        super::check_ranges(&ranges, &bad)?;
         let prices = [
             (
                 "openai_realtime.speech_in_usd_per_1k",
@@ -161,14 +156,6 @@ impl OpenAiRealtimeConfig {
                 self.transcription_out_usd_per_1k,
             ),
         ];
-        for (key, usd) in prices {
-            if usd == 0.0 {
-                continue;
-            }
-            if let Err(reason) = crate::usage::PriceTable::from_usd_per_1k(usd, 0.0, 0.0, 0.0) {
-                return Err(bad(key, usd.to_string(), &reason));
-            }
-        }
-        Ok(())
+        super::check_prices(&prices, &bad)
     }
 }

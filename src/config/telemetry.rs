@@ -69,12 +69,7 @@ impl TelemetryConfig {
             ("telemetry.otlp_batch_ms", self.otlp_batch_ms, 10, 60_000, "ms"),
             ("telemetry.otlp_queue_spans", self.otlp_queue_spans, 1, 1_000_000, "spans"),
         ];
-        for (key, value, min, max, unit) in ranges {
-            if !(min..=max).contains(&value) {
-                let reason = format!("must be between {min} and {max} {unit}");
-                return Err(bad(key, value.to_string(), &reason));
-            }
-        }
+        super::check_ranges(&ranges, &bad)?;
         Ok(())
     }
 }

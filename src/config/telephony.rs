@@ -84,12 +84,7 @@ impl TelephonyConfig {
             ("telephony.token_ttl_s", self.token_ttl_s, 5, 600, "s"),
             ("telephony.playback_lead_ms", self.playback_lead_ms, 40, 2_000, "ms"),
         ];
-        for (key, value, min, max, unit) in ranges {
-            if !(min..=max).contains(&value) {
-                let reason = format!("must be between {min} and {max} {unit}");
-                return Err(bad(key, value.to_string(), &reason));
-            }
-        }
+        super::check_ranges(&ranges, &bad)?;
         Ok(())
     }
 }

@@ -147,12 +147,7 @@ impl Config {
             ("nova_sonic.max_opens_per_minute", n.max_opens_per_minute.into(), 2, 600, "streams"),
             ("nova_sonic.breaker_cooldown_ms", n.breaker_cooldown_ms.into(), 100, 3_600_000, "ms"),
         ];
-        for (key, value, min, max, unit) in ranges {
-            if !(min..=max).contains(&value) {
-                let reason = format!("must be between {min} and {max} {unit}");
-                return Err(bad(key, value.to_string(), &reason));
-            }
-        }
+        super::check_ranges(&ranges, &bad)?;
         let lang = &self.engine.language;
         let lang_ok = lang.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !lang_ok || !(2..=16).contains(&lang.len()) {
