@@ -160,71 +160,44 @@ pub struct Endpoint {
     pub url: String,
     pub ca_file: PathBuf,
     pub log: Arc<Mutex<Log>>,
-    task: tokio::task::JoinHandle<()>,
-    _cert: crate::common::tls::TestCert,
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _listening: crate::common::tls::Listening,
 }
 
 impl Endpoint {
     /// Starts on 127.0.0.1:0. Connection `i` follows `scripts[i]`, the last
     /// script repeating.
     pub async fn start(scripts: Vec<Script>) -> Self {
-        let cert = crate::common::tls::self_signed("bedrock", &[b"h2"]);
-        let ca_file = cert.ca_file.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let log = Arc::new(Mutex::new(Log::default()));
         let scripts = Arc::new(scripts);
         let shared = log.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
+        let listening = crate::common::tls::listen("bedrock", &[b"h2"], move |tls| {
+            let (log, scripts) = (shared.clone(), scripts.clone());
+            async move {
+                let Ok(mut h2) = h2::server::handshake(tls).await else {
                     return;
                 };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, log, scripts) = (acceptor.clone(), shared.clone(), scripts.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
+                while let Some(Ok((request, respond))) = h2.accept().await {
+                    let index = {
+                        let mut log = log.lock().expect("log");
+                        log.connections.push(Connection {
+                            opened_at: Some(Instant::now()),
+                            ..Connection::default()
+                        });
+                        log.connections.len() - 1
                     };
-                    let Ok(mut h2) = h2::server::handshake(tls).await else {
-                        return;
-                    };
-                    while let Some(Ok((request, respond))) = h2.accept().await {
-                        let index = {
-                            let mut log = log.lock().expect("log");
-                            log.connections.push(Connection {
-                                opened_at: Some(Instant::now()),
-                                ..Connection::default()
-                            });
-                            log.connections.len() - 1
-                        };
-                        let script = scripts
-                            .get(index)
-                            .or(scripts.last())
-                            .cloned()
-                            .unwrap_or_default();
-                        let log = log.clone();
-                        tokio::spawn(serve_call(request, respond, script, index, log));
-                    }
-                });
+                    let script = crate::common::tls::nth(&scripts, index);
+                    tokio::spawn(serve_call(request, respond, script, index, log.clone()));
+                }
             }
-        });
+        })
+        .await;
+        let addr = listening.addr;
         Self {
             addr,
             url: format!("https://127.0.0.1:{}", addr.port()),
-            ca_file,
+            ca_file: listening.ca_file.clone(),
             log,
-            task,
-            _cert: cert,
+            _listening: listening,
         }
     }
 

@@ -19,7 +19,6 @@
     reason = "a test helper that fails must fail the test"
 )]
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -141,60 +140,32 @@ pub struct Service {
     pub url: String,
     pub ca_file: PathBuf,
     pub log: Arc<Mutex<Log>>,
-    task: tokio::task::JoinHandle<()>,
-    _cert: crate::common::tls::TestCert,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _listening: crate::common::tls::Listening,
 }
 
 impl Service {
     /// Starts on 127.0.0.1:0; connection `i` follows `plans[i]`, the last repeating.
     pub async fn start(plans: Vec<Plan>) -> Self {
-        let cert = crate::common::tls::self_signed("gemini", &[]);
-        let ca_file = cert.ca_file.clone();
-        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr: SocketAddr = listener.local_addr().expect("addr");
         let log = Arc::new(Mutex::new(Log::default()));
         let plans = Arc::new(plans);
         let shared = log.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
+        let listening = crate::common::tls::listen("gemini", &[], move |tls| {
+            let (log, plans) = (shared.clone(), plans.clone());
+            async move {
+                let index = {
+                    let mut log = log.lock().unwrap();
+                    log.connections.push(Connection::default());
+                    log.connections.len() - 1
                 };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, log, plans) = (acceptor.clone(), shared.clone(), plans.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let index = {
-                        let mut log = log.lock().unwrap();
-                        log.connections.push(Connection::default());
-                        log.connections.len() - 1
-                    };
-                    let plan = plans
-                        .get(index)
-                        .or(plans.last())
-                        .cloned()
-                        .unwrap_or_default();
-                    serve(tls, plan, index, log).await;
-                });
+                serve(tls, crate::common::tls::nth(&plans, index), index, log).await;
             }
-        });
+        })
+        .await;
         Self {
-            url: format!("wss://127.0.0.1:{}{PATH}", addr.port()),
-            ca_file,
+            url: format!("wss://127.0.0.1:{}{PATH}", listening.addr.port()),
+            ca_file: listening.ca_file.clone(),
             log,
-            task,
-            _cert: cert,
+            _listening: listening,
         }
     }
 

@@ -51,3 +51,68 @@ pub fn self_signed(name: &str, alpn: &[&[u8]]) -> TestCert {
         dir,
     }
 }
+
+/// A test service over TLS on 127.0.0.1:0: each accepted connection is
+/// handed to `serve` on a task of its own; the service stops when this is
+/// dropped.
+#[derive(Debug)]
+pub struct Listening {
+    pub addr: std::net::SocketAddr,
+    pub ca_file: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+    _cert: TestCert,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The server side of one accepted connection.
+pub type Stream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Starts a service named `name` (for its certificate's directory) that
+/// offers `alpn` and runs `serve` for every connection.
+pub async fn listen<F, Fut>(name: &str, alpn: &[&[u8]], serve: F) -> Listening
+where
+    F: Fn(Stream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let cert = self_signed(name, alpn);
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serve = Arc::new(serve);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, serve) = (acceptor.clone(), serve.clone());
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(tcp).await {
+                    serve(tls).await;
+                }
+            });
+        }
+    });
+    Listening {
+        addr,
+        ca_file: cert.ca_file.clone(),
+        task,
+        _cert: cert,
+    }
+}
+
+/// The script for connection `index`: its own, or the last one repeating.
+pub fn nth<T: Clone + Default>(scripts: &[T], index: usize) -> T {
+    scripts
+        .get(index)
+        .or(scripts.last())
+        .cloned()
+        .unwrap_or_default()
+}
