@@ -139,40 +139,6 @@ fn expected_cost(connections: &[gemini::Connection]) -> u64 {
     (nano + 500) / 1_000
 }
 
-fn cost(talk: &Talk) -> u64 {
-    talk.events()
-        .filter_map(|e| match e {
-            EngineEvent::Usage(delta) => Some(delta.cost_micro_usd),
-            _ => None,
-        })
-        .sum()
-}
-
-fn audio_samples(talk: &Talk) -> usize {
-    talk.events()
-        .filter_map(|e| match e {
-            EngineEvent::Audio(pcm) => {
-                assert_eq!(pcm.rate_hz, 24_000);
-                Some(pcm.samples.len())
-            }
-            _ => None,
-        })
-        .sum()
-}
-
-fn stat(engine: &GeminiLiveEngine, name: &str) -> u64 {
-    engine
-        .stats()
-        .into_iter()
-        .find(|s| s.name == name)
-        .map(|s| s.value)
-        .unwrap()
-}
-
-fn position(talk: &Talk, pred: impl Fn(&EngineEvent) -> bool) -> Option<usize> {
-    talk.events().position(pred)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
     let service = Service::start(vec![Plan::turns(vec![answer(QUESTION, ANSWER, 1_200)])]).await;
@@ -196,11 +162,11 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         talk.transcripts(Role::Assistant, Stage::Speculative).last(),
         Some(&ANSWER.to_owned())
     );
-    assert_eq!(audio_samples(&talk), 1_200 * 24);
+    assert_eq!(talk.audio_samples(24_000), 1_200 * 24);
     assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
     // The service sent no voice activity: none is made up.
     assert_eq!(
-        position(&talk, |e| matches!(
+        talk.position(|e| matches!(
             e,
             EngineEvent::SpeechStarted { .. } | EngineEvent::SpeechEnded { .. }
         )),
@@ -243,8 +209,8 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         c.appended_ms()
     );
     assert_eq!(c.usage.len(), 1);
-    assert_eq!(cost(&talk), expected_cost(&connections));
-    assert!(cost(&talk) > 0);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
+    assert!(talk.cost_micro_usd() > 0);
     let speech_in: u64 = talk
         .events()
         .filter_map(|e| match e {
@@ -259,7 +225,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
             .unwrap()
     );
     assert_eq!(
-        stat(&engine, "usage_mismatches_total"),
+        talk::stat(&engine, "usage_mismatches_total"),
         1,
         "the prompt total is above its list"
     );
@@ -280,13 +246,9 @@ async fn voice_activity_marks_the_user_turn_and_binary_frames_are_read() {
     mic.until(&mut talk, "the turn's end", is_turn_end).await;
     talk.close().await;
 
-    let started = position(&talk, |e| {
-        matches!(e, EngineEvent::SpeechStarted { turn_id: 1 })
-    });
-    let ended = position(&talk, |e| {
-        matches!(e, EngineEvent::SpeechEnded { turn_id: 1 })
-    });
-    let audio = position(&talk, |e| matches!(e, EngineEvent::Audio(_)));
+    let started = talk.position(|e| matches!(e, EngineEvent::SpeechStarted { turn_id: 1 }));
+    let ended = talk.position(|e| matches!(e, EngineEvent::SpeechEnded { turn_id: 1 }));
+    let audio = talk.position(|e| matches!(e, EngineEvent::Audio(_)));
     assert!(
         started.is_some() && started < ended && ended < audio,
         "{:?}",
@@ -295,9 +257,9 @@ async fn voice_activity_marks_the_user_turn_and_binary_frames_are_read() {
     assert_eq!(talk.transcripts(Role::User, Stage::Final), [QUESTION]);
     assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
     assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
-    assert_eq!(audio_samples(&talk), 600 * 24);
-    assert_eq!(cost(&talk), expected_cost(&service.connections()));
-    assert_eq!(stat(&engine, "malformed_events_total"), 0);
+    assert_eq!(talk.audio_samples(24_000), 600 * 24);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&service.connections()));
+    assert_eq!(talk::stat(&engine, "malformed_events_total"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,8 +298,8 @@ async fn speaking_over_the_reply_interrupts_it() {
         "{:?}",
         talk.kinds()
     );
-    let interrupted = position(&talk, |e| matches!(e, EngineEvent::Interrupted { .. }));
-    let first_end = position(&talk, is_turn_end);
+    let interrupted = talk.position(|e| matches!(e, EngineEvent::Interrupted { .. }));
+    let first_end = talk.position(is_turn_end);
     assert!(interrupted < first_end);
     assert_eq!(
         talk.transcripts(Role::User, Stage::Final),
@@ -354,7 +316,7 @@ async fn speaking_over_the_reply_interrupts_it() {
         2,
         "the interrupted turn is billed too"
     );
-    assert_eq!(cost(&talk), expected_cost(&connections));
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,25 +350,12 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
         matches!(e, EngineEvent::ToolCall { .. })
     })
     .await;
-    let calls: Vec<(String, String, Value)> = talk
-        .events()
-        .filter_map(|e| match e {
-            EngineEvent::ToolCall { id, name, json } => {
-                Some((id.clone(), name.clone(), json.clone()))
-            }
-            _ => None,
-        })
-        .collect();
+    let calls = talk.tool_calls();
     assert_eq!(calls.len(), 1, "the registry's tool reached the client");
     assert_eq!(calls[0].1, "lookup_ticket");
     assert_eq!(calls[0].2, json!({"id": "42"}));
-    talk.input
-        .send(EngineInput::ToolResult {
-            id: calls[0].0.clone(),
-            json: json!({"status": "listo"}),
-        })
-        .await
-        .unwrap();
+    talk.answer_tool(&calls[0].0, json!({"status": "listo"}))
+        .await;
     mic.until(&mut talk, "the second turn's end", turn_ends(2))
         .await;
     talk.close().await;
@@ -442,7 +391,7 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
         *responses[1],
         json!({"id": "call-0-2", "name": "lookup_ticket", "response": {"status": "listo"}})
     );
-    assert_eq!(cost(&talk), expected_cost(&connections));
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -517,8 +466,8 @@ async fn go_away_moves_to_a_resumed_connection_with_no_audio_lost() {
         1,
         "the second turn went to the new connection"
     );
-    assert_eq!(cost(&talk), expected_cost(&connections));
-    assert_eq!(stat(&engine, "resumptions_total"), 1);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
+    assert_eq!(talk::stat(&engine, "resumptions_total"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,8 +522,8 @@ async fn an_unavailable_service_is_reconnected_with_the_handle() {
         talk.transcripts(Role::Assistant, Stage::Final),
         ["Hola, ¿qué tal?", ANSWER]
     );
-    assert_eq!(cost(&talk), expected_cost(&connections));
-    assert_eq!(stat(&engine, "reconnects_total"), 1);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
+    assert_eq!(talk::stat(&engine, "reconnects_total"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,9 +602,9 @@ async fn a_used_up_quota_is_fatal_and_cools_the_engine_down() {
         matches!(refused, Err(StartError::Busy { .. })),
         "{refused:?}"
     );
-    assert_eq!(stat(&engine, "conversations_refused_total"), 1);
-    assert_eq!(stat(&engine, "throttled_total"), 1);
-    assert_eq!(stat(&engine, "cooling_down"), 1);
+    assert_eq!(talk::stat(&engine, "conversations_refused_total"), 1);
+    assert_eq!(talk::stat(&engine, "throttled_total"), 1);
+    assert_eq!(talk::stat(&engine, "cooling_down"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -643,15 +643,6 @@ async fn persistent_throttling_gives_up_after_three_tries() {
     assert!(opened[3].duration_since(opened[1]) >= Duration::from_millis(3_900));
 }
 
-fn stat(engine: &NovaSonicEngine, name: &str) -> u64 {
-    engine
-        .stats()
-        .iter()
-        .find(|s| s.name == name)
-        .map(|s| s.value)
-        .unwrap_or_else(|| panic!("no stat {name}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_stream_throttled_every_time_is_retried_with_backoff_while_the_current_serves() {
     let endpoint = Endpoint::start(vec![
@@ -696,11 +687,11 @@ async fn a_next_stream_throttled_every_time_is_retried_with_backoff_while_the_cu
     );
     assert!((1..=6).contains(&tries), "{tries} tries");
     assert_eq!(
-        stat(&engine, "stream_opens_total"),
+        talk::stat(&engine, "stream_opens_total"),
         connections.len() as u64
     );
-    assert!(stat(&engine, "breaker_trips_total") >= 1);
-    assert!(stat(&engine, "stream_opens_postponed_total") >= 1);
+    assert!(talk::stat(&engine, "breaker_trips_total") >= 1);
+    assert!(talk::stat(&engine, "stream_opens_postponed_total") >= 1);
     // Each try after the first waited out the cool-down of the trip before it.
     for pair in connections[1..].windows(2) {
         let gap = pair[1]
@@ -751,9 +742,9 @@ async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldow
     };
     assert!(*retry_after <= cooldown, "{retry_after:?}");
     assert!(message.contains("throttling"), "{message}");
-    assert_eq!(stat(&engine, "breaker_trips_total"), 1);
-    assert_eq!(stat(&engine, "breaker_open"), 1);
-    assert_eq!(stat(&engine, "conversations_refused_total"), 1);
+    assert_eq!(talk::stat(&engine, "breaker_trips_total"), 1);
+    assert_eq!(talk::stat(&engine, "breaker_open"), 1);
+    assert_eq!(talk::stat(&engine, "conversations_refused_total"), 1);
 
     // After the cool-down a new conversation is taken and answered.
     let deadline = Instant::now() + GUARD;
@@ -761,7 +752,7 @@ async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldow
         assert!(Instant::now() < deadline, "still busy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(stat(&engine, "breaker_open"), 0);
+    assert_eq!(talk::stat(&engine, "breaker_open"), 0);
     let mut second = Talk::start(&engine);
     second.tone(800).await;
     second.idle_until("the turn's end", is_turn_end).await;
@@ -793,6 +784,6 @@ async fn throttling_trips_the_breaker_and_new_conversations_wait_out_the_cooldow
             "a stream opened {after:?} after the trip"
         );
     }
-    assert_eq!(stat(&engine, "breaker_trips_total"), 1);
-    assert_eq!(stat(&engine, "stream_opens_total"), 3);
+    assert_eq!(talk::stat(&engine, "breaker_trips_total"), 1);
+    assert_eq!(talk::stat(&engine, "stream_opens_total"), 3);
 }

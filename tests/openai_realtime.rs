@@ -87,27 +87,6 @@ fn expected_cost(connections: &[openai::Connection]) -> u64 {
     (nano + 500) / 1_000
 }
 
-fn cost(talk: &Talk) -> u64 {
-    talk.events()
-        .filter_map(|e| match e {
-            EngineEvent::Usage(delta) => Some(delta.cost_micro_usd),
-            _ => None,
-        })
-        .sum()
-}
-
-fn audio_samples(talk: &Talk) -> usize {
-    talk.events()
-        .filter_map(|e| match e {
-            EngineEvent::Audio(pcm) => {
-                assert_eq!(pcm.rate_hz, 24_000);
-                Some(pcm.samples.len())
-            }
-            _ => None,
-        })
-        .sum()
-}
-
 fn history_items(connection: &openai::Connection) -> Vec<(String, String)> {
     connection
         .of_type("conversation.item.create")
@@ -120,15 +99,6 @@ fn history_items(connection: &openai::Connection) -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-fn stat(engine: &OpenAiRealtimeEngine, name: &str) -> u64 {
-    engine
-        .stats()
-        .into_iter()
-        .find(|s| s.name == name)
-        .map(|s| s.value)
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,7 +129,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         talk.transcripts(Role::Assistant, Stage::Speculative).last(),
         Some(&ANSWER.to_owned())
     );
-    assert_eq!(audio_samples(&talk), 1_200 * 24);
+    assert_eq!(talk.audio_samples(24_000), 1_200 * 24);
     assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
     assert!(matches!(events.last(), Some(EngineEvent::Closed)));
 
@@ -192,8 +162,8 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         c.appended_ms
     );
     assert_eq!(c.usage.len(), 1);
-    assert_eq!(cost(&talk), expected_cost(&connections));
-    assert!(cost(&talk) > 0);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
+    assert!(talk.cost_micro_usd() > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,25 +254,12 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
         matches!(e, EngineEvent::ToolCall { .. })
     })
     .await;
-    let calls: Vec<(String, String, Value)> = talk
-        .events()
-        .filter_map(|e| match e {
-            EngineEvent::ToolCall { id, name, json } => {
-                Some((id.clone(), name.clone(), json.clone()))
-            }
-            _ => None,
-        })
-        .collect();
+    let calls = talk.tool_calls();
     assert_eq!(calls.len(), 1, "the registry's tool reached the client");
     assert_eq!(calls[0].1, "lookup_ticket");
     assert_eq!(calls[0].2, json!({"id": "42"}));
-    talk.input
-        .send(EngineInput::ToolResult {
-            id: calls[0].0.clone(),
-            json: json!({"status": "listo"}),
-        })
-        .await
-        .unwrap();
+    talk.answer_tool(&calls[0].0, json!({"status": "listo"}))
+        .await;
     talk.until("the second turn's end", turn_ends(2)).await;
     talk.close().await;
 
@@ -341,7 +298,7 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
             .contains("listo")
     );
     assert_eq!(c.of_type("response.create").len(), 2);
-    assert_eq!(cost(&talk), expected_cost(&connections));
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,8 +344,8 @@ async fn the_hand_off_replays_the_conversation_and_sums_usage() {
         1,
         "the second turn went to the new session"
     );
-    assert_eq!(cost(&talk), expected_cost(&connections));
-    assert!(stat(&engine, "hand_offs_total") >= 1);
+    assert_eq!(talk.cost_micro_usd(), expected_cost(&connections));
+    assert!(talk::stat(&engine, "hand_offs_total") >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,7 +389,7 @@ async fn throttling_cools_the_engine_down_for_new_conversations() {
         matches!(refused, Err(StartError::Busy { .. })),
         "{refused:?}"
     );
-    assert_eq!(stat(&engine, "conversations_refused_total"), 1);
+    assert_eq!(talk::stat(&engine, "conversations_refused_total"), 1);
 
     // In a response: that turn fails, the conversation goes on.
     let service = Service::start(vec![plan(vec![
@@ -539,7 +496,7 @@ async fn error_events_and_malformed_messages_leave_the_conversation_going() {
     );
     assert!(talk.errors(ErrorKind::Fatal).is_empty());
     // Not JSON, a wrong field type, bad base64 and a 200 KB non-event.
-    assert!(stat(&engine, "malformed_events_total") >= 3);
+    assert!(talk::stat(&engine, "malformed_events_total") >= 3);
     assert_eq!(service.connections().len(), 1);
 }
 

@@ -162,6 +162,67 @@ impl Talk {
             })
             .collect()
     }
+
+    /// What the usage events cost together, in millionths of a dollar.
+    pub fn cost_micro_usd(&self) -> u64 {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Usage(delta) => Some(delta.cost_micro_usd),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// How many reply samples came, each chunk at `rate_hz`.
+    pub fn audio_samples(&self, rate_hz: u32) -> usize {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Audio(pcm) => {
+                    assert_eq!(pcm.rate_hz, rate_hz);
+                    Some(pcm.samples.len())
+                }
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// The tool calls that reached the client: id, name and arguments.
+    pub fn tool_calls(&self) -> Vec<(String, String, serde_json::Value)> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::ToolCall { id, name, json } => {
+                    Some((id.clone(), name.clone(), json.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Answers tool call `id` with `json`, as the client does.
+    pub async fn answer_tool(&self, id: &str, json: serde_json::Value) {
+        self.input
+            .send(EngineInput::ToolResult {
+                id: id.to_owned(),
+                json,
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Where the first event `pred` accepts came, among all.
+    pub fn position(&self, pred: impl Fn(&EngineEvent) -> bool) -> Option<usize> {
+        self.events().position(pred)
+    }
+}
+
+/// The value of the engine's number `name` (as `/metrics` shows it).
+pub fn stat(engine: &dyn Engine, name: &str) -> u64 {
+    engine
+        .stats()
+        .into_iter()
+        .find(|s| s.name == name)
+        .map(|s| s.value)
+        .unwrap_or_else(|| panic!("the engine has no number {name}"))
 }
 
 /// 20 ms of a loud 300 Hz tone: speech to the endpoint's detector.
