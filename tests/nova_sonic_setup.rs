@@ -6,14 +6,16 @@
 
 #![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
-/// An empty working directory of its own for one case.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sonora-setup-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+use scratch::Scratch;
+
+#[path = "common/scratch.rs"]
+mod scratch;
+
+/// An empty working directory of its own for one case, removed after it.
+fn scratch(name: &str) -> Scratch {
+    Scratch::new(&format!("setup-{name}"))
 }
 
 /// `sonora doctor` with `settings` as `--set` and only the environment

@@ -4,8 +4,25 @@ use std::sync::atomic::AtomicU32;
 use super::report::{check, conversations};
 use super::*;
 
-/// A fresh directory under the system's temporary one.
-fn temp_dir() -> PathBuf {
+/// A fresh directory under the system's temporary one, removed when
+/// dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+fn temp_dir() -> TempDir {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!(
@@ -14,7 +31,7 @@ fn temp_dir() -> PathBuf {
         now_ms()
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
 }
 
 fn config(dir: &std::path::Path, gateway: &str) -> LedgerConfig {
