@@ -34,8 +34,7 @@ fn talk_answers_a_spoken_spanish_question_from_the_knowledge_base() {
     if !model_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sonora-talk-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("talk");
     let question = dir.join("q.wav");
     spoken("¿Cuál es el horario de la biblioteca?", &question);
     let (reply, events) = (dir.join("r.wav"), dir.join("e.jsonl"));
@@ -106,7 +105,7 @@ fn talk_uses_another_knowledge_base_and_answers_several_turns() {
     if !model_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sonora-talk-kb-{}", std::process::id()));
+    let dir = common::scratch::Scratch::new("talk-kb");
     let kb = dir.join("kb");
     std::fs::create_dir_all(&kb).unwrap();
     std::fs::write(
@@ -170,8 +169,7 @@ async fn speaking_over_the_reply_interrupts_it() {
     if !model_present() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sonora-barge-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("barge");
     let question = dir.join("q.wav");
     spoken("¿Cuál es el horario de la biblioteca?", &question);
     let speech = sonora::audio::wav::read(&question).unwrap().samples;
@@ -303,8 +301,7 @@ async fn the_turn_end_model_ends_a_finished_question_before_the_hangover() {
         eprintln!("\n*** SKIPPED: needs scripts/install-turn-model ***\n");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("sonora-turn-end-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("turn-end");
     let question = dir.join("q.wav");
     spoken("¿Cuál es el horario de la biblioteca?", &question);
     let mut speech = sonora::audio::wav::read(&question).unwrap().samples;

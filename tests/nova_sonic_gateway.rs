@@ -57,8 +57,7 @@ async fn talk_against_the_test_endpoint_writes_transcripts_reply_and_exact_cost(
         QUESTION, ANSWER, 1_500,
     )])])
     .await;
-    let dir = std::env::temp_dir().join(format!("sonora-talk-nova-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("talk-nova");
     let (q, r, e) = (dir.join("q.wav"), dir.join("r.wav"), dir.join("e.jsonl"));
     sonora::audio::wav::write_mono(&q, 16_000, &question()).unwrap();
 
@@ -356,8 +355,7 @@ async fn a_killed_gateway_loses_no_cost_a_client_saw() {
         Turn::new(QUESTION, ANSWER, 1_000),
     ])])
     .await;
-    let dir = std::env::temp_dir().join(format!("sonora-crash-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("crash");
     let ledger = format!("sqlite://{}", dir.join("ledger.db").display());
     let (mut gateway, addr) = spawn_gateway(&endpoint, &ledger, &dir);
     let mut client = gateway::Client::connect(addr).await;
@@ -509,8 +507,7 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
         .map(|_| Turn::new(QUESTION, ANSWER, 1_000))
         .collect();
     let endpoint = Endpoint::start(vec![Script::answering(turns)]).await;
-    let dir = std::env::temp_dir().join(format!("sonora-budget-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("budget");
     let ledger = server.database("budget");
     // What one turn costs: the endpoint's usage for one question and answer.
     let turn = expected_micro_usd(Sent {
@@ -664,11 +661,7 @@ async fn phone_gateway() -> (Endpoint, gateway::Running) {
     config.telephony.greeting = "Hola.".into();
     let engine = test_engine(&config).await;
     let gateway = gateway::start(&config, Some(engine)).await;
-    let dir = std::env::temp_dir().join(format!(
-        "sonora-phone-{}-{}",
-        std::process::id(),
-        sonora::ledger::now_ms()
-    ));
+    let dir = common::scratch::Scratch::new("phone");
     let ledger = sonora::config::LedgerConfig {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         ..sonora::config::LedgerConfig::default()

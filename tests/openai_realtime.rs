@@ -533,8 +533,7 @@ async fn typed_text_is_answered_and_unknown_voices_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn talk_as_a_process_answers_with_the_exact_cost() {
     let service = Service::start(vec![plan(vec![answer(QUESTION, ANSWER, 1_500)])]).await;
-    let dir = std::env::temp_dir().join(format!("sonora-talk-openai-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("talk-openai");
     let (q, r) = (dir.join("q.wav"), dir.join("r.wav"));
     // 0.8 s of a loud tone: speech to the service's detector. The file ends
     // there; the engine sends silence for the service to hear the end.

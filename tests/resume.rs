@@ -221,11 +221,7 @@ async fn a_reply_cut_in_the_middle_arrives_whole_after_the_client_comes_back() {
 
 #[tokio::test]
 async fn a_client_that_does_not_come_back_ends_as_resume_expired() {
-    let dir = std::env::temp_dir().join(format!(
-        "sonora-resume-test-{}-{}",
-        std::process::id(),
-        sonora::ledger::now_ms()
-    ));
+    let dir = common::scratch::Scratch::new("resume-test");
     let ledger = Ledger::open(&LedgerConfig {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         gateway_name: "test".into(),

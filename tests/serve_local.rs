@@ -209,11 +209,7 @@ async fn a_phone_call_is_greeted_understood_and_answered() {
     config.server.public_url = PUBLIC_URL.into();
     config.telephony.twilio_auth_token = AUTH_TOKEN.into();
     let gateway = start(&config, Some(engine())).await;
-    let dir = std::env::temp_dir().join(format!(
-        "sonora-phone-local-{}-{}",
-        std::process::id(),
-        sonora::ledger::now_ms()
-    ));
+    let dir = common::scratch::Scratch::new("phone-local");
     let ledger = sonora::ledger::Ledger::open(&sonora::config::LedgerConfig {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         store_transcripts: true,

@@ -368,5 +368,6 @@ pub mod browser;
 pub use base64::{base64, unbase64};
 pub mod postgres;
 pub mod proxy;
+pub mod scratch;
 pub mod tls;
 pub mod twilio;
