@@ -103,6 +103,7 @@ impl Asr {
         &self,
         pcm: &[i16],
         language: &str,
+        pass: Pass,
     ) -> Result<Vec<Hypothesis>, String> {
         if pcm.is_empty() {
             return Ok(vec![Hypothesis {
@@ -110,7 +111,14 @@ impl Asr {
                 score: 0.0,
             }]);
         }
-        let margin = self.config.margin_ms as usize * crate::audio::ENGINE_RATE_HZ as usize / 1000;
+        let extra_ms = if pass == Pass::WiderWindow {
+            WIDER_WINDOW_MS
+        } else {
+            0
+        };
+        let margin = (self.config.margin_ms + extra_ms) as usize
+            * crate::audio::ENGINE_RATE_HZ as usize
+            / 1000;
         // The encoder halves the frames: an even count.
         let frames = (super::mel::frames_for(pcm.len() + margin).div_ceil(2) * 2)
             .min(super::mel::WINDOW_FRAMES);
@@ -121,7 +129,10 @@ impl Asr {
             Default::default(),
         )
         .map_err(|e| format!("speech recognition failed: {e}"))?;
-        let mut prompt = self.prompt.clone();
+        let mut prompt = match pass {
+            Pass::First | Pass::WiderWindow => self.prompt.clone(),
+            Pass::AudioAlone => Vec::new(),
+        };
         // Cap the output by the audio length: ~6 tokens a second of speech is
         // generous, and a cap stops the rare repetition loop early. The
         // length counts the prompt too.
@@ -162,7 +173,29 @@ impl Asr {
             })
             .collect()
     }
+
+    /// Whether recognition is given a vocabulary as its previous text.
+    pub(super) fn has_prompt(&self) -> bool {
+        !self.prompt.is_empty()
+    }
 }
+
+/// One decoding of a recording. A transcript far shorter than its speech
+/// is decoded again, each pass only if the one before also came back short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// The configured prompt and window.
+    First,
+    /// The same prompt, the window [`WIDER_WINDOW_MS`] longer: the encoder
+    /// hears the audio anew, and the decoder attends to it differently.
+    WiderWindow,
+    /// No prompt: what the audio alone says (a long previous text can make
+    /// Whisper skip the start of what it hears).
+    AudioAlone,
+}
+
+/// How much longer [`Pass::WiderWindow`]'s window is.
+const WIDER_WINDOW_MS: u32 = 1_000;
 
 /// One transcript the beam search finished with.
 #[derive(Debug, Clone, PartialEq)]

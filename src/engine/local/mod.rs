@@ -17,6 +17,7 @@ mod vad;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 pub use self::asr::{AsrConfig, MODEL_FILES};
 pub use self::vad::VadConfig;
@@ -25,7 +26,7 @@ use self::asr::Asr;
 use self::chat::{ChatClient, ChatConfig};
 use self::conversation::Conversation;
 use self::reply::recognise;
-use super::{ConversationOptions, Engine, EngineSession, Voice};
+use super::{ConversationOptions, Engine, EngineSession, EngineStat, Voice};
 use crate::config::LocalConfig;
 use crate::knowledge::{KnowledgeBase, Lexicon};
 use crate::tts::TtsConfig;
@@ -59,6 +60,17 @@ struct Shared {
     model: String,
     /// The turn-end model and the probability above which a pause ends the turn.
     turn: Option<(Arc<turn::TurnDetector>, f32)>,
+    stats: Stats,
+}
+
+/// The local engine's numbers for `/metrics`.
+#[derive(Debug, Default)]
+struct Stats {
+    /// Recognitions run (a retry is part of its recognition).
+    recognitions: AtomicU64,
+    /// Recognitions decoded again (a wider window, then no prompt) because
+    /// the first transcript was far shorter than the speech.
+    recognitions_retried: AtomicU64,
 }
 
 /// The local engine: load once, start many conversations.
@@ -181,6 +193,7 @@ impl LocalEngine {
                 vad: settings.vad,
                 chat,
                 model,
+                stats: Stats::default(),
             }),
         })
     }
@@ -243,6 +256,22 @@ impl Engine for LocalEngine {
             voices.insert(0, Voice::new(configured, configured, ""));
         }
         voices
+    }
+
+    fn stats(&self) -> Vec<EngineStat> {
+        let stats = &self.shared.stats;
+        vec![
+            EngineStat::counter(
+                "recognitions_total",
+                "Speech recognitions the local engine ran (speculative ones included).",
+                &stats.recognitions,
+            ),
+            EngineStat::counter(
+                "recognitions_retried_total",
+                "Recognitions decoded again (a wider window, then without the prompt) because the first transcript was far shorter than the speech.",
+                &stats.recognitions_retried,
+            ),
+        ]
     }
 
     fn start(&self, options: ConversationOptions) -> Result<EngineSession, super::StartError> {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::Shared;
-use super::asr::Hypothesis;
+use super::asr::{Hypothesis, Pass};
 use crate::engine::{EngineEvent, ErrorKind, Pcm, Role, Stage, TurnEndReason};
 use crate::knowledge::{Lexicon, Reply};
 use crate::tts;
@@ -87,17 +87,55 @@ pub(super) async fn recognise(
     wanted: Option<(Arc<AtomicU64>, u64)>,
 ) -> Result<Option<String>, String> {
     let gate = Arc::clone(&shared.asr_gate);
+    // A turn the user went on speaking in is not worth a second decode.
+    let current = wanted.clone();
+    let still_wanted = move || {
+        current
+            .as_ref()
+            .is_none_or(|(now, generation)| now.load(Ordering::Acquire) == *generation)
+    };
     super::gate::run(&gate, wanted, "speech recognition", move || {
-        let started = std::time::Instant::now();
-        let hypotheses = shared.asr.transcribe(&audio, &language)?;
-        tracing::debug!(
-            audio_ms = audio.len() / 16,
-            ms = started.elapsed().as_millis() as u64,
-            ?hypotheses,
-            "recognised"
-        );
         let lexicon = shared.lexicon.as_ref();
-        let text = without_repeats(&choose(hypotheses, lexicon.map(|(l, _)| l)));
+        let transcript = |pass: Pass| -> Result<String, String> {
+            let started = std::time::Instant::now();
+            let hypotheses = shared.asr.transcribe(&audio, &language, pass)?;
+            tracing::debug!(
+                audio_ms = audio.len() / 16,
+                ms = started.elapsed().as_millis() as u64,
+                ?pass,
+                ?hypotheses,
+                "recognised"
+            );
+            Ok(without_repeats(&choose(
+                hypotheses,
+                lexicon.map(|(l, _)| l),
+            )))
+        };
+        shared.stats.recognitions.fetch_add(1, Ordering::Relaxed);
+        let mut text = transcript(Pass::First)?;
+        // Now and then Whisper keeps only the last sentence of a question
+        // ("¿Qué hago?" for "Olvidé la contraseña…, ¿qué hago?"): decoded
+        // again, the same audio says more.
+        let mut retried = false;
+        for pass in [Pass::WiderWindow, Pass::AudioAlone] {
+            if pass == Pass::AudioAlone && !shared.asr.has_prompt() {
+                break;
+            }
+            if !collapsed(&text, audio.len()) || !still_wanted() {
+                break;
+            }
+            retried = true;
+            let again = transcript(pass)?;
+            if word_count(&again) > word_count(&text) {
+                text = again;
+            }
+        }
+        if retried {
+            shared
+                .stats
+                .recognitions_retried
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let corrected = lexicon
             .filter(|(_, correct)| *correct)
             .and_then(|(l, _)| l.correct(&text));
@@ -110,6 +148,32 @@ pub(super) async fn recognise(
         })
     })
     .await
+}
+
+/// Audio per word (ms) beyond which a transcript looks collapsed: speech
+/// runs at two to three words a second, and a slow speaker's pauses end the
+/// turn before they make it this sparse.
+const COLLAPSED_MS_PER_WORD: usize = 1_300;
+
+/// Audio (ms) under which no transcript is judged collapsed: a short
+/// answer ("sí, gracias") is short.
+const COLLAPSE_FROM_MS: usize = 2_000;
+
+/// Whether `text`, heard in `samples` of 16 kHz audio, has far fewer words
+/// than that much speech holds. An empty transcript is not: it is what
+/// Whisper rightly makes of a cough or a door, where a second decode would
+/// only invent words.
+fn collapsed(text: &str, samples: usize) -> bool {
+    let ms = samples / super::SAMPLES_PER_MS as usize;
+    let words = word_count(text);
+    ms >= COLLAPSE_FROM_MS && words > 0 && words * COLLAPSED_MS_PER_WORD < ms
+}
+
+/// Words of a transcript (runs with a letter or digit in them).
+fn word_count(text: &str) -> usize {
+    text.split_whitespace()
+        .filter(|w| w.chars().any(char::is_alphanumeric))
+        .count()
 }
 
 /// What one word no list knows costs a hypothesis, in mean log probability
@@ -357,6 +421,31 @@ mod tests {
 
     use super::*;
     use crate::knowledge::KnowledgeBase;
+
+    #[test]
+    fn a_transcript_far_shorter_than_its_speech_has_collapsed() {
+        let ms = |ms: usize| ms * 16;
+        // Four seconds of a question heard as its last two words.
+        assert!(collapsed("¿Qué hago?", ms(3_996)));
+        assert!(!collapsed(
+            "¿Por dinero a contraseña del portal del estudiante? ¿Qué hago?",
+            ms(3_996)
+        ));
+        // Three words in 3.2 s is a slow speaker, not a collapse.
+        assert!(!collapsed("la biblioteca central", ms(3_200)));
+        assert!(collapsed("biblioteca", ms(3_200)));
+        // A short answer is short; nothing heard is not a collapse.
+        assert!(!collapsed("Sí.", ms(1_800)));
+        assert!(!collapsed("", ms(5_000)));
+        assert!(!collapsed("... ¿?", ms(5_000)));
+    }
+
+    #[test]
+    fn words_are_counted_without_punctuation() {
+        assert_eq!(word_count("¿Qué hago? ¿Qué hago?"), 4);
+        assert_eq!(word_count(" -- ¿ ? "), 0);
+        assert_eq!(word_count("Aula 3, edificio B"), 4);
+    }
 
     fn hypothesis(text: &str, score: f32) -> Hypothesis {
         Hypothesis {
