@@ -184,8 +184,7 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     };
     let engine = LocalEngine::load(&LocalSettings::from_config(&config)).unwrap();
     let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
-    let dir = std::env::temp_dir().join(format!("sonora-browser-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch::Scratch::new("browser");
     let url = gateway.url("");
     let mut conversations = 0.0;
     for (mode, question) in questions(&dir) {
@@ -215,7 +214,6 @@ async fn chromium_talks_through_the_worklet_and_the_media_recorder() {
     let metrics = gateway.metrics_when_active(0.0).await;
     let sessions = common::gateway::metric(&metrics, "sonora_sessions_total");
     assert_eq!(sessions, conversations);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -173,13 +173,10 @@ impl Probe {
 }
 
 fn question() -> Vec<i16> {
-    let dir = std::env::temp_dir().join(format!("sonora-hostile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("q{:?}.wav", std::thread::current().id()));
+    let dir = common::scratch::Scratch::new("hostile");
+    let path = dir.join("q.wav");
     spoken("¿Cuál es el horario de la biblioteca?", &path);
-    let samples = sonora::audio::wav::read(&path).unwrap().samples;
-    let _ = std::fs::remove_file(&path);
-    samples
+    sonora::audio::wav::read(&path).unwrap().samples
 }
 
 /// An honest client from 127.0.0.1: speaks the question in real time, goes

@@ -7,6 +7,7 @@
 mod common;
 
 use common::postgres::Postgres;
+use common::scratch::Scratch;
 
 use std::sync::Arc;
 
@@ -20,18 +21,16 @@ use sonora::ledger::report;
 use sonora::ledger::{Account, Admission, Ledger, Refusal, UsageRecord};
 use sonora::usage::UsageDelta;
 
-fn sqlite(name: &str) -> LedgerConfig {
-    let dir = std::env::temp_dir().join(format!(
-        "sonora-ledger-test-{name}-{}-{}",
-        std::process::id(),
-        sonora::ledger::now_ms()
-    ));
-    LedgerConfig {
+/// A ledger file in a directory of its own, removed with the guard.
+fn sqlite(name: &str) -> (Scratch, LedgerConfig) {
+    let dir = Scratch::new(&format!("ledger-test-{name}"));
+    let config = LedgerConfig {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         gateway_name: "test".into(),
         store_transcripts: true,
         ..LedgerConfig::default()
-    }
+    };
+    (dir, config)
 }
 
 /// `ledger.time_zone` as configured by default.
@@ -489,32 +488,38 @@ async fn budgets_hold_across_gateways(config: LedgerConfig) {
 
 #[tokio::test]
 async fn sqlite_budgets_hold_across_gateways() {
-    budgets_hold_across_gateways(sqlite("budgets")).await;
+    let (_dir, config) = sqlite("budgets");
+    budgets_hold_across_gateways(config).await;
 }
 
 #[tokio::test]
 async fn sqlite_what_the_client_is_shown_the_ledger_holds_first() {
-    what_the_client_is_shown_the_ledger_holds_first(sqlite("shown")).await;
+    let (_dir, config) = sqlite("shown");
+    what_the_client_is_shown_the_ledger_holds_first(config).await;
 }
 
 #[tokio::test]
 async fn sqlite_no_conversation_starts_that_the_ledger_cannot_record() {
-    no_conversation_starts_that_the_ledger_cannot_record(sqlite("refused")).await;
+    let (_dir, config) = sqlite("refused");
+    no_conversation_starts_that_the_ledger_cannot_record(config).await;
 }
 
 #[tokio::test]
 async fn sqlite_a_paid_conversation_whose_cost_cannot_be_recorded_stops() {
-    a_paid_conversation_whose_cost_cannot_be_recorded_stops(sqlite("stops")).await;
+    let (_dir, config) = sqlite("stops");
+    a_paid_conversation_whose_cost_cannot_be_recorded_stops(config).await;
 }
 
 #[tokio::test]
 async fn sqlite_concurrent_conversations_add_up_exactly() {
-    concurrent_conversations_add_up_exactly(sqlite("concurrent")).await;
+    let (_dir, config) = sqlite("concurrent");
+    concurrent_conversations_add_up_exactly(config).await;
 }
 
 #[tokio::test]
 async fn sqlite_a_killed_gateways_conversations_end_interrupted() {
-    a_killed_gateways_conversations_end_interrupted(sqlite("killed")).await;
+    let (_dir, config) = sqlite("killed");
+    a_killed_gateways_conversations_end_interrupted(config).await;
 }
 
 /// The same scenarios on a real PostgreSQL server started for this test,
@@ -706,13 +711,15 @@ async fn keys_buy_one_time_client_tokens(config: LedgerConfig) {
 
 #[tokio::test]
 async fn sqlite_keys_buy_one_time_client_tokens() {
-    keys_buy_one_time_client_tokens(sqlite("keys")).await;
+    let (_dir, config) = sqlite("keys");
+    keys_buy_one_time_client_tokens(config).await;
 }
 
 /// `sonora keys`: the secret once, then a JSON last line; never listed.
 #[test]
 fn the_keys_command_creates_lists_and_revokes() {
-    let url = sqlite("keys-cli").url;
+    let (_dir, config) = sqlite("keys-cli");
+    let url = config.url;
     let sonora = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
             .args(args)

@@ -342,9 +342,8 @@ async fn a_failed_instance_hands_the_conversation_on_with_its_history() {
 
 /// A directory holding `sonora.toml` with two OpenAI Realtime instances on
 /// `service`, the second with `second_key`.
-fn config_dir(service: &Service, tag: &str, second_key: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("sonora-routing-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn config_dir(service: &Service, tag: &str, second_key: &str) -> common::scratch::Scratch {
+    let dir = common::scratch::Scratch::new(&format!("routing-{tag}"));
     let ca = service.ca_file.display().to_string();
     let config = format!(
         r#"
@@ -393,7 +392,7 @@ async fn doctor(service: &Service, second_key: &str) -> (bool, String) {
         .output()
         .await
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     (output.status.success(), stdout)
 }
@@ -466,7 +465,6 @@ async fn sonora_serve_routes_over_the_instances_of_its_config_file() {
     stop(&mut client).await;
     let _ = child.kill();
     let _ = child.wait();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,10 +95,7 @@ mod tests {
         let all: Vec<u8> = (0..=255).collect();
         decode_into(&all, &mut samples);
         decode_le_into(&all, &mut bytes);
-        let again: Vec<i16> = bytes
-            .chunks_exact(2)
-            .map(|b| i16::from_le_bytes([b[0], b[1]]))
-            .collect();
+        let again: Vec<i16> = crate::audio::samples_from_le(&bytes).collect();
         assert_eq!(again, samples);
     }
 

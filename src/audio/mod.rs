@@ -303,10 +303,7 @@ impl PcmStage {
         let channels = self.channels as i32;
         self.mono
             .extend(frames.chunks_exact(2 * self.channels).map(|frame| {
-                let sum: i32 = frame
-                    .chunks_exact(2)
-                    .map(|s| i32::from(i16::from_le_bytes([s[0], s[1]])))
-                    .sum();
+                let sum: i32 = samples_from_le(frame).map(i32::from).sum();
                 // The mean of i16 values is an i16.
                 (sum / channels) as i16
             }));

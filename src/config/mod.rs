@@ -146,7 +146,7 @@ pub(crate) fn check_ranges<T: PartialOrd + std::fmt::Display + Copy>(
     for &(key, value, min, max, unit) in ranges {
         if !(min..=max).contains(&value) {
             let reason = format!("must be between {min} and {max} {unit}");
-            return Err(bad(key, value.to_string(), &reason));
+            return Err(bad(key, value.to_string(), reason.trim_end()));
         }
     }
     Ok(())

@@ -35,14 +35,6 @@ impl Config {
                 reason,
             ));
         }
-        for (key, value) in [
-            ("nova_sonic.top_p", n.top_p),
-            ("nova_sonic.temperature", n.temperature),
-        ] {
-            if !(0.0..=1.0).contains(&value) {
-                return Err(bad(key, value.to_string(), "must be between 0 and 1"));
-            }
-        }
         if !["", "HIGH", "MEDIUM", "LOW"].contains(&n.endpointing.to_ascii_uppercase().as_str()) {
             let reason = "must be HIGH, MEDIUM, LOW or empty";
             return Err(bad(
@@ -79,12 +71,7 @@ impl Config {
             ("nova_sonic.text_in_usd_per_1k", n.text_in_usd_per_1k),
             ("nova_sonic.text_out_usd_per_1k", n.text_out_usd_per_1k),
         ];
-        for (key, usd) in prices {
-            if let Err(reason) = crate::usage::PriceTable::from_usd_per_1k(usd, usd, usd, usd) {
-                return Err(bad(key, usd.to_string(), &reason));
-            }
-        }
-        Ok(())
+        super::check_prices(&prices, bad)
     }
 
     /// [`Config::validate`], naming the source of a bad value by its key.
@@ -148,6 +135,16 @@ impl Config {
             ("nova_sonic.breaker_cooldown_ms", n.breaker_cooldown_ms.into(), 100, 3_600_000, "ms"),
         ];
         super::check_ranges(&ranges, &bad)?;
+        #[rustfmt::skip]
+        let fractions: [(&str, f64, f64, f64, &str); 6] = [
+            ("audio.max_realtime_factor", a.max_realtime_factor, 1.0, 20.0, "times real time"),
+            ("local.vad_quiet_db", l.vad_quiet_db, 0.0, 30.0, "dB (0: off)"),
+            ("local.turn_threshold", l.turn_threshold, 0.0, 1.0, ""),
+            ("local.vad_threshold", l.vad_threshold, 0.05, 0.95, ""),
+            ("nova_sonic.top_p", n.top_p, 0.0, 1.0, ""),
+            ("nova_sonic.temperature", n.temperature, 0.0, 1.0, ""),
+        ];
+        super::check_ranges(&fractions, &bad)?;
         let lang = &self.engine.language;
         let lang_ok = lang.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !lang_ok || !(2..=16).contains(&lang.len()) {
@@ -185,43 +182,11 @@ impl Config {
             let reason = "must name the model when local.chat_url is set";
             return Err(bad("local.chat_model", quoted(&l.chat_model), reason));
         }
-        if !(1.0..=20.0).contains(&a.max_realtime_factor) {
-            let reason = "must be between 1 and 20 times real time";
-            return Err(bad(
-                "audio.max_realtime_factor",
-                a.max_realtime_factor.to_string(),
-                reason,
-            ));
-        }
-        if !(0.0..=30.0).contains(&l.vad_quiet_db) {
-            let reason = "must be between 0 (off) and 30 dB";
-            return Err(bad(
-                "local.vad_quiet_db",
-                l.vad_quiet_db.to_string(),
-                reason,
-            ));
-        }
-        if !(0.0..=1.0).contains(&l.turn_threshold) {
-            let reason = "must be between 0 and 1";
-            return Err(bad(
-                "local.turn_threshold",
-                l.turn_threshold.to_string(),
-                reason,
-            ));
-        }
         if !l.turn_model.is_empty() && l.onnxruntime_library.is_empty() {
             let reason = "must name the ONNX Runtime library when local.turn_model is set";
             return Err(bad(
                 "local.onnxruntime_library",
                 quoted(&l.onnxruntime_library),
-                reason,
-            ));
-        }
-        if !(0.05..=0.95).contains(&l.vad_threshold) {
-            let reason = "must be between 0.05 and 0.95";
-            return Err(bad(
-                "local.vad_threshold",
-                l.vad_threshold.to_string(),
                 reason,
             ));
         }

@@ -362,10 +362,7 @@ fn bench_ffmpeg(
     // Peak RSS of the largest reaped child, in KiB on Linux.
     let max_rss_kib = getrusage(UsageWho::RUSAGE_CHILDREN)?.max_rss();
     contender.memory_per_session_bytes = Some(max_rss_kib.max(0) as u64 * 1024);
-    let pcm = last_pcm
-        .chunks_exact(2)
-        .map(|b| i16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let pcm = crate::audio::samples_from_le(&last_pcm).collect();
     Ok((contender, pcm))
 }
 

@@ -115,10 +115,7 @@ fn audio_tool_results_and_closing_events() {
         .as_str()
         .expect("base64");
     let bytes = base64_decode(content).expect("decodes");
-    let back: Vec<i16> = bytes
-        .chunks_exact(2)
-        .map(|b| i16::from_le_bytes([b[0], b[1]]))
-        .collect();
+    let back: Vec<i16> = crate::audio::samples_from_le(&bytes).collect();
     assert_eq!(back, samples);
 
     let result = builder.tool_result("tu-1", &json!("las 14:00"));
