@@ -28,14 +28,15 @@ fn sqlite(name: &str) -> (Scratch, LedgerConfig) {
         url: format!("sqlite://{}", dir.join("ledger.db").display()),
         gateway_name: "test".into(),
         store_transcripts: true,
+        time_zone: common::midday_zone().to_owned(),
         ..LedgerConfig::default()
     };
     (dir, config)
 }
 
-/// `ledger.time_zone` as configured by default.
+/// The tests' `ledger.time_zone`: one where it is now about noon.
 fn zone() -> jiff::tz::TimeZone {
-    jiff::tz::TimeZone::get(&LedgerConfig::default().time_zone).unwrap()
+    jiff::tz::TimeZone::get(common::midday_zone()).unwrap()
 }
 
 fn ready() -> EngineEvent {
@@ -533,6 +534,7 @@ async fn postgres_the_same_scenarios() {
         url: server.database(db),
         gateway_name: "test".into(),
         store_transcripts: true,
+        time_zone: common::midday_zone().to_owned(),
         ..LedgerConfig::default()
     };
     // Two gateways opening one new database at once both get its schema.

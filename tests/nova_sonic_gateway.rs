@@ -517,8 +517,11 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
         text_out: 3 + ANSWER.len() as u64 / 4,
     });
     let budget = 10 * turn;
+    // A day that cannot end while the test runs.
+    let zone = format!("ledger.time_zone={}", common::midday_zone());
     let sonora = |args: &[&str]| {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_sonora"))
+            .args(["--set", &zone])
             .args(args)
             .args(["--ledger", &ledger])
             .output()
@@ -548,7 +551,7 @@ async fn two_gateways_on_one_postgres_stop_a_key_within_a_turn_of_its_budget() {
                 &endpoint,
                 &ledger,
                 &dir,
-                &[&name, &reserve, "server.auth=keys"],
+                &[&name, &reserve, &zone, "server.auth=keys"],
             )
         })
         .collect();

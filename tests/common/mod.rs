@@ -15,6 +15,27 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A time zone in which it is now about noon, the same for the whole test
+/// binary: a daily or monthly budget cannot roll over while a test that
+/// spends it runs (in the default zone, a run at midnight in Lima saw a
+/// fresh day's budget mid-test).
+pub fn midday_zone() -> &'static str {
+    static ZONE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ZONE.get_or_init(|| {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let utc_hour = i64::try_from(seconds / 3_600 % 24).unwrap_or(0);
+        // `Etc/GMT-N` is N hours ahead of UTC (the POSIX sign); -11..=12.
+        match 12 - utc_hour {
+            0 => "Etc/GMT".to_owned(),
+            ahead if ahead > 0 => format!("Etc/GMT-{ahead}"),
+            behind => format!("Etc/GMT+{}", -behind),
+        }
+    })
+}
+
 pub fn model_present() -> bool {
     let dir = root().join("models/whisper-base");
     let ok = [
