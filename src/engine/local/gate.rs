@@ -21,10 +21,7 @@ pub(super) async fn run<T: Send + 'static>(
         .acquire_owned()
         .await
         .map_err(|_| format!("{what} is shut down"))?;
-    if wanted
-        .as_ref()
-        .is_some_and(|(current, generation)| current.load(Ordering::Acquire) != *generation)
-    {
+    if !is_current(wanted.as_ref()) {
         return Ok(None);
     }
     tokio::task::spawn_blocking(move || {
@@ -33,4 +30,10 @@ pub(super) async fn run<T: Send + 'static>(
     })
     .await
     .map_err(|e| format!("{what} stopped: {e}"))?
+}
+
+/// Whether a job for the `wanted` generation is still wanted: always,
+/// without one.
+pub(super) fn is_current(wanted: Option<&(Arc<AtomicU64>, u64)>) -> bool {
+    wanted.is_none_or(|(current, generation)| current.load(Ordering::Acquire) == *generation)
 }

@@ -89,11 +89,7 @@ pub(super) async fn recognise(
     let gate = Arc::clone(&shared.asr_gate);
     // A turn the user went on speaking in is not worth a second decode.
     let current = wanted.clone();
-    let still_wanted = move || {
-        current
-            .as_ref()
-            .is_none_or(|(now, generation)| now.load(Ordering::Acquire) == *generation)
-    };
+    let still_wanted = move || super::gate::is_current(current.as_ref());
     super::gate::run(&gate, wanted, "speech recognition", move || {
         let lexicon = shared.lexicon.as_ref();
         let transcript = |pass: Pass| -> Result<String, String> {
