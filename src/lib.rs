@@ -12,7 +12,11 @@
 //! - `names`: `named_enum!`, enums with stable names (`ALL`, `as_str`, serde) from one list.
 //! - [`redact`]: URLs without credentials or query strings, for clients, logs and `config show`.
 //! - [`telemetry`]: log lines, connection/conversation/turn spans, OTLP export of the turns.
-//! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `config`).
+//! - [`ledger`]: the durable record of conversations, usage, API keys and budgets (SQLite or PostgreSQL).
+//! - [`tts`]: speech synthesis with eSpeak NG (the local engine's voice, a call's greeting).
+//! - `base64`: standard base64, for audio inside JSON (Nova Sonic's events, Twilio's media).
+//! - [`cli`]: the `sonora` subcommands (`serve`, `talk`, `decode`, `bench`, `doctor`, `usage`,
+//!   `keys`, `config`).
 //!
 //! Dependencies run one way, from `redact`/`usage` and `config` at the bottom up to `cli`
 //! (`tests/layers.rs` checks it).

@@ -48,7 +48,8 @@ pub struct NovaSonicConfig {
     pub region: String,
     /// Voice when the client asks for none, e.g. `lupe`, `carlos` (no unit).
     pub voice: String,
-    /// Reply audio rate: 8000, 16000 or 24000, in Hz.
+    /// Rate of the reply audio asked of Nova Sonic: 8000, 16000 or 24000, in
+    /// Hz (web clients get 24 kHz whatever it is; phone calls 8 kHz).
     pub output_rate_hz: u32,
     /// System prompt; empty uses the built-in Spanish help-desk prompt (text).
     pub system_prompt: String,
@@ -155,7 +156,8 @@ pub struct LocalConfig {
     pub tts_voice: String,
     /// Speaking rate, in words per minute.
     pub tts_rate_wpm: u32,
-    /// Sample rate of reply audio sent to clients, in hertz.
+    /// Sample rate the engine synthesizes reply audio at, in hertz (web
+    /// clients get 24 kHz whatever it is; phone calls 8 kHz).
     pub output_rate_hz: u32,
     /// OpenAI-compatible chat endpoint answering instead of the knowledge base alone (URL; empty: off).
     pub chat_url: String,

@@ -303,6 +303,7 @@ fn nova_sonic_and_tool_settings_are_checked() {
         ("nova_sonic.endpointing", "SOMETIMES"),
         ("nova_sonic.rotate_after_s", "600"),
         ("nova_sonic.endpoint_url", "ftp://example"),
+        ("nova_sonic.endpoint_url", "http://127.0.0.1:8443"),
         ("nova_sonic.ca_file", "/no/such/ca.pem"),
         ("nova_sonic.model", "gpt-4o"),
         ("nova_sonic.speech_out_usd_per_1k", "-1"),

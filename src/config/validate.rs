@@ -43,10 +43,7 @@ impl Config {
                 reason,
             ));
         }
-        if !n.endpoint_url.is_empty()
-            && !n.endpoint_url.starts_with("https://")
-            && !n.endpoint_url.starts_with("http://")
-        {
+        if !n.endpoint_url.is_empty() && !n.endpoint_url.starts_with("https://") {
             let reason = "must be an https:// URL";
             return Err(bad(
                 "nova_sonic.endpoint_url",
