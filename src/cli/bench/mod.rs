@@ -4,6 +4,7 @@
 
 mod accuracy;
 mod client;
+mod floor;
 mod hostile;
 mod local;
 mod serve;
@@ -38,6 +39,9 @@ pub(crate) enum BenchCommand {
     /// Resident memory of many concurrent decoders (run by `bench decode` in a fresh process).
     #[command(hide = true)]
     DecodeMemory(MemoryArgs),
+    /// The bare WebSocket echo `bench serve` compares the gateway with (run by it).
+    #[command(hide = true)]
+    Floor(floor::FloorArgs),
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +86,7 @@ pub(crate) fn run(config: &Config, command: BenchCommand) -> Result<(), Failure>
         BenchCommand::Local(args) => local::run(config, &args),
         BenchCommand::Serve(args) => serve::run(&args),
         BenchCommand::Hostile(args) => hostile::run(&args),
+        BenchCommand::Floor(args) => floor::run(&args),
         BenchCommand::DecodeMemory(args) => {
             let recording =
                 Recording::load(&args.input, args.mime.as_deref(), args.chunks.as_deref())?;

@@ -54,6 +54,9 @@ pub(crate) struct ServeBenchArgs {
     /// relay. 0: the one engine, no relay.
     #[arg(long, default_value_t = 0)]
     instances: usize,
+    /// Skip the floor: the same load on a bare WebSocket echo (see `floor`).
+    #[arg(long)]
+    no_floor: bool,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -81,9 +84,69 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
     )?;
     let result = on_one_thread(measure(args, &server));
     server.stop();
-    let report = result?;
+    let mut report = result?;
+    // Web clients only: the floor does not speak Twilio's messages.
+    if !args.no_floor && !args.phone {
+        let mut floor = Server::start_floor(args.turn_ms, args.reply_ms, args.gateway_workers)?;
+        let result = on_one_thread(measure_floor(args, &floor, &report));
+        floor.stop();
+        report["floor"] = result?;
+    }
     println!("{report}");
     Ok(())
+}
+
+/// The same load on the floor: the gateway's CPU and round trips against
+/// a bare echo's on the same runtime, in the same run.
+async fn measure_floor(
+    args: &ServeBenchArgs,
+    floor: &Server,
+    gateway: &serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    eprintln!(
+        "floor: {} sessions for {} s on a bare WebSocket echo",
+        args.sessions, args.seconds
+    );
+    let (loaded, usage) = load(args.into(), floor, args.sessions, args.seconds).await?;
+    let held = loaded.iter().filter(|r| r.ready).count();
+    let errors: usize = loaded.iter().map(|r| r.errors.len()).sum();
+    let (_, p50, p99, _) = round_trips(&loaded);
+    let session_seconds = held.max(1) as f64 * usage.wall.as_secs_f64();
+    let cpu_ms = usage.cpu.as_secs_f64() * 1000.0 / session_seconds;
+    let clients_ms = usage.clients_cpu.as_secs_f64() * 1000.0 / session_seconds;
+    let gateway_ms = gateway["server_cpu_ms_per_session_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let ratio = if cpu_ms > 0.0 {
+        gateway_ms / cpu_ms
+    } else {
+        0.0
+    };
+    println!(
+        "floor (bare WebSocket echo, same runtime, same load): {held}/{} held, {errors} errors",
+        args.sessions
+    );
+    println!("{:<34} {:>12.2}", "floor round trip p50 (ms)", p50);
+    println!("{:<34} {:>12.2}", "floor round trip p99 (ms)", p99);
+    println!("{:<34} {:>12.3}", "floor CPU ms per session-second", cpu_ms);
+    println!(
+        "{:<34} {:>12.3}",
+        "load gen. CPU ms per session-sec.", clients_ms
+    );
+    println!(
+        "{:<34} {:>12.3}",
+        "gateway beyond the floor (ms)",
+        gateway_ms - cpu_ms
+    );
+    println!("{:<34} {:>12.2}", "gateway / floor CPU", ratio);
+    Ok(json!({
+        "sessions_held": held,
+        "errors": errors,
+        "round_trip_ms": {"p50": p50, "p99": p99},
+        "server_cpu_ms_per_session_second": cpu_ms,
+        "load_generator_cpu_ms_per_session_second": clients_ms,
+        "gateway_to_floor_cpu_ratio": ratio,
+    }))
 }
 
 async fn measure(args: &ServeBenchArgs, server: &Server) -> anyhow::Result<serde_json::Value> {
@@ -323,7 +386,7 @@ pub(super) struct Server {
     child: Child,
     pub(super) addr: SocketAddr,
     /// The gateway's ledger, removed at the end.
-    ledger_dir: std::path::PathBuf,
+    ledger_dir: Option<std::path::PathBuf>,
 }
 
 impl Server {
@@ -336,11 +399,7 @@ impl Server {
         phone: bool,
         instances: usize,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("cannot find the sonora binary")?;
-        let mut command = Command::new(exe);
-        if workers > 0 {
-            command.env(RUNTIME_WORKERS_ENV, workers.to_string());
-        }
+        let mut command = Self::command(workers)?;
         // A ledger of its own, as a deployment has: every turn's usage is
         // recorded (the echo engine's cost 0).
         let ledger_dir = std::env::temp_dir().join(format!("sonora-bench-{}", std::process::id()));
@@ -354,7 +413,7 @@ impl Server {
                 "--set=telephony.greeting=\"\"",
             ]);
         }
-        let mut child = command
+        command
             .arg(format!("--scripted-echo={turn_ms}:{reply_ms}"))
             .arg(format!("--scripted-echo-instances={instances}"))
             .arg(format!(
@@ -371,7 +430,35 @@ impl Server {
             ))
             // Its log goes nowhere: a line per turn at `info` would only
             // add to the cost being measured.
-            .env(crate::config::LOG_ENV, "warn")
+            .env(crate::config::LOG_ENV, "warn");
+        Self::spawn(command, Some(ledger_dir))
+    }
+
+    /// The floor (`floor`): a bare WebSocket echo, in its own process too.
+    fn start_floor(turn_ms: u64, reply_ms: u64, workers: usize) -> anyhow::Result<Self> {
+        let mut command = Self::command(workers)?;
+        command.args([
+            "bench",
+            "floor",
+            &format!("--turn-ms={turn_ms}"),
+            &format!("--reply-ms={reply_ms}"),
+        ]);
+        Self::spawn(command, None)
+    }
+
+    /// This binary, its runtime given `workers` threads (0: its default).
+    fn command(workers: usize) -> anyhow::Result<Command> {
+        let exe = std::env::current_exe().context("cannot find the sonora binary")?;
+        let mut command = Command::new(exe);
+        if workers > 0 {
+            command.env(RUNTIME_WORKERS_ENV, workers.to_string());
+        }
+        Ok(command)
+    }
+
+    /// Starts `command` and reads the address from its first stdout line.
+    fn spawn(mut command: Command, ledger_dir: Option<std::path::PathBuf>) -> anyhow::Result<Self> {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -432,7 +519,9 @@ impl Server {
     pub(super) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.ledger_dir);
+        if let Some(dir) = &self.ledger_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -1,0 +1,226 @@
+//! The floor `bench serve` measures the gateway against: a bare echo over
+//! WebSocket on the same async runtime, taking the same load. Each
+//! connection is one task reading client frames straight off its socket
+//! (no HTTP library, no WebSocket library, no channels, no conversation):
+//! it unmasks each frame, counts the PCM, and every `turn_ms` of it writes
+//! `reply_ms` of 24 kHz audio back in 200 ms binary frames with one write.
+//! It answers `hello` with `ready` and `stop` with `end`, as the gateway
+//! does, and nothing else. What the gateway spends beyond this is its own
+//! work: the conversation, the engine, the ledger, the limits.
+//!
+//! Not a WebSocket server for anything but the load generator: the
+//! handshake is not checked, and a frame it cannot parse ends the
+//! connection.
+
+use anyhow::Context;
+use clap::Args;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cli::Failure;
+
+const OP_TEXT: u8 = 1;
+const OP_BINARY: u8 = 2;
+const OP_CLOSE: u8 = 8;
+const OP_PING: u8 = 9;
+const OP_PONG: u8 = 10;
+/// Reply audio per binary frame, as the gateway batches it.
+const REPLY_FRAME_MS: u64 = 200;
+const REPLY_RATE_HZ: u64 = 24_000;
+/// Client frames larger than this end the connection.
+const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Args)]
+pub(crate) struct FloorArgs {
+    /// Answer every TURN_MS of PCM ...
+    #[arg(long, default_value_t = 2_000)]
+    turn_ms: u64,
+    /// ... with REPLY_MS of 24 kHz audio.
+    #[arg(long, default_value_t = 1_000)]
+    reply_ms: u64,
+}
+
+/// Serves on a loopback port until killed; the first stdout line is
+/// `listening on http://ADDR`, as `sonora serve` says it.
+pub(crate) fn run(args: &FloorArgs) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(args.turn_ms, args.reply_ms))?;
+    Ok(())
+}
+
+async fn serve(turn_ms: u64, reply_ms: u64) -> anyhow::Result<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    let reply = std::sync::Arc::new(reply_frames(reply_ms));
+    let turn_bytes = (turn_ms * 16_000 / 1000 * 2) as usize;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        let reply = std::sync::Arc::clone(&reply);
+        tokio::spawn(async move {
+            let _ = connection(stream, &reply, turn_bytes).await;
+        });
+    }
+}
+
+/// `reply_ms` of a quiet 24 kHz tone as server frames of [`REPLY_FRAME_MS`].
+fn reply_frames(reply_ms: u64) -> Vec<u8> {
+    let samples = (reply_ms * REPLY_RATE_HZ / 1000) as usize;
+    let pcm: Vec<u8> = (0..samples)
+        .flat_map(|i| (((i % 48) as i16 - 24) * 40).to_le_bytes())
+        .collect();
+    let per_frame = (REPLY_FRAME_MS * REPLY_RATE_HZ / 1000) as usize * 2;
+    pcm.chunks(per_frame)
+        .flat_map(|chunk| server_frame(OP_BINARY, chunk))
+        .collect()
+}
+
+/// An unmasked frame, as a server sends it.
+fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 10);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => frame.push(n as u8),
+        n if n <= 0xffff => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// One client frame at the front of `buf`: its opcode, where its payload
+/// is, and its whole length; `None` until it is all there. The payload is
+/// unmasked in place.
+fn client_frame(buf: &mut [u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>, usize)>> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let opcode = buf[0] & 0x0f;
+    anyhow::ensure!(buf[1] & 0x80 != 0, "unmasked client frame");
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+        127 if buf.len() >= 10 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(&buf[2..10]);
+            (usize::try_from(u64::from_be_bytes(bytes))?, 10)
+        }
+        126 | 127 => return Ok(None),
+        n => (usize::from(n), 2),
+    };
+    anyhow::ensure!(len <= MAX_FRAME_BYTES, "a frame of {len} bytes");
+    if buf.len() < at + 4 + len {
+        return Ok(None);
+    }
+    let mut mask = [0u8; 4];
+    mask.copy_from_slice(&buf[at..at + 4]);
+    at += 4;
+    for (i, byte) in buf[at..at + len].iter_mut().enumerate() {
+        *byte ^= mask[i % 4];
+    }
+    Ok(Some((opcode, at..at + len, at + len)))
+}
+
+async fn connection(mut stream: TcpStream, reply: &[u8], turn_bytes: usize) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(4096);
+    // The request head; the upgrade is taken as asked.
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        anyhow::ensure!(buf.len() < 16 * 1024, "request head too long");
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    };
+    buf.drain(..head_end);
+    stream
+        .write_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        )
+        .await?;
+    let mut heard = 0usize;
+    let mut out = Vec::new();
+    loop {
+        let mut start = 0;
+        while let Some((opcode, payload, len)) = client_frame(&mut buf[start..])? {
+            let payload = &buf[start + payload.start..start + payload.end];
+            match opcode {
+                OP_BINARY => {
+                    heard += payload.len();
+                    if heard >= turn_bytes {
+                        heard -= turn_bytes;
+                        out.extend_from_slice(reply);
+                    }
+                }
+                OP_TEXT if payload.windows(7).any(|w| w == b"\"hello\"") => {
+                    out.extend(server_frame(OP_TEXT, br#"{"type":"ready"}"#));
+                }
+                OP_TEXT if payload.windows(6).any(|w| w == b"\"stop\"") => {
+                    out.extend(server_frame(
+                        OP_TEXT,
+                        br#"{"type":"end","reason":"client_stopped"}"#,
+                    ));
+                    out.extend(server_frame(OP_CLOSE, &1000u16.to_be_bytes()));
+                    stream.write_all(&out).await?;
+                    return Ok(());
+                }
+                OP_PING => out.extend(server_frame(OP_PONG, payload)),
+                OP_CLOSE => return Ok(()),
+                _ => {}
+            }
+            start += len;
+        }
+        buf.drain(..start);
+        if !out.is_empty() {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_frames_unmask_in_every_length_form() {
+        for len in [5usize, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut bytes = super::super::client::client_frame(OP_BINARY, &payload);
+            let whole = bytes.len();
+            assert!(client_frame(&mut bytes[..whole - 1]).unwrap().is_none());
+            let (opcode, range, used) = client_frame(&mut bytes).unwrap().unwrap();
+            assert_eq!((opcode, used), (OP_BINARY, whole));
+            assert_eq!(&bytes[range], &payload[..]);
+        }
+    }
+
+    #[test]
+    fn unmasked_and_oversized_frames_are_refused() {
+        let mut unmasked = server_frame(OP_TEXT, b"hola");
+        assert!(client_frame(&mut unmasked).is_err());
+        let mut huge = vec![0x82, 0xff];
+        huge.extend_from_slice(&(MAX_FRAME_BYTES as u64 + 1).to_be_bytes());
+        assert!(client_frame(&mut huge).is_err());
+    }
+
+    #[test]
+    fn a_reply_is_whole_200_ms_frames() {
+        let frames = reply_frames(1_000);
+        // 5 frames of 9,600 bytes, each with a 4-byte header.
+        assert_eq!(frames.len(), 5 * (9_600 + 4));
+        assert_eq!(&frames[..4], &[0x82, 126, 0x25, 0x80]);
+    }
+}
