@@ -1,6 +1,7 @@
 //! The short version of `sonora bench serve`: a few real-time clients at a
 //! real gateway process, then at the floor (the bare WebSocket echo), both
-//! answering every turn; the report's numbers are the ones the README's
+//! answering every turn (the floor by hand-read frames, or through the
+//! WebSocket library); the report's numbers are the ones the README's
 //! table is made of.
 
 #![allow(clippy::unwrap_used, reason = "a failed step must fail the test")]
@@ -9,8 +10,8 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn a_short_load_run_measures_the_gateway_and_its_floor() {
+/// Runs `sonora bench serve` for 3 s with 6 clients, one turn per 400 ms.
+fn short_run(extra: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_sonora"))
         .args([
             "bench",
@@ -24,6 +25,7 @@ fn a_short_load_run_measures_the_gateway_and_its_floor() {
             "--reply-ms",
             "200",
         ])
+        .args(extra)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -32,7 +34,13 @@ fn a_short_load_run_measures_the_gateway_and_its_floor() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn a_short_load_run_measures_the_gateway_and_its_floor() {
+    let report = short_run(&[]);
+    assert_eq!(report["floor"]["library"], false, "{report}");
     assert_eq!(report["sessions_held"], 6, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     // 6 clients × 3 s at one turn per 400 ms: every turn answered.
@@ -56,6 +64,19 @@ fn a_short_load_run_measures_the_gateway_and_its_floor() {
     );
     assert!(
         floor["gateway_to_floor_cpu_ratio"].as_f64().unwrap() >= 0.0,
+        "{report}"
+    );
+}
+
+#[test]
+fn the_floor_can_go_through_the_websocket_library() {
+    let report = short_run(&["--floor-library"]);
+    let floor = &report["floor"];
+    assert_eq!(floor["library"], true, "{report}");
+    assert_eq!(floor["sessions_held"], 6, "{report}");
+    assert_eq!(floor["errors"], 0, "{report}");
+    assert!(
+        floor["round_trip_ms"]["p50"].as_f64().unwrap() > 0.0,
         "{report}"
     );
 }

@@ -11,6 +11,10 @@
 //! Not a WebSocket server for anything but the load generator: the
 //! handshake is not checked, and a frame it cannot parse ends the
 //! connection.
+//!
+//! With `--library`, the same echo goes through the WebSocket library the
+//! gateway uses (tokio-tungstenite, with the gateway's buffer sizes) over
+//! the bare TCP stream: the two floors apart are what the library costs.
 
 use anyhow::Context;
 use clap::Args;
@@ -38,6 +42,9 @@ pub(crate) struct FloorArgs {
     /// ... with REPLY_MS of 24 kHz audio.
     #[arg(long, default_value_t = 1_000)]
     reply_ms: u64,
+    /// Read and write frames with tokio-tungstenite instead of by hand.
+    #[arg(long)]
+    library: bool,
 }
 
 /// Serves on a loopback port until killed; the first stdout line is
@@ -47,11 +54,11 @@ pub(crate) fn run(args: &FloorArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args.turn_ms, args.reply_ms))?;
+    runtime.block_on(serve(args.turn_ms, args.reply_ms, args.library))?;
     Ok(())
 }
 
-async fn serve(turn_ms: u64, reply_ms: u64) -> anyhow::Result<()> {
+async fn serve(turn_ms: u64, reply_ms: u64, library: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
     let reply = std::sync::Arc::new(reply_frames(reply_ms));
@@ -61,20 +68,30 @@ async fn serve(turn_ms: u64, reply_ms: u64) -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
         let reply = std::sync::Arc::clone(&reply);
         tokio::spawn(async move {
-            let _ = connection(stream, &reply, turn_bytes).await;
+            let _ = if library {
+                with_library(stream, reply_ms, turn_bytes).await
+            } else {
+                connection(stream, &reply, turn_bytes).await
+            };
         });
     }
 }
 
-/// `reply_ms` of a quiet 24 kHz tone as server frames of [`REPLY_FRAME_MS`].
-fn reply_frames(reply_ms: u64) -> Vec<u8> {
+/// `reply_ms` of a quiet 24 kHz tone, in pieces of [`REPLY_FRAME_MS`].
+fn reply_pieces(reply_ms: u64) -> Vec<Vec<u8>> {
     let samples = (reply_ms * REPLY_RATE_HZ / 1000) as usize;
     let pcm: Vec<u8> = (0..samples)
         .flat_map(|i| (((i % 48) as i16 - 24) * 40).to_le_bytes())
         .collect();
     let per_frame = (REPLY_FRAME_MS * REPLY_RATE_HZ / 1000) as usize * 2;
-    pcm.chunks(per_frame)
-        .flat_map(|chunk| server_frame(OP_BINARY, chunk))
+    pcm.chunks(per_frame).map(<[u8]>::to_vec).collect()
+}
+
+/// The reply as server frames, back to back.
+fn reply_frames(reply_ms: u64) -> Vec<u8> {
+    reply_pieces(reply_ms)
+        .iter()
+        .flat_map(|piece| server_frame(OP_BINARY, piece))
         .collect()
 }
 
@@ -188,6 +205,52 @@ async fn connection(mut stream: TcpStream, reply: &[u8], turn_bytes: usize) -> a
             return Ok(());
         }
     }
+}
+
+/// [`connection`] through tokio-tungstenite, configured as the gateway's
+/// `/ws` is (its 4 KiB read and 16 KiB write buffers).
+async fn with_library(stream: TcpStream, reply_ms: u64, turn_bytes: usize) -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES))
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024);
+    let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await?;
+    let reply: Vec<bytes::Bytes> = reply_pieces(reply_ms)
+        .into_iter()
+        .map(bytes::Bytes::from)
+        .collect();
+    let mut heard = 0usize;
+    while let Some(message) = ws.next().await {
+        match message? {
+            Message::Binary(payload) => {
+                heard += payload.len();
+                if heard >= turn_bytes {
+                    heard -= turn_bytes;
+                    for frame in &reply {
+                        ws.feed(Message::Binary(frame.clone())).await?;
+                    }
+                    ws.flush().await?;
+                }
+            }
+            Message::Text(text) if text.contains("\"hello\"") => {
+                ws.send(Message::text(r#"{"type":"ready"}"#)).await?;
+            }
+            Message::Text(text) if text.contains("\"stop\"") => {
+                ws.send(Message::text(r#"{"type":"end","reason":"client_stopped"}"#))
+                    .await?;
+                ws.close(None).await?;
+                return Ok(());
+            }
+            Message::Close(_) => return Ok(()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -57,6 +57,10 @@ pub(crate) struct ServeBenchArgs {
     /// Skip the floor: the same load on a bare WebSocket echo (see `floor`).
     #[arg(long)]
     no_floor: bool,
+    /// The floor's echo reads and writes frames with the gateway's WebSocket
+    /// library instead of by hand (what the library costs is the difference).
+    #[arg(long)]
+    floor_library: bool,
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -87,7 +91,12 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
     let mut report = result?;
     // Web clients only: the floor does not speak Twilio's messages.
     if !args.no_floor && !args.phone {
-        let mut floor = Server::start_floor(args.turn_ms, args.reply_ms, args.gateway_workers)?;
+        let mut floor = Server::start_floor(
+            args.turn_ms,
+            args.reply_ms,
+            args.gateway_workers,
+            args.floor_library,
+        )?;
         let result = on_one_thread(measure_floor(args, &floor, &report));
         floor.stop();
         report["floor"] = result?;
@@ -122,8 +131,13 @@ async fn measure_floor(
     } else {
         0.0
     };
+    let kind = if args.floor_library {
+        "WebSocket echo through tokio-tungstenite"
+    } else {
+        "bare WebSocket echo"
+    };
     println!(
-        "floor (bare WebSocket echo, same runtime, same load): {held}/{} held, {errors} errors",
+        "floor ({kind}, same runtime, same load): {held}/{} held, {errors} errors",
         args.sessions
     );
     println!("{:<34} {:>12.2}", "floor round trip p50 (ms)", p50);
@@ -140,6 +154,7 @@ async fn measure_floor(
     );
     println!("{:<34} {:>12.2}", "gateway / floor CPU", ratio);
     Ok(json!({
+        "library": args.floor_library,
         "sessions_held": held,
         "errors": errors,
         "round_trip_ms": {"p50": p50, "p99": p99},
@@ -435,7 +450,12 @@ impl Server {
     }
 
     /// The floor (`floor`): a bare WebSocket echo, in its own process too.
-    fn start_floor(turn_ms: u64, reply_ms: u64, workers: usize) -> anyhow::Result<Self> {
+    fn start_floor(
+        turn_ms: u64,
+        reply_ms: u64,
+        workers: usize,
+        library: bool,
+    ) -> anyhow::Result<Self> {
         let mut command = Self::command(workers)?;
         command.args([
             "bench",
@@ -443,6 +463,9 @@ impl Server {
             &format!("--turn-ms={turn_ms}"),
             &format!("--reply-ms={reply_ms}"),
         ]);
+        if library {
+            command.arg("--library");
+        }
         Self::spawn(command, None)
     }
 
