@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use tokio::net::{TcpSocket, TcpStream};
 
-const OP_TEXT: u8 = 1;
-const OP_BINARY: u8 = 2;
-const OP_CLOSE: u8 = 8;
-const OP_PING: u8 = 9;
-const OP_PONG: u8 = 10;
+pub(super) const OP_TEXT: u8 = 1;
+pub(super) const OP_BINARY: u8 = 2;
+pub(super) const OP_CLOSE: u8 = 8;
+pub(super) const OP_PING: u8 = 9;
+pub(super) const OP_PONG: u8 = 10;
 /// Any key will do: the server unmasks whatever key a frame carries.
 const MASK: [u8; 4] = [0x5a, 0x17, 0xc3, 0x88];
 /// A client whose unsent bytes pass this is not being read: it gives up.

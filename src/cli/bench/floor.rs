@@ -21,13 +21,9 @@ use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::client::{OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use crate::cli::Failure;
 
-const OP_TEXT: u8 = 1;
-const OP_BINARY: u8 = 2;
-const OP_CLOSE: u8 = 8;
-const OP_PING: u8 = 9;
-const OP_PONG: u8 = 10;
 /// Reply audio per binary frame, as the gateway batches it.
 const REPLY_FRAME_MS: u64 = 200;
 const REPLY_RATE_HZ: u64 = 24_000;
