@@ -156,14 +156,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         "{:?}",
         events[0]
     );
-    assert_eq!(talk.transcripts(Role::User, Stage::Final), [QUESTION]);
-    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
-    assert_eq!(
-        talk.transcripts(Role::Assistant, Stage::Speculative).last(),
-        Some(&ANSWER.to_owned())
-    );
-    assert_eq!(talk.audio_samples(24_000), 1_200 * 24);
-    assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
+    talk.assert_answered(QUESTION, ANSWER, 1_200 * 24);
     // The service sent no voice activity: none is made up.
     assert_eq!(
         talk.position(|e| matches!(
@@ -283,14 +276,7 @@ async fn speaking_over_the_reply_interrupts_it() {
         .await;
     talk.close().await;
 
-    let interrupts: Vec<u64> = talk
-        .events()
-        .filter_map(|e| match e {
-            EngineEvent::Interrupted { turn_id } => Some(*turn_id),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(interrupts, [1]);
+    assert_eq!(talk.interrupted_turns(), [1]);
     // The service's turnComplete for the interrupted turn ends nothing more.
     assert_eq!(
         talk.turn_ends(),
@@ -350,24 +336,17 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
         matches!(e, EngineEvent::ToolCall { .. })
     })
     .await;
-    let calls = talk.tool_calls();
-    assert_eq!(calls.len(), 1, "the registry's tool reached the client");
-    assert_eq!(calls[0].1, "lookup_ticket");
-    assert_eq!(calls[0].2, json!({"id": "42"}));
-    talk.answer_tool(&calls[0].0, json!({"status": "listo"}))
-        .await;
+    talk.answer_only_tool_call(
+        "lookup_ticket",
+        json!({"id": "42"}),
+        json!({"status": "listo"}),
+    )
+    .await;
     mic.until(&mut talk, "the second turn's end", turn_ends(2))
         .await;
     talk.close().await;
 
-    assert_eq!(
-        talk.turn_ends(),
-        [TurnEndReason::Completed, TurnEndReason::Completed]
-    );
-    assert_eq!(
-        talk.transcripts(Role::Assistant, Stage::Final),
-        ["Hoy es lunes.", "Su trámite está listo."]
-    );
+    talk.assert_completed(&["Hoy es lunes.", "Su trámite está listo."]);
     let connections = service.connections();
     let c = &connections[0];
     let declared: Vec<&str> = c.setup.as_ref().unwrap()["tools"][0]["functionDeclarations"]
@@ -536,12 +515,9 @@ async fn an_invalid_request_is_fatal_and_not_implemented_is_retried_once() {
     let engine = engine(&service, None, |_| {});
     let mut talk = Talk::start(&engine);
     Mic::default().say_until_closed(&mut talk, 600).await;
-    talk.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1, "{:?}", talk.kinds());
+    let fatal = talk.fatal_end().await;
     assert!(
-        fatal[0].contains("1007") && fatal[0].contains("invalid argument"),
+        fatal.contains("1007") && fatal.contains("invalid argument"),
         "{fatal:?}"
     );
     assert_eq!(service.connections().len(), 1, "no retry");
@@ -561,12 +537,9 @@ async fn an_invalid_request_is_fatal_and_not_implemented_is_retried_once() {
     })
     .await;
     mic.say_until_closed(&mut talk, 600).await;
-    talk.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1, "{:?}", talk.kinds());
+    let fatal = talk.fatal_end().await;
     assert!(
-        fatal[0].contains("again") && fatal[0].contains("1008"),
+        fatal.contains("again") && fatal.contains("1008"),
         "{fatal:?}"
     );
     assert_eq!(service.connections().len(), 2, "one retry");
@@ -582,27 +555,14 @@ async fn a_used_up_quota_is_fatal_and_cools_the_engine_down() {
     let engine = engine(&service, None, |_| {});
     let mut talk = Talk::start(&engine);
     Mic::default().say_until_closed(&mut talk, 600).await;
-    talk.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1, "{:?}", talk.kinds());
-    assert!(fatal[0].contains("quota"), "{fatal:?}");
+    let fatal = talk.fatal_end().await;
+    assert!(fatal.contains("quota"), "{fatal:?}");
     assert!(
         talk.errors(ErrorKind::Transient).is_empty(),
         "no reconnection"
     );
     assert_eq!(service.connections().len(), 1);
-    assert!(engine.busy().is_some());
-    let refused = engine.start(ConversationOptions {
-        language: "es".into(),
-        voice: String::new(),
-        history: Vec::new(),
-    });
-    assert!(
-        matches!(refused, Err(StartError::Busy { .. })),
-        "{refused:?}"
-    );
-    assert_eq!(talk::stat(&engine, "conversations_refused_total"), 1);
+    talk::assert_cooling_down(&engine);
     assert_eq!(talk::stat(&engine, "throttled_total"), 1);
     assert_eq!(talk::stat(&engine, "cooling_down"), 1);
 }
@@ -612,12 +572,9 @@ async fn a_refused_key_is_fatal_and_a_token_is_sent_as_bearer() {
     let service = Service::start(vec![Plan::turns(vec![answer("Hola.", "Hola.", 300)])]).await;
     let engine = engine(&service, None, |c| c.api_key = "AIza-wrong".into());
     let mut talk = Talk::start(&engine);
-    talk.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1, "{:?}", talk.kinds());
+    let fatal = talk.fatal_end().await;
     assert!(
-        fatal[0].contains("credentials") && fatal[0].contains("401"),
+        fatal.contains("credentials") && fatal.contains("401"),
         "{fatal:?}"
     );
     assert_eq!(service.connections()[0].refused, Some(401));

@@ -477,15 +477,8 @@ async fn refused_credentials_are_fatal_and_never_retried() {
     let endpoint = Endpoint::start(vec![Script::failing(Fail::Auth, vec![])]).await;
     let engine = engine(&endpoint, None, |_| {}).await;
     let mut talk = Talk::start(&engine);
-    talk.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1);
-    assert!(
-        fatal[0].contains("UnrecognizedClientException"),
-        "{}",
-        fatal[0]
-    );
+    let fatal = talk.fatal_end().await;
+    assert!(fatal.contains("UnrecognizedClientException"), "{fatal}");
     assert!(talk.errors(ErrorKind::Transient).is_empty());
     assert_eq!(endpoint.connections().len(), 1);
 }
@@ -629,12 +622,10 @@ async fn persistent_throttling_gives_up_after_three_tries() {
         "{:?}",
         talk.kinds()
     );
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1);
+    let fatal = talk.fatal_end().await;
     assert!(
-        fatal[0].contains("4 times") && fatal[0].contains("throttlingException"),
-        "{}",
-        fatal[0]
+        fatal.contains("4 times") && fatal.contains("throttlingException"),
+        "{fatal}"
     );
     // The first try and three more, after 0, 1 and 3 s.
     let connections = endpoint.connections();

@@ -123,14 +123,7 @@ async fn a_spanish_turn_brings_transcripts_audio_and_an_exact_cost() {
         .iter()
         .position(|e| matches!(e, EngineEvent::SpeechEnded { turn_id: 1 }));
     assert!(started.is_some() && started < ended, "{:?}", talk.kinds());
-    assert_eq!(talk.transcripts(Role::User, Stage::Final), [QUESTION]);
-    assert_eq!(talk.transcripts(Role::Assistant, Stage::Final), [ANSWER]);
-    assert_eq!(
-        talk.transcripts(Role::Assistant, Stage::Speculative).last(),
-        Some(&ANSWER.to_owned())
-    );
-    assert_eq!(talk.audio_samples(24_000), 1_200 * 24);
-    assert_eq!(talk.turn_ends(), [TurnEndReason::Completed]);
+    talk.assert_answered(QUESTION, ANSWER, 1_200 * 24);
     assert!(matches!(events.last(), Some(EngineEvent::Closed)));
 
     let connections = service.connections();
@@ -190,14 +183,7 @@ async fn speaking_over_the_reply_cuts_it_where_the_user_stopped_hearing() {
     talk.until("the second turn's end", turn_ends(2)).await;
     talk.close().await;
 
-    let interrupts: Vec<u64> = talk
-        .events()
-        .filter_map(|e| match e {
-            EngineEvent::Interrupted { turn_id } => Some(*turn_id),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(interrupts, [1]);
+    assert_eq!(talk.interrupted_turns(), [1]);
     let connections = service.connections();
     let truncates = connections[0].of_type("conversation.item.truncate");
     assert_eq!(truncates.len(), 1, "{:?}", connections[0].events);
@@ -254,23 +240,16 @@ async fn registry_tools_run_here_and_other_tools_go_to_the_client() {
         matches!(e, EngineEvent::ToolCall { .. })
     })
     .await;
-    let calls = talk.tool_calls();
-    assert_eq!(calls.len(), 1, "the registry's tool reached the client");
-    assert_eq!(calls[0].1, "lookup_ticket");
-    assert_eq!(calls[0].2, json!({"id": "42"}));
-    talk.answer_tool(&calls[0].0, json!({"status": "listo"}))
-        .await;
+    talk.answer_only_tool_call(
+        "lookup_ticket",
+        json!({"id": "42"}),
+        json!({"status": "listo"}),
+    )
+    .await;
     talk.until("the second turn's end", turn_ends(2)).await;
     talk.close().await;
 
-    assert_eq!(
-        talk.turn_ends(),
-        [TurnEndReason::Completed, TurnEndReason::Completed]
-    );
-    assert_eq!(
-        talk.transcripts(Role::Assistant, Stage::Final),
-        ["Hoy es lunes.", "Su trámite está listo."]
-    );
+    talk.assert_completed(&["Hoy es lunes.", "Su trámite está listo."]);
     let connections = service.connections();
     let c = &connections[0];
     let tools: Vec<&str> = c.session.as_ref().unwrap()["tools"]
@@ -353,12 +332,9 @@ async fn a_refused_key_ends_the_conversation_with_a_clear_error() {
     let service = Service::start(vec![plan(vec![])]).await;
     let engine = engine(&service, None, |s| s.api_key = "sk-wrong".into());
     let mut talk = Talk::start(&engine);
-    talk.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
-        .await;
-    let fatal = talk.errors(ErrorKind::Fatal);
-    assert_eq!(fatal.len(), 1, "{:?}", talk.kinds());
+    let fatal = talk.fatal_end().await;
     assert!(
-        fatal[0].contains("credentials") && fatal[0].contains("401"),
+        fatal.contains("credentials") && fatal.contains("401"),
         "{fatal:?}"
     );
     assert_eq!(service.connections()[0].refused, Some(401));
@@ -379,17 +355,7 @@ async fn throttling_cools_the_engine_down_for_new_conversations() {
         .await;
     assert_eq!(talk.errors(ErrorKind::Fatal).len(), 1);
     assert_eq!(service.connections().len(), 2, "one retry");
-    assert!(engine.busy().is_some());
-    let refused = engine.start(ConversationOptions {
-        language: "es".into(),
-        voice: String::new(),
-        history: Vec::new(),
-    });
-    assert!(
-        matches!(refused, Err(StartError::Busy { .. })),
-        "{refused:?}"
-    );
-    assert_eq!(talk::stat(&engine, "conversations_refused_total"), 1);
+    talk::assert_cooling_down(&engine);
 
     // In a response: that turn fails, the conversation goes on.
     let service = Service::start(vec![plan(vec![

@@ -29,10 +29,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::common::tls::{nth_or, refusal, with_log};
 use crate::common::{base64, unbase64};
 
 pub const KEY: &str = "AIza-test-sonora";
@@ -131,10 +131,7 @@ impl Connection {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Log {
-    pub connections: Vec<Connection>,
-}
+pub type Log = crate::common::tls::Log<Connection>;
 
 pub struct Service {
     pub url: String,
@@ -146,21 +143,7 @@ pub struct Service {
 impl Service {
     /// Starts on 127.0.0.1:0; connection `i` follows `plans[i]`, the last repeating.
     pub async fn start(plans: Vec<Plan>) -> Self {
-        let log = Arc::new(Mutex::new(Log::default()));
-        let plans = Arc::new(plans);
-        let shared = log.clone();
-        let listening = crate::common::tls::listen("gemini", &[], move |tls| {
-            let (log, plans) = (shared.clone(), plans.clone());
-            async move {
-                let index = {
-                    let mut log = log.lock().unwrap();
-                    log.connections.push(Connection::default());
-                    log.connections.len() - 1
-                };
-                serve(tls, crate::common::tls::nth(&plans, index), index, log).await;
-            }
-        })
-        .await;
+        let (listening, log) = crate::common::tls::listen_planned("gemini", plans, serve).await;
         Self {
             url: format!("wss://127.0.0.1:{}{PATH}", listening.addr.port()),
             ca_file: listening.ca_file.clone(),
@@ -172,10 +155,6 @@ impl Service {
     pub fn connections(&self) -> Vec<Connection> {
         self.log.lock().unwrap().connections.clone()
     }
-}
-
-fn with_log<T>(log: &Mutex<Log>, index: usize, f: impl FnOnce(&mut Connection) -> T) -> T {
-    f(&mut log.lock().unwrap().connections[index])
 }
 
 type Ws<S> = tokio_tungstenite::WebSocketStream<S>;
@@ -219,13 +198,10 @@ where
         });
         match status {
             None => Ok(response),
-            Some(code) => {
-                let mut refusal = ErrorResponse::new(Some(
-                    json!({"error": {"code": code, "message": "API key not valid. Please pass a valid API key."}}).to_string(),
-                ));
-                *refusal.status_mut() = StatusCode::from_u16(code).unwrap();
-                Err(refusal)
-            }
+            Some(code) => Err(refusal(
+                code,
+                &json!({"error": {"code": code, "message": "API key not valid. Please pass a valid API key."}}),
+            )),
         }
     };
     let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, callback).await else {
@@ -404,16 +380,11 @@ impl State {
     }
 
     fn current(&self) -> Turn {
-        let turns = &self.plan.turns;
-        turns
-            .get(self.turn)
-            .or(turns.last())
-            .cloned()
-            .unwrap_or(Turn::Answer {
-                heard: "hola",
-                text: "Hola.",
-                reply_ms: 300,
-            })
+        nth_or(&self.plan.turns, self.turn, || Turn::Answer {
+            heard: "hola",
+            text: "Hola.",
+            reply_ms: 300,
+        })
     }
 
     fn hear(

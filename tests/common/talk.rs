@@ -13,7 +13,8 @@
 use std::time::{Duration, Instant};
 
 use sonora::engine::{
-    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, TurnEndReason,
+    ConversationOptions, Engine, EngineEvent, EngineInput, ErrorKind, Role, Stage, StartError,
+    TurnEndReason,
 };
 use tokio::sync::mpsc;
 
@@ -108,6 +109,16 @@ impl Talk {
         }
     }
 
+    /// Waits, sending nothing, for the conversation to end, and returns the
+    /// one fatal error it ended with.
+    pub async fn fatal_end(&mut self) -> String {
+        self.idle_until("the end", |e| matches!(e, EngineEvent::Closed))
+            .await;
+        let mut fatal = self.errors(ErrorKind::Fatal);
+        assert_eq!(fatal.len(), 1, "{:?}", self.kinds());
+        fatal.remove(0)
+    }
+
     pub async fn close(&mut self) {
         self.input.send(EngineInput::Close).await.unwrap();
         self.idle_until("Closed", |e| matches!(e, EngineEvent::Closed))
@@ -161,6 +172,53 @@ impl Talk {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The turns that were interrupted, in order.
+    pub fn interrupted_turns(&self) -> Vec<u64> {
+        self.events()
+            .filter_map(|e| match e {
+                EngineEvent::Interrupted { turn_id } => Some(*turn_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// One turn heard as `question` and answered with `answer` in
+    /// `reply_samples` of 24 kHz audio, its text shown as it came.
+    pub fn assert_answered(&self, question: &str, answer: &str, reply_samples: usize) {
+        assert_eq!(self.transcripts(Role::User, Stage::Final), [question]);
+        assert_eq!(self.transcripts(Role::Assistant, Stage::Final), [answer]);
+        assert_eq!(
+            self.transcripts(Role::Assistant, Stage::Speculative).last(),
+            Some(&answer.to_owned())
+        );
+        assert_eq!(self.audio_samples(24_000), reply_samples);
+        assert_eq!(self.turn_ends(), [TurnEndReason::Completed]);
+    }
+
+    /// Every turn completed, answered with `replies` in order.
+    pub fn assert_completed(&self, replies: &[&str]) {
+        assert_eq!(
+            self.turn_ends(),
+            vec![TurnEndReason::Completed; replies.len()]
+        );
+        assert_eq!(self.transcripts(Role::Assistant, Stage::Final), replies);
+    }
+
+    /// The one tool call that reached the client, `name` with `args`,
+    /// answered with `result`.
+    pub async fn answer_only_tool_call(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+        result: serde_json::Value,
+    ) {
+        let calls = self.tool_calls();
+        assert_eq!(calls.len(), 1, "one tool call reached the client");
+        assert_eq!(calls[0].1, name);
+        assert_eq!(calls[0].2, args);
+        self.answer_tool(&calls[0].0, result).await;
     }
 
     /// What the usage events cost together, in millionths of a dollar.
@@ -223,6 +281,22 @@ pub fn stat(engine: &dyn Engine, name: &str) -> u64 {
         .find(|s| s.name == name)
         .map(|s| s.value)
         .unwrap_or_else(|| panic!("the engine has no number {name}"))
+}
+
+/// A throttled engine cooling down: it says it is busy, refuses a new
+/// conversation as `Busy` and counts that refusal.
+pub fn assert_cooling_down(engine: &dyn Engine) {
+    assert!(engine.busy().is_some());
+    let refused = engine.start(ConversationOptions {
+        language: "es".into(),
+        voice: String::new(),
+        history: Vec::new(),
+    });
+    assert!(
+        matches!(refused, Err(StartError::Busy { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(stat(engine, "conversations_refused_total"), 1);
 }
 
 /// 20 ms of a loud 300 Hz tone: speech to the endpoint's detector.

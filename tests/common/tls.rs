@@ -3,7 +3,10 @@
 //! directory removed when the certificate is dropped.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use tokio_tungstenite::tungstenite::handshake::server::ErrorResponse;
+use tokio_tungstenite::tungstenite::http::StatusCode;
 
 #[derive(Debug)]
 pub struct TestCert {
@@ -110,9 +113,74 @@ where
 
 /// The script for connection `index`: its own, or the last one repeating.
 pub fn nth<T: Clone + Default>(scripts: &[T], index: usize) -> T {
-    scripts
+    nth_or(scripts, index, T::default)
+}
+
+/// Item `index` of `items`, or the last one repeating, or `empty()` when
+/// there is none.
+pub fn nth_or<T: Clone>(items: &[T], index: usize, empty: impl FnOnce() -> T) -> T {
+    items
         .get(index)
-        .or(scripts.last())
+        .or(items.last())
         .cloned()
-        .unwrap_or_default()
+        .unwrap_or_else(empty)
+}
+
+/// A WebSocket handshake refused with HTTP status `code` and `body`.
+pub fn refusal(code: u16, body: &serde_json::Value) -> ErrorResponse {
+    let mut refusal = ErrorResponse::new(Some(body.to_string()));
+    *refusal.status_mut() = StatusCode::from_u16(code).unwrap();
+    refusal
+}
+
+/// What a planned service saw: one entry a connection, in the order they came.
+#[derive(Debug)]
+pub struct Log<C> {
+    pub connections: Vec<C>,
+}
+
+impl<C> Default for Log<C> {
+    fn default() -> Self {
+        Self {
+            connections: Vec::new(),
+        }
+    }
+}
+
+/// The log entry of connection `index`, changed by `f`.
+pub fn with_log<C, T>(log: &Mutex<Log<C>>, index: usize, f: impl FnOnce(&mut C) -> T) -> T {
+    f(&mut log.lock().unwrap().connections[index])
+}
+
+/// A WebSocket-over-TLS service whose connection `i` follows `plans[i]` (the
+/// last repeating): `serve` gets the stream, its plan, its index and the
+/// log, where a fresh entry for it is already in place.
+pub async fn listen_planned<P, C, F, Fut>(
+    name: &str,
+    plans: Vec<P>,
+    serve: F,
+) -> (Listening, Arc<Mutex<Log<C>>>)
+where
+    P: Clone + Default + Send + Sync + 'static,
+    C: Default + Send + 'static,
+    F: Fn(Stream, P, usize, Arc<Mutex<Log<C>>>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let log = Arc::new(Mutex::new(Log::default()));
+    let plans = Arc::new(plans);
+    let serve = Arc::new(serve);
+    let shared = log.clone();
+    let listening = listen(name, &[], move |tls| {
+        let (log, plans, serve) = (shared.clone(), plans.clone(), serve.clone());
+        async move {
+            let index = {
+                let mut log = log.lock().unwrap();
+                log.connections.push(C::default());
+                log.connections.len() - 1
+            };
+            serve(tls, nth(&plans, index), index, log).await;
+        }
+    })
+    .await;
+    (listening, log)
 }

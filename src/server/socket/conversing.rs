@@ -57,15 +57,17 @@ impl Connection {
                 _ = stats.tick(), if attached && running.ready => {
                     let snapshot = running.handle.counters.snapshot();
                     let message = Stats::new(&snapshot, running.turns, &running.latency_ms);
-                    if !self.send_message(&ServerMessage::Stats(message)).await {
-                        if let Some(exit) = self.write_failed(running) {
-                            return exit;
-                        }
-                        continue;
-                    }
-                    if running.resume.is_some()
+                    let text = ServerMessage::Stats(message).to_text();
+                    // The ping goes out in the same write as the `stats` it
+                    // follows: one system call a second, not two.
+                    let mut written = self.feed(Message::Text(text.into())).await;
+                    if written
+                        && running.resume.is_some()
                         && let Some(ping) = self.replay.as_ref().map(|r| r.ping())
-                        && !self.send(ping).await
+                    {
+                        written = self.feed(ping).await;
+                    }
+                    if !(written && self.flush().await)
                         && let Some(exit) = self.write_failed(running)
                     {
                         return exit;
