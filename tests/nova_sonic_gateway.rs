@@ -156,32 +156,8 @@ async fn the_gateway_serves_a_nova_sonic_conversation_with_cost_by_modality() {
         client.send_pcm(frame).await;
     }
     let frames = client.until(|f| f.is("turn_end")).await;
-    let texts: Vec<(String, String)> = frames
-        .iter()
-        .filter(|f| f.is("transcript"))
-        .map(|f| {
-            let j = f.json();
-            (
-                j["role"].as_str().unwrap().to_owned(),
-                j["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    assert!(
-        texts.contains(&("user".into(), QUESTION.into())),
-        "{texts:?}"
-    );
-    assert!(
-        texts.contains(&("assistant".into(), ANSWER.into())),
-        "{texts:?}"
-    );
-    let audio: usize = frames
-        .iter()
-        .map(|f| match f {
-            gateway::Frame::Audio(s) => s.len(),
-            _ => 0,
-        })
-        .sum();
+    gateway::assert_heard_and_answered(&frames, QUESTION, ANSWER);
+    let audio = gateway::audio_samples(&frames);
     assert!(
         audio >= 20_000,
         "reply audio reached the client: {audio} samples"

@@ -567,36 +567,8 @@ async fn the_gateway_serves_a_conversation_and_refuses_new_ones_while_throttled(
     let ready = ready.last().unwrap().json().clone();
     assert_eq!(ready["engine"], "openai-realtime", "{ready}");
     assert_eq!(ready["voice"], "marin");
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    for k in 0..75 {
-        tick.tick().await;
-        let frame = if k < 40 {
-            talk::tone_frame(k)
-        } else {
-            vec![0; 320]
-        };
-        client.send_pcm(&frame).await;
-    }
-    let frames = client.until(|f| f.is("turn_end")).await;
-    let texts: Vec<(String, String)> = frames
-        .iter()
-        .filter(|f| f.is("transcript"))
-        .map(|f| {
-            let j = f.json();
-            (
-                j["role"].as_str().unwrap().to_owned(),
-                j["text"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    assert!(
-        texts.contains(&("user".into(), QUESTION.into())),
-        "{texts:?}"
-    );
-    assert!(
-        texts.contains(&("assistant".into(), ANSWER.into())),
-        "{texts:?}"
-    );
+    let frames = gateway::spoken_turn(&mut client, talk::tone_frame).await;
+    gateway::assert_heard_and_answered(&frames, QUESTION, ANSWER);
     client.send_json(json!({"type": "stop"})).await;
     let rest = client.until(|f| f.is("end")).await;
     let end = rest.last().unwrap().json().clone();

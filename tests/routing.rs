@@ -96,17 +96,7 @@ async fn queued(client: &mut Client) -> (u64, u64) {
 /// One user turn in real time: 0.8 s of speech, then quiet; the frames up
 /// to its `turn_end`.
 async fn turn(client: &mut Client) -> Vec<Frame> {
-    let mut tick = tokio::time::interval(Duration::from_millis(20));
-    for k in 0..75 {
-        tick.tick().await;
-        let frame = if k < 40 {
-            talk::tone_frame(k)
-        } else {
-            vec![0; 320]
-        };
-        client.send_pcm(&frame).await;
-    }
-    client.until(|f| f.is("turn_end")).await
+    gateway::spoken_turn(client, talk::tone_frame).await
 }
 
 fn said(frames: &[Frame], role: &str) -> Vec<String> {

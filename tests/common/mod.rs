@@ -181,6 +181,42 @@ pub mod gateway {
             .sum()
     }
 
+    /// `question` among the user's transcripts in `frames` and `answer`
+    /// among the assistant's.
+    pub fn assert_heard_and_answered(frames: &[Frame], question: &str, answer: &str) {
+        let texts: Vec<(String, String)> = frames
+            .iter()
+            .filter(|f| f.is("transcript"))
+            .map(|f| {
+                let j = f.json();
+                (
+                    j["role"].as_str().unwrap().to_owned(),
+                    j["text"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            texts.contains(&("user".into(), question.into())),
+            "{texts:?}"
+        );
+        assert!(
+            texts.contains(&("assistant".into(), answer.into())),
+            "{texts:?}"
+        );
+    }
+
+    /// One user turn in real time, 20 ms frames: 0.8 s of `speech(k)` for
+    /// frame k, then 0.7 s of quiet; the frames up to its `turn_end`.
+    pub async fn spoken_turn(client: &mut Client, speech: impl Fn(u64) -> Vec<i16>) -> Vec<Frame> {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+        for k in 0..75 {
+            tick.tick().await;
+            let frame = if k < 40 { speech(k) } else { vec![0; 320] };
+            client.send_pcm(&frame).await;
+        }
+        client.until(|f| f.is("turn_end")).await
+    }
+
     /// A metric's value from the text exposition (0 when absent).
     pub fn metric(text: &str, name: &str) -> f64 {
         text.lines()
