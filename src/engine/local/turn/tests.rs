@@ -8,8 +8,11 @@ use super::*;
 /// (`scripts/reference/smart_turn_features.py`).
 const REFERENCE: &[u8] = include_bytes!("../testdata/espeak_es_smart_turn.f32");
 /// What pipecat's pipeline (its features, ONNX Runtime 1.32 from Python)
-/// says of the fixture, printed by the same script.
-const REFERENCE_PROBABILITY: f32 = 0.979_366;
+/// says of the fixture, printed by the same script. ONNX Runtime's int8
+/// kernels round differently on different processors: the script's figure
+/// on an AMD EPYC, then on an Intel Xeon with AVX-512 VNNI (where Sonora's
+/// own pipeline gives the script's figure to six places too).
+const REFERENCE_PROBABILITIES: [f32; 2] = [0.979_366, 0.960_470];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -163,8 +166,15 @@ const INCOMPLETE: [&str; 4] = [
 fn complete_questions_end_the_turn_and_cut_sentences_do_not() {
     let Some(detector) = detector() else { return };
     let fixture = detector.end_probability(&fixture()).unwrap();
-    // An int8 graph: inputs 2e-5 apart can move the output by about 0.02.
-    assert!((fixture - REFERENCE_PROBABILITY).abs() < 0.01, "{fixture}");
+    // An int8 graph: inputs 2e-5 apart can move the output by about 0.02,
+    // so only the same kernels' figure is near; the features themselves are
+    // held to the reference in `features_match_the_reference`.
+    assert!(
+        REFERENCE_PROBABILITIES
+            .iter()
+            .any(|reference| (fixture - reference).abs() < 0.01),
+        "{fixture}"
+    );
     for text in COMPLETE {
         let p = detector.end_probability(&spoken(text, 200)).unwrap();
         assert!(p > 0.8, "{text:?}: {p}");
