@@ -40,7 +40,7 @@ fn short_run(extra: &[&str]) -> Value {
 #[test]
 fn a_short_load_run_measures_the_gateway_and_its_floor() {
     let report = short_run(&[]);
-    assert_eq!(report["floor"]["library"], false, "{report}");
+    assert_eq!(report["floor"]["kind"], "bare", "{report}");
     assert_eq!(report["sessions_held"], 6, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     // 6 clients × 3 s at one turn per 400 ms: every turn answered.
@@ -69,14 +69,20 @@ fn a_short_load_run_measures_the_gateway_and_its_floor() {
 }
 
 #[test]
-fn the_floor_can_go_through_the_websocket_library() {
-    let report = short_run(&["--floor-library"]);
-    let floor = &report["floor"];
-    assert_eq!(floor["library"], true, "{report}");
-    assert_eq!(floor["sessions_held"], 6, "{report}");
-    assert_eq!(floor["errors"], 0, "{report}");
-    assert!(
-        floor["round_trip_ms"]["p50"].as_f64().unwrap() > 0.0,
-        "{report}"
-    );
+fn the_floor_can_go_through_the_websocket_library_or_answer_from_a_task() {
+    for (flag, kind) in [
+        ("--floor-library", "library"),
+        ("--floor-engine-task", "engine_task"),
+    ] {
+        let report = short_run(&[flag]);
+        let floor = &report["floor"];
+        assert_eq!(floor["kind"], kind, "{report}");
+        assert_eq!(floor["sessions_held"], 6, "{report}");
+        assert_eq!(floor["errors"], 0, "{report}");
+        // Every turn answered: the round trips were measured.
+        assert!(
+            floor["round_trip_ms"]["p50"].as_f64().unwrap() > 0.0,
+            "{report}"
+        );
+    }
 }

@@ -15,11 +15,20 @@
 //! With `--library`, the same echo goes through the WebSocket library the
 //! gateway uses (tokio-tungstenite, with the gateway's buffer sizes) over
 //! the bare TCP stream: the two floors apart are what the library costs.
+//!
+//! With `--engine-task`, the echo's counting and answering move to a task
+//! of their own per connection, handed each frame's PCM through a channel
+//! and answering through another, as the gateway's engines run beside its
+//! connections: the two floors apart are what one hand-over each way costs.
+
+use std::sync::Arc;
 
 use anyhow::Context;
+use bytes::Bytes;
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 use super::client::{OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use crate::cli::Failure;
@@ -39,8 +48,50 @@ pub(crate) struct FloorArgs {
     #[arg(long, default_value_t = 1_000)]
     reply_ms: u64,
     /// Read and write frames with tokio-tungstenite instead of by hand.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "engine_task")]
     library: bool,
+    /// Count and answer in a task of its own per connection, behind a
+    /// channel each way.
+    #[arg(long)]
+    engine_task: bool,
+}
+
+/// How the floor's echo runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FloorKind {
+    /// Frames read by hand, counted and answered in the connection's task.
+    Bare,
+    /// Frames read and written through tokio-tungstenite.
+    Library,
+    /// Frames read by hand, counted and answered in a task of their own.
+    EngineTask,
+}
+
+impl FloorKind {
+    /// The flag `bench floor` takes for this kind, if any.
+    pub(super) fn flag(self) -> Option<&'static str> {
+        match self {
+            Self::Bare => None,
+            Self::Library => Some("--library"),
+            Self::EngineTask => Some("--engine-task"),
+        }
+    }
+
+    pub(super) fn describe(self) -> &'static str {
+        match self {
+            Self::Bare => "bare WebSocket echo",
+            Self::Library => "WebSocket echo through tokio-tungstenite",
+            Self::EngineTask => "bare WebSocket echo, answered by a task of its own",
+        }
+    }
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Bare => "bare",
+            Self::Library => "library",
+            Self::EngineTask => "engine_task",
+        }
+    }
 }
 
 /// Serves on a loopback port until killed; the first stdout line is
@@ -50,26 +101,118 @@ pub(crate) fn run(args: &FloorArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args.turn_ms, args.reply_ms, args.library))?;
+    let kind = if args.library {
+        FloorKind::Library
+    } else if args.engine_task {
+        FloorKind::EngineTask
+    } else {
+        FloorKind::Bare
+    };
+    runtime.block_on(serve(args.turn_ms, args.reply_ms, kind))?;
     Ok(())
 }
 
-async fn serve(turn_ms: u64, reply_ms: u64, library: bool) -> anyhow::Result<()> {
+async fn serve(turn_ms: u64, reply_ms: u64, kind: FloorKind) -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let reply = std::sync::Arc::new(reply_frames(reply_ms));
+    let reply = Arc::new(reply_frames(reply_ms));
     let turn_bytes = (turn_ms * 16_000 / 1000 * 2) as usize;
     loop {
         let (stream, _) = listener.accept().await?;
         stream.set_nodelay(true)?;
-        let reply = std::sync::Arc::clone(&reply);
+        let reply = Arc::clone(&reply);
         tokio::spawn(async move {
-            let _ = if library {
-                with_library(stream, reply_ms, turn_bytes).await
-            } else {
-                connection(stream, &reply, turn_bytes).await
+            let _ = match kind {
+                FloorKind::Library => with_library(stream, reply_ms, turn_bytes).await,
+                FloorKind::Bare => connection(stream, Echo::here(reply, turn_bytes)).await,
+                FloorKind::EngineTask => connection(stream, Echo::in_task(reply, turn_bytes)).await,
             };
         });
+    }
+}
+
+/// Where the echo counts the PCM and decides to answer.
+enum Echo {
+    /// In the connection's task.
+    Here {
+        reply: Arc<Vec<u8>>,
+        turn_bytes: usize,
+        heard: usize,
+    },
+    /// In a task of its own: each frame's PCM goes to it, and each reply
+    /// comes back, through a channel.
+    Task {
+        pcm: mpsc::Sender<Bytes>,
+        replies: mpsc::Receiver<Arc<Vec<u8>>>,
+    },
+}
+
+impl Echo {
+    fn here(reply: Arc<Vec<u8>>, turn_bytes: usize) -> Self {
+        Self::Here {
+            reply,
+            turn_bytes,
+            heard: 0,
+        }
+    }
+
+    /// Starts the echo's task; it ends when the connection drops its side.
+    fn in_task(reply: Arc<Vec<u8>>, turn_bytes: usize) -> Self {
+        let (pcm, mut heard_rx) = mpsc::channel::<Bytes>(32);
+        let (replies_tx, replies) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut heard = 0;
+            while let Some(frame) = heard_rx.recv().await {
+                heard += frame.len();
+                if heard >= turn_bytes {
+                    heard -= turn_bytes;
+                    if replies_tx.send(Arc::clone(&reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self::Task { pcm, replies }
+    }
+
+    /// One frame's PCM: counted here (its reply added to `out`), or copied
+    /// out of the read buffer and handed to the echo's task.
+    async fn heard(&mut self, payload: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Self::Here {
+                reply,
+                turn_bytes,
+                heard,
+            } => {
+                *heard += payload.len();
+                if *heard >= *turn_bytes {
+                    *heard -= *turn_bytes;
+                    out.extend_from_slice(reply);
+                }
+            }
+            Self::Task { pcm, .. } => pcm
+                .send(Bytes::copy_from_slice(payload))
+                .await
+                .context("the echo's task ended")?,
+        }
+        Ok(())
+    }
+
+    /// Reads more client bytes into `buf`, writing any reply the echo's
+    /// task sends meanwhile; 0 at the end of the stream.
+    async fn read(&mut self, stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+        let Self::Task { replies, .. } = self else {
+            return Ok(stream.read_buf(buf).await?);
+        };
+        loop {
+            tokio::select! {
+                read = stream.read_buf(buf) => return Ok(read?),
+                reply = replies.recv() => {
+                    let reply = reply.context("the echo's task ended")?;
+                    stream.write_all(&reply).await?;
+                }
+            }
+        }
     }
 }
 
@@ -142,7 +285,7 @@ fn client_frame(buf: &mut [u8]) -> anyhow::Result<Option<(u8, std::ops::Range<us
     Ok(Some((opcode, at..at + len, at + len)))
 }
 
-async fn connection(mut stream: TcpStream, reply: &[u8], turn_bytes: usize) -> anyhow::Result<()> {
+async fn connection(mut stream: TcpStream, mut echo: Echo) -> anyhow::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     // The request head; the upgrade is taken as asked.
     let head_end = loop {
@@ -160,20 +303,13 @@ async fn connection(mut stream: TcpStream, reply: &[u8], turn_bytes: usize) -> a
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
         )
         .await?;
-    let mut heard = 0usize;
     let mut out = Vec::new();
     loop {
         let mut start = 0;
         while let Some((opcode, payload, len)) = client_frame(&mut buf[start..])? {
             let payload = &buf[start + payload.start..start + payload.end];
             match opcode {
-                OP_BINARY => {
-                    heard += payload.len();
-                    if heard >= turn_bytes {
-                        heard -= turn_bytes;
-                        out.extend_from_slice(reply);
-                    }
-                }
+                OP_BINARY => echo.heard(payload, &mut out).await?,
                 OP_TEXT if payload.windows(7).any(|w| w == b"\"hello\"") => {
                     out.extend(server_frame(OP_TEXT, br#"{"type":"ready"}"#));
                 }
@@ -197,7 +333,7 @@ async fn connection(mut stream: TcpStream, reply: &[u8], turn_bytes: usize) -> a
             stream.write_all(&out).await?;
             out.clear();
         }
-        if stream.read_buf(&mut buf).await? == 0 {
+        if echo.read(&mut stream, &mut buf).await? == 0 {
             return Ok(());
         }
     }

@@ -22,6 +22,7 @@ use serde_json::json;
 
 use super::client;
 pub(super) use super::client::{ClientReport, Talk};
+use super::floor::FloorKind;
 use crate::cli::Failure;
 
 #[derive(Debug, Args)]
@@ -59,8 +60,25 @@ pub(crate) struct ServeBenchArgs {
     no_floor: bool,
     /// The floor's echo reads and writes frames with the gateway's WebSocket
     /// library instead of by hand (what the library costs is the difference).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "floor_engine_task")]
     floor_library: bool,
+    /// The floor's echo counts and answers in a task of its own per
+    /// connection, behind a channel each way, as the gateway's engines run
+    /// (what those hand-overs cost is the difference).
+    #[arg(long)]
+    floor_engine_task: bool,
+}
+
+impl ServeBenchArgs {
+    fn floor_kind(&self) -> FloorKind {
+        if self.floor_library {
+            FloorKind::Library
+        } else if self.floor_engine_task {
+            FloorKind::EngineTask
+        } else {
+            FloorKind::Bare
+        }
+    }
 }
 
 /// The address client `i` connects from: clients are spread over
@@ -95,7 +113,7 @@ pub(crate) fn run(args: &ServeBenchArgs) -> Result<(), Failure> {
             args.turn_ms,
             args.reply_ms,
             args.gateway_workers,
-            args.floor_library,
+            args.floor_kind(),
         )?;
         let result = on_one_thread(measure_floor(args, &floor, &report));
         floor.stop();
@@ -131,13 +149,10 @@ async fn measure_floor(
     } else {
         0.0
     };
-    let kind = if args.floor_library {
-        "WebSocket echo through tokio-tungstenite"
-    } else {
-        "bare WebSocket echo"
-    };
+    let kind = args.floor_kind();
     println!(
-        "floor ({kind}, same runtime, same load): {held}/{} held, {errors} errors",
+        "floor ({}, same runtime, same load): {held}/{} held, {errors} errors",
+        kind.describe(),
         args.sessions
     );
     println!("{:<34} {:>12.2}", "floor round trip p50 (ms)", p50);
@@ -154,7 +169,7 @@ async fn measure_floor(
     );
     println!("{:<34} {:>12.2}", "gateway / floor CPU", ratio);
     Ok(json!({
-        "library": args.floor_library,
+        "kind": kind.as_str(),
         "sessions_held": held,
         "errors": errors,
         "round_trip_ms": {"p50": p50, "p99": p99},
@@ -454,7 +469,7 @@ impl Server {
         turn_ms: u64,
         reply_ms: u64,
         workers: usize,
-        library: bool,
+        kind: FloorKind,
     ) -> anyhow::Result<Self> {
         let mut command = Self::command(workers)?;
         command.args([
@@ -463,9 +478,7 @@ impl Server {
             &format!("--turn-ms={turn_ms}"),
             &format!("--reply-ms={reply_ms}"),
         ]);
-        if library {
-            command.arg("--library");
-        }
+        command.args(kind.flag());
         Self::spawn(command, None)
     }
 
