@@ -68,6 +68,17 @@ pub(super) enum FloorKind {
 }
 
 impl FloorKind {
+    /// The kind its two flags choose (they exclude each other).
+    pub(super) fn from_flags(library: bool, engine_task: bool) -> Self {
+        if library {
+            Self::Library
+        } else if engine_task {
+            Self::EngineTask
+        } else {
+            Self::Bare
+        }
+    }
+
     /// The flag `bench floor` takes for this kind, if any.
     pub(super) fn flag(self) -> Option<&'static str> {
         match self {
@@ -101,13 +112,7 @@ pub(crate) fn run(args: &FloorArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let kind = if args.library {
-        FloorKind::Library
-    } else if args.engine_task {
-        FloorKind::EngineTask
-    } else {
-        FloorKind::Bare
-    };
+    let kind = FloorKind::from_flags(args.library, args.engine_task);
     runtime.block_on(serve(args.turn_ms, args.reply_ms, kind))?;
     Ok(())
 }

@@ -71,13 +71,7 @@ pub(crate) struct ServeBenchArgs {
 
 impl ServeBenchArgs {
     fn floor_kind(&self) -> FloorKind {
-        if self.floor_library {
-            FloorKind::Library
-        } else if self.floor_engine_task {
-            FloorKind::EngineTask
-        } else {
-            FloorKind::Bare
-        }
+        FloorKind::from_flags(self.floor_library, self.floor_engine_task)
     }
 }
 
