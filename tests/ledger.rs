@@ -85,10 +85,13 @@ fn usage_total(frame: &Frame) -> u64 {
     frame.json()["total"]["cost_micro_usd"].as_u64().unwrap()
 }
 
-async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
-    let ledger = Ledger::open(&config).await.unwrap();
-    let engine = ScriptedEngine::new(paid_turns(&[1_500, 2_500]));
-    let gateway = start(&Config::default(), Some(Arc::new(engine))).await;
+/// A gateway on `engine` writing to `ledger`, and a client whose
+/// conversation is ready, with its id.
+async fn conversing(
+    ledger: &Ledger,
+    engine: Arc<ScriptedEngine>,
+) -> (common::gateway::Running, common::gateway::Client, String) {
+    let gateway = start(&Config::default(), Some(engine)).await;
     gateway.server.set_ledger(ledger.clone()).unwrap();
     let mut client = gateway.client().await;
     client.hello_pcm().await;
@@ -97,6 +100,13 @@ async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
         .as_str()
         .unwrap()
         .to_owned();
+    (gateway, client, id)
+}
+
+async fn what_the_client_is_shown_the_ledger_holds_first(config: LedgerConfig) {
+    let ledger = Ledger::open(&config).await.unwrap();
+    let engine = Arc::new(ScriptedEngine::new(paid_turns(&[1_500, 2_500])));
+    let (gateway, mut client, id) = conversing(&ledger, engine).await;
     for expected in [1_500, 4_000] {
         one_second(&mut client).await;
         let frames = client.until(|f| f.is("usage")).await;
@@ -521,6 +531,88 @@ async fn sqlite_concurrent_conversations_add_up_exactly() {
 async fn sqlite_a_killed_gateways_conversations_end_interrupted() {
     let (_dir, config) = sqlite("killed");
     a_killed_gateways_conversations_end_interrupted(config).await;
+}
+
+/// A ledger that cannot write for a while (its file's write lock held by
+/// another writer, as a stalled disk would hold it) holds up neither the
+/// reply audio nor the client's audio: only the `usage` it has not yet
+/// committed waits, and it is still shown only once the ledger holds it.
+#[tokio::test]
+async fn sqlite_a_slow_ledger_holds_up_neither_reply_audio_nor_the_client() {
+    use sqlx::Connection as _;
+    const LOCK_HELD: std::time::Duration = std::time::Duration::from_secs(2);
+    let (_dir, config) = sqlite("slow");
+    let ledger = Ledger::open(&config).await.unwrap();
+    let reply = EngineEvent::Audio(sonora::engine::Pcm {
+        rate_hz: 24_000,
+        samples: vec![1_000; 960],
+    });
+    let mut script = vec![
+        Step::Emit(ready()),
+        Step::AwaitAudioMs(200),
+        Step::Emit(EngineEvent::SpeechEnded { turn_id: 1 }),
+        Step::Emit(paid(1_000)),
+    ];
+    script.extend(std::iter::repeat_n(Step::Emit(reply), 5));
+    script.extend([
+        Step::Emit(EngineEvent::TurnEnd {
+            turn_id: 1,
+            reason: TurnEndReason::Completed,
+        }),
+        Step::AwaitClose,
+        Step::Emit(EngineEvent::Closed),
+    ]);
+    let engine = Arc::new(ScriptedEngine::new(script));
+    let (_gateway, mut client, id) = conversing(&ledger, engine.clone()).await;
+
+    let mut locker = sqlx::SqliteConnection::connect(&config.url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    let locked_at = std::time::Instant::now();
+    for _ in 0..10 {
+        client.send_pcm(&[0i16; 320]).await;
+    }
+    // The reply's audio comes while the ledger is still locked.
+    let before = client.until(|f| matches!(f, Frame::Audio(_))).await;
+    assert!(
+        locked_at.elapsed() < LOCK_HELD,
+        "reply audio waited {:?} for the ledger",
+        locked_at.elapsed()
+    );
+    // And the client's audio still reaches the engine.
+    for _ in 0..10 {
+        client.send_pcm(&[0i16; 320]).await;
+    }
+    while engine.received().audio_samples < 16 * 400 {
+        assert!(
+            locked_at.elapsed() < LOCK_HELD,
+            "the client's audio waited for the ledger: {:?}",
+            engine.received()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let rest = client.until(|f| f.is("turn_end")).await;
+    assert!(locked_at.elapsed() < LOCK_HELD, "turn_end waited");
+    assert!(
+        !before.iter().chain(&rest).any(|f| f.is("usage")),
+        "usage shown before the ledger held it: {before:?} {rest:?}"
+    );
+
+    tokio::time::sleep(LOCK_HELD.saturating_sub(locked_at.elapsed())).await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    let frames = client.until(|f| f.is("usage")).await;
+    assert_eq!(usage_total(frames.last().unwrap()), 1_000);
+    let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+        .await
+        .unwrap();
+    let row = rows.iter().find(|r| r.conversation == id).unwrap();
+    assert_eq!(row.cost_micro_usd, 1_000, "{row:?}");
+    client.send_json(serde_json::json!({"type": "stop"})).await;
+    let frames = client.until(|f| f.is("end")).await;
+    let end = frames.last().unwrap().json();
+    assert_eq!(end["summary"]["usage"]["cost_micro_usd"], 1_000);
 }
 
 /// The same scenarios on a real PostgreSQL server started for this test,

@@ -4,6 +4,9 @@
 //! and, with `ledger.store_transcripts`, what was said, and the end.
 //! Without a ledger every call here does nothing and succeeds.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use super::protocol::Budget;
@@ -11,6 +14,69 @@ use crate::engine::pool::{Instance, Started};
 use crate::engine::{Role, Stage, TurnEndReason};
 use crate::ledger::{Account, Ledger, LedgerError, TurnRecord, UsageRecord};
 use crate::usage::UsageDelta;
+
+/// A usage delta's commit in the ledger: the budgets it settled against.
+pub(super) type UsageCommit =
+    Pin<Box<dyn Future<Output = Result<Option<Account>, LedgerError>> + Send + Sync>>;
+
+/// A usage delta on its way into the ledger, and what waits behind it. The
+/// loop that carries a conversation's audio does not wait for the commit
+/// (a slow or stalled disk must not stall the conversation, nor make its
+/// client look too slow): it polls [`PendingUsage::settled`] beside its
+/// other work, and only what must follow the delta waits, in order.
+pub(super) struct PendingUsage<T> {
+    commit: Option<(UsageDelta, UsageCommit)>,
+    held: VecDeque<T>,
+}
+
+impl<T> Default for PendingUsage<T> {
+    fn default() -> Self {
+        Self {
+            commit: None,
+            held: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> PendingUsage<T> {
+    pub(super) fn committing(&self) -> bool {
+        self.commit.is_some()
+    }
+
+    pub(super) fn begin(&mut self, delta: UsageDelta, commit: UsageCommit) {
+        self.commit = Some((delta, commit));
+    }
+
+    /// Keeps `item` until the delta being committed is settled.
+    pub(super) fn hold(&mut self, item: T) {
+        self.held.push_back(item);
+    }
+
+    pub(super) fn next_held(&mut self) -> Option<T> {
+        self.held.pop_front()
+    }
+
+    /// The ledger's answer on the delta being committed; pending while
+    /// there is none. Cancel-safe: an unfinished commit stays in place.
+    pub(super) async fn settled(&mut self) -> (UsageDelta, Result<Option<Account>, LedgerError>) {
+        let Some((delta, commit)) = self.commit.as_mut() else {
+            return std::future::pending().await;
+        };
+        let settled = commit.as_mut().await;
+        let delta = *delta;
+        self.commit = None;
+        (delta, settled)
+    }
+
+    /// The conversation is over: the delta being committed, if any, once
+    /// the ledger has answered (within its write timeout).
+    pub(super) async fn finish(
+        &mut self,
+    ) -> Option<(UsageDelta, Result<Option<Account>, LedgerError>)> {
+        let (delta, commit) = self.commit.take()?;
+        Some((delta, commit.await))
+    }
+}
 
 /// Longest text kept per turn and role.
 const MAX_TURN_TEXT_CHARS: usize = 4_000;
@@ -113,25 +179,51 @@ impl Record {
     /// the ledger holds it, it counts in [`Record::total`]. A delta the
     /// ledger could not take is not counted (nobody may be shown it).
     pub(super) async fn usage(&mut self, delta: UsageDelta) -> Result<(), LedgerError> {
+        match self.begin_usage(&delta) {
+            Some(commit) => {
+                let settled = commit.await;
+                self.settle_usage(&delta, settled)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Hands one usage delta to the ledger and returns its commit, to be
+    /// awaited while the conversation goes on and then given to
+    /// [`Record::settle_usage`] before the next delta begins (each record
+    /// carries the budgets the one before settled). Without a ledger the
+    /// delta counts at once and there is nothing to wait for.
+    pub(super) fn begin_usage(&mut self, delta: &UsageDelta) -> Option<UsageCommit> {
         if let Some(instance) = &self.counted {
-            instance.count(&delta);
+            instance.count(delta);
         }
         let Some(ledger) = &self.ledger else {
-            self.total.add(&delta);
-            return Ok(());
+            self.total.add(delta);
+            return None;
         };
-        let mut total = self.total;
-        total.add(&delta);
         let usage = UsageRecord {
             conversation: self.conversation.clone(),
             stream: delta.upstream.map_or(0, |upstream| upstream.stream),
             sequence: self.sequence,
             prices: self.prices.clone(),
-            delta,
+            delta: *delta,
             account: self.account.clone(),
         };
         self.sequence += 1;
-        if let Some(mut account) = ledger.usage(usage).await? {
+        let ledger = ledger.clone();
+        Some(Box::pin(async move { ledger.usage(usage).await }))
+    }
+
+    /// What the ledger answered on a delta from [`Record::begin_usage`]:
+    /// once it holds the delta, the delta counts and its budgets apply.
+    pub(super) fn settle_usage(
+        &mut self,
+        delta: &UsageDelta,
+        settled: Result<Option<Account>, LedgerError>,
+    ) -> Result<(), LedgerError> {
+        let mut total = self.total;
+        total.add(delta);
+        if let Some(mut account) = settled? {
             account.apply_conversation_cap(total.cost_micro_usd);
             self.account = Some(account);
         }

@@ -115,6 +115,8 @@ struct Running {
     tool_calls: HashSet<String>,
     /// What the ledger keeps of this conversation, its usage included.
     record: super::record::Record,
+    /// The usage delta the ledger is committing, and what waits behind it.
+    usage: super::record::PendingUsage<crate::session::ClientOutput>,
     /// How its client re-attaches, when the server keeps conversations for
     /// their clients (see `resume.rs`).
     resume: Option<resume::Slot>,
@@ -193,7 +195,10 @@ impl Connection {
         drop(input);
         shutdown.trigger();
         // What the engine still reports is not shown to anyone, but its
-        // cost was spent: the ledger still records it.
+        // cost was spent: the ledger still records it, after what it was
+        // committing and what waited behind that.
+        self.settle_pending_usage(&mut running.record, &mut running.usage)
+            .await;
         while let Some(output) = output.recv().await {
             if let crate::session::ClientOutput::Event(crate::engine::EngineEvent::Usage(delta)) =
                 output
@@ -431,6 +436,7 @@ impl Connection {
             stopped: false,
             tool_calls: HashSet::new(),
             record,
+            usage: super::record::PendingUsage::default(),
             resume,
             _hold: started.hold,
         })

@@ -36,6 +36,13 @@ impl Connection {
             tokio::select! {
                 output = running.handle.output.recv() => {
                     let Some(output) = output else {
+                        // The end may be waiting behind usage deltas.
+                        while running.usage.committing() {
+                            let settled = running.usage.settled().await;
+                            if let Some(exit) = self.on_usage_settled(running, settled).await {
+                                return exit;
+                            }
+                        }
                         return Exit::Lost(None);
                     };
                     if let Some(exit) = self.on_outputs(running, output).await {
@@ -70,6 +77,11 @@ impl Connection {
                     if !(written && self.flush().await)
                         && let Some(exit) = self.write_failed(running)
                     {
+                        return exit;
+                    }
+                }
+                settled = running.usage.settled(), if running.usage.committing() => {
+                    if let Some(exit) = self.on_usage_settled(running, settled).await {
                         return exit;
                     }
                 }

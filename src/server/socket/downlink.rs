@@ -26,6 +26,10 @@ impl Connection {
         running: &mut Running,
         output: ClientOutput,
     ) -> Option<Exit> {
+        if super::ledger::held(&running.usage, &output) {
+            running.usage.hold(output);
+            return None;
+        }
         let text = match output {
             ClientOutput::Event(EngineEvent::Audio(pcm)) => {
                 if running.client_gone {
@@ -71,28 +75,7 @@ impl Connection {
                 .to_text()
             }
             ClientOutput::Event(EngineEvent::Usage(delta)) => {
-                if !self.record_usage(&mut running.record, delta).await {
-                    // Not shown: the ledger does not hold it. A paid
-                    // conversation stops rather than spend unrecorded money.
-                    if delta.cost_micro_usd > 0 {
-                        return self.ledger_failed(running).await;
-                    }
-                    return None;
-                }
-                self.shared.metrics.usage(&delta);
-                let text = ServerMessage::Usage {
-                    delta: &delta,
-                    total: running.record.total(),
-                    budget: running.record.budget(),
-                }
-                .to_text();
-                if running.record.exhausted() {
-                    if let Some(exit) = self.budget_spent(running, text).await {
-                        return Some(exit);
-                    }
-                    return None;
-                }
-                text
+                return self.on_usage(running, delta).await;
             }
             ClientOutput::Event(mut event) => {
                 match &mut event {

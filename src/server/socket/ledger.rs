@@ -7,14 +7,28 @@
 use axum::extract::ws::Message;
 
 use super::super::metrics::Refusal;
-use super::super::protocol::{ErrorCode, ProtocolError};
-use super::super::record::Record;
+use super::super::protocol::{ErrorCode, ProtocolError, ServerMessage};
+use super::super::record::{PendingUsage, Record};
 use super::{CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, Exit, Running};
 use crate::engine::ConversationOptions;
+use crate::engine::EngineEvent;
 use crate::engine::pool::Instance;
-use crate::ledger::{Admission, Refusal as BudgetRefusal, Started};
-use crate::session::CloseReason;
+use crate::ledger::Account;
+use crate::ledger::{Admission, LedgerError, Refusal as BudgetRefusal, Started};
+use crate::session::{ClientOutput, CloseReason};
 use crate::usage::UsageDelta;
+
+/// Whether `output` waits behind a usage delta the ledger is committing
+/// (see [`PendingUsage`]): the next delta (each record carries the budgets
+/// the one before settled) and the end, whose total is what the ledger
+/// holds. Reply audio, transcripts and the rest go on meanwhile.
+pub(super) fn held(pending: &PendingUsage<ClientOutput>, output: &ClientOutput) -> bool {
+    pending.committing()
+        && matches!(
+            output,
+            ClientOutput::Event(EngineEvent::Usage(_)) | ClientOutput::Closed { .. }
+        )
+}
 
 /// The reason of the close frame when the ledger refuses a conversation.
 const LEDGER_REASON: &str =
@@ -113,6 +127,101 @@ impl Connection {
         self.send_error(&ProtocolError::new(code, message), true)
             .await;
         self.close(close, reason).await;
+    }
+
+    /// A usage delta from the conversation: handed to the ledger, and shown
+    /// once the ledger holds it (at once without a ledger).
+    pub(super) async fn on_usage(
+        &mut self,
+        running: &mut Running,
+        delta: UsageDelta,
+    ) -> Option<Exit> {
+        match running.record.begin_usage(&delta) {
+            Some(commit) => {
+                running.usage.begin(delta, commit);
+                None
+            }
+            None => self.show_usage(running, delta, Ok(())).await,
+        }
+    }
+
+    /// The ledger answered on the delta it was committing: it is shown,
+    /// then what waited behind it (the next delta begins); one flush.
+    pub(super) async fn on_usage_settled(
+        &mut self,
+        running: &mut Running,
+        (delta, settled): (UsageDelta, Result<Option<Account>, LedgerError>),
+    ) -> Option<Exit> {
+        let recorded = running.record.settle_usage(&delta, settled);
+        if let Some(exit) = self.show_usage(running, delta, recorded).await {
+            return Some(exit);
+        }
+        while !running.usage.committing()
+            && let Some(output) = running.usage.next_held()
+        {
+            if let Some(exit) = self.on_output(running, output).await {
+                return Some(exit);
+            }
+        }
+        if running.client_gone || self.flush().await {
+            return None;
+        }
+        self.write_failed(running)
+    }
+
+    /// The connection is done: the delta being committed is waited for
+    /// (within the ledger's write timeout) and what waited behind it
+    /// recorded, shown to no one.
+    pub(super) async fn settle_pending_usage(
+        &mut self,
+        record: &mut Record,
+        pending: &mut PendingUsage<ClientOutput>,
+    ) {
+        if let Some((delta, settled)) = pending.finish().await
+            && let Err(e) = record.settle_usage(&delta, settled)
+        {
+            self.log(&format!("usage not recorded: {e}"));
+            self.shared.metrics.error(ErrorCode::LedgerUnavailable);
+        }
+        while let Some(output) = pending.next_held() {
+            if let ClientOutput::Event(EngineEvent::Usage(delta)) = output {
+                let _ = self.record_usage(record, delta).await;
+            }
+        }
+    }
+
+    /// A usage delta the ledger holds (`Ok`) is shown with the total; one
+    /// it could not record is not, and a paid one ends the conversation.
+    async fn show_usage(
+        &mut self,
+        running: &mut Running,
+        delta: UsageDelta,
+        recorded: Result<(), LedgerError>,
+    ) -> Option<Exit> {
+        if let Err(e) = recorded {
+            self.log(&format!("usage not recorded: {e}"));
+            self.shared.metrics.error(ErrorCode::LedgerUnavailable);
+            // Not shown: the ledger does not hold it. A paid conversation
+            // stops rather than spend unrecorded money.
+            if delta.cost_micro_usd > 0 {
+                return self.ledger_failed(running).await;
+            }
+            return None;
+        }
+        self.shared.metrics.usage(&delta);
+        let text = ServerMessage::Usage {
+            delta: &delta,
+            total: running.record.total(),
+            budget: running.record.budget(),
+        }
+        .to_text();
+        if running.record.exhausted() {
+            return self.budget_spent(running, text).await;
+        }
+        if running.client_gone || self.feed(Message::Text(text.into())).await {
+            return None;
+        }
+        self.write_failed(running)
     }
 
     /// Records one usage delta and settles it against the budgets; `true`

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
 use super::super::metrics::Refusal;
-use super::super::record::Record;
+use super::super::record::{PendingUsage, Record};
 use super::super::{Shared, sleep_until};
 use super::RATE_HZ;
 use super::messages::{Inbound, Start};
@@ -26,7 +26,7 @@ use super::playback::{Due, Playback};
 use crate::audio::{AudioFormat, StreamDecoder, g711};
 use crate::engine::pool::{Hold, Want};
 use crate::engine::{ConversationOptions, EngineEvent};
-use crate::ledger::{Admission, Started};
+use crate::ledger::{Account, Admission, LedgerError, Started};
 use crate::session::{ClientInput, ClientOutput, CloseReason, Conversation, ConversationHandle};
 use crate::usage::UsageDelta;
 
@@ -52,6 +52,8 @@ pub(super) struct Call {
     hanging_up: bool,
     /// What the ledger keeps of the call, once it is answered.
     record: Option<Record>,
+    /// The usage delta the ledger is committing, and the deltas after it.
+    usage: PendingUsage<UsageDelta>,
     /// Its place on an engine instance, until the call ends.
     hold: Option<Hold>,
 }
@@ -69,6 +71,7 @@ impl Call {
             speech: None,
             hanging_up: false,
             record: None,
+            usage: PendingUsage::default(),
             hold: None,
         };
         let Some(start) = call.await_start().await else {
@@ -290,6 +293,9 @@ impl Call {
                         }
                     }
                 }
+                settled = self.usage.settled(), if self.usage.committing() => {
+                    self.on_usage_settled(&handle, settled);
+                }
                 frame = recv_speech(&mut self.speech) => {
                     match frame {
                         Some(frame) => self.playback.push_8k(&frame),
@@ -316,10 +322,18 @@ impl Call {
                 self.hanging_up = false;
             }
         };
-        // What the engine still reports after the caller left is drained;
-        // its cost was spent, and is recorded.
+        // What the ledger is committing, what waited behind it, and what
+        // the engine still reports after the caller left: its cost was
+        // spent, and is recorded.
+        if let Some(settled) = self.usage.finish().await {
+            self.on_usage_settled(&handle, settled);
+        }
+        while let Some(delta) = self.usage.next_held() {
+            self.record_usage(&handle, delta).await;
+        }
         while let Some(output) = handle.output.recv().await {
             if let ClientOutput::Event(EngineEvent::Usage(delta)) = output {
+                self.shared.metrics.usage(&delta);
                 self.record_usage(&handle, delta).await;
             }
         }
@@ -369,7 +383,7 @@ impl Call {
                 // The reply's tail, then a mark Twilio echoes once it is heard.
                 self.playback.end_reply(format!("turn-{turn_id}"));
             }
-            EngineEvent::Usage(delta) => self.record_usage(handle, delta).await,
+            EngineEvent::Usage(delta) => self.on_usage(delta),
             EngineEvent::Moved {
                 engine,
                 model,
@@ -488,16 +502,58 @@ impl Call {
         .await;
     }
 
-    /// Records a usage delta (before anything else of the call goes on)
-    /// and settles it against the budgets; a paid call whose cost cannot
-    /// be recorded, or whose budget is spent, ends after the reply.
-    async fn record_usage(&mut self, handle: &ConversationHandle, delta: UsageDelta) {
+    /// A usage delta from the conversation: counted, and handed to the
+    /// ledger once it has settled the one before; the call goes on
+    /// meanwhile (a slow disk must not stall what the caller hears).
+    fn on_usage(&mut self, delta: UsageDelta) {
         self.shared.metrics.usage(&delta);
+        if self.usage.committing() {
+            self.usage.hold(delta);
+        } else {
+            self.begin_usage(delta);
+        }
+    }
+
+    fn begin_usage(&mut self, delta: UsageDelta) {
+        if let Some(commit) = self.record.as_mut().and_then(|r| r.begin_usage(&delta)) {
+            self.usage.begin(delta, commit);
+        }
+    }
+
+    /// The ledger answered on a delta; the next one begins.
+    fn on_usage_settled(
+        &mut self,
+        handle: &ConversationHandle,
+        (delta, settled): (UsageDelta, Result<Option<Account>, LedgerError>),
+    ) {
+        if let Some(record) = self.record.as_mut() {
+            let recorded = record.settle_usage(&delta, settled);
+            self.usage_settled(handle, &delta, recorded);
+        }
+        if let Some(next) = self.usage.next_held() {
+            self.begin_usage(next);
+        }
+    }
+
+    /// Records a usage delta now (the call is over) and settles it.
+    async fn record_usage(&mut self, handle: &ConversationHandle, delta: UsageDelta) {
         let Some(record) = self.record.as_mut() else {
             return;
         };
-        match record.usage(delta).await {
-            Ok(()) if record.exhausted() => {
+        let recorded = record.usage(delta).await;
+        self.usage_settled(handle, &delta, recorded);
+    }
+
+    /// A paid call whose cost cannot be recorded, or whose budget is
+    /// spent, ends after the reply.
+    fn usage_settled(
+        &mut self,
+        handle: &ConversationHandle,
+        delta: &UsageDelta,
+        recorded: Result<(), LedgerError>,
+    ) {
+        match recorded {
+            Ok(()) if self.record.as_mut().is_some_and(Record::exhausted) => {
                 tracing::info!(conversation = %self.conversation, "the budget is spent: the call ends after this reply");
                 handle.shutdown.trigger_with(CloseReason::BudgetExceeded);
             }
