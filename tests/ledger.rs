@@ -533,16 +533,24 @@ async fn sqlite_a_killed_gateways_conversations_end_interrupted() {
     a_killed_gateways_conversations_end_interrupted(config).await;
 }
 
-/// A ledger that cannot write for a while (its file's write lock held by
-/// another writer, as a stalled disk would hold it) holds up neither the
-/// reply audio nor the client's audio: only the `usage` it has not yet
-/// committed waits, and it is still shown only once the ledger holds it.
-#[tokio::test]
-async fn sqlite_a_slow_ledger_holds_up_neither_reply_audio_nor_the_client() {
+/// How long the slow-ledger tests hold the ledger's write lock.
+const SLOW_LEDGER_LOCK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Another writer holding the ledger's write lock (as a stalled disk
+/// would hold up its writes), and since when; `COMMIT` on it lets go.
+async fn lock_ledger(url: &str) -> (sqlx::SqliteConnection, std::time::Instant) {
     use sqlx::Connection as _;
-    const LOCK_HELD: std::time::Duration = std::time::Duration::from_secs(2);
-    let (_dir, config) = sqlite("slow");
-    let ledger = Ledger::open(&config).await.unwrap();
+    let mut locker = sqlx::SqliteConnection::connect(url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut locker)
+        .await
+        .unwrap();
+    (locker, std::time::Instant::now())
+}
+
+/// 200 ms of audio answered by a paid usage delta, then 200 ms of reply
+/// audio and the turn's end.
+fn slow_ledger_script() -> Vec<Step> {
     let reply = EngineEvent::Audio(sonora::engine::Pcm {
         rate_hz: 24_000,
         samples: vec![1_000; 960],
@@ -562,15 +570,23 @@ async fn sqlite_a_slow_ledger_holds_up_neither_reply_audio_nor_the_client() {
         Step::AwaitClose,
         Step::Emit(EngineEvent::Closed),
     ]);
+    script
+}
+
+/// A ledger that cannot write for a while (its file's write lock held by
+/// another writer, as a stalled disk would hold it) holds up neither the
+/// reply audio nor the client's audio: only the `usage` it has not yet
+/// committed waits, and it is still shown only once the ledger holds it.
+#[tokio::test]
+async fn sqlite_a_slow_ledger_holds_up_neither_reply_audio_nor_the_client() {
+    const LOCK_HELD: std::time::Duration = SLOW_LEDGER_LOCK;
+    let (_dir, config) = sqlite("slow");
+    let ledger = Ledger::open(&config).await.unwrap();
+    let script = slow_ledger_script();
     let engine = Arc::new(ScriptedEngine::new(script));
     let (_gateway, mut client, id) = conversing(&ledger, engine.clone()).await;
 
-    let mut locker = sqlx::SqliteConnection::connect(&config.url).await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut locker)
-        .await
-        .unwrap();
-    let locked_at = std::time::Instant::now();
+    let (mut locker, locked_at) = lock_ledger(&config.url).await;
     for _ in 0..10 {
         client.send_pcm(&[0i16; 320]).await;
     }
@@ -613,6 +629,82 @@ async fn sqlite_a_slow_ledger_holds_up_neither_reply_audio_nor_the_client() {
     let frames = client.until(|f| f.is("end")).await;
     let end = frames.last().unwrap().json();
     assert_eq!(end["summary"]["usage"]["cost_micro_usd"], 1_000);
+}
+
+/// The same on a phone call: while the ledger's file is locked, the
+/// caller still hears the reply and the engine still hears the caller;
+/// the call's cost is recorded once the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_slow_ledger_holds_up_neither_side_of_a_phone_call() {
+    use common::twilio::{
+        AUTH_TOKEN, PUBLIC_URL, call_token, media, next_event, send_event, start_stream,
+        twilio_stream,
+    };
+    let (_dir, ledger_config) = sqlite("slow-phone");
+    let ledger = Ledger::open(&ledger_config).await.unwrap();
+    let engine = Arc::new(ScriptedEngine::new(slow_ledger_script()));
+    let mut config = Config::default();
+    config.server.public_url = PUBLIC_URL.into();
+    config.telephony.twilio_auth_token = AUTH_TOKEN.into();
+    config.telephony.greeting = String::new();
+    let gateway = start(&config, Some(engine.clone())).await;
+    gateway.server.set_ledger(ledger.clone()).unwrap();
+    let token = call_token(gateway.addr, "CA0001").await;
+    let mut call = twilio_stream(gateway.addr, true).await.unwrap();
+    start_stream(&mut call, "CA0001", &token).await;
+    // The call is answered (its start is in the ledger) before the lock.
+    while report::conversations(ledger.pool(), 0, i64::MAX)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    let (mut locker, locked_at) = lock_ledger(&ledger_config.url).await;
+    for i in 0..20 {
+        send_event(&mut call, media(&[0i16; 160], i)).await;
+    }
+    loop {
+        let event = next_event(&mut call).await.unwrap();
+        if event["event"] == "media" {
+            break;
+        }
+    }
+    assert!(
+        locked_at.elapsed() < SLOW_LEDGER_LOCK,
+        "the caller heard the reply only after {:?}",
+        locked_at.elapsed()
+    );
+    // All 20 frames (the first shorter by the resampler's delay).
+    while engine.received().audio_frames < 20 {
+        assert!(
+            locked_at.elapsed() < SLOW_LEDGER_LOCK,
+            "the caller's audio waited for the ledger: {:?}",
+            engine.received()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(SLOW_LEDGER_LOCK.saturating_sub(locked_at.elapsed())).await;
+    sqlx::query("COMMIT").execute(&mut locker).await.unwrap();
+    send_event(
+        &mut call,
+        serde_json::json!({"event": "stop", "streamSid": "MZ0001",
+        "stop": {"accountSid": "AC0", "callSid": "CA0001"}}),
+    )
+    .await;
+    for _ in 0..200 {
+        let rows = report::conversations(ledger.pool(), 0, i64::MAX)
+            .await
+            .unwrap();
+        if rows.iter().any(|r| r.ended_ms.is_some()) {
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            assert_eq!(rows[0].cost_micro_usd, 1_000, "{rows:?}");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the call's end was never recorded");
 }
 
 /// The same scenarios on a real PostgreSQL server started for this test,
