@@ -10,11 +10,9 @@ use super::super::metrics::Refusal;
 use super::super::protocol::{ErrorCode, ProtocolError, ServerMessage};
 use super::super::record::{PendingUsage, Record};
 use super::{CLOSE_POLICY, CLOSE_TRY_AGAIN, Connection, Exit, Running};
-use crate::engine::ConversationOptions;
-use crate::engine::EngineEvent;
 use crate::engine::pool::Instance;
-use crate::ledger::Account;
-use crate::ledger::{Admission, LedgerError, Refusal as BudgetRefusal, Started};
+use crate::engine::{ConversationOptions, EngineEvent};
+use crate::ledger::{Account, Admission, LedgerError, Refusal as BudgetRefusal, Started};
 use crate::session::{ClientOutput, CloseReason};
 use crate::usage::UsageDelta;
 
